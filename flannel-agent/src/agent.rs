@@ -1,0 +1,227 @@
+//! `flannel-agent run`: set the node up, then keep its tables in sync with the leases.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use flannel_ebpf_common::{NodeConfig, VXLAN_OVERHEAD};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::{RunArgs, SubnetMgr},
+    datapath,
+    lease::Lease,
+    mac::Mac,
+    netlink::{Netlink, VtepSpec, check_ifname},
+    reconcile::{Desired, Own, apply},
+    source::{Snapshot, file::FileSource, log_changes},
+    subnet_env, sysctl,
+    tables::Tables,
+    underlay,
+};
+
+/// Where the kernel object is looked for when --bpf-object is not given.
+fn find_object(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        tried.push(dir.join("flannel-ebpf.o"));
+        tried.push(dir.join("../flannel-ebpf.o"));
+    }
+    tried.push(PathBuf::from("/usr/lib/flannel-ebpf/flannel-ebpf.o"));
+    tried
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| format!("no eBPF object found (run `cargo xtask build-ebpf`, or pass --bpf-object); looked at {tried:?}"))
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let SubnetMgr::File = args.subnet_mgr;
+    let dir = args
+        .subnet_dir
+        .as_deref()
+        .context("--subnet-mgr file needs --subnet-dir DIR")?;
+    let mut source = FileSource::new(dir);
+    let conf = source.read_config()?;
+    let object_path = find_object(args.bpf_object.as_deref())?;
+    let object = std::fs::read(&object_path)
+        .with_context(|| format!("reading the eBPF object {}", object_path.display()))?;
+
+    let nl = Netlink::connect()?;
+    let underlay = underlay::select(&nl, args.iface.as_deref(), args.public_ip).await?;
+    let public_ip = underlay.public_ip;
+    let vtep_name = args
+        .vtep_name
+        .clone()
+        .unwrap_or_else(|| format!("flannel.{}", conf.backend.vni));
+    check_ifname(&vtep_name)?;
+
+    // A stable VtepMAC: the device's, else our lease's, else derived from the public IP.
+    let existing = nl.link_by_name(&vtep_name).await?;
+    let lease_mac = source
+        .read()?
+        .leases
+        .values()
+        .find(|l| l.public_ip == public_ip)
+        .map(|l| l.vtep_mac);
+    let vtep_mac = existing
+        .as_ref()
+        .filter(|l| l.vxlan.is_some())
+        .and_then(|l| l.mac)
+        .or(lease_mac)
+        .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf/{public_ip}").as_bytes()));
+
+    let previous = subnet_env::previous_subnet(&args.subnet_file);
+    let subnet = source.acquire(&conf, public_ip, vtep_mac, previous)?;
+    let own_lease = Lease {
+        subnet,
+        public_ip,
+        vtep_mac,
+    };
+    let mtu = conf
+        .backend
+        .mtu
+        .unwrap_or(underlay.link.mtu.saturating_sub(VXLAN_OVERHEAD));
+
+    let vtep = nl
+        .ensure_vtep(&VtepSpec {
+            name: vtep_name.clone(),
+            vni: conf.backend.vni,
+            port: conf.backend.port,
+            local: public_ip,
+            underlay_index: underlay.link.index,
+            mac: vtep_mac,
+            mtu,
+        })
+        .await?;
+    nl.ensure_only_addr(vtep.index, subnet.vtep_addr()).await?;
+    sysctl::loosen_rp_filter(&underlay.link.name)?;
+    sysctl::warn_if_not_forwarding();
+
+    let (src_port_min, src_port_max) = sysctl::local_port_range();
+    let node = NodeConfig {
+        public_ip: public_ip.octets(),
+        vni: conf.backend.vni,
+        port: conf.backend.port,
+        src_port_min,
+        src_port_max,
+        vtep_mac: vtep_mac.0,
+        underlay_ifindex: underlay.link.index,
+        vtep_ifindex: vtep.index,
+        ready: 1,
+    };
+    let root = args.pins.pin_root.clone();
+    let attached = datapath::install(&root, &object, node, &vtep_name, &underlay.link.name)?;
+    let mut tables = Tables::open(&root)?;
+
+    let own = Own {
+        subnet,
+        network: conf.network,
+        public_ip,
+        vtep_mac,
+    };
+    let mut state = SyncState::default();
+    let snap = source.read()?;
+    state.sync(&snap, &own, &mut tables, &nl, vtep.index).await?;
+
+    subnet_env::write(
+        &args.subnet_file,
+        &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
+    )?;
+    log::info!(
+        "node {public_ip}: lease {subnet}, VTEP {vtep_name} {}/32 {vtep_mac} MTU {mtu}, VNI {} port {}",
+        subnet.vtep_addr(),
+        conf.backend.vni,
+        conf.backend.port
+    );
+    log::info!("attached {}", attached.encap);
+    log::info!("attached {}", attached.decap);
+    log::info!("pin root {}; inspect with:", root.display());
+    for f in ["route", "arp", "fdb", "counters", "config"] {
+        log::info!("  bpftool map dump pinned {}", root.join(f).display());
+    }
+    log::info!("  bpftool link show   (the TCX and XDP links: {} and {})", datapath::LINK_ENCAP, datapath::LINK_DECAP);
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let poll = Duration::from_millis(args.poll_interval_ms.max(10));
+    let resync = Duration::from_secs(args.resync_interval.max(1));
+    let mut next_resync = Instant::now() + resync;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tokio::time::sleep(poll) => {}
+        }
+        let due = Instant::now() >= next_resync;
+        match source.changed() {
+            Ok(false) if !due => continue,
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("checking leases in {}: {e:#}", dir.display());
+                continue;
+            }
+        }
+        if !source.holds(&own_lease) {
+            // flanneld would exit here; we keep the node reachable by writing it back.
+            log::error!(
+                "OUR LEASE {subnet} WAS DELETED OR CHANGED by someone else: writing it back (PublicIP {public_ip}, VtepMAC {vtep_mac})"
+            );
+            if let Err(e) = source.write_lease(&own_lease, conf.backend.vni, true) {
+                log::error!("re-writing our lease: {e:#}");
+            }
+        }
+        let snap = match source.read() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("reading leases in {}: {e:#}", dir.display());
+                continue;
+            }
+        };
+        if let Err(e) = state.sync(&snap, &own, &mut tables, &nl, vtep.index).await {
+            log::warn!("reconcile failed, retrying at the next resync: {e:#}");
+        }
+        next_resync = Instant::now() + resync;
+    }
+    log::info!(
+        "stopping: programs, maps and routes stay in place (pinned under {}), traffic keeps flowing",
+        root.display()
+    );
+    Ok(())
+}
+
+/// What the previous pass saw, so changes and skips are logged once.
+#[derive(Default)]
+struct SyncState {
+    last: Snapshot,
+    skipped: BTreeSet<String>,
+}
+
+impl SyncState {
+    async fn sync(&mut self, snap: &Snapshot, own: &Own, tables: &mut Tables, nl: &Netlink, vtep_index: u32) -> anyhow::Result<()> {
+        log_changes(&self.last, snap);
+        let (want, skipped) = Desired::from_leases(snap.leases.values(), own);
+        let skipped: BTreeSet<String> = skipped.into_iter().map(|(s, why)| format!("lease {s} skipped: {why}")).collect();
+        for line in skipped.difference(&self.skipped) {
+            log::warn!("{line}");
+        }
+        self.skipped = skipped;
+        let started = Instant::now();
+        let outcome = apply(&want, tables, nl, vtep_index, own).await?;
+        if outcome.changes > 0 {
+            log::debug!("reconciled {} entries in {:?}", outcome.changes, started.elapsed());
+        }
+        self.last = snap.clone();
+        if !outcome.errors.is_empty() {
+            bail!("{} table updates failed", outcome.errors.len());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Command line. Every `run` flag can also come from `FLANNELD_<NAME>`, as flanneld accepts.
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "flannel-agent", version, about = "Flannel's VXLAN overlay with an eBPF data path")]
+pub struct Cli {
+    /// error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info", env = "FLANNELD_LOG_LEVEL")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Set up flannel.1, attach the programs and keep the tables in sync with the leases.
+    Run(RunArgs),
+    /// Detach the programs and remove every pinned object under the pin root.
+    Uninstall(PinArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SubnetMgr {
+    /// Flannel's etcd layout in a directory (--subnet-dir).
+    File,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PinArgs {
+    /// bpffs directory holding the maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/flannel", env = "FLANNELD_PIN_ROOT")]
+    pub pin_root: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Where leases come from.
+    #[arg(long, value_enum, default_value = "file", env = "FLANNELD_SUBNET_MGR")]
+    pub subnet_mgr: SubnetMgr,
+    /// Directory with `config` (net-conf.json) and `subnets/<ip>-<len>` lease files.
+    #[arg(long, env = "FLANNELD_SUBNET_DIR")]
+    pub subnet_dir: Option<PathBuf>,
+    /// Underlay interface (name or IPv4 address); default: the one of the default route.
+    #[arg(long, env = "FLANNELD_IFACE")]
+    pub iface: Option<String>,
+    /// This node's public IP; default: the underlay interface's first IPv4 address.
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// File for the flannel CNI plugin.
+    #[arg(long, default_value = "/run/flannel/subnet.env", env = "FLANNELD_SUBNET_FILE")]
+    pub subnet_file: PathBuf,
+    /// Value written as FLANNEL_IPMASQ in the subnet file.
+    #[arg(long, env = "FLANNELD_IP_MASQ")]
+    pub ip_masq: bool,
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// The compiled kernel programs; default: next to the binary, then the build tree.
+    #[arg(long, env = "FLANNEL_EBPF_OBJECT")]
+    pub bpf_object: Option<PathBuf>,
+    /// Name of the VTEP device; default flannel.<VNI> as flanneld names it.
+    #[arg(long, env = "FLANNELD_VTEP_NAME")]
+    pub vtep_name: Option<String>,
+    /// How often the lease source is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 200, env = "FLANNELD_POLL_INTERVAL_MS")]
+    pub poll_interval_ms: u64,
+    /// Full resync of maps and kernel tables (repairs drift), in seconds.
+    #[arg(long, default_value_t = 10, env = "FLANNELD_RESYNC_INTERVAL")]
+    pub resync_interval: u64,
+}
+
+impl Cli {
+    pub fn init_logging(&self) {
+        let env = env_logger::Env::default().default_filter_or(self.log_level.as_str());
+        env_logger::Builder::from_env(env).format_timestamp_millis().init();
+    }
+
+    pub async fn execute(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Run(args) => crate::agent::run(args).await,
+            Command::Uninstall(p) => {
+                crate::datapath::uninstall(&p.pin_root)?;
+                log::info!("removed every pinned object under {}", p.pin_root.display());
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Loading the kernel programs, pinning maps and links under one root, and
+//! adopting what an earlier agent pinned.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use aya::{
+    EbpfLoader,
+    maps::{MapData, MapInfo, MapType},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
+};
+use flannel_ebpf_common::{
+    ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
+    MAP_COUNTERS, MAP_FDB, MAP_ROUTE, MAX_NODES, NodeConfig, PROG_DECAP, PROG_ENCAP, RouteValue,
+};
+
+/// Where each map is pinned under the pin root, and what it must look like.
+pub struct MapSpec {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub kind: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub const MAPS: &[MapSpec] = &[
+    MapSpec {
+        name: MAP_CONFIG,
+        file: "config",
+        kind: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<NodeConfig>() as u32,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: MAP_ROUTE,
+        file: "route",
+        kind: MapType::LpmTrie,
+        key_size: 8,
+        value_size: size_of::<RouteValue>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
+        name: MAP_ARP,
+        file: "arp",
+        kind: MapType::Hash,
+        key_size: size_of::<ArpKey>() as u32,
+        value_size: size_of::<ArpValue>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
+        name: MAP_FDB,
+        file: "fdb",
+        kind: MapType::Hash,
+        key_size: size_of::<FdbKey>() as u32,
+        value_size: size_of::<FdbValue>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
+        name: MAP_COUNTERS,
+        file: "counters",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<CounterValue>() as u32,
+        max_entries: COUNTER_SLOTS,
+    },
+];
+
+pub const LINK_ENCAP: &str = "link_encap";
+pub const LINK_DECAP: &str = "link_decap";
+
+pub fn map_path(root: &Path, name: &str) -> PathBuf {
+    let spec = MAPS.iter().find(|m| m.name == name);
+    root.join(spec.map_or(name, |s| s.file))
+}
+
+/// Check a pinned map is the one this build expects, so a stale pin from
+/// another version is never written with the wrong layout.
+fn check_map(spec: &MapSpec, info: &MapInfo, path: &Path) -> anyhow::Result<()> {
+    let kind = info.map_type().context("reading the map type")?;
+    let got = (kind, info.key_size(), info.value_size(), info.max_entries());
+    let want = (spec.kind, spec.key_size, spec.value_size, spec.max_entries);
+    if got != want {
+        bail!(
+            "pinned map {} is (type, key, value, entries) = {:?}, this agent expects {:?}; \
+             it was made by another version: remove the pin root (flannel-agent uninstall) or pick another --pin-root",
+            path.display(),
+            got,
+            want
+        );
+    }
+    Ok(())
+}
+
+/// Every pinned map, opened and checked. Errors when nothing is pinned.
+pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, MapData)>> {
+    let mut out = Vec::new();
+    for spec in MAPS {
+        let path = root.join(spec.file);
+        let data = MapData::from_pin(&path).with_context(|| {
+            format!(
+                "no flannel-ebpf map pinned at {} (is the agent installed on this node, with this --pin-root?)",
+                path.display()
+            )
+        })?;
+        check_map(spec, &data.info().context("reading map info")?, &path)?;
+        out.push((spec, data));
+    }
+    Ok(out)
+}
+
+/// What was attached where, for the start-up report.
+pub struct Attached {
+    pub encap: String,
+    pub decap: String,
+}
+
+/// Load the object, pin maps (reusing pins), write the node config, and make
+/// sure the pinned links run this build's programs — adopting them when they
+/// already do, swapping the program inside the link when they do not.
+pub fn install(
+    root: &Path,
+    object: &[u8],
+    config: NodeConfig,
+    vtep_if: &str,
+    underlay_if: &str,
+) -> anyhow::Result<Attached> {
+    fs::create_dir_all(root).with_context(|| {
+        format!("creating pin root {} (is bpffs mounted at /sys/fs/bpf?)", root.display())
+    })?;
+    for spec in MAPS {
+        let path = root.join(spec.file);
+        if path.exists() {
+            let info = MapInfo::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            check_map(spec, &info, &path)?;
+        }
+    }
+    let mut loader = EbpfLoader::new();
+    for spec in MAPS {
+        loader.map_pin_path(spec.name, root.join(spec.file));
+    }
+    let mut ebpf = loader
+        .load(object)
+        .context("loading the flannel-ebpf object into the kernel")?;
+
+    // Config first: programs pass everything until it says ready.
+    {
+        let map = ebpf.map_mut(MAP_CONFIG).context("object has no CONFIG map")?;
+        let mut arr: aya::maps::Array<_, NodeConfig> = aya::maps::Array::try_from(map)?;
+        arr.set(0, config, 0).context("writing the node config map")?;
+    }
+
+    let encap_link = root.join(LINK_ENCAP);
+    let encap: &mut SchedClassifier = ebpf
+        .program_mut(PROG_ENCAP)
+        .context("object has no encap program")?
+        .try_into()?;
+    encap.load().context("verifying the encap (TC) program")?;
+    let encap_state = ensure_link(&encap_link, encap.info()?.tag(), |existing| match existing {
+        // The pin keeps naming the same link; only its program changes.
+        Some(link) => {
+            encap.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            Ok(())
+        }
+        None => {
+            let id = encap
+                .attach(vtep_if, TcAttachType::Egress)
+                .with_context(|| format!("attaching the encap program to {vtep_if} egress"))?;
+            let link: FdLink = encap.take_link(id)?.try_into()?;
+            link.pin(&encap_link)
+                .with_context(|| format!("pinning {}", encap_link.display()))?;
+            Ok(())
+        }
+    })?;
+
+    let decap_link = root.join(LINK_DECAP);
+    let decap: &mut Xdp = ebpf
+        .program_mut(PROG_DECAP)
+        .context("object has no decap program")?
+        .try_into()?;
+    decap.load().context("verifying the decap (XDP) program")?;
+    let decap_state = ensure_link(&decap_link, decap.info()?.tag(), |existing| match existing {
+        Some(link) => {
+            decap.attach_to_link(XdpLink::try_from(link)?)?;
+            Ok(())
+        }
+        None => {
+            let id = decap
+                .attach(underlay_if, XdpMode::Default)
+                .with_context(|| format!("attaching the decap program (XDP) to {underlay_if}"))?;
+            let link: FdLink = decap.take_link(id)?.try_into()?;
+            link.pin(&decap_link)
+                .with_context(|| format!("pinning {}", decap_link.display()))?;
+            Ok(())
+        }
+    })?;
+    Ok(Attached {
+        encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
+        decap: format!("{PROG_DECAP} on {underlay_if} (XDP), {decap_state}"),
+    })
+}
+
+/// Keep a pinned link whose program has `tag`; otherwise call `attach` with
+/// the existing link (to swap its program) or None (to attach anew).
+fn ensure_link(
+    path: &Path,
+    tag: u64,
+    attach: impl FnOnce(Option<FdLink>) -> anyhow::Result<()>,
+) -> anyhow::Result<&'static str> {
+    if path.exists() {
+        let pinned = PinnedLink::from_pin(path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        let link: FdLink = pinned.into();
+        let prog_id = link.info().context("reading link info")?.program_id();
+        let current = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == prog_id)
+            .map(|p| p.tag());
+        if current == Some(tag) {
+            return Ok("adopted from the pin");
+        }
+        log::info!(
+            "pinned link {} runs program tag {:?}, this build is {tag:016x}: replacing the program in place",
+            path.display(),
+            current.map(|t| format!("{t:016x}"))
+        );
+        attach(Some(link))?;
+        return Ok("program replaced in the pinned link");
+    }
+    attach(None)?;
+    Ok("attached and pinned")
+}
+
+/// Remove every pinned object: links first (detaching the programs), then maps.
+pub fn uninstall(root: &Path) -> anyhow::Result<()> {
+    for f in [LINK_ENCAP, LINK_DECAP] {
+        let p = root.join(f);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    for spec in MAPS {
+        let p = root.join(spec.file);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    if root.exists() {
+        fs::remove_dir(root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    Ok(())
+}

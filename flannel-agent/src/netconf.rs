@@ -1,0 +1,228 @@
+//! net-conf.json, read as flanneld reads it: key names match case-insensitively,
+//! and an invalid value is reported with the name of its field.
+use anyhow::{Context, anyhow, bail};
+use serde_json::{Map, Value};
+
+use crate::subnet::Subnet;
+use flannel_ebpf_common::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetConf {
+    pub network: Subnet,
+    pub subnet_len: u8,
+    pub subnet_min: Subnet,
+    pub subnet_max: Subnet,
+    pub backend: Backend,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub kind: String,
+    pub vni: u32,
+    pub port: u16,
+    /// Overlay MTU override; None → underlay MTU − 50.
+    pub mtu: Option<u32>,
+    pub direct_routing: bool,
+}
+
+fn lowercase_keys(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v)))
+                .collect::<Map<_, _>>(),
+        ),
+        other => other,
+    }
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(&name.to_ascii_lowercase()).filter(|v| !v.is_null())
+}
+
+fn uint(obj: &Map<String, Value>, name: &str, max: u64) -> anyhow::Result<Option<u64>> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(v) => {
+            let n = v
+                .as_u64()
+                .ok_or_else(|| anyhow!("{name}: {v} is not a non-negative integer"))?;
+            if n > max {
+                bail!("{name}: {n} is larger than {max}");
+            }
+            Ok(Some(n))
+        }
+    }
+}
+
+fn boolean(obj: &Map<String, Value>, name: &str) -> anyhow::Result<Option<bool>> {
+    field(obj, name)
+        .map(|v| v.as_bool().ok_or_else(|| anyhow!("{name}: {v} is not true or false")))
+        .transpose()
+}
+
+fn subnet(obj: &Map<String, Value>, name: &str) -> anyhow::Result<Option<Subnet>> {
+    field(obj, name)
+        .map(|v| {
+            let s = v.as_str().ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
+            s.parse::<Subnet>().with_context(|| format!("{name}: {s:?}"))
+        })
+        .transpose()
+}
+
+fn address_as_subnet(obj: &Map<String, Value>, name: &str, len: u8) -> anyhow::Result<Option<Subnet>> {
+    field(obj, name)
+        .map(|v| {
+            let s = v.as_str().ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
+            let ip = s
+                .parse()
+                .with_context(|| format!("{name}: {s:?} is not an IPv4 address"))?;
+            Subnet::new(ip, len).with_context(|| format!("{name}: {s:?} is not a /{len} subnet address"))
+        })
+        .transpose()
+}
+
+impl NetConf {
+    pub fn parse(text: &str) -> anyhow::Result<NetConf> {
+        let v: Value = serde_json::from_str(text).context("net-conf.json is not valid JSON")?;
+        let Value::Object(obj) = lowercase_keys(v) else {
+            bail!("net-conf.json is not a JSON object");
+        };
+        if boolean(&obj, "EnableIPv6")?.unwrap_or(false) {
+            bail!("EnableIPv6: IPv6 is not supported by flannel-ebpf yet; set it to false");
+        }
+        if !boolean(&obj, "EnableIPv4")?.unwrap_or(true) {
+            bail!("EnableIPv4: flannel-ebpf needs IPv4 enabled");
+        }
+        let network = subnet(&obj, "Network")?.context("Network: missing (e.g. \"10.244.0.0/16\")")?;
+        let subnet_len = uint(&obj, "SubnetLen", 32)?.unwrap_or(24) as u8;
+        if subnet_len <= network.len() || subnet_len > 30 {
+            bail!(
+                "SubnetLen: {subnet_len} must be larger than the Network's /{} and at most 30",
+                network.len()
+            );
+        }
+        let count = 1u64 << (subnet_len - network.len());
+        let first = network.nth_child(subnet_len, 0).context("SubnetLen")?;
+        let last = network
+            .nth_child(subnet_len, (count - 1) as u32)
+            .context("SubnetLen")?;
+        // flanneld's default SubnetMin skips the first subnet (its .0 is the network address).
+        let default_min = network.nth_child(subnet_len, 1).unwrap_or(first);
+        let subnet_min = address_as_subnet(&obj, "SubnetMin", subnet_len)?.unwrap_or(default_min);
+        let subnet_max = address_as_subnet(&obj, "SubnetMax", subnet_len)?.unwrap_or(last);
+        if !network.contains_subnet(&subnet_min) {
+            bail!("SubnetMin: {} is outside Network {network}", subnet_min.addr());
+        }
+        if !network.contains_subnet(&subnet_max) {
+            bail!("SubnetMax: {} is outside Network {network}", subnet_max.addr());
+        }
+        if subnet_max < subnet_min {
+            bail!("SubnetMax: {} is below SubnetMin {}", subnet_max.addr(), subnet_min.addr());
+        }
+        let backend = match field(&obj, "Backend") {
+            None => Backend::default(),
+            Some(Value::Object(b)) => Backend::parse(b)?,
+            Some(v) => bail!("Backend: {v} is not an object"),
+        };
+        Ok(NetConf {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend,
+        })
+    }
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            kind: "vxlan".into(),
+            vni: DEFAULT_VNI,
+            port: DEFAULT_VXLAN_PORT,
+            mtu: None,
+            direct_routing: false,
+        }
+    }
+}
+
+impl Backend {
+    fn parse(b: &Map<String, Value>) -> anyhow::Result<Backend> {
+        let kind = match field(b, "Type") {
+            None => "vxlan".to_string(),
+            Some(Value::String(s)) => s.to_ascii_lowercase(),
+            Some(v) => bail!("Backend.Type: {v} is not a string"),
+        };
+        if kind != "vxlan" {
+            bail!("Backend.Type: {kind:?} is not supported by flannel-ebpf (only \"vxlan\")");
+        }
+        let vni = uint(b, "VNI", 0xff_ffff).context("Backend")?.unwrap_or(DEFAULT_VNI as u64) as u32;
+        let vni = if vni == 0 { DEFAULT_VNI } else { vni };
+        // Flannel on Linux: Port 0 means the kernel default, 8472.
+        let port = match uint(b, "Port", 65535).context("Backend")? {
+            None | Some(0) => DEFAULT_VXLAN_PORT,
+            Some(p) => p as u16,
+        };
+        let mtu = uint(b, "MTU", 65535)
+            .context("Backend")?
+            .filter(|m| *m != 0)
+            .map(|m| m as u32);
+        if let Some(m) = mtu
+            && m < 576
+        {
+            bail!("Backend.MTU: {m} is below the IPv4 minimum of 576");
+        }
+        if boolean(b, "GBP").context("Backend")?.unwrap_or(false) {
+            bail!("Backend.GBP: group-based policy is not supported by flannel-ebpf");
+        }
+        let direct_routing = boolean(b, "DirectRouting").context("Backend")?.unwrap_or(false);
+        Ok(Backend {
+            kind,
+            vni,
+            port,
+            mtu,
+            direct_routing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_as_flanneld() {
+        let c = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min.to_string(), "10.244.1.0/24");
+        assert_eq!(c.subnet_max.to_string(), "10.244.255.0/24");
+        assert_eq!((c.backend.vni, c.backend.port), (1, 8472));
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let c = NetConf::parse(r#"{"network":"10.244.0.0/16","subnetlen":25,"backend":{"type":"VXLAN","vni":4,"port":4789}}"#).unwrap();
+        assert_eq!(c.subnet_len, 25);
+        assert_eq!((c.backend.vni, c.backend.port), (4, 4789));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"Backend":{}}"#, "Network"),
+            (r#"{"Network":"10.244.0.0/33"}"#, "Network"),
+            (r#"{"Network":"10.244.0.0/16","SubnetLen":16}"#, "SubnetLen"),
+            (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#, "SubnetMin"),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"VNI":"one"}}"#, "VNI"),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#, "Port"),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "Backend.Type"),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "EnableIPv6"),
+            ("not json", "JSON"),
+        ];
+        for (text, name) in cases {
+            let err = format!("{:#}", NetConf::parse(text).unwrap_err());
+            assert!(err.contains(name), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! rtnetlink operations on flannel.1 and the underlay: the kernel half of
+//! Flannel's tables (routes and neighbours), the VTEP device, interface lookup.
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, bail};
+use futures::TryStreamExt;
+use netlink_packet_route::{
+    AddressFamily,
+    address::AddressAttribute,
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteFlag, RouteMessage, RouteProtocol, RouteScope},
+};
+use rtnetlink::{Handle, IpVersion};
+
+use crate::{mac::Mac, subnet::Subnet};
+
+/// What we know of a network interface.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<Mac>,
+    pub mtu: u32,
+    /// For VXLAN devices: (VNI, UDP port).
+    pub vxlan: Option<(u32, u16)>,
+}
+
+/// Settings of the VTEP device, as flanneld creates flannel.1.
+#[derive(Clone, Debug)]
+pub struct VtepSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub underlay_index: u32,
+    pub mac: Mac,
+    pub mtu: u32,
+}
+
+/// A kernel route on flannel.1: `<dst> via <gateway> dev flannel.1 onlink`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub dst: Subnet,
+    pub gateway: Option<Ipv4Addr>,
+    message: RouteMessage,
+}
+
+/// A kernel neighbour on flannel.1: `<ip> lladdr <mac> nud …`.
+#[derive(Clone, Debug)]
+pub struct KernelNeigh {
+    pub ip: Ipv4Addr,
+    pub mac: Option<Mac>,
+    pub permanent: bool,
+    message: netlink_packet_route::neighbour::NeighbourMessage,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn link_from_message(m: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: m.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+        vxlan: None,
+    };
+    for attr in &m.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                let mut b = [0u8; 6];
+                b.copy_from_slice(a);
+                link.mac = Some(Mac(b));
+            }
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::LinkInfo(infos) => {
+                let mut is_vxlan = false;
+                let (mut vni, mut port) = (0, 0);
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(InfoKind::Vxlan) => is_vxlan = true,
+                        LinkInfo::Data(InfoData::Vxlan(v)) => {
+                            for x in v {
+                                match x {
+                                    InfoVxlan::Id(id) => vni = *id,
+                                    InfoVxlan::Port(p) => port = *p,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if is_vxlan {
+                    link.vxlan = Some((vni, port));
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV || m.raw_code() == -libc::ENOENT || m.raw_code() == -libc::ESRCH)
+}
+
+impl Netlink {
+    /// Opens a netlink connection in the current network namespace.
+    pub fn connect() -> anyhow::Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> anyhow::Result<Option<Link>> {
+        let mut req = self.handle.link().get().match_name(name.to_string()).execute();
+        match req.try_next().await {
+            Ok(Some(m)) => Ok(Some(link_from_message(&m))),
+            Ok(None) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up interface {name}")),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> anyhow::Result<Option<Link>> {
+        let mut req = self.handle.link().get().match_index(index).execute();
+        match req.try_next().await {
+            Ok(Some(m)) => Ok(Some(link_from_message(&m))),
+            Ok(None) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up interface #{index}")),
+        }
+    }
+
+    /// IPv4 addresses on an interface.
+    pub async fn ipv4_addrs(&self, index: u32) -> anyhow::Result<Vec<(Ipv4Addr, u8)>> {
+        let mut out = Vec::new();
+        let mut req = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(m) = req.try_next().await.context("listing addresses")? {
+            if m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            for a in &m.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
+                    out.push((*ip, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The interface holding `ip`.
+    pub async fn link_with_addr(&self, ip: Ipv4Addr) -> anyhow::Result<Option<Link>> {
+        let mut req = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(m) = req.try_next().await.context("listing addresses")? {
+            if m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(x)) if *x == ip))
+            {
+                index = Some(m.header.index);
+            }
+        }
+        match index {
+            Some(i) => self.link_by_index(i).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The interface of the IPv4 default route in the main table.
+    pub async fn default_route_link(&self) -> anyhow::Result<Option<Link>> {
+        let mut req = self.handle.route().get(IpVersion::V4).execute();
+        let mut index = None;
+        while let Some(r) = req.try_next().await.context("listing routes")? {
+            if r.header.destination_prefix_length != 0 || r.header.table != 254 {
+                continue;
+            }
+            for a in &r.attributes {
+                if let RouteAttribute::Oif(i) = a {
+                    index.get_or_insert(*i);
+                }
+            }
+        }
+        match index {
+            Some(i) => self.link_by_index(i).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Create flannel.1 as flanneld does, or adopt an existing one whose VNI
+    /// and port match (re-created otherwise). Sets MAC and MTU, brings it up.
+    pub async fn ensure_vtep(&self, spec: &VtepSpec) -> anyhow::Result<Link> {
+        if let Some(existing) = self.link_by_name(&spec.name).await? {
+            match existing.vxlan {
+                Some((vni, port)) if vni == spec.vni && port == spec.port => {}
+                other => {
+                    log::warn!(
+                        "{} exists with {:?} (VNI, port); expected ({}, {}): re-creating it",
+                        spec.name,
+                        other,
+                        spec.vni,
+                        spec.port
+                    );
+                    self.handle
+                        .link()
+                        .del(existing.index)
+                        .execute()
+                        .await
+                        .with_context(|| format!("deleting {}", spec.name))?;
+                    return Box::pin(self.ensure_vtep(spec)).await;
+                }
+            }
+        } else {
+            self.handle
+                .link()
+                .add()
+                .vxlan(spec.name.clone(), spec.vni)
+                .port(spec.port)
+                .local(spec.local)
+                .link(spec.underlay_index)
+                .learning(false)
+                .execute()
+                .await
+                .with_context(|| {
+                    format!("creating {} (vxlan id {} dstport {})", spec.name, spec.vni, spec.port)
+                })?;
+            log::info!(
+                "created {} (vxlan id {} dstport {} nolearning local {})",
+                spec.name,
+                spec.vni,
+                spec.port,
+                spec.local
+            );
+        }
+        let link = self
+            .link_by_name(&spec.name)
+            .await?
+            .with_context(|| format!("{} vanished after creation", spec.name))?;
+        if link.mac != Some(spec.mac) || link.mtu != spec.mtu {
+            self.handle
+                .link()
+                .set(link.index)
+                .address(spec.mac.0.to_vec())
+                .mtu(spec.mtu)
+                .execute()
+                .await
+                .with_context(|| format!("setting MAC {} and MTU {} on {}", spec.mac, spec.mtu, spec.name))?;
+        }
+        self.handle
+            .link()
+            .set(link.index)
+            .up()
+            .execute()
+            .await
+            .with_context(|| format!("bringing {} up", spec.name))?;
+        self.link_by_index(link.index)
+            .await?
+            .with_context(|| format!("{} vanished", spec.name))
+    }
+
+    /// Make `addr/32` the only IPv4 address on the interface.
+    pub async fn ensure_only_addr(&self, index: u32, addr: Ipv4Addr) -> anyhow::Result<()> {
+        let mut req = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut have = false;
+        let mut stale = Vec::new();
+        while let Some(m) = req.try_next().await.context("listing addresses")? {
+            if m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if local == Some(addr) && m.header.prefix_len == 32 {
+                have = true;
+            } else {
+                stale.push(m);
+            }
+        }
+        for m in stale {
+            log::info!("removing stale address {:?} from interface #{index}", m.attributes);
+            self.handle.address().del(m).execute().await.context("removing a stale address")?;
+        }
+        if !have {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(addr), 32)
+                .execute()
+                .await
+                .with_context(|| format!("adding {addr}/32"))?;
+        }
+        Ok(())
+    }
+
+    /// IPv4 routes in the main table whose output device is `index`.
+    pub async fn routes_via(&self, index: u32) -> anyhow::Result<Vec<KernelRoute>> {
+        let mut out = Vec::new();
+        let mut req = self.handle.route().get(IpVersion::V4).execute();
+        while let Some(r) = req.try_next().await.context("listing routes")? {
+            if r.header.table != 254 {
+                continue;
+            }
+            let mut oif = None;
+            let mut dst = None;
+            let mut gateway = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                    _ => {}
+                }
+            }
+            if oif != Some(index) {
+                continue;
+            }
+            let Some(dst) = dst else { continue };
+            let Ok(dst) = Subnet::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            out.push(KernelRoute {
+                dst,
+                gateway,
+                message: r,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `ip route replace <dst> via <gw> dev <index> onlink`
+    pub async fn replace_route(&self, index: u32, dst: Subnet, gw: Ipv4Addr) -> anyhow::Result<()> {
+        let mut req = self
+            .handle
+            .route()
+            .add()
+            .v4()
+            .destination_prefix(dst.addr(), dst.len())
+            .gateway(gw)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .scope(RouteScope::Universe)
+            .replace();
+        req.message_mut().header.flags.push(RouteFlag::Onlink);
+        req.execute()
+            .await
+            .with_context(|| format!("ip route replace {dst} via {gw} onlink (ifindex {index})"))
+    }
+
+    pub async fn delete_route(&self, route: &KernelRoute) -> anyhow::Result<()> {
+        match self.handle.route().del(route.message.clone()).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("ip route del {}", route.dst)),
+        }
+    }
+
+    /// IPv4 neighbours on the interface.
+    pub async fn neighbours(&self, index: u32) -> anyhow::Result<Vec<KernelNeigh>> {
+        let mut out = Vec::new();
+        let mut req = self.handle.neighbours().get().set_family(IpVersion::V4).execute();
+        while let Some(n) = req.try_next().await.context("listing neighbours")? {
+            if n.header.ifindex != index {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                    NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                        let mut b = [0u8; 6];
+                        b.copy_from_slice(l);
+                        mac = Some(Mac(b));
+                    }
+                    _ => {}
+                }
+            }
+            let Some(ip) = ip else { continue };
+            out.push(KernelNeigh {
+                ip,
+                mac,
+                permanent: n.header.state == NeighbourState::Permanent,
+                message: n,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`
+    pub async fn replace_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> anyhow::Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_local_address(&mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("ip neigh replace {ip} lladdr {mac} nud permanent (ifindex {index})"))
+    }
+
+    pub async fn delete_neighbour(&self, n: &KernelNeigh) -> anyhow::Result<()> {
+        match self.handle.neighbours().del(n.message.clone()).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("ip neigh del {}", n.ip)),
+        }
+    }
+}
+
+/// Reject a VTEP name that could not be an interface name.
+pub fn check_ifname(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+        bail!("{name:?} is not a valid interface name");
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Leases → desired tables → diff against the maps and kernel tables → apply.
+//!
+//! Order keeps every packet on a whole entry: on add the FDB entry (what the
+//! datapath reads), then the neighbour, then the route last; on delete the
+//! route first, then the neighbour, then the FDB entry.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use crate::{
+    lease::Lease,
+    mac::Mac,
+    netlink::Netlink,
+    subnet::Subnet,
+    tables::Tables,
+};
+
+/// The tables Flannel would program for a set of peer leases.
+#[derive(Debug, Default, PartialEq)]
+pub struct Desired {
+    pub fdb: BTreeMap<Mac, Ipv4Addr>,
+    pub arp: BTreeMap<Ipv4Addr, Mac>,
+    pub routes: BTreeMap<Subnet, Ipv4Addr>,
+}
+
+/// This node, as the reconciler needs it.
+pub struct Own {
+    pub subnet: Subnet,
+    pub network: Subnet,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: Mac,
+}
+
+impl Desired {
+    /// Peers from `leases`; a lease that cannot be used is skipped with a reason.
+    pub fn from_leases<'a>(leases: impl IntoIterator<Item = &'a Lease>, own: &Own) -> (Desired, Vec<(Subnet, String)>) {
+        let mut d = Desired::default();
+        let mut skipped = Vec::new();
+        for l in leases {
+            if l.subnet == own.subnet {
+                continue;
+            }
+            let why = if !own.network.contains_subnet(&l.subnet) {
+                Some(format!("subnet is outside the Network {}", own.network))
+            } else if l.public_ip == own.public_ip {
+                Some(format!("PublicIP {} is this node's, but the subnet is not our lease", l.public_ip))
+            } else if l.vtep_mac == own.vtep_mac {
+                Some(format!("VtepMAC {} is this node's", l.vtep_mac))
+            } else if let Some(ip) = d.fdb.get(&l.vtep_mac).filter(|ip| **ip != l.public_ip) {
+                Some(format!("VtepMAC {} is already used by node {ip}", l.vtep_mac))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                skipped.push((l.subnet, why));
+                continue;
+            }
+            d.fdb.insert(l.vtep_mac, l.public_ip);
+            d.arp.insert(l.subnet.vtep_addr(), l.vtep_mac);
+            d.routes.insert(l.subnet, l.subnet.vtep_addr());
+        }
+        (d, skipped)
+    }
+}
+
+/// What one reconcile pass did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub changes: usize,
+    pub errors: Vec<String>,
+}
+
+impl Outcome {
+    fn record(&mut self, what: anyhow::Result<()>) {
+        match what {
+            Ok(()) => self.changes += 1,
+            Err(e) => {
+                log::warn!("{e:#}");
+                self.errors.push(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+/// Bring the maps and the kernel tables on flannel.1 to `want`.
+pub async fn apply(want: &Desired, tables: &mut Tables, nl: &Netlink, vtep_index: u32, own: &Own) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::default();
+    let fdb = tables.fdb_entries()?;
+    let arp = tables.arp_entries()?;
+    let routes = tables.route_entries()?;
+    let kroutes: Vec<_> = nl
+        .routes_via(vtep_index)
+        .await?
+        .into_iter()
+        .filter(|r| own.network.contains_subnet(&r.dst))
+        .collect();
+    let kneigh = nl.neighbours(vtep_index).await?;
+
+    // 1. FDB: what the datapath reads, first.
+    for (mac, ip) in &want.fdb {
+        if fdb.get(mac) != Some(ip) {
+            out.record(tables.set_fdb(*mac, *ip));
+        }
+    }
+    // 2. ARP: map and kernel neighbour.
+    for (vtep, mac) in &want.arp {
+        if arp.get(vtep) != Some(mac) {
+            out.record(tables.set_arp(*vtep, *mac));
+        }
+        let ok = kneigh.iter().any(|n| n.ip == *vtep && n.mac == Some(*mac) && n.permanent);
+        if !ok {
+            out.record(nl.replace_neighbour(vtep_index, *vtep, *mac).await);
+        }
+    }
+    // 3. Routes, last on add.
+    for (dst, vtep) in &want.routes {
+        if routes.get(dst) != Some(vtep) {
+            out.record(tables.set_route(*dst, *vtep));
+        }
+        let ok = kroutes.iter().any(|r| r.dst == *dst && r.gateway == Some(*vtep));
+        if !ok {
+            out.record(nl.replace_route(vtep_index, *dst, *vtep).await);
+        }
+    }
+    // 4. Stale routes, first on delete: kernel, then map.
+    for r in &kroutes {
+        if want.routes.get(&r.dst) != r.gateway.as_ref() {
+            log::debug!("removing stale route {} via {:?}", r.dst, r.gateway);
+            out.record(nl.delete_route(r).await);
+        }
+    }
+    for dst in routes.keys().filter(|d| !want.routes.contains_key(d)) {
+        out.record(tables.del_route(*dst));
+    }
+    // 5. Stale neighbours: any on flannel.1 we do not want (flanneld leftovers too).
+    for n in &kneigh {
+        if !want.arp.contains_key(&n.ip) {
+            out.record(nl.delete_neighbour(n).await);
+        }
+    }
+    for vtep in arp.keys().filter(|v| !want.arp.contains_key(v)) {
+        out.record(tables.del_arp(*vtep));
+    }
+    // 6. Stale FDB entries, last.
+    let stale_fdb: BTreeSet<_> = fdb.keys().filter(|m| !want.fdb.contains_key(m)).collect();
+    for mac in stale_fdb {
+        out.record(tables.del_fdb(*mac));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(subnet: &str, ip: &str, mac: &str) -> Lease {
+        Lease {
+            subnet: Subnet::from_key(subnet).unwrap(),
+            public_ip: ip.parse().unwrap(),
+            vtep_mac: mac.parse().unwrap(),
+        }
+    }
+
+    fn own() -> Own {
+        Own {
+            subnet: Subnet::from_key("10.244.1.0-24").unwrap(),
+            network: "10.244.0.0/16".parse().unwrap(),
+            public_ip: "10.1.5.10".parse().unwrap(),
+            vtep_mac: "02:42:8f:11:22:10".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn one_route_arp_fdb_per_peer_like_flannel() {
+        let leases = [
+            lease("10.244.1.0-24", "10.1.5.10", "02:42:8f:11:22:10"),
+            lease("10.244.2.0-24", "10.1.8.10", "02:42:8f:11:22:20"),
+            lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30"),
+        ];
+        let (d, skipped) = Desired::from_leases(&leases, &own());
+        assert!(skipped.is_empty());
+        assert_eq!(d.routes.len(), 2);
+        assert_eq!(d.routes[&Subnet::from_key("10.244.2.0-24").unwrap()], "10.244.2.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(d.arp[&"10.244.3.0".parse().unwrap()].to_string(), "02:42:8f:11:22:30");
+        assert_eq!(d.fdb[&"02:42:8f:11:22:20".parse().unwrap()], "10.1.8.10".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn unusable_leases_are_skipped_with_a_reason() {
+        let leases = [
+            lease("10.245.2.0-24", "10.1.8.10", "02:42:8f:11:22:20"),
+            lease("10.244.4.0-24", "10.1.5.10", "02:42:8f:11:22:40"),
+            lease("10.244.5.0-24", "10.1.9.9", "02:42:8f:11:22:10"),
+            lease("10.244.6.0-24", "10.1.9.10", "02:42:8f:11:22:60"),
+            lease("10.244.7.0-24", "10.1.9.11", "02:42:8f:11:22:60"),
+        ];
+        let (d, skipped) = Desired::from_leases(&leases, &own());
+        assert_eq!(d.routes.len(), 1, "{skipped:?}");
+        assert_eq!(skipped.len(), 4);
+        assert!(skipped[0].1.contains("outside"));
+        assert!(skipped[3].1.contains("already used"));
+    }
+}

@@ -1,0 +1,192 @@
+//! `--subnet-mgr file`: Flannel's etcd layout on disk.
+//! `DIR/config` holds net-conf.json; `DIR/subnets/10.244.1.0-24` holds a lease.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::{Context, bail};
+
+use super::Snapshot;
+use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+
+pub struct FileSource {
+    dir: PathBuf,
+    /// (name, mtime, len) of every lease file at the last read: a cheap change test.
+    fingerprint: BTreeMap<String, (Option<SystemTime>, u64)>,
+    /// Bad files already reported, so a poll loop does not repeat itself.
+    reported: BTreeSet<(String, String)>,
+}
+
+impl FileSource {
+    pub fn new(dir: &Path) -> FileSource {
+        FileSource {
+            dir: dir.to_path_buf(),
+            fingerprint: BTreeMap::new(),
+            reported: BTreeSet::new(),
+        }
+    }
+
+    fn subnets_dir(&self) -> PathBuf {
+        self.dir.join("subnets")
+    }
+
+    pub fn read_config(&self) -> anyhow::Result<NetConf> {
+        let path = self.dir.join("config");
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("reading net-conf.json from {}", path.display()))?;
+        NetConf::parse(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    fn scan(&self) -> anyhow::Result<BTreeMap<String, (Option<SystemTime>, u64)>> {
+        let dir = self.subnets_dir();
+        let mut out = BTreeMap::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for e in entries {
+            let e = e.with_context(|| format!("listing {}", dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // our own temporary files
+            }
+            let meta = e.metadata().ok();
+            out.insert(
+                name,
+                (meta.as_ref().and_then(|m| m.modified().ok()), meta.map_or(0, |m| m.len())),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Whether any lease file appeared, vanished or changed since the last `read`.
+    pub fn changed(&self) -> anyhow::Result<bool> {
+        Ok(self.scan()? != self.fingerprint)
+    }
+
+    /// Read every lease; a bad file is skipped with a log line naming it and why.
+    pub fn read(&mut self) -> anyhow::Result<Snapshot> {
+        let scan = self.scan()?;
+        let mut snap = Snapshot::default();
+        let mut bad = BTreeSet::new();
+        for name in scan.keys() {
+            let path = self.subnets_dir().join(name);
+            match read_lease(&path, name) {
+                Ok(Some(l)) => {
+                    snap.leases.insert(l.subnet, l);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    if !self.reported.contains(&(name.clone(), reason.clone())) {
+                        log::warn!("skipping lease file {}: {reason}", path.display());
+                    }
+                    bad.insert((name.clone(), reason));
+                }
+            }
+        }
+        self.reported = bad;
+        self.fingerprint = scan;
+        Ok(snap)
+    }
+
+    /// Our lease: reuse the one holding our public IP, else the subnet from
+    /// the previous subnet.env if free, else the lowest free subnet in
+    /// [SubnetMin, SubnetMax]. Written create-if-absent, so two nodes can
+    /// never take the same subnet.
+    pub fn acquire(
+        &mut self,
+        conf: &NetConf,
+        public_ip: Ipv4Addr,
+        vtep_mac: Mac,
+        previous: Option<Subnet>,
+    ) -> anyhow::Result<Subnet> {
+        let snap = self.read()?;
+        let taken: BTreeSet<Subnet> = self.scan()?.keys().filter_map(|k| Subnet::from_key(k).ok()).collect();
+        let mine = snap
+            .leases
+            .values()
+            .find(|l| l.public_ip == public_ip && conf.network.contains_subnet(&l.subnet) && l.subnet.len() == conf.subnet_len);
+        if let Some(l) = mine {
+            let lease = Lease { vtep_mac, ..*l };
+            if *l != lease {
+                self.write_lease(&lease, conf.backend.vni, true)?;
+            }
+            log::info!("reusing lease {} (PublicIP {public_ip})", l.subnet);
+            return Ok(l.subnet);
+        }
+        let in_range = |s: &Subnet| s.len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max;
+        let mut candidates: Vec<Subnet> = previous.into_iter().filter(in_range).collect();
+        let first = conf.network.child_index(&conf.subnet_min).context("SubnetMin")?;
+        let last = conf.network.child_index(&conf.subnet_max).context("SubnetMax")?;
+        candidates.extend((first..=last).filter_map(|i| conf.network.nth_child(conf.subnet_len, i)));
+        for subnet in candidates {
+            if taken.contains(&subnet) {
+                continue;
+            }
+            let lease = Lease {
+                subnet,
+                public_ip,
+                vtep_mac,
+            };
+            if self.write_lease(&lease, conf.backend.vni, false)? {
+                log::info!("acquired lease {subnet} (PublicIP {public_ip}, VtepMAC {vtep_mac})");
+                return Ok(subnet);
+            }
+        }
+        bail!(
+            "no free subnet left in [{}, {}] of {}",
+            conf.subnet_min,
+            conf.subnet_max,
+            conf.network
+        )
+    }
+
+    /// Whether our lease file still says what we wrote.
+    pub fn holds(&self, lease: &Lease) -> bool {
+        let path = self.subnets_dir().join(lease.subnet.to_key());
+        fs::read(&path)
+            .ok()
+            .and_then(|b| Lease::parse(lease.subnet, &b).ok().flatten())
+            .is_some_and(|l| l == *lease)
+    }
+
+    /// Write a lease atomically. With `replace` false the write only happens
+    /// if no lease for that subnet exists (returns false then).
+    pub fn write_lease(&self, lease: &Lease, vni: u32, replace: bool) -> anyhow::Result<bool> {
+        let dir = self.subnets_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let target = dir.join(lease.subnet.to_key());
+        let tmp = dir.join(format!(".{}.{}", lease.subnet.to_key(), std::process::id()));
+        {
+            let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(lease.to_json(vni).as_bytes())?;
+            f.sync_all()?;
+        }
+        let result = if replace {
+            fs::rename(&tmp, &target).map(|_| true)
+        } else {
+            // link() fails if the target exists: create-only-if-absent.
+            let r = match fs::hard_link(&tmp, &target) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            };
+            let _ = fs::remove_file(&tmp);
+            r
+        };
+        result.with_context(|| format!("writing lease {}", target.display()))
+    }
+}
+
+fn read_lease(path: &Path, name: &str) -> anyhow::Result<Option<Lease>> {
+    let subnet = Subnet::from_key(name)?;
+    let bytes = fs::read(path).context("unreadable")?;
+    Lease::parse(subnet, &bytes)
+}

@@ -1,0 +1,40 @@
+//! Where leases come from. Every source yields the same snapshot shape, so one
+//! reconciler serves them all.
+pub mod file;
+
+use std::collections::BTreeMap;
+
+use crate::{lease::Lease, subnet::Subnet};
+
+/// All usable VXLAN leases at one moment, keyed by subnet.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub leases: BTreeMap<Subnet, Lease>,
+}
+
+/// One log line per lease change, saying what changed.
+pub fn log_changes(old: &Snapshot, new: &Snapshot) {
+    for (s, l) in &new.leases {
+        match old.leases.get(s) {
+            None => log::info!(
+                "lease added: {s} public-ip {} vtep-mac {}",
+                l.public_ip,
+                l.vtep_mac
+            ),
+            Some(o) if o != l => {
+                let mut what = Vec::new();
+                if o.public_ip != l.public_ip {
+                    what.push(format!("public-ip {} → {}", o.public_ip, l.public_ip));
+                }
+                if o.vtep_mac != l.vtep_mac {
+                    what.push(format!("vtep-mac {} → {}", o.vtep_mac, l.vtep_mac));
+                }
+                log::info!("lease changed: {s} {}", what.join(", "));
+            }
+            _ => {}
+        }
+    }
+    for s in old.leases.keys().filter(|s| !new.leases.contains_key(s)) {
+        log::info!("lease removed: {s}");
+    }
+}

@@ -1,0 +1,55 @@
+//! /run/flannel/subnet.env, as flanneld writes it for the flannel CNI plugin.
+use std::{fs, io::Write, path::Path};
+
+use anyhow::Context;
+
+use crate::subnet::Subnet;
+
+pub fn render(network: Subnet, subnet: Subnet, mtu: u32, ip_masq: bool) -> String {
+    format!(
+        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
+        subnet.gateway(),
+        subnet.len()
+    )
+}
+
+/// Write atomically (temp file + rename) so the CNI plugin never reads half a file.
+pub fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The subnet a previous run wrote, for reuse after a restart.
+pub fn previous_subnet(path: &Path) -> Option<Subnet> {
+    let text = fs::read_to_string(path).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+    let (gw, len) = value.trim().split_once('/')?;
+    let gw: std::net::Ipv4Addr = gw.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Subnet::new((u32::from(gw) & mask).into(), len).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_flanneld() {
+        let text = render("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), 1450, false);
+        assert_eq!(
+            text,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
+        let dir = std::env::temp_dir().join(format!("subnet-env-test-{}", std::process::id()));
+        let path = dir.join("subnet.env");
+        write(&path, &text).unwrap();
+        assert_eq!(previous_subnet(&path).unwrap().to_string(), "10.244.1.0/24");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,186 @@
+//! Map keys, values and constants shared by the kernel programs and the agent.
+//!
+//! Addresses are byte arrays in network order so `bpftool map dump` prints
+//! `[10,244,1,0]` rather than a host-order integer.
+#![no_std]
+
+/// Flannel's defaults for the VXLAN backend.
+pub const DEFAULT_VNI: u32 = 1;
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+
+/// Bytes the encapsulation adds in front of the inner IPv4 packet, beyond the
+/// inner Ethernet header that is already there: outer Ethernet + IPv4 + UDP + VXLAN.
+pub const VXLAN_OVERHEAD: u32 = 14 + 20 + 8 + 8;
+
+/// Map names, as they appear in the object and under the pin root.
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_ROUTE: &str = "ROUTE";
+pub const MAP_ARP: &str = "ARP";
+pub const MAP_FDB: &str = "FDB";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+pub const PROG_ENCAP: &str = "flannel_encap";
+pub const PROG_DECAP: &str = "flannel_decap";
+
+/// Sizes of the mirror tables: a node per remote Flannel lease.
+pub const MAX_NODES: u32 = 16384;
+
+/// The one entry of the CONFIG array: what the datapath needs to know about
+/// this node. Written by the agent before any program is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's public (underlay) IPv4 address: outer source on egress,
+    /// required outer destination on ingress.
+    pub public_ip: [u8; 4],
+    /// VXLAN network identifier (Flannel: 1), host order.
+    pub vni: u32,
+    /// UDP destination port (Flannel on Linux: 8472), host order.
+    pub port: u16,
+    /// Outer UDP source-port range, like the kernel's local port range.
+    pub src_port_min: u16,
+    pub src_port_max: u16,
+    /// Our VtepMAC (flannel.1's address).
+    pub vtep_mac: [u8; 6],
+    /// Underlay interface index: outer route lookups are made through it.
+    pub underlay_ifindex: u32,
+    /// flannel.1's interface index.
+    pub vtep_ifindex: u32,
+    /// Non-zero once the agent has filled this entry; programs pass everything before.
+    pub ready: u32,
+}
+
+/// Key of the ROUTE mirror (LPM trie): remote pod subnet.
+/// Value: the remote VTEP address (`<subnet>.0`), as `ip route … via <subnet>.0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteValue {
+    pub vtep_addr: [u8; 4],
+}
+
+/// Key of the ARP mirror: a remote VTEP address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArpKey {
+    pub vtep_addr: [u8; 4],
+}
+
+/// Value of the ARP mirror: the remote VtepMAC, as `ip neigh … lladdr <mac>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ArpValue {
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Key of the FDB mirror: a remote VtepMAC. Padded to 8 bytes so the key has
+/// no implicit padding the kernel would hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FdbKey {
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl FdbKey {
+    pub const fn new(vtep_mac: [u8; 6]) -> Self {
+        Self {
+            vtep_mac,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of the FDB mirror: the remote node's public IP, as
+/// `bridge fdb … dst <ip>`. The hot path reads only this map: egress by the
+/// inner destination MAC (which the kernel's neighbour entry put there),
+/// ingress by the inner source MAC to check the outer source is that node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FdbValue {
+    pub node_ip: [u8; 4],
+}
+
+/// A packets/bytes pair; the COUNTERS per-CPU array holds one per [`Counter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident = $idx:literal, $label:literal;)*) => {
+        /// Index into the COUNTERS map: what happened to a packet.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $name = $idx,)*
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+
+            /// Stable name used by `show stats` and metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$name => $label,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Egress: frame encapsulated and redirected to the underlay.
+    TxEncap = 0, "tx_encap";
+    /// Ingress: VXLAN frame decapsulated and passed to the stack.
+    RxDecap = 1, "rx_decap";
+    /// Egress fallback: not an IPv4 frame (ARP, IPv6): left to the kernel device.
+    TxFallbackNotIpv4 = 2, "tx_fallback_not_ipv4";
+    /// Egress fallback: destination VtepMAC not in the FDB map.
+    TxFallbackNoFdb = 3, "tx_fallback_no_fdb";
+    /// Egress fallback: no outer route to the remote node's public IP.
+    TxFallbackNoRoute = 4, "tx_fallback_no_route";
+    /// Egress fallback: the packet could not be grown or written.
+    TxFallbackAdjust = 5, "tx_fallback_adjust_room";
+    /// Egress fallback: frame too short to hold Ethernet + IPv4 headers.
+    TxFallbackMalformed = 6, "tx_fallback_malformed";
+    /// Egress: next hop needed neighbour resolution (sent with bpf_redirect_neigh).
+    TxRedirectNeigh = 7, "tx_redirect_neigh";
+    /// Ingress drop: VXLAN to our port too short for VXLAN + inner Ethernet + IPv4.
+    RxDropTruncated = 8, "rx_drop_truncated";
+    /// Ingress drop: VXLAN flags other than the I bit, or reserved bits set.
+    RxDropBadFlags = 9, "rx_drop_bad_flags";
+    /// Ingress drop: VNI is not ours.
+    RxDropBadVni = 10, "rx_drop_bad_vni";
+    /// Ingress drop: the sender is not a member (inner source MAC unknown, or
+    /// known for another node's public IP).
+    RxDropNonMember = 11, "rx_drop_non_member";
+    /// Ingress drop: inner destination MAC is not our VtepMAC.
+    RxDropBadInnerDst = 12, "rx_drop_bad_inner_dst";
+    /// Ingress pass: outer IPv4 is a fragment; the kernel reassembles and its
+    /// VXLAN device decapsulates.
+    RxPassFragment = 13, "rx_pass_fragment";
+    /// Ingress pass: outer IPv4 header is garbled (bad version/IHL/length); the
+    /// kernel's IP layer judges it.
+    RxPassMalformed = 14, "rx_pass_malformed";
+    /// Ingress pass: inner frame from a member is not IPv4; the kernel device gets it.
+    RxPassInnerNotIpv4 = 15, "rx_pass_inner_not_ipv4";
+    /// Ingress drop: could not move the packet head.
+    RxDropAdjust = 16, "rx_drop_adjust_head";
+}
+
+pub const COUNTER_SLOTS: u32 = 32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for RouteValue {}
+    unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for ArpValue {}
+    unsafe impl aya::Pod for FdbKey {}
+    unsafe impl aya::Pod for FdbValue {}
+    unsafe impl aya::Pod for CounterValue {}
+}

@@ -1,0 +1,119 @@
+//! Ingress on the underlay (XDP): VXLAN for our VNI and port, from a node in
+//! the FDB, loses its outer headers here and enters the stack as a plain
+//! frame on the underlay; the kernel then routes it to cni0. VXLAN to our
+//! port that fails a check is dropped and counted; everything else passes
+//! untouched.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::generated::bpf_xdp_adjust_head,
+    macros::xdp,
+    programs::XdpContext,
+};
+use flannel_ebpf_common::{Counter, NodeConfig};
+
+use crate::{
+    maps::{config, count, fdb_node_ip},
+    packet::{
+        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN,
+        VxlanHdr, be16, ptr_at,
+    },
+};
+
+#[xdp]
+pub fn flannel_decap(ctx: XdpContext) -> u32 {
+    match config() {
+        Some(cfg) => decap(&ctx, cfg),
+        None => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let frame_len = (end - start) as u32;
+    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+        return XDP_PASS;
+    };
+    let eth = unsafe { &*eth };
+    if be16(&eth.proto) != ETH_P_IPV4 {
+        return XDP_PASS;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_LEN) else {
+        count(Counter::RxPassMalformed, frame_len);
+        return XDP_PASS;
+    };
+    let ip = unsafe { &*ip };
+    if ip.proto != IPPROTO_UDP {
+        return XDP_PASS;
+    }
+    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < IPV4_LEN || (be16(&ip.tot_len) as usize) < ihl + UDP_LEN {
+        count(Counter::RxPassMalformed, frame_len);
+        return XDP_PASS;
+    }
+    if ip.daddr != cfg.public_ip {
+        return XDP_PASS;
+    }
+    if ip.is_fragment() {
+        // Only the kernel can reassemble; its VXLAN device takes it from there.
+        count(Counter::RxPassFragment, frame_len);
+        return XDP_PASS;
+    }
+    // IP options are legal: the UDP header starts after them.
+    let l4 = ETH_LEN + ihl;
+    let Some(udp) = ptr_at::<UdpHdr>(start, end, l4) else {
+        count(Counter::RxPassMalformed, frame_len);
+        return XDP_PASS;
+    };
+    if be16(unsafe { &(*udp).dport }) != cfg.port {
+        return XDP_PASS;
+    }
+    // From here on the frame claims to be ours: it is delivered or dropped.
+    let vx_off = l4 + UDP_LEN;
+    let inner_off = vx_off + VXLAN_LEN;
+    let (Some(vx), Some(inner), Some(_)) = (
+        ptr_at::<VxlanHdr>(start, end, vx_off),
+        ptr_at::<EthHdr>(start, end, inner_off),
+        ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_LEN),
+    ) else {
+        count(Counter::RxDropTruncated, frame_len);
+        return XDP_DROP;
+    };
+    let (vx, inner) = unsafe { (&*vx, &mut *inner) };
+    if !vx.flags_valid() {
+        count(Counter::RxDropBadFlags, frame_len);
+        return XDP_DROP;
+    }
+    if vx.vni() != cfg.vni {
+        count(Counter::RxDropBadVni, frame_len);
+        return XDP_DROP;
+    }
+    // Membership: the inner source must be a VtepMAC we know, and known for
+    // exactly this outer source address (the kernel's VXLAN accepts anyone).
+    match fdb_node_ip(inner.src) {
+        Some(node_ip) if node_ip == ip.saddr => {}
+        _ => {
+            count(Counter::RxDropNonMember, frame_len);
+            return XDP_DROP;
+        }
+    }
+    if inner.dst != cfg.vtep_mac {
+        count(Counter::RxDropBadInnerDst, frame_len);
+        return XDP_DROP;
+    }
+    if be16(&inner.proto) != ETH_P_IPV4 {
+        count(Counter::RxPassInnerNotIpv4, frame_len);
+        return XDP_PASS;
+    }
+    // The inner frame enters the stack on the underlay: give it the outer
+    // MACs so the kernel sees a frame for this host, not for flannel.1.
+    inner.dst = eth.dst;
+    inner.src = eth.src;
+    let inner_len = frame_len - inner_off as u32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
+        count(Counter::RxDropAdjust, frame_len);
+        return XDP_DROP;
+    }
+    count(Counter::RxDecap, inner_len);
+    XDP_PASS
+}

@@ -1,0 +1,19 @@
+//! flannel-ebpf kernel programs: Flannel's VXLAN data path in TC (encap) and XDP (decap).
+#![no_std]
+#![no_main]
+
+mod csum;
+mod decap;
+mod encap;
+mod maps;
+mod packet;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,58 @@
+//! The pinned maps. BTF-described so `bpftool map dump` prints field names.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use flannel_ebpf_common::{
+    ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, FdbKey, FdbValue, MAX_NODES,
+    NodeConfig, RouteValue,
+};
+
+#[btf_map]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Mirror of `ip route … via <vtep> dev flannel.1 onlink`: remote subnet → VTEP address.
+#[btf_map]
+pub static ROUTE: LpmTrie<[u8; 4], RouteValue, { MAX_NODES as usize }> = LpmTrie::new();
+
+/// Mirror of `ip neigh … dev flannel.1`: VTEP address → VtepMAC.
+#[btf_map]
+pub static ARP: HashMap<ArpKey, ArpValue, { MAX_NODES as usize }> = HashMap::new();
+
+/// Mirror of `bridge fdb … dev flannel.1 dst <ip>`: VtepMAC → node public IP.
+/// The only table the per-packet path reads.
+#[btf_map]
+pub static FDB: HashMap<FdbKey, FdbValue, { MAX_NODES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn config() -> Option<&'static NodeConfig> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.ready == 0 { None } else { Some(cfg) }
+}
+
+#[inline(always)]
+pub fn count(counter: Counter, bytes: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += bytes as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn fdb_node_ip(mac: [u8; 6]) -> Option<[u8; 4]> {
+    FDB.get_ptr(FdbKey::new(mac)).map(|v| unsafe { (*v).node_ip })
+}
+
+// ROUTE and ARP are only written by the agent; keep them referenced so they
+// stay in the object.
+#[inline(always)]
+pub fn keep_mirrors() {
+    let _ = &ROUTE;
+    let _ = &ARP;
+}

@@ -1,0 +1,3 @@
+pub fn run() -> anyhow::Result<()> {
+    anyhow::bail!("demo: not written yet")
+}
