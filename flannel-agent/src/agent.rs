@@ -129,7 +129,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut state = SyncState::default();
     let snap = source.read()?;
-    state.sync(&snap, &own, &mut tables, &nl, vtep.index).await?;
+    state
+        .sync(&snap, &own, &mut tables, &nl, vtep.index)
+        .await?;
 
     subnet_env::write(
         &args.subnet_file,
@@ -147,7 +149,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for f in ["route", "arp", "fdb", "counters", "config"] {
         log::info!("  bpftool map dump pinned {}", root.join(f).display());
     }
-    log::info!("  bpftool link show   (the TCX and XDP links: {} and {})", datapath::LINK_ENCAP, datapath::LINK_DECAP);
+    log::info!(
+        "  bpftool link show   (the TCX and XDP links: {} and {})",
+        datapath::LINK_ENCAP,
+        datapath::LINK_DECAP
+    );
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -205,10 +211,20 @@ struct SyncState {
 }
 
 impl SyncState {
-    async fn sync(&mut self, snap: &Snapshot, own: &Own, tables: &mut Tables, nl: &Netlink, vtep_index: u32) -> anyhow::Result<()> {
+    async fn sync(
+        &mut self,
+        snap: &Snapshot,
+        own: &Own,
+        tables: &mut Tables,
+        nl: &Netlink,
+        vtep_index: u32,
+    ) -> anyhow::Result<()> {
         log_changes(&self.last, snap);
         let (want, skipped) = Desired::from_leases(snap.leases.values(), own);
-        let skipped: BTreeSet<String> = skipped.into_iter().map(|(s, why)| format!("lease {s} skipped: {why}")).collect();
+        let skipped: BTreeSet<String> = skipped
+            .into_iter()
+            .map(|(s, why)| format!("lease {s} skipped: {why}"))
+            .collect();
         for line in skipped.difference(&self.skipped) {
             log::warn!("{line}");
         }
@@ -216,7 +232,11 @@ impl SyncState {
         let started = Instant::now();
         let outcome = apply(&want, tables, nl, vtep_index, own).await?;
         if outcome.changes > 0 {
-            log::debug!("reconciled {} entries in {:?}", outcome.changes, started.elapsed());
+            log::debug!(
+                "reconciled {} entries in {:?}",
+                outcome.changes,
+                started.elapsed()
+            );
         }
         self.last = snap.clone();
         if !outcome.errors.is_empty() {

@@ -4,10 +4,19 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "flannel-agent", version, about = "Flannel's VXLAN overlay with an eBPF data path")]
+#[command(
+    name = "flannel-agent",
+    version,
+    about = "Flannel's VXLAN overlay with an eBPF data path"
+)]
 pub struct Cli {
     /// error, warn, info, debug or trace (RUST_LOG overrides).
-    #[arg(long, global = true, default_value = "info", env = "FLANNELD_LOG_LEVEL")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "FLANNELD_LOG_LEVEL"
+    )]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
@@ -49,7 +58,11 @@ pub struct RunArgs {
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
     /// File for the flannel CNI plugin.
-    #[arg(long, default_value = "/run/flannel/subnet.env", env = "FLANNELD_SUBNET_FILE")]
+    #[arg(
+        long,
+        default_value = "/run/flannel/subnet.env",
+        env = "FLANNELD_SUBNET_FILE"
+    )]
     pub subnet_file: PathBuf,
     /// Value written as FLANNEL_IPMASQ in the subnet file.
     #[arg(long, env = "FLANNELD_IP_MASQ")]
@@ -72,8 +85,12 @@ pub struct RunArgs {
 
 impl Cli {
     pub fn init_logging(&self) {
-        let env = env_logger::Env::default().default_filter_or(self.log_level.as_str());
-        env_logger::Builder::from_env(env).format_timestamp_millis().init();
+        // netlink-packet-route warns about every attribute newer than itself.
+        let filter = format!("{},netlink_packet_route=error", self.log_level);
+        let env = env_logger::Env::default().default_filter_or(filter);
+        env_logger::Builder::from_env(env)
+            .format_timestamp_millis()
+            .init();
     }
 
     pub async fn execute(self) -> anyhow::Result<()> {

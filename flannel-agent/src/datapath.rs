@@ -134,8 +134,12 @@ pub fn install(
     vtep_if: &str,
     underlay_if: &str,
 ) -> anyhow::Result<Attached> {
+    crate::bpffs::ensure_mounted(root)?;
     fs::create_dir_all(root).with_context(|| {
-        format!("creating pin root {} (is bpffs mounted at /sys/fs/bpf?)", root.display())
+        format!(
+            "creating pin root {} (is bpffs mounted at /sys/fs/bpf?)",
+            root.display()
+        )
     })?;
     for spec in MAPS {
         let path = root.join(spec.file);
@@ -155,9 +159,12 @@ pub fn install(
 
     // Config first: programs pass everything until it says ready.
     {
-        let map = ebpf.map_mut(MAP_CONFIG).context("object has no CONFIG map")?;
+        let map = ebpf
+            .map_mut(MAP_CONFIG)
+            .context("object has no CONFIG map")?;
         let mut arr: aya::maps::Array<_, NodeConfig> = aya::maps::Array::try_from(map)?;
-        arr.set(0, config, 0).context("writing the node config map")?;
+        arr.set(0, config, 0)
+            .context("writing the node config map")?;
     }
 
     let encap_link = root.join(LINK_ENCAP);
@@ -166,22 +173,26 @@ pub fn install(
         .context("object has no encap program")?
         .try_into()?;
     encap.load().context("verifying the encap (TC) program")?;
-    let encap_state = ensure_link(&encap_link, encap.info()?.tag(), |existing| match existing {
-        // The pin keeps naming the same link; only its program changes.
-        Some(link) => {
-            encap.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-            Ok(())
-        }
-        None => {
-            let id = encap
-                .attach(vtep_if, TcAttachType::Egress)
-                .with_context(|| format!("attaching the encap program to {vtep_if} egress"))?;
-            let link: FdLink = encap.take_link(id)?.try_into()?;
-            link.pin(&encap_link)
-                .with_context(|| format!("pinning {}", encap_link.display()))?;
-            Ok(())
-        }
-    })?;
+    let encap_state = ensure_link(
+        &encap_link,
+        encap.info()?.tag(),
+        |existing| match existing {
+            // The pin keeps naming the same link; only its program changes.
+            Some(link) => {
+                encap.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                Ok(())
+            }
+            None => {
+                let id = encap
+                    .attach(vtep_if, TcAttachType::Egress)
+                    .with_context(|| format!("attaching the encap program to {vtep_if} egress"))?;
+                let link: FdLink = encap.take_link(id)?.try_into()?;
+                link.pin(&encap_link)
+                    .with_context(|| format!("pinning {}", encap_link.display()))?;
+                Ok(())
+            }
+        },
+    )?;
 
     let decap_link = root.join(LINK_DECAP);
     let decap: &mut Xdp = ebpf
@@ -189,21 +200,27 @@ pub fn install(
         .context("object has no decap program")?
         .try_into()?;
     decap.load().context("verifying the decap (XDP) program")?;
-    let decap_state = ensure_link(&decap_link, decap.info()?.tag(), |existing| match existing {
-        Some(link) => {
-            decap.attach_to_link(XdpLink::try_from(link)?)?;
-            Ok(())
-        }
-        None => {
-            let id = decap
-                .attach(underlay_if, XdpMode::Default)
-                .with_context(|| format!("attaching the decap program (XDP) to {underlay_if}"))?;
-            let link: FdLink = decap.take_link(id)?.try_into()?;
-            link.pin(&decap_link)
-                .with_context(|| format!("pinning {}", decap_link.display()))?;
-            Ok(())
-        }
-    })?;
+    let decap_state = ensure_link(
+        &decap_link,
+        decap.info()?.tag(),
+        |existing| match existing {
+            Some(link) => {
+                decap.attach_to_link(XdpLink::try_from(link)?)?;
+                Ok(())
+            }
+            None => {
+                let id = decap
+                    .attach(underlay_if, XdpMode::Default)
+                    .with_context(|| {
+                        format!("attaching the decap program (XDP) to {underlay_if}")
+                    })?;
+                let link: FdLink = decap.take_link(id)?.try_into()?;
+                link.pin(&decap_link)
+                    .with_context(|| format!("pinning {}", decap_link.display()))?;
+                Ok(())
+            }
+        },
+    )?;
     Ok(Attached {
         encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
         decap: format!("{PROG_DECAP} on {underlay_if} (XDP), {decap_state}"),

@@ -11,7 +11,11 @@ use crate::{mac::Mac, subnet::Subnet};
 pub struct LeaseAttrs {
     #[serde(rename = "PublicIP")]
     pub public_ip: String,
-    #[serde(rename = "PublicIPv6", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PublicIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub public_ipv6: Option<String>,
     #[serde(rename = "BackendType")]
     pub backend_type: String,
@@ -97,7 +101,9 @@ mod tests {
         let l = Lease::parse(subnet(), v).unwrap().unwrap();
         assert_eq!(l.public_ip, Ipv4Addr::new(172, 18, 0, 3));
         assert_eq!(l.vtep_mac.to_string(), "e6:7c:02:8e:e8:7e");
-        let round = Lease::parse(subnet(), l.to_json(1).as_bytes()).unwrap().unwrap();
+        let round = Lease::parse(subnet(), l.to_json(1).as_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(round, l);
     }
 

@@ -16,6 +16,10 @@ impl Mac {
             h ^= *b as u64;
             h = h.wrapping_mul(0x100000001b3);
         }
+        // Finalizer so near-identical seeds give unrelated addresses.
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51afd7ed558ccd);
+        h ^= h >> 33;
         let b = h.to_be_bytes();
         Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
     }
@@ -43,7 +47,9 @@ impl FromStr for Mac {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in out.iter_mut() {
-            let p = parts.next().with_context(|| format!("{s:?} has fewer than 6 octets"))?;
+            let p = parts
+                .next()
+                .with_context(|| format!("{s:?} has fewer than 6 octets"))?;
             if p.len() != 2 {
                 bail!("{s:?}: octet {p:?} is not two hex digits");
             }

@@ -57,27 +57,40 @@ fn uint(obj: &Map<String, Value>, name: &str, max: u64) -> anyhow::Result<Option
 
 fn boolean(obj: &Map<String, Value>, name: &str) -> anyhow::Result<Option<bool>> {
     field(obj, name)
-        .map(|v| v.as_bool().ok_or_else(|| anyhow!("{name}: {v} is not true or false")))
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| anyhow!("{name}: {v} is not true or false"))
+        })
         .transpose()
 }
 
 fn subnet(obj: &Map<String, Value>, name: &str) -> anyhow::Result<Option<Subnet>> {
     field(obj, name)
         .map(|v| {
-            let s = v.as_str().ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
-            s.parse::<Subnet>().with_context(|| format!("{name}: {s:?}"))
+            let s = v
+                .as_str()
+                .ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
+            s.parse::<Subnet>()
+                .with_context(|| format!("{name}: {s:?}"))
         })
         .transpose()
 }
 
-fn address_as_subnet(obj: &Map<String, Value>, name: &str, len: u8) -> anyhow::Result<Option<Subnet>> {
+fn address_as_subnet(
+    obj: &Map<String, Value>,
+    name: &str,
+    len: u8,
+) -> anyhow::Result<Option<Subnet>> {
     field(obj, name)
         .map(|v| {
-            let s = v.as_str().ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
             let ip = s
                 .parse()
                 .with_context(|| format!("{name}: {s:?} is not an IPv4 address"))?;
-            Subnet::new(ip, len).with_context(|| format!("{name}: {s:?} is not a /{len} subnet address"))
+            Subnet::new(ip, len)
+                .with_context(|| format!("{name}: {s:?} is not a /{len} subnet address"))
         })
         .transpose()
 }
@@ -94,7 +107,8 @@ impl NetConf {
         if !boolean(&obj, "EnableIPv4")?.unwrap_or(true) {
             bail!("EnableIPv4: flannel-ebpf needs IPv4 enabled");
         }
-        let network = subnet(&obj, "Network")?.context("Network: missing (e.g. \"10.244.0.0/16\")")?;
+        let network =
+            subnet(&obj, "Network")?.context("Network: missing (e.g. \"10.244.0.0/16\")")?;
         let subnet_len = uint(&obj, "SubnetLen", 32)?.unwrap_or(24) as u8;
         if subnet_len <= network.len() || subnet_len > 30 {
             bail!(
@@ -112,13 +126,23 @@ impl NetConf {
         let subnet_min = address_as_subnet(&obj, "SubnetMin", subnet_len)?.unwrap_or(default_min);
         let subnet_max = address_as_subnet(&obj, "SubnetMax", subnet_len)?.unwrap_or(last);
         if !network.contains_subnet(&subnet_min) {
-            bail!("SubnetMin: {} is outside Network {network}", subnet_min.addr());
+            bail!(
+                "SubnetMin: {} is outside Network {network}",
+                subnet_min.addr()
+            );
         }
         if !network.contains_subnet(&subnet_max) {
-            bail!("SubnetMax: {} is outside Network {network}", subnet_max.addr());
+            bail!(
+                "SubnetMax: {} is outside Network {network}",
+                subnet_max.addr()
+            );
         }
         if subnet_max < subnet_min {
-            bail!("SubnetMax: {} is below SubnetMin {}", subnet_max.addr(), subnet_min.addr());
+            bail!(
+                "SubnetMax: {} is below SubnetMin {}",
+                subnet_max.addr(),
+                subnet_min.addr()
+            );
         }
         let backend = match field(&obj, "Backend") {
             None => Backend::default(),
@@ -157,7 +181,9 @@ impl Backend {
         if kind != "vxlan" {
             bail!("Backend.Type: {kind:?} is not supported by flannel-ebpf (only \"vxlan\")");
         }
-        let vni = uint(b, "VNI", 0xff_ffff).context("Backend")?.unwrap_or(DEFAULT_VNI as u64) as u32;
+        let vni = uint(b, "VNI", 0xff_ffff)
+            .context("Backend")?
+            .unwrap_or(DEFAULT_VNI as u64) as u32;
         let vni = if vni == 0 { DEFAULT_VNI } else { vni };
         // Flannel on Linux: Port 0 means the kernel default, 8472.
         let port = match uint(b, "Port", 65535).context("Backend")? {
@@ -176,7 +202,9 @@ impl Backend {
         if boolean(b, "GBP").context("Backend")?.unwrap_or(false) {
             bail!("Backend.GBP: group-based policy is not supported by flannel-ebpf");
         }
-        let direct_routing = boolean(b, "DirectRouting").context("Backend")?.unwrap_or(false);
+        let direct_routing = boolean(b, "DirectRouting")
+            .context("Backend")?
+            .unwrap_or(false);
         Ok(Backend {
             kind,
             vni,
@@ -193,7 +221,8 @@ mod tests {
 
     #[test]
     fn defaults_as_flanneld() {
-        let c = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let c =
+            NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min.to_string(), "10.244.1.0/24");
         assert_eq!(c.subnet_max.to_string(), "10.244.255.0/24");
@@ -213,11 +242,26 @@ mod tests {
             (r#"{"Backend":{}}"#, "Network"),
             (r#"{"Network":"10.244.0.0/33"}"#, "Network"),
             (r#"{"Network":"10.244.0.0/16","SubnetLen":16}"#, "SubnetLen"),
-            (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#, "SubnetMin"),
-            (r#"{"Network":"10.244.0.0/16","Backend":{"VNI":"one"}}"#, "VNI"),
-            (r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#, "Port"),
-            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "Backend.Type"),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "EnableIPv6"),
+            (
+                r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#,
+                "SubnetMin",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"VNI":"one"}}"#,
+                "VNI",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#,
+                "Port",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
+                "Backend.Type",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#,
+                "EnableIPv6",
+            ),
             ("not json", "JSON"),
         ];
         for (text, name) in cases {

@@ -118,7 +118,12 @@ impl Netlink {
     }
 
     pub async fn link_by_name(&self, name: &str) -> anyhow::Result<Option<Link>> {
-        let mut req = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut req = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match req.try_next().await {
             Ok(Some(m)) => Ok(Some(link_from_message(&m))),
             Ok(None) => Ok(None),
@@ -140,7 +145,12 @@ impl Netlink {
     /// IPv4 addresses on an interface.
     pub async fn ipv4_addrs(&self, index: u32) -> anyhow::Result<Vec<(Ipv4Addr, u8)>> {
         let mut out = Vec::new();
-        let mut req = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         while let Some(m) = req.try_next().await.context("listing addresses")? {
             if m.header.family != AddressFamily::Inet {
                 continue;
@@ -227,7 +237,10 @@ impl Netlink {
                 .execute()
                 .await
                 .with_context(|| {
-                    format!("creating {} (vxlan id {} dstport {})", spec.name, spec.vni, spec.port)
+                    format!(
+                        "creating {} (vxlan id {} dstport {})",
+                        spec.name, spec.vni, spec.port
+                    )
                 })?;
             log::info!(
                 "created {} (vxlan id {} dstport {} nolearning local {})",
@@ -249,7 +262,12 @@ impl Netlink {
                 .mtu(spec.mtu)
                 .execute()
                 .await
-                .with_context(|| format!("setting MAC {} and MTU {} on {}", spec.mac, spec.mtu, spec.name))?;
+                .with_context(|| {
+                    format!(
+                        "setting MAC {} and MTU {} on {}",
+                        spec.mac, spec.mtu, spec.name
+                    )
+                })?;
         }
         self.handle
             .link()
@@ -265,7 +283,12 @@ impl Netlink {
 
     /// Make `addr/32` the only IPv4 address on the interface.
     pub async fn ensure_only_addr(&self, index: u32, addr: Ipv4Addr) -> anyhow::Result<()> {
-        let mut req = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         let mut have = false;
         let mut stale = Vec::new();
         while let Some(m) = req.try_next().await.context("listing addresses")? {
@@ -283,8 +306,16 @@ impl Netlink {
             }
         }
         for m in stale {
-            log::info!("removing stale address {:?} from interface #{index}", m.attributes);
-            self.handle.address().del(m).execute().await.context("removing a stale address")?;
+            log::info!(
+                "removing stale address {:?} from interface #{index}",
+                m.attributes
+            );
+            self.handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .context("removing a stale address")?;
         }
         if !have {
             self.handle
@@ -352,7 +383,13 @@ impl Netlink {
     }
 
     pub async fn delete_route(&self, route: &KernelRoute) -> anyhow::Result<()> {
-        match self.handle.route().del(route.message.clone()).execute().await {
+        match self
+            .handle
+            .route()
+            .del(route.message.clone())
+            .execute()
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("ip route del {}", route.dst)),
@@ -362,7 +399,12 @@ impl Netlink {
     /// IPv4 neighbours on the interface.
     pub async fn neighbours(&self, index: u32) -> anyhow::Result<Vec<KernelNeigh>> {
         let mut out = Vec::new();
-        let mut req = self.handle.neighbours().get().set_family(IpVersion::V4).execute();
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_family(IpVersion::V4)
+            .execute();
         while let Some(n) = req.try_next().await.context("listing neighbours")? {
             if n.header.ifindex != index {
                 continue;
@@ -392,7 +434,12 @@ impl Netlink {
     }
 
     /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`
-    pub async fn replace_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> anyhow::Result<()> {
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: Mac,
+    ) -> anyhow::Result<()> {
         self.handle
             .neighbours()
             .add(index, IpAddr::V4(ip))
@@ -401,11 +448,19 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .with_context(|| format!("ip neigh replace {ip} lladdr {mac} nud permanent (ifindex {index})"))
+            .with_context(|| {
+                format!("ip neigh replace {ip} lladdr {mac} nud permanent (ifindex {index})")
+            })
     }
 
     pub async fn delete_neighbour(&self, n: &KernelNeigh) -> anyhow::Result<()> {
-        match self.handle.neighbours().del(n.message.clone()).execute().await {
+        match self
+            .handle
+            .neighbours()
+            .del(n.message.clone())
+            .execute()
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("ip neigh del {}", n.ip)),
@@ -415,7 +470,11 @@ impl Netlink {
 
 /// Reject a VTEP name that could not be an interface name.
 pub fn check_ifname(name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
+    {
         bail!("{name:?} is not a valid interface name");
     }
     Ok(())

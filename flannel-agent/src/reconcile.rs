@@ -8,13 +8,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::{
-    lease::Lease,
-    mac::Mac,
-    netlink::Netlink,
-    subnet::Subnet,
-    tables::Tables,
-};
+use crate::{lease::Lease, mac::Mac, netlink::Netlink, subnet::Subnet, tables::Tables};
 
 /// The tables Flannel would program for a set of peer leases.
 #[derive(Debug, Default, PartialEq)]
@@ -34,7 +28,10 @@ pub struct Own {
 
 impl Desired {
     /// Peers from `leases`; a lease that cannot be used is skipped with a reason.
-    pub fn from_leases<'a>(leases: impl IntoIterator<Item = &'a Lease>, own: &Own) -> (Desired, Vec<(Subnet, String)>) {
+    pub fn from_leases<'a>(
+        leases: impl IntoIterator<Item = &'a Lease>,
+        own: &Own,
+    ) -> (Desired, Vec<(Subnet, String)>) {
         let mut d = Desired::default();
         let mut skipped = Vec::new();
         for l in leases {
@@ -44,11 +41,17 @@ impl Desired {
             let why = if !own.network.contains_subnet(&l.subnet) {
                 Some(format!("subnet is outside the Network {}", own.network))
             } else if l.public_ip == own.public_ip {
-                Some(format!("PublicIP {} is this node's, but the subnet is not our lease", l.public_ip))
+                Some(format!(
+                    "PublicIP {} is this node's, but the subnet is not our lease",
+                    l.public_ip
+                ))
             } else if l.vtep_mac == own.vtep_mac {
                 Some(format!("VtepMAC {} is this node's", l.vtep_mac))
             } else if let Some(ip) = d.fdb.get(&l.vtep_mac).filter(|ip| **ip != l.public_ip) {
-                Some(format!("VtepMAC {} is already used by node {ip}", l.vtep_mac))
+                Some(format!(
+                    "VtepMAC {} is already used by node {ip}",
+                    l.vtep_mac
+                ))
             } else {
                 None
             };
@@ -84,7 +87,13 @@ impl Outcome {
 }
 
 /// Bring the maps and the kernel tables on flannel.1 to `want`.
-pub async fn apply(want: &Desired, tables: &mut Tables, nl: &Netlink, vtep_index: u32, own: &Own) -> anyhow::Result<Outcome> {
+pub async fn apply(
+    want: &Desired,
+    tables: &mut Tables,
+    nl: &Netlink,
+    vtep_index: u32,
+    own: &Own,
+) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
     let fdb = tables.fdb_entries()?;
     let arp = tables.arp_entries()?;
@@ -108,7 +117,9 @@ pub async fn apply(want: &Desired, tables: &mut Tables, nl: &Netlink, vtep_index
         if arp.get(vtep) != Some(mac) {
             out.record(tables.set_arp(*vtep, *mac));
         }
-        let ok = kneigh.iter().any(|n| n.ip == *vtep && n.mac == Some(*mac) && n.permanent);
+        let ok = kneigh
+            .iter()
+            .any(|n| n.ip == *vtep && n.mac == Some(*mac) && n.permanent);
         if !ok {
             out.record(nl.replace_neighbour(vtep_index, *vtep, *mac).await);
         }
@@ -118,7 +129,9 @@ pub async fn apply(want: &Desired, tables: &mut Tables, nl: &Netlink, vtep_index
         if routes.get(dst) != Some(vtep) {
             out.record(tables.set_route(*dst, *vtep));
         }
-        let ok = kroutes.iter().any(|r| r.dst == *dst && r.gateway == Some(*vtep));
+        let ok = kroutes
+            .iter()
+            .any(|r| r.dst == *dst && r.gateway == Some(*vtep));
         if !ok {
             out.record(nl.replace_route(vtep_index, *dst, *vtep).await);
         }
@@ -181,9 +194,18 @@ mod tests {
         let (d, skipped) = Desired::from_leases(&leases, &own());
         assert!(skipped.is_empty());
         assert_eq!(d.routes.len(), 2);
-        assert_eq!(d.routes[&Subnet::from_key("10.244.2.0-24").unwrap()], "10.244.2.0".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(d.arp[&"10.244.3.0".parse().unwrap()].to_string(), "02:42:8f:11:22:30");
-        assert_eq!(d.fdb[&"02:42:8f:11:22:20".parse().unwrap()], "10.1.8.10".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            d.routes[&Subnet::from_key("10.244.2.0-24").unwrap()],
+            "10.244.2.0".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!(
+            d.arp[&"10.244.3.0".parse().unwrap()].to_string(),
+            "02:42:8f:11:22:30"
+        );
+        assert_eq!(
+            d.fdb[&"02:42:8f:11:22:20".parse().unwrap()],
+            "10.1.8.10".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]

@@ -17,7 +17,10 @@ impl Subnet {
         }
         let s = Self { addr, len };
         if s.network() != addr {
-            bail!("{addr}/{len} has host bits set (network is {}/{len})", s.network());
+            bail!(
+                "{addr}/{len} has host bits set (network is {}/{len})",
+                s.network()
+            );
         }
         Ok(s)
     }

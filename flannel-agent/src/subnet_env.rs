@@ -27,7 +27,9 @@ pub fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// The subnet a previous run wrote, for reuse after a restart.
 pub fn previous_subnet(path: &Path) -> Option<Subnet> {
     let text = fs::read_to_string(path).ok()?;
-    let value = text.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
     let (gw, len) = value.trim().split_once('/')?;
     let gw: std::net::Ipv4Addr = gw.parse().ok()?;
     let len: u8 = len.parse().ok()?;
@@ -41,7 +43,12 @@ mod tests {
 
     #[test]
     fn renders_like_flanneld() {
-        let text = render("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), 1450, false);
+        let text = render(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            1450,
+            false,
+        );
         assert_eq!(
             text,
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"

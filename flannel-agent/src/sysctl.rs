@@ -10,7 +10,9 @@ fn path(iface: &str, key: &str) -> String {
 fn read(iface: &str, key: &str) -> anyhow::Result<u32> {
     let p = path(iface, key);
     let v = fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
-    v.trim().parse().with_context(|| format!("parsing {p}: {v:?}"))
+    v.trim()
+        .parse()
+        .with_context(|| format!("parsing {p}: {v:?}"))
 }
 
 /// Decapsulated packets enter the stack on the underlay while the route back
@@ -31,7 +33,9 @@ pub fn loosen_rp_filter(underlay: &str) -> anyhow::Result<()> {
 
 pub fn warn_if_not_forwarding() {
     if fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
-        log::warn!("net.ipv4.ip_forward is 0: pod traffic will not be forwarded between cni0 and the overlay");
+        log::warn!(
+            "net.ipv4.ip_forward is 0: pod traffic will not be forwarded between cni0 and the overlay"
+        );
     }
 }
 

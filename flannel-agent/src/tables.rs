@@ -3,7 +3,10 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}};
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
 use flannel_ebpf_common::{
     ArpKey, ArpValue, Counter, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG, MAP_COUNTERS,
     MAP_FDB, MAP_ROUTE, NodeConfig, RouteValue,
@@ -26,7 +29,10 @@ impl Tables {
         for (spec, data) in open_pinned_maps(root)? {
             maps.insert(spec.name, data);
         }
-        let mut take = |name: &str| maps.remove(name).with_context(|| format!("map {name} missing"));
+        let mut take = |name: &str| {
+            maps.remove(name)
+                .with_context(|| format!("map {name} missing"))
+        };
         Ok(Tables {
             config: Array::try_from(Map::Array(take(MAP_CONFIG)?))?,
             route: LpmTrie::try_from(Map::LpmTrie(take(MAP_ROUTE)?))?,
@@ -71,7 +77,13 @@ impl Tables {
 
     pub fn set_fdb(&mut self, mac: Mac, node_ip: Ipv4Addr) -> anyhow::Result<()> {
         self.fdb
-            .insert(FdbKey::new(mac.0), FdbValue { node_ip: node_ip.octets() }, 0)
+            .insert(
+                FdbKey::new(mac.0),
+                FdbValue {
+                    node_ip: node_ip.octets(),
+                },
+                0,
+            )
             .with_context(|| format!("FDB map: {mac} → {node_ip}"))
     }
 
@@ -87,20 +99,34 @@ impl Tables {
             _pad: [0; 2],
         };
         self.arp
-            .insert(ArpKey { vtep_addr: vtep.octets() }, v, 0)
+            .insert(
+                ArpKey {
+                    vtep_addr: vtep.octets(),
+                },
+                v,
+                0,
+            )
             .with_context(|| format!("ARP map: {vtep} → {mac}"))
     }
 
     pub fn del_arp(&mut self, vtep: Ipv4Addr) -> anyhow::Result<()> {
         self.arp
-            .remove(&ArpKey { vtep_addr: vtep.octets() })
+            .remove(&ArpKey {
+                vtep_addr: vtep.octets(),
+            })
             .with_context(|| format!("ARP map: deleting {vtep}"))
     }
 
     pub fn set_route(&mut self, dst: Subnet, vtep: Ipv4Addr) -> anyhow::Result<()> {
         let key = Key::new(dst.len() as u32, dst.addr().octets());
         self.route
-            .insert(&key, RouteValue { vtep_addr: vtep.octets() }, 0)
+            .insert(
+                &key,
+                RouteValue {
+                    vtep_addr: vtep.octets(),
+                },
+                0,
+            )
             .with_context(|| format!("route map: {dst} → {vtep}"))
     }
 

@@ -10,7 +10,11 @@ pub struct Underlay {
     pub public_ip: Ipv4Addr,
 }
 
-pub async fn select(nl: &Netlink, iface: Option<&str>, public_ip: Option<Ipv4Addr>) -> anyhow::Result<Underlay> {
+pub async fn select(
+    nl: &Netlink,
+    iface: Option<&str>,
+    public_ip: Option<Ipv4Addr>,
+) -> anyhow::Result<Underlay> {
     let link = match (iface, public_ip) {
         (Some(spec), _) => match spec.parse::<Ipv4Addr>() {
             Ok(ip) => nl
@@ -37,7 +41,9 @@ pub async fn select(nl: &Netlink, iface: Option<&str>, public_ip: Option<Ipv4Add
                 .await?
                 .first()
                 .map(|(ip, _)| *ip)
-                .with_context(|| format!("{} has no IPv4 address to use as the public IP", link.name))?,
+                .with_context(|| {
+                    format!("{} has no IPv4 address to use as the public IP", link.name)
+                })?,
         },
     };
     if link.mtu < 576 + 50 {

@@ -5,7 +5,7 @@
 //! untouched.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::generated::bpf_xdp_adjust_head,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     macros::xdp,
     programs::XdpContext,
 };
@@ -59,27 +59,30 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         count(Counter::RxPassFragment, frame_len);
         return XDP_PASS;
     }
-    // IP options are legal: the UDP header starts after them.
+    // IP options are legal: the UDP header starts after them. Past the
+    // variable-length IPv4 header, bytes are copied with bpf_xdp_load_bytes so
+    // the verifier never has to track a variable packet offset.
     let l4 = ETH_LEN + ihl;
-    let Some(udp) = ptr_at::<UdpHdr>(start, end, l4) else {
+    let Some(udp) = load::<UdpHdr>(ctx, l4) else {
         count(Counter::RxPassMalformed, frame_len);
         return XDP_PASS;
     };
-    if be16(unsafe { &(*udp).dport }) != cfg.port {
+    if be16(&udp.dport) != cfg.port {
         return XDP_PASS;
     }
     // From here on the frame claims to be ours: it is delivered or dropped.
     let vx_off = l4 + UDP_LEN;
     let inner_off = vx_off + VXLAN_LEN;
-    let (Some(vx), Some(inner), Some(_)) = (
-        ptr_at::<VxlanHdr>(start, end, vx_off),
-        ptr_at::<EthHdr>(start, end, inner_off),
-        ptr_at::<Ipv4Hdr>(start, end, inner_off + ETH_LEN),
-    ) else {
+    let overlay = if (frame_len as usize) < inner_off + ETH_LEN + IPV4_LEN {
+        None
+    } else {
+        load::<Overlay>(ctx, vx_off)
+    };
+    let Some(overlay) = overlay else {
         count(Counter::RxDropTruncated, frame_len);
         return XDP_DROP;
     };
-    let (vx, inner) = unsafe { (&*vx, &mut *inner) };
+    let (vx, inner) = (&overlay.vx, &overlay.inner);
     if !vx.flags_valid() {
         count(Counter::RxDropBadFlags, frame_len);
         return XDP_DROP;
@@ -107,13 +110,37 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     }
     // The inner frame enters the stack on the underlay: give it the outer
     // MACs so the kernel sees a frame for this host, not for flannel.1.
-    inner.dst = eth.dst;
-    inner.src = eth.src;
+    let mut macs = [0u8; 12];
+    macs[0..6].copy_from_slice(&eth.dst);
+    macs[6..12].copy_from_slice(&eth.src);
     let inner_len = frame_len - inner_off as u32;
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
+    let stored = unsafe { bpf_xdp_store_bytes(ctx.ctx, inner_off as u32, macs.as_mut_ptr() as *mut _, 12) };
+    if stored != 0 || unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
         count(Counter::RxDropAdjust, frame_len);
         return XDP_DROP;
     }
     count(Counter::RxDecap, inner_len);
     XDP_PASS
+}
+
+/// VXLAN header and inner Ethernet header, copied out together.
+#[repr(C)]
+struct Overlay {
+    vx: VxlanHdr,
+    inner: EthHdr,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &XdpContext, off: usize) -> Option<T> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            off as u32,
+            v.as_mut_ptr() as *mut _,
+            core::mem::size_of::<T>() as u32,
+        )
+    };
+    // SAFETY: the helper filled all size_of::<T>() bytes when it returned 0.
+    (rc == 0).then(|| unsafe { v.assume_init() })
 }

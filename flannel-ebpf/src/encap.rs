@@ -9,7 +9,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
@@ -53,7 +53,6 @@ struct NextHop {
     dmac: [u8; 6],
     /// The neighbour is not resolved yet: let `bpf_redirect_neigh` resolve it.
     resolve: bool,
-    gateway: u32,
 }
 
 #[inline(always)]
@@ -129,18 +128,12 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     ctx.set_mark(0);
     count(Counter::TxEncap, inner_len);
     if hop.resolve {
+        // No next hop given on purpose: the kernel then routes the outer
+        // header and replaces the skb's dst. With an explicit next hop the
+        // stale dst (the flannel.1 route) survives, and when ARP resolves the
+        // queued packet is re-addressed with flannel.1's neighbour MACs.
         count(Counter::TxRedirectNeigh, inner_len);
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = AF_INET as u32;
-        nh.__bindgen_anon_1.ipv4_nh = hop.gateway;
-        return unsafe {
-            bpf_redirect_neigh(
-                hop.ifindex,
-                &mut nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32;
+        return unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     unsafe { bpf_redirect(hop.ifindex, 0) as i32 }
 }
@@ -173,7 +166,6 @@ fn outer_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Option
         smac: p.smac,
         dmac: p.dmac,
         resolve,
-        gateway: unsafe { p.__bindgen_anon_4.ipv4_dst },
     })
 }
 

@@ -42,9 +42,7 @@ pub fn root() -> PathBuf {
 
 /// Run a command, failing with its command line when it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -77,7 +75,8 @@ pub fn build_ebpf() -> anyhow::Result<PathBuf> {
 
 fn build_agent(release: bool) -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).args(["build", "--locked", "-p", "flannel-agent"]);
+    cmd.current_dir(root())
+        .args(["build", "--locked", "-p", "flannel-agent"]);
     if release {
         cmd.arg("--release");
     }

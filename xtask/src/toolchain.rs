@@ -18,8 +18,9 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
-    let s = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("the nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)")?;
+    let s = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)",
+    )?;
     Ok(PathBuf::from(s.trim()))
 }
 
@@ -46,8 +47,16 @@ fn has_bpf_linker() -> bool {
 pub fn ensure() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     if !has_rust_src(&sysroot) {
-        println!("xtask: installing rust-src for the nightly toolchain (needed by -Z build-std=core)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        println!(
+            "xtask: installing rust-src for the nightly toolchain (needed by -Z build-std=core)"
+        );
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if !has_bpf_linker() {
         install_bpf_linker(&sysroot)?;
@@ -82,6 +91,12 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
     );
     run(Command::new("cargo")
         .env("LLVM_PREFIX", &prefix)
-        .args(["+nightly", "install", "bpf-linker", "--no-default-features", "--features"])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}")))
 }

@@ -59,7 +59,10 @@ impl FileSource {
             let meta = e.metadata().ok();
             out.insert(
                 name,
-                (meta.as_ref().and_then(|m| m.modified().ok()), meta.map_or(0, |m| m.len())),
+                (
+                    meta.as_ref().and_then(|m| m.modified().ok()),
+                    meta.map_or(0, |m| m.len()),
+                ),
             );
         }
         Ok(out)
@@ -108,11 +111,16 @@ impl FileSource {
         previous: Option<Subnet>,
     ) -> anyhow::Result<Subnet> {
         let snap = self.read()?;
-        let taken: BTreeSet<Subnet> = self.scan()?.keys().filter_map(|k| Subnet::from_key(k).ok()).collect();
-        let mine = snap
-            .leases
-            .values()
-            .find(|l| l.public_ip == public_ip && conf.network.contains_subnet(&l.subnet) && l.subnet.len() == conf.subnet_len);
+        let taken: BTreeSet<Subnet> = self
+            .scan()?
+            .keys()
+            .filter_map(|k| Subnet::from_key(k).ok())
+            .collect();
+        let mine = snap.leases.values().find(|l| {
+            l.public_ip == public_ip
+                && conf.network.contains_subnet(&l.subnet)
+                && l.subnet.len() == conf.subnet_len
+        });
         if let Some(l) = mine {
             let lease = Lease { vtep_mac, ..*l };
             if *l != lease {
@@ -121,11 +129,20 @@ impl FileSource {
             log::info!("reusing lease {} (PublicIP {public_ip})", l.subnet);
             return Ok(l.subnet);
         }
-        let in_range = |s: &Subnet| s.len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max;
+        let in_range = |s: &Subnet| {
+            s.len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max
+        };
         let mut candidates: Vec<Subnet> = previous.into_iter().filter(in_range).collect();
-        let first = conf.network.child_index(&conf.subnet_min).context("SubnetMin")?;
-        let last = conf.network.child_index(&conf.subnet_max).context("SubnetMax")?;
-        candidates.extend((first..=last).filter_map(|i| conf.network.nth_child(conf.subnet_len, i)));
+        let first = conf
+            .network
+            .child_index(&conf.subnet_min)
+            .context("SubnetMin")?;
+        let last = conf
+            .network
+            .child_index(&conf.subnet_max)
+            .context("SubnetMax")?;
+        candidates
+            .extend((first..=last).filter_map(|i| conf.network.nth_child(conf.subnet_len, i)));
         for subnet in candidates {
             if taken.contains(&subnet) {
                 continue;
@@ -165,7 +182,8 @@ impl FileSource {
         let target = dir.join(lease.subnet.to_key());
         let tmp = dir.join(format!(".{}.{}", lease.subnet.to_key(), std::process::id()));
         {
-            let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            let mut f =
+                fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
             f.write_all(lease.to_json(vni).as_bytes())?;
             f.sync_all()?;
         }
