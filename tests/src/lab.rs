@@ -1,0 +1,418 @@
+//! A Flannel cluster in network namespaces: nodes on an underlay (one L2
+//! segment, or one subnet each behind a router as in seed 000's lab), a cni0
+//! bridge and a pod per node. A node runs flannel-agent or, as stock Flannel
+//! does, the kernel's VXLAN device programmed like flannel.1.
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::{agent_path, netns::Netns, object_path, sh, wait_for};
+
+pub const NETWORK: &str = "10.244.0.0/16";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Every node on one bridge, 10.1.5.0/24.
+    Switched,
+    /// Node i on its own /24 behind a router namespace (10.1.5/8/9.0/24, …).
+    Routed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Ebpf,
+    /// Stock Flannel's data path: kernel vxlan, one route, neighbour, FDB entry per peer.
+    Stock,
+}
+
+pub struct Node {
+    pub name: String,
+    pub kind: Kind,
+    pub ns: Netns,
+    pub pod: Netns,
+    pub public_ip: Ipv4Addr,
+    pub subnet: Option<String>,
+    pub vtep_mac: Option<String>,
+    pub pin_root: PathBuf,
+    pub subnet_file: PathBuf,
+    pub log: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Node {
+    /// The pod's address: `<subnet>.10`.
+    pub fn pod_ip(&self) -> Ipv4Addr {
+        let s = self.subnet.as_deref().unwrap_or("0.0.0.0/24");
+        let base: Ipv4Addr = s
+            .split('/')
+            .next()
+            .unwrap_or("0.0.0.0")
+            .parse()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        Ipv4Addr::from(u32::from(base) + 10)
+    }
+
+    pub fn subnet_base(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.pod_ip()) - 10)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn agent_running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// SIGKILL the agent (no clean-up at all).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the agent and wait for it.
+    pub fn stop_agent(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.agent.take() {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            wait_for("the agent to exit", Duration::from_secs(10), || {
+                c.try_wait().ok().flatten()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Dump a pinned map as JSON with bpftool.
+    pub fn dump_map(&self, map: &str) -> anyhow::Result<serde_json::Value> {
+        let out = sh(&format!(
+            "bpftool -j map dump pinned {}/{map}",
+            self.pin_root.display()
+        ))?;
+        serde_json::from_str(&out).context("bpftool output is not JSON")
+    }
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub topology: Topology,
+    pub fabric: Netns,
+    pub nodes: Vec<Node>,
+}
+
+/// Underlay subnet (third octet) of node `i` in the routed topology; seed 000 uses 5, 8, 9.
+fn routed_octet(i: usize) -> u8 {
+    [5u8, 8, 9, 10, 11, 12]
+        .get(i)
+        .copied()
+        .unwrap_or(20 + i as u8)
+}
+
+impl Lab {
+    /// Namespaces are named `<prefix>-…`: give every test its own prefix.
+    pub fn new(prefix: &str, topology: Topology, kinds: &[Kind]) -> anyhow::Result<Lab> {
+        let dir = std::env::temp_dir().join(format!("flannel-lab-{prefix}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("leases/subnets"))?;
+        fs::write(
+            dir.join("leases/config"),
+            format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+        )?;
+        let fabric = Netns::new(&format!("{prefix}-fab"))?;
+        let mut lab = Lab {
+            prefix: prefix.into(),
+            dir,
+            topology,
+            fabric,
+            nodes: Vec::new(),
+        };
+        match topology {
+            Topology::Switched => {
+                lab.fabric.sh("ip link add br0 type bridge")?;
+                lab.fabric.sh("ip link set br0 up")?;
+            }
+            Topology::Routed => {
+                lab.fabric.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+            }
+        }
+        for (i, kind) in kinds.iter().enumerate() {
+            lab.add_node(i, *kind)?;
+        }
+        Ok(lab)
+    }
+
+    fn add_node(&mut self, i: usize, kind: Kind) -> anyhow::Result<()> {
+        let name = format!("n{}", i + 1);
+        let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
+        let pod = Netns::new(&format!("{}-{name}-pod", self.prefix))?;
+        let port = format!("p{}", i + 1);
+        sh(&format!(
+            "ip link add eth0 netns {} type veth peer name {port} netns {}",
+            ns.name, self.fabric.name
+        ))?;
+        let public_ip = match self.topology {
+            Topology::Switched => {
+                self.fabric
+                    .sh(&format!("ip link set {port} master br0 up"))?;
+                let ip = Ipv4Addr::new(10, 1, 5, 11 + i as u8);
+                ns.sh(&format!("ip addr add {ip}/24 dev eth0"))?;
+                ns.sh("ip link set eth0 up")?;
+                ip
+            }
+            Topology::Routed => {
+                let o = routed_octet(i);
+                self.fabric
+                    .sh(&format!("ip addr add 10.1.{o}.1/24 dev {port}"))?;
+                self.fabric.sh(&format!("ip link set {port} up"))?;
+                let ip = Ipv4Addr::new(10, 1, o, 10);
+                ns.sh(&format!("ip addr add {ip}/24 dev eth0"))?;
+                ns.sh("ip link set eth0 up")?;
+                ns.sh(&format!("ip route add default via 10.1.{o}.1 dev eth0"))?;
+                ip
+            }
+        };
+        ns.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+        ns.sh("ip link add cni0 type bridge")?;
+        ns.sh("ip link set cni0 up")?;
+        sh(&format!(
+            "ip link add veth0 netns {} type veth peer name eth0 netns {}",
+            ns.name, pod.name
+        ))?;
+        ns.sh("ip link set veth0 master cni0 up")?;
+        pod.sh("ip link set eth0 mtu 1450 up")?;
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/flannel-test-{}-{name}", self.prefix));
+        let node = Node {
+            subnet_file: self.dir.join(format!("{name}-subnet.env")),
+            log: self.dir.join(format!("{name}-agent.log")),
+            name,
+            kind,
+            ns,
+            pod,
+            public_ip,
+            subnet: None,
+            vtep_mac: None,
+            pin_root,
+            agent: None,
+        };
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    pub fn lease_dir(&self) -> PathBuf {
+        self.dir.join("leases")
+    }
+
+    /// Start flannel-agent on node `i` (without waiting).
+    pub fn spawn_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let leases = self.lease_dir();
+        let node = &mut self.nodes[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", node.ns.name))
+            .arg(agent_path())
+            .args(["run", "--subnet-mgr", "file", "--subnet-dir"])
+            .arg(&leases)
+            .arg("--subnet-file")
+            .arg(&node.subnet_file)
+            .arg("--pin-root")
+            .arg(&node.pin_root)
+            .arg("--bpf-object")
+            .arg(object_path())
+            .args(["--log-level", "debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if self.topology == Topology::Switched {
+            // The routed lab finds the underlay from the default route.
+            cmd.args(["--iface", "eth0"]);
+        }
+        node.agent = Some(cmd.spawn().context("starting flannel-agent")?);
+        Ok(())
+    }
+
+    /// Start flannel-agent on node `i`, wait for its subnet.env, and give its pod an address in that subnet.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let _ = fs::remove_file(&self.nodes[i].subnet_file);
+        self.spawn_agent(i)?;
+        let subnet = self.wait_subnet_env(i)?;
+        self.attach_pod(i, &subnet)?;
+        // Our VtepMAC, from the lease the agent wrote.
+        let key = subnet.replace('/', "-");
+        let lease = fs::read_to_string(self.lease_dir().join("subnets").join(&key))?;
+        let v: serde_json::Value = serde_json::from_str(&lease)?;
+        self.nodes[i].vtep_mac = v["BackendData"]["VtepMAC"].as_str().map(String::from);
+        Ok(())
+    }
+
+    /// Wait for the agent's subnet.env and return the pod subnet it names.
+    pub fn wait_subnet_env(&mut self, i: usize) -> anyhow::Result<String> {
+        let file = self.nodes[i].subnet_file.clone();
+        let res = wait_for(
+            "the agent to write subnet.env",
+            Duration::from_secs(20),
+            || {
+                let text = fs::read_to_string(&file).ok()?;
+                let gw = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+                let (ip, len) = gw.split_once('/')?;
+                let ip: Ipv4Addr = ip.parse().ok()?;
+                Some(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) - 1)))
+            },
+        );
+        if res.is_err() || !self.nodes[i].agent_running() {
+            bail!(
+                "agent on {} did not come up: {:?}\n--- log ---\n{}",
+                self.nodes[i].name,
+                res.as_ref().err(),
+                self.nodes[i].log_text()
+            );
+        }
+        res
+    }
+
+    fn attach_pod(&mut self, i: usize, subnet: &str) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        if node.subnet.as_deref() == Some(subnet) {
+            return Ok(());
+        }
+        node.subnet = Some(subnet.to_string());
+        let base = node.subnet_base();
+        let gw = Ipv4Addr::from(u32::from(base) + 1);
+        node.ns.sh("ip addr flush dev cni0")?;
+        node.ns.sh(&format!("ip addr add {gw}/24 dev cni0"))?;
+        node.pod.sh("ip addr flush dev eth0")?;
+        node.pod
+            .sh(&format!("ip addr add {}/24 dev eth0", node.pod_ip()))?;
+        node.pod.sh(&format!("ip route add default via {gw}"))?;
+        Ok(())
+    }
+
+    /// Bring up node `i` as stock Flannel would: kernel flannel.1 (vxlan id 1
+    /// dstport 8472 nolearning), its lease written as flanneld writes it.
+    pub fn start_stock(&mut self, i: usize, subnet_third_octet: u8) -> anyhow::Result<()> {
+        let subnet = format!("10.244.{subnet_third_octet}.0/24");
+        let mac = format!("02:42:8f:11:22:{:02x}", 0x10 * (i as u8 + 1));
+        {
+            let node = &self.nodes[i];
+            let ip = node.public_ip;
+            node.ns.sh(&format!(
+                "ip link add flannel.1 type vxlan id 1 local {ip} dev eth0 dstport 8472 nolearning"
+            ))?;
+            node.ns
+                .sh(&format!("ip link set flannel.1 address {mac} mtu 1450 up"))?;
+            node.ns.sh(&format!(
+                "ip addr add 10.244.{subnet_third_octet}.0/32 dev flannel.1"
+            ))?;
+        }
+        self.attach_pod(i, &subnet)?;
+        self.nodes[i].vtep_mac = Some(mac);
+        self.write_lease(i)?;
+        Ok(())
+    }
+
+    /// Write node `i`'s lease exactly as flanneld does.
+    pub fn write_lease(&self, i: usize) -> anyhow::Result<()> {
+        let n = &self.nodes[i];
+        let subnet = n.subnet.as_deref().context("node has no subnet")?;
+        let mac = n.vtep_mac.as_deref().context("node has no VtepMAC")?;
+        let value = format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
+            n.public_ip
+        );
+        let path = self
+            .lease_dir()
+            .join("subnets")
+            .join(subnet.replace('/', "-"));
+        let tmp = path.with_extension("tmp-write");
+        fs::write(&tmp, value)?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Program every stock node's kernel tables for every other node, in
+    /// Flannel's order: neighbour, FDB entry, route.
+    pub fn program_stock_peers(&self) -> anyhow::Result<()> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.kind != Kind::Stock {
+                continue;
+            }
+            for (j, p) in self.nodes.iter().enumerate() {
+                let (Some(subnet), Some(mac)) = (&p.subnet, &p.vtep_mac) else {
+                    continue;
+                };
+                if i == j {
+                    continue;
+                }
+                let vtep = p.subnet_base();
+                n.ns.sh(&format!(
+                    "ip neigh replace {vtep} lladdr {mac} dev flannel.1 nud permanent"
+                ))?;
+                n.ns.sh(&format!(
+                    "bridge fdb replace {mac} dev flannel.1 dst {} self permanent",
+                    p.public_ip
+                ))?;
+                n.ns.sh(&format!(
+                    "ip route replace {subnet} via {vtep} dev flannel.1 onlink"
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until node `i`'s agent has `n` entries in its FDB map.
+    pub fn wait_fdb_entries(&self, i: usize, n: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        wait_for(
+            &format!("{} FDB entries on {}", n, node.name),
+            Duration::from_secs(10),
+            || {
+                node.dump_map("fdb")
+                    .ok()
+                    .and_then(|v| v.as_array().map(|a| a.len()))
+                    .filter(|l| *l == n)
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Agent logs of every node, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.kind == Kind::Ebpf)
+            .map(|n| format!("--- {} ---\n{}", n.name, n.log_text()))
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill_agent();
+            if n.pin_root.exists() {
+                let _ = Command::new(agent_path())
+                    .args(["uninstall", "--pin-root"])
+                    .arg(&n.pin_root)
+                    .output();
+                let _ = fs::remove_dir_all(&n.pin_root);
+            }
+        }
+        // Namespaces go with the nodes and the fabric (Netns::drop).
+        self.nodes.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

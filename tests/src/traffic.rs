@@ -1,0 +1,160 @@
+//! Traffic between pods: ping counts and TCP transfers whose content is checked.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::netns::Netns;
+
+/// `ping` from inside `ns`: (sent, received). Bounded by count and deadline.
+pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32, interval: f32) -> anyhow::Result<(u32, u32)> {
+    let deadline = (count as f32 * interval).ceil() as u32 + 3;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ping", "-n", "-q"])
+        .args(["-c", &count.to_string(), "-i", &interval.to_string()])
+        .args(["-W", "1", "-w", &deadline.to_string(), &dst.to_string()])
+        .output()
+        .context("running ping")?;
+    parse_ping(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_ping(text: &str) -> anyhow::Result<(u32, u32)> {
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary in {text:?}"))?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match nums[..] {
+        [sent, received] => Ok((sent, received)),
+        _ => bail!("cannot read ping summary {line:?}"),
+    }
+}
+
+/// Ping until `dst` answers once (bounded), e.g. after set-up.
+pub fn wait_reachable(ns: &Netns, dst: Ipv4Addr, timeout: Duration) -> anyhow::Result<()> {
+    crate::wait_for(
+        &format!("{dst} to answer from {}", ns.name),
+        timeout,
+        || ping(ns, dst, 1, 0.2).ok().filter(|(_, r)| *r == 1),
+    )
+    .map(|_| ())
+}
+
+/// A ping running in the background; `finish` returns (sent, received).
+pub struct BackgroundPing {
+    child: Child,
+}
+
+impl BackgroundPing {
+    /// `count` pings every `interval_ms`: bounded, it stops by itself.
+    pub fn start(ns: &Netns, dst: Ipv4Addr, count: u32, interval_ms: u32) -> anyhow::Result<Self> {
+        let interval = format!("{:.3}", interval_ms as f32 / 1000.0);
+        let deadline = (count * interval_ms / 1000 + 5).to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "ping", "-n", "-q"])
+            .args([
+                "-c",
+                &count.to_string(),
+                "-i",
+                &interval,
+                "-W",
+                "1",
+                "-w",
+                &deadline,
+            ])
+            .arg(dst.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ping")?;
+        Ok(BackgroundPing { child })
+    }
+
+    pub fn finish(self) -> anyhow::Result<(u32, u32)> {
+        let out = self.child.wait_with_output().context("waiting for ping")?;
+        parse_ping(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+/// Deterministic payload so the receiver can check every byte.
+fn payload(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Send `len` bytes from `client` pod to `server` pod and `len` other bytes
+/// back over one TCP connection; both sides check the content.
+pub fn tcp_exchange(
+    client: &Netns,
+    server: &Netns,
+    server_ip: Ipv4Addr,
+    port: u16,
+    len: usize,
+) -> anyhow::Result<()> {
+    let up = payload(len, 0x1234_5678 ^ port as u32);
+    let down = payload(len, 0x8765_4321 ^ port as u32);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let srv = s.spawn(|| -> anyhow::Result<()> {
+            server.run(|| -> anyhow::Result<()> {
+                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("bind")?;
+                let _ = ready_tx.send(());
+                let (mut c, _) = l.accept().context("accept")?;
+                c.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut got = vec![0u8; len];
+                c.read_exact(&mut got).context("server reading")?;
+                if got != up {
+                    bail!("server received {len} bytes that differ from what was sent");
+                }
+                c.write_all(&down).context("server writing")?;
+                Ok(())
+            })?
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("server did not start")?;
+        let cli = client.run(|| -> anyhow::Result<()> {
+            let addr = SocketAddr::from((server_ip, port));
+            let mut c =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            c.write_all(&up).context("client writing")?;
+            let mut got = vec![0u8; len];
+            c.read_exact(&mut got).context("client reading")?;
+            if got != down {
+                bail!("client received {len} bytes that differ from what was sent");
+            }
+            Ok(())
+        })?;
+        let srv = srv
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
+        cli.context("client side")?;
+        srv.context("server side")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_ping_summary() {
+        let t = "--- x ping statistics ---\n5 packets transmitted, 4 received, 20% packet loss, time 4005ms\n";
+        assert_eq!(super::parse_ping(t).unwrap(), (5, 4));
+    }
+}

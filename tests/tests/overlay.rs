@@ -1,0 +1,143 @@
+//! Pod-to-pod traffic across nodes running flannel-agent, in namespaces.
+use std::time::Duration;
+
+use flannel_tests::{
+    lab::{Kind, Lab, Topology},
+    prereq, sh,
+    traffic::{ping, tcp_exchange, wait_reachable},
+};
+
+fn counter(node: &flannel_tests::lab::Node, name: &str) -> u64 {
+    // COUNTERS is indexed by flannel_ebpf_common::Counter; sum the per-CPU values.
+    let idx = flannel_ebpf_common::Counter::ALL
+        .iter()
+        .position(|c| c.name() == name)
+        .expect("known counter") as u64;
+    let dump = node.dump_map("counters").expect("dump counters");
+    dump.as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["formatted"]["key"].as_u64() == Some(idx))
+        .map(|e| {
+            e["formatted"]["values"]
+                .as_array()
+                .expect("values")
+                .iter()
+                .map(|v| v["value"]["packets"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_nodes_ping_tcp_both_ways_without_kernel_fdb() {
+    if !prereq::ready("two_nodes") {
+        return;
+    }
+    let mut lab = Lab::new("ov2", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.wait_fdb_entries(1, 1).unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+
+    // The kernel's FDB on flannel.1 holds no unicast entry: only our maps carry the tunnel.
+    for n in [a, b] {
+        let fdb = n.ns.sh("bridge fdb show dev flannel.1").unwrap();
+        assert!(
+            !fdb.contains(" dst "),
+            "{}: kernel FDB entries present: {fdb}",
+            n.name
+        );
+    }
+    // Pod traffic is visible to netfilter in FORWARD, both directions, as with stock Flannel.
+    let fwd_out = format!(
+        "-s {} -d {}",
+        a.subnet.as_ref().unwrap(),
+        b.subnet.as_ref().unwrap()
+    );
+    let fwd_in = format!(
+        "-s {} -d {}",
+        b.subnet.as_ref().unwrap(),
+        a.subnet.as_ref().unwrap()
+    );
+    for r in [&fwd_out, &fwd_in] {
+        a.ns.sh(&format!("iptables -w -I FORWARD {r} -j ACCEPT"))
+            .unwrap();
+    }
+
+    wait_reachable(&a.pod, b.pod_ip(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let before_tx = counter(a, "tx_encap");
+    let before_rx = counter(a, "rx_decap");
+    assert_eq!(ping(&a.pod, b.pod_ip(), 20, 0.05).unwrap(), (20, 20));
+    assert_eq!(ping(&b.pod, a.pod_ip(), 20, 0.05).unwrap(), (20, 20));
+    // 20 requests out + 20 replies to b's pings out, and the same in: our programs carried them.
+    assert!(counter(a, "tx_encap") - before_tx >= 40);
+    assert!(counter(a, "rx_decap") - before_rx >= 40);
+
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5001, 4 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.pod, a.pod_ip(), 5002, 4 << 20).unwrap();
+
+    let rules = a.ns.sh("iptables -w -n -v -x -L FORWARD").unwrap();
+    for (r, dir) in [(&fwd_out, "a→b"), (&fwd_in, "b→a")] {
+        let src = r.split_whitespace().nth(1).unwrap();
+        let line = rules
+            .lines()
+            .find(|l| {
+                l.contains(src) && l.contains("ACCEPT") && l.split_whitespace().nth(7) == Some(src)
+            })
+            .unwrap_or_else(|| panic!("no FORWARD rule for {dir}:\n{rules}"));
+        let pkts: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(pkts >= 40, "FORWARD {dir} saw {pkts} packets:\n{rules}");
+    }
+    let _ = sh("true");
+}
+
+#[test]
+fn three_nodes_behind_a_router() {
+    if !prereq::ready("three_nodes_routed") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "ov3r",
+        Topology::Routed,
+        &[Kind::Ebpf, Kind::Ebpf, Kind::Ebpf],
+    )
+    .unwrap();
+    for i in 0..3 {
+        lab.start_agent(i).unwrap();
+    }
+    for i in 0..3 {
+        lab.wait_fdb_entries(i, 2).unwrap();
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            if i == j {
+                continue;
+            }
+            let (src, dst) = (&lab.nodes[i], &lab.nodes[j]);
+            wait_reachable(&src.pod, dst.pod_ip(), Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+            assert_eq!(
+                ping(&src.pod, dst.pod_ip(), 10, 0.05).unwrap(),
+                (10, 10),
+                "{} → {}",
+                src.name,
+                dst.name
+            );
+        }
+    }
+    let (a, c) = (&lab.nodes[0], &lab.nodes[2]);
+    tcp_exchange(&a.pod, &c.pod, c.pod_ip(), 5003, 2 << 20).unwrap();
+    // Outer packets went through the router: its forwarding counter moved.
+    let snmp = lab.fabric.sh("cat /proc/net/snmp").unwrap();
+    let fwd: u64 = snmp
+        .lines()
+        .filter(|l| l.starts_with("Ip:"))
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(6))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(fwd > 100, "router forwarded only {fwd} packets");
+}
