@@ -169,6 +169,9 @@ counters! {
     RxPassInnerNotIpv4 = 15, "rx_pass_inner_not_ipv4";
     /// Ingress drop: could not move the packet head.
     RxDropAdjust = 16, "rx_drop_adjust_head";
+    /// Egress fallback: IPv4 forwarding is off on the underlay (the route
+    /// lookup refuses); set net.ipv4.ip_forward=1 as Kubernetes nodes need anyway.
+    TxFallbackForwardingOff = 17, "tx_fallback_forwarding_off";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
@@ -79,9 +79,12 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     };
     // Route the outer packet before touching the inner one, so a failure
     // leaves the packet as the kernel path expects it.
-    let Some(hop) = outer_next_hop(ctx, cfg, node_ip) else {
-        count(Counter::TxFallbackNoRoute, ctx.len());
-        return TC_ACT_OK;
+    let hop = match outer_next_hop(ctx, cfg, node_ip) {
+        Ok(hop) => hop,
+        Err(reason) => {
+            count(reason, ctx.len());
+            return TC_ACT_OK;
+        }
     };
 
     let inner_len = ctx.len();
@@ -139,7 +142,7 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
 }
 
 #[inline(always)]
-fn outer_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Option<NextHop> {
+fn outer_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Result<NextHop, Counter> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = IPPROTO_UDP;
@@ -159,9 +162,10 @@ fn outer_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Option
     let resolve = match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => false,
         BPF_FIB_LKUP_RET_NO_NEIGH => true,
-        _ => return None,
+        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(Counter::TxFallbackForwardingOff),
+        _ => return Err(Counter::TxFallbackNoRoute),
     };
-    Some(NextHop {
+    Ok(NextHop {
         ifindex: p.ifindex,
         smac: p.smac,
         dmac: p.dmac,

@@ -1,0 +1,538 @@
+//! The per-packet logic, run in the kernel with BPF_PROG_TEST_RUN on crafted
+//! frames: exact bytes out, verdicts and counters for good and bad frames.
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use flannel_ebpf_common::{
+    Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_ENCAP,
+};
+use flannel_tests::{netns::Netns, object_path, prereq};
+
+const LOCAL_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x10];
+const REMOTE_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x20];
+const UNDERLAY_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// A namespace with an underlay veth 10.9.0.1/24 and a resolved neighbour
+/// 10.9.0.2, so the encap program's route lookup has something to find.
+struct Bench {
+    ns: Netns,
+    underlay_ifindex: u32,
+    underlay_mac: [u8; 6],
+}
+
+fn bench(name: &str) -> Bench {
+    let ns = Netns::new(name).unwrap();
+    // bpf_fib_lookup only answers for interfaces that forward, as on any Kubernetes node.
+    ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+    ns.sh("ip link add ul0 type veth peer name ul1").unwrap();
+    ns.sh("ip addr add 10.9.0.1/24 dev ul0").unwrap();
+    ns.sh("ip link set ul0 up").unwrap();
+    ns.sh("ip link set ul1 up").unwrap();
+    ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")
+        .unwrap();
+    let idx = ns.sh("cat /sys/class/net/ul0/ifindex").unwrap();
+    let mac = ns.sh("cat /sys/class/net/ul0/address").unwrap();
+    let mut underlay_mac = [0u8; 6];
+    for (b, p) in underlay_mac.iter_mut().zip(mac.trim().split(':')) {
+        *b = u8::from_str_radix(p, 16).unwrap();
+    }
+    Bench {
+        ns,
+        underlay_ifindex: idx.trim().parse().unwrap(),
+        underlay_mac,
+    }
+}
+
+fn load(b: &Bench) -> Ebpf {
+    let mut ebpf = Ebpf::load_file(object_path()).expect("loading the object");
+    let cfg = NodeConfig {
+        public_ip: PUBLIC_IP.octets(),
+        vni: 1,
+        port: 8472,
+        src_port_min: 32768,
+        src_port_max: 61000,
+        vtep_mac: LOCAL_VTEP,
+        underlay_ifindex: b.underlay_ifindex,
+        vtep_ifindex: 1,
+        ready: 1,
+    };
+    Array::<_, NodeConfig>::try_from(ebpf.map_mut("CONFIG").unwrap())
+        .unwrap()
+        .set(0, cfg, 0)
+        .unwrap();
+    let mut fdb = HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").unwrap()).unwrap();
+    fdb.insert(
+        FdbKey::new(REMOTE_VTEP),
+        FdbValue {
+            node_ip: REMOTE_IP.octets(),
+        },
+        0,
+    )
+    .unwrap();
+    let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    let p: &mut Xdp = ebpf.program_mut(PROG_DECAP).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    ebpf
+}
+
+fn counter(ebpf: &Ebpf, c: Counter) -> u64 {
+    let m = PerCpuArray::<_, CounterValue>::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
+    m.get(&(c as u32), 0)
+        .unwrap()
+        .iter()
+        .map(|v| v.packets)
+        .sum()
+}
+
+fn csum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, tos: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x45, tos];
+    h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], proto: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&proto.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The inner frame flannel.1 hands to the encap program: pod 10.244.1.10 → 10.244.2.10.
+fn inner_frame(tos: u8) -> Vec<u8> {
+    let udp: Vec<u8> = [0x30, 0x39, 0x00, 0x35, 0x00, 0x10, 0, 0]
+        .into_iter()
+        .chain(*b"flannel!")
+        .collect();
+    let ip = ipv4(
+        Ipv4Addr::new(10, 244, 1, 10),
+        Ipv4Addr::new(10, 244, 2, 10),
+        17,
+        tos,
+        &udp,
+    );
+    eth(REMOTE_VTEP, LOCAL_VTEP, 0x0800, &ip)
+}
+
+fn run_tc(ebpf: &mut Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+    let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| panic!("test_run tc on {} bytes: {e}", frame.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn run_xdp(ebpf: &mut Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+    let p: &mut Xdp = ebpf.program_mut(PROG_DECAP).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .expect("test_run xdp");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+#[test]
+fn encap_builds_flannel_vxlan_exactly() {
+    if !prereq::ready("encap_exact") {
+        return;
+    }
+    let b = bench("ptr-encap");
+    b.ns.run(|| {
+        let mut ebpf = load(&b);
+        let inner = inner_frame(0x03); // ECN CE on the inner packet
+        let (rc, out) = run_tc(&mut ebpf, &inner);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(out.len(), inner.len() + 50);
+        // Outer Ethernet: the underlay neighbour's MAC, from our underlay MAC.
+        assert_eq!(out[0..6], UNDERLAY_PEER_MAC);
+        assert_eq!(out[6..12], b.underlay_mac);
+        assert_eq!(out[12..14], [0x08, 0x00]);
+        // Outer IPv4: no options, ECN CE → ECT(0), length, DF clear, TTL 64, UDP, addresses.
+        let ip = &out[14..34];
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(ip[1], 0x02, "RFC 6040: CE inside becomes ECT(0) outside");
+        assert_eq!(
+            u16::from_be_bytes([ip[2], ip[3]]) as usize,
+            inner.len() + 36
+        );
+        assert_eq!(ip[6..8], [0, 0], "DF clear, not a fragment");
+        assert_eq!((ip[8], ip[9]), (64, 17));
+        assert_eq!(ip[12..16], PUBLIC_IP.octets());
+        assert_eq!(ip[16..20], REMOTE_IP.octets());
+        assert_eq!(csum(ip), 0, "outer IPv4 checksum");
+        // UDP: source port from the flow hash in range, port 8472, length, checksum 0.
+        let udp = &out[34..42];
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        assert!((32768..61000).contains(&sport), "source port {sport}");
+        assert_eq!(udp[2..4], 8472u16.to_be_bytes());
+        assert_eq!(
+            u16::from_be_bytes([udp[4], udp[5]]) as usize,
+            inner.len() + 16
+        );
+        assert_eq!(udp[6..8], [0, 0]);
+        // VXLAN: I flag, VNI 1.
+        assert_eq!(out[42..50], [0x08, 0, 0, 0, 0, 0, 0x01, 0]);
+        // Inner frame untouched: dst = remote VtepMAC, src = our VtepMAC.
+        assert_eq!(out[50..], inner[..]);
+        // The same flow always gets the same source port (ECMP stickiness).
+        let (_, again) = run_tc(&mut ebpf, &inner);
+        assert_eq!(again[34..36], out[34..36]);
+        assert_eq!(counter(&ebpf, Counter::TxEncap), 2);
+    })
+    .unwrap();
+}
+
+#[test]
+fn encap_falls_back_to_the_kernel_unchanged() {
+    if !prereq::ready("encap_fallback") {
+        return;
+    }
+    let b = bench("ptr-encfb");
+    b.ns.run(|| {
+        let mut ebpf = load(&b);
+        // ARP from flannel.1: not IPv4.
+        let arp = eth([0xff; 6], LOCAL_VTEP, 0x0806, &[0u8; 28]);
+        assert_eq!(run_tc(&mut ebpf, &arp), (TC_ACT_OK, arp.clone()));
+        assert_eq!(counter(&ebpf, Counter::TxFallbackNotIpv4), 1);
+        // Unknown VtepMAC: no FDB entry.
+        let mut unknown = inner_frame(0);
+        unknown[0..6].copy_from_slice(&[0x02, 9, 9, 9, 9, 9]);
+        assert_eq!(run_tc(&mut ebpf, &unknown), (TC_ACT_OK, unknown.clone()));
+        assert_eq!(counter(&ebpf, Counter::TxFallbackNoFdb), 1);
+        // Forwarding off on the underlay: the route lookup refuses; the kernel path gets it.
+        b.ns.sh("sysctl -qw net.ipv4.ip_forward=0").unwrap();
+        let frame = inner_frame(0);
+        assert_eq!(run_tc(&mut ebpf, &frame), (TC_ACT_OK, frame.clone()));
+        assert_eq!(counter(&ebpf, Counter::TxFallbackForwardingOff), 1);
+        b.ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+        // Remote node without a route on the underlay.
+        let mut fdb =
+            HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").unwrap()).unwrap();
+        fdb.insert(
+            FdbKey::new(REMOTE_VTEP),
+            FdbValue {
+                node_ip: [192, 0, 2, 7],
+            },
+            0,
+        )
+        .unwrap();
+        let frame = inner_frame(0);
+        assert_eq!(run_tc(&mut ebpf, &frame), (TC_ACT_OK, frame.clone()));
+        assert_eq!(counter(&ebpf, Counter::TxFallbackNoRoute), 1);
+        // On-link node whose MAC is not resolved yet: sent through bpf_redirect_neigh.
+        let mut fdb =
+            HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").unwrap()).unwrap();
+        fdb.insert(
+            FdbKey::new(REMOTE_VTEP),
+            FdbValue {
+                node_ip: [10, 9, 0, 3],
+            },
+            0,
+        )
+        .unwrap();
+        let (rc, out) = run_tc(&mut ebpf, &frame);
+        assert_eq!((rc, out.len()), (TC_ACT_REDIRECT, frame.len() + 50));
+        assert_eq!(counter(&ebpf, Counter::TxRedirectNeigh), 1);
+        assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
+    })
+    .unwrap();
+}
+
+/// A VXLAN frame as a Flannel peer sends it to us.
+struct Vx {
+    src_ip: Ipv4Addr,
+    ihl_options: Vec<u8>,
+    frag: [u8; 2],
+    dport: u16,
+    flags: [u8; 4],
+    vni: u32,
+    inner_dst: [u8; 6],
+    inner_src: [u8; 6],
+    inner_proto: u16,
+}
+
+impl Default for Vx {
+    fn default() -> Self {
+        Vx {
+            src_ip: REMOTE_IP,
+            ihl_options: Vec::new(),
+            frag: [0x00, 0x00],
+            dport: 8472,
+            flags: [0x08, 0, 0, 0],
+            vni: 1,
+            inner_dst: LOCAL_VTEP,
+            inner_src: REMOTE_VTEP,
+            inner_proto: 0x0800,
+        }
+    }
+}
+
+const OUR_UNDERLAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+
+fn inner_ip() -> Vec<u8> {
+    let icmp = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+    ipv4(
+        Ipv4Addr::new(10, 244, 2, 10),
+        Ipv4Addr::new(10, 244, 1, 10),
+        1,
+        0,
+        &icmp,
+    )
+}
+
+impl Vx {
+    fn frame(&self) -> Vec<u8> {
+        let inner = eth(
+            self.inner_dst,
+            self.inner_src,
+            self.inner_proto,
+            &inner_ip(),
+        );
+        let mut vxlan = self.flags.to_vec();
+        vxlan.extend_from_slice(&(self.vni << 8).to_be_bytes());
+        vxlan.extend_from_slice(&inner);
+        let mut udp = vec![0xc3, 0x50];
+        udp.extend_from_slice(&self.dport.to_be_bytes());
+        udp.extend_from_slice(&((8 + vxlan.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&vxlan);
+        let mut ip = ipv4(self.src_ip, PUBLIC_IP, 17, 0, &udp);
+        if !self.ihl_options.is_empty() {
+            let words = self.ihl_options.len() / 4;
+            ip[0] = 0x45 + words as u8;
+            let tot = (ip.len() + self.ihl_options.len()) as u16;
+            ip[2..4].copy_from_slice(&tot.to_be_bytes());
+            ip.splice(20..20, self.ihl_options.iter().copied());
+        }
+        ip[6..8].copy_from_slice(&self.frag);
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = csum(&ip[..20 + self.ihl_options.len()]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &ip)
+    }
+}
+
+#[test]
+fn decap_delivers_member_vxlan_to_the_stack() {
+    if !prereq::ready("decap_valid") {
+        return;
+    }
+    let b = bench("ptr-decap");
+    b.ns.run(|| {
+        let mut ebpf = load(&b);
+        // The inner packet, addressed from the outer MACs so the stack takes it.
+        let expect = eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &inner_ip());
+        let (rc, out) = run_xdp(&mut ebpf, &Vx::default().frame());
+        assert_eq!((rc, &out), (XDP_PASS, &expect));
+        // IP options are legal: the UDP header is found after them.
+        let opts = Vx {
+            ihl_options: vec![1, 1, 1, 0],
+            ..Vx::default()
+        };
+        assert_eq!(
+            run_xdp(&mut ebpf, &opts.frame()),
+            (XDP_PASS, expect.clone())
+        );
+        assert_eq!(counter(&ebpf, Counter::RxDecap), 2);
+    })
+    .unwrap();
+}
+
+#[test]
+fn decap_verdicts_and_counters_for_bad_frames() {
+    if !prereq::ready("decap_bad") {
+        return;
+    }
+    let b = bench("ptr-decbad");
+    b.ns.run(|| {
+        let mut ebpf = load(&b);
+        let good = Vx::default().frame();
+        let cases: Vec<(&str, Vec<u8>, u32, bool, Option<Counter>)> = vec![
+            // (what, frame, verdict, unchanged?, counter)
+            (
+                "truncated after the VXLAN header",
+                good[..14 + 20 + 8 + 8 + 4].to_vec(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropTruncated),
+            ),
+            (
+                "wrong VNI",
+                Vx {
+                    vni: 2,
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropBadVni),
+            ),
+            (
+                "flags other than I",
+                Vx {
+                    flags: [0x0c, 0, 0, 0],
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropBadFlags),
+            ),
+            (
+                "reserved bits set",
+                Vx {
+                    flags: [0x08, 0, 1, 0],
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropBadFlags),
+            ),
+            (
+                "non-member source",
+                Vx {
+                    src_ip: Ipv4Addr::new(10, 9, 0, 99),
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropNonMember),
+            ),
+            (
+                "unknown inner source MAC",
+                Vx {
+                    inner_src: [0x02, 7, 7, 7, 7, 7],
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropNonMember),
+            ),
+            (
+                "inner frame for another VTEP",
+                Vx {
+                    inner_dst: [0x02, 5, 5, 5, 5, 5],
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_DROP,
+                true,
+                Some(Counter::RxDropBadInnerDst),
+            ),
+            (
+                "fragment",
+                Vx {
+                    frag: [0x20, 0x00],
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_PASS,
+                true,
+                Some(Counter::RxPassFragment),
+            ),
+            (
+                "inner ARP from a member",
+                Vx {
+                    inner_proto: 0x0806,
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_PASS,
+                true,
+                Some(Counter::RxPassInnerNotIpv4),
+            ),
+            (
+                "other UDP port",
+                Vx {
+                    dport: 4789,
+                    ..Vx::default()
+                }
+                .frame(),
+                XDP_PASS,
+                true,
+                None,
+            ),
+        ];
+        for (what, frame, verdict, unchanged, ctr) in cases {
+            let before = ctr.map(|c| counter(&ebpf, c));
+            let (rc, out) = run_xdp(&mut ebpf, &frame);
+            assert_eq!(rc, verdict, "{what}");
+            if unchanged {
+                assert_eq!(out, frame, "{what}: frame must be untouched");
+            }
+            if let (Some(c), Some(before)) = (ctr, before) {
+                assert_eq!(
+                    counter(&ebpf, c),
+                    before + 1,
+                    "{what}: counter {}",
+                    c.name()
+                );
+            }
+        }
+        // Garbled outer IPv4 (version 6 in an IPv4 frame): left to the kernel.
+        let mut garbled = good.clone();
+        garbled[14] = 0x65;
+        assert_eq!(run_xdp(&mut ebpf, &garbled), (XDP_PASS, garbled.clone()));
+        assert_eq!(counter(&ebpf, Counter::RxPassMalformed), 1);
+        // Not VXLAN at all (TCP): passes, untouched.
+        let tcp = eth(
+            OUR_UNDERLAY_MAC,
+            UNDERLAY_PEER_MAC,
+            0x0800,
+            &ipv4(REMOTE_IP, PUBLIC_IP, 6, 0, &[0u8; 20]),
+        );
+        assert_eq!(run_xdp(&mut ebpf, &tcp), (XDP_PASS, tcp.clone()));
+        // A runt: Ethernet and half an IPv4 header: left to the kernel, counted.
+        let runt = good[..24].to_vec();
+        assert_eq!(run_xdp(&mut ebpf, &runt), (XDP_PASS, runt.clone()));
+        assert_eq!(counter(&ebpf, Counter::RxPassMalformed), 2);
+        assert_eq!(
+            counter(&ebpf, Counter::RxDecap),
+            0,
+            "nothing bad was decapsulated"
+        );
+    })
+    .unwrap();
+}
