@@ -5,6 +5,7 @@
 use std::{
     fs,
     net::Ipv4Addr,
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -191,6 +192,8 @@ impl Lab {
         ns.sh("ip link set veth0 master cni0 up")?;
         pod.sh("ip link set eth0 mtu 1450 up")?;
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/flannel-test-{}-{name}", self.prefix));
+        // Left over by a run that was killed: never adopt another run's tables.
+        let _ = fs::remove_dir_all(&pin_root);
         let node = Node {
             subnet_file: self.dir.join(format!("{name}-subnet.env")),
             log: self.dir.join(format!("{name}-agent.log")),
@@ -238,6 +241,14 @@ impl Lab {
         if self.topology == Topology::Switched {
             // The routed lab finds the underlay from the default route.
             cmd.args(["--iface", "eth0"]);
+        }
+        // The agent must not outlive a test that crashed or was killed.
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
         }
         node.agent = Some(cmd.spawn().context("starting flannel-agent")?);
         Ok(())
@@ -347,8 +358,8 @@ impl Lab {
     /// Flannel's order: neighbour, FDB entry, route.
     pub fn program_stock_peers(&self) -> anyhow::Result<()> {
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.kind != Kind::Stock {
-                continue;
+            if n.kind != Kind::Stock || n.subnet.is_none() {
+                continue; // not a stock node, or not started yet
             }
             for (j, p) in self.nodes.iter().enumerate() {
                 let (Some(subnet), Some(mac)) = (&p.subnet, &p.vtep_mac) else {
@@ -387,6 +398,74 @@ impl Lab {
             },
         )
         .map(|_| ())
+    }
+
+    /// Per-CPU sum of a datapath counter on node `i`, by its name.
+    pub fn counter(&self, i: usize, name: &str) -> u64 {
+        let idx = flannel_ebpf_common::Counter::ALL
+            .iter()
+            .position(|c| c.name() == name)
+            .unwrap_or(usize::MAX) as u64;
+        let Ok(dump) = self.nodes[i].dump_map("counters") else {
+            return 0;
+        };
+        dump.as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["formatted"]["key"].as_u64() == Some(idx))
+            .map(|e| {
+                e["formatted"]["values"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v["value"]["packets"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The FDB map of node `i` as (VtepMAC, node IP) strings.
+    pub fn fdb(&self, i: usize) -> Vec<(String, String)> {
+        let Ok(v) = self.nodes[i].dump_map("fdb") else {
+            return Vec::new();
+        };
+        let bytes = |x: &serde_json::Value| -> Vec<u64> {
+            x.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_u64())
+                .collect()
+        };
+        let mut out: Vec<_> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let mac = bytes(&e["formatted"]["key"]["vtep_mac"]);
+                let ip = bytes(&e["formatted"]["value"]["node_ip"]);
+                (
+                    mac.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    ip.iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join("."),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Number of entries in a pinned map of node `i`.
+    pub fn map_len(&self, i: usize, map: &str) -> usize {
+        self.nodes[i]
+            .dump_map(map)
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.len()))
+            .unwrap_or(0)
     }
 
     /// Agent logs of every node, for failure messages.

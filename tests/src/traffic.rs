@@ -12,11 +12,11 @@ use crate::netns::Netns;
 
 /// `ping` from inside `ns`: (sent, received). Bounded by count and deadline.
 pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32, interval: f32) -> anyhow::Result<(u32, u32)> {
-    let deadline = (count as f32 * interval).ceil() as u32 + 3;
+    // Bounded by -c and -W (no -w: with it ping sends until it has -c replies).
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.name, "ping", "-n", "-q"])
         .args(["-c", &count.to_string(), "-i", &interval.to_string()])
-        .args(["-W", "1", "-w", &deadline.to_string(), &dst.to_string()])
+        .args(["-W", "1", &dst.to_string()])
         .output()
         .context("running ping")?;
     parse_ping(&String::from_utf8_lossy(&out.stdout))
@@ -58,19 +58,9 @@ impl BackgroundPing {
     /// `count` pings every `interval_ms`: bounded, it stops by itself.
     pub fn start(ns: &Netns, dst: Ipv4Addr, count: u32, interval_ms: u32) -> anyhow::Result<Self> {
         let interval = format!("{:.3}", interval_ms as f32 / 1000.0);
-        let deadline = (count * interval_ms / 1000 + 5).to_string();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, "ping", "-n", "-q"])
-            .args([
-                "-c",
-                &count.to_string(),
-                "-i",
-                &interval,
-                "-W",
-                "1",
-                "-w",
-                &deadline,
-            ])
+            .args(["-c", &count.to_string(), "-i", &interval, "-W", "1"])
             .arg(dst.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,173 @@
+//! Leases added, changed (new VtepMAC, new public IP) and removed while the
+//! agent runs: traffic follows within a second and nothing stale is left in
+//! the maps or in the kernel's tables.
+use std::time::{Duration, Instant};
+
+use flannel_tests::{
+    lab::{Kind, Lab, Topology},
+    prereq,
+    traffic::{ping, wait_reachable},
+    wait_for,
+};
+
+/// Everything node 0 holds about peers: maps and kernel tables on flannel.1.
+fn state(lab: &Lab) -> (Vec<(String, String)>, usize, usize, String, String) {
+    let n = &lab.nodes[0];
+    let routes = n.ns.sh("ip -4 route show dev flannel.1").unwrap();
+    let neigh = n.ns.sh("ip -4 neigh show dev flannel.1").unwrap();
+    (
+        lab.fdb(0),
+        lab.map_len(0, "arp"),
+        lab.map_len(0, "route"),
+        routes,
+        neigh,
+    )
+}
+
+fn within_a_second(lab: &Lab, what: &str, ok: impl Fn(&Lab) -> bool) {
+    let t0 = Instant::now();
+    wait_for(what, Duration::from_secs(1), || ok(lab).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: state {:?}\n{}", state(lab), lab.logs()));
+    eprintln!("{what}: {:?}", t0.elapsed());
+}
+
+#[test]
+fn lease_added_changed_removed_while_traffic_runs() {
+    if !prereq::ready("lease_churn") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "churn",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    let a = 0;
+    wait_reachable(
+        &lab.nodes[a].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+
+    // Added: a new stock node's lease appears.
+    lab.start_stock(2, 3).unwrap();
+    lab.program_stock_peers().unwrap();
+    within_a_second(&lab, "lease added", |l| {
+        l.fdb(0).len() == 2 && l.map_len(0, "route") == 2
+    });
+    assert_eq!(
+        ping(&lab.nodes[a].pod, lab.nodes[2].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+
+    // Changed VtepMAC: node 2 gets a new MAC, as after a re-created flannel.1.
+    let old_mac = lab.nodes[1].vtep_mac.clone().unwrap();
+    let new_mac = "02:42:8f:11:22:99".to_string();
+    lab.nodes[1]
+        .ns
+        .sh(&format!("ip link set flannel.1 address {new_mac}"))
+        .unwrap();
+    lab.nodes[1].vtep_mac = Some(new_mac.clone());
+    lab.program_stock_peers().unwrap();
+    lab.write_lease(1).unwrap();
+    within_a_second(&lab, "VtepMAC changed", |l| {
+        let fdb = l.fdb(0);
+        fdb.iter().any(|(m, _)| *m == new_mac) && !fdb.iter().any(|(m, _)| *m == old_mac)
+    });
+    let neigh = lab.nodes[a]
+        .ns
+        .sh("ip -4 neigh show dev flannel.1")
+        .unwrap();
+    assert!(
+        neigh.contains(&new_mac) && !neigh.contains(&old_mac),
+        "{neigh}"
+    );
+    assert_eq!(
+        ping(&lab.nodes[a].pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+
+    // Changed public IP: node 2 moves to 10.1.5.50 (flannel.1 re-created with the new local address).
+    {
+        let n = &lab.nodes[1];
+        let old_ip = n.public_ip;
+        // Old address first: deleting a primary address takes its secondaries with it.
+        n.ns.sh(&format!("ip addr del {old_ip}/24 dev eth0"))
+            .unwrap();
+        n.ns.sh("ip addr add 10.1.5.50/24 dev eth0").unwrap();
+        n.ns.sh("ip link del flannel.1").unwrap();
+        n.ns.sh(&format!(
+            "ip link add flannel.1 type vxlan id 1 local 10.1.5.50 dev eth0 dstport 8472 nolearning"
+        ))
+        .unwrap();
+        n.ns.sh(&format!(
+            "ip link set flannel.1 address {new_mac} mtu 1450 up"
+        ))
+        .unwrap();
+        n.ns.sh(&format!("ip addr add {}/32 dev flannel.1", n.subnet_base()))
+            .unwrap();
+    }
+    lab.nodes[1].public_ip = "10.1.5.50".parse().unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.write_lease(1).unwrap();
+    within_a_second(&lab, "public IP changed", |l| {
+        l.fdb(0)
+            .iter()
+            .any(|(m, ip)| *m == new_mac && ip == "10.1.5.50")
+    });
+
+    assert_eq!(
+        ping(&lab.nodes[a].pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+
+    // Removed: node 2's lease goes away; nothing of it may remain anywhere.
+    let gone = lab.nodes[1].subnet.clone().unwrap();
+    std::fs::remove_file(lab.lease_dir().join("subnets").join(gone.replace('/', "-"))).unwrap();
+    within_a_second(&lab, "lease removed", |l| l.fdb(0).len() == 1);
+    let (fdb, arp, route, routes, neigh) = state(&lab);
+    assert_eq!((fdb.len(), arp, route), (1, 1, 1), "{fdb:?}");
+    assert!(!routes.contains(&gone), "stale kernel route: {routes}");
+    assert!(!neigh.contains(&new_mac), "stale kernel neighbour: {neigh}");
+    assert!(!fdb.iter().any(|(m, _)| *m == new_mac || *m == old_mac));
+    // The remaining peer still works.
+    assert_eq!(
+        ping(&lab.nodes[a].pod, lab.nodes[2].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+}
+
+#[test]
+fn drift_is_repaired_by_the_periodic_resync() {
+    if !prereq::ready("drift") {
+        return;
+    }
+    let mut lab = Lab::new("drift", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    let subnet = lab.nodes[1].subnet.clone().unwrap();
+    // Someone deletes the route by hand.
+    lab.nodes[0]
+        .ns
+        .sh(&format!("ip route del {subnet}"))
+        .unwrap();
+    // Resync runs every 10 s by default.
+    wait_for("the route to come back", Duration::from_secs(15), || {
+        let r = lab.nodes[0].ns.sh("ip -4 route show dev flannel.1").ok()?;
+        r.contains(&subnet).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+}
