@@ -110,13 +110,13 @@ impl NetConf {
         let network =
             subnet(&obj, "Network")?.context("Network: missing (e.g. \"10.244.0.0/16\")")?;
         let subnet_len = uint(&obj, "SubnetLen", 32)?.unwrap_or(24) as u8;
-        if subnet_len <= network.len() || subnet_len > 30 {
+        if subnet_len <= network.prefix_len() || subnet_len > 30 {
             bail!(
                 "SubnetLen: {subnet_len} must be larger than the Network's /{} and at most 30",
-                network.len()
+                network.prefix_len()
             );
         }
-        let count = 1u64 << (subnet_len - network.len());
+        let count = 1u64 << (subnet_len - network.prefix_len());
         let first = network.nth_child(subnet_len, 0).context("SubnetLen")?;
         let last = network
             .nth_child(subnet_len, (count - 1) as u32)

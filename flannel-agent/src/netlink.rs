@@ -370,7 +370,7 @@ impl Netlink {
             .route()
             .add()
             .v4()
-            .destination_prefix(dst.addr(), dst.len())
+            .destination_prefix(dst.addr(), dst.prefix_len())
             .gateway(gw)
             .output_interface(index)
             .protocol(RouteProtocol::Boot)

@@ -47,13 +47,11 @@ impl Desired {
                 ))
             } else if l.vtep_mac == own.vtep_mac {
                 Some(format!("VtepMAC {} is this node's", l.vtep_mac))
-            } else if let Some(ip) = d.fdb.get(&l.vtep_mac).filter(|ip| **ip != l.public_ip) {
-                Some(format!(
-                    "VtepMAC {} is already used by node {ip}",
-                    l.vtep_mac
-                ))
             } else {
-                None
+                d.fdb
+                    .get(&l.vtep_mac)
+                    .filter(|ip| **ip != l.public_ip)
+                    .map(|ip| format!("VtepMAC {} is already used by node {ip}", l.vtep_mac))
             };
             if let Some(why) = why {
                 skipped.push((l.subnet, why));

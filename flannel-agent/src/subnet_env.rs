@@ -9,7 +9,7 @@ pub fn render(network: Subnet, subnet: Subnet, mtu: u32, ip_masq: bool) -> Strin
     format!(
         "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
         subnet.gateway(),
-        subnet.len()
+        subnet.prefix_len()
     )
 }
 

@@ -118,7 +118,7 @@ impl Tables {
     }
 
     pub fn set_route(&mut self, dst: Subnet, vtep: Ipv4Addr) -> anyhow::Result<()> {
-        let key = Key::new(dst.len() as u32, dst.addr().octets());
+        let key = Key::new(dst.prefix_len() as u32, dst.addr().octets());
         self.route
             .insert(
                 &key,
@@ -131,7 +131,7 @@ impl Tables {
     }
 
     pub fn del_route(&mut self, dst: Subnet) -> anyhow::Result<()> {
-        let key = Key::new(dst.len() as u32, dst.addr().octets());
+        let key = Key::new(dst.prefix_len() as u32, dst.addr().octets());
         self.route
             .remove(&key)
             .with_context(|| format!("route map: deleting {dst}"))

@@ -101,9 +101,7 @@ fn lease_added_changed_removed_while_traffic_runs() {
             .unwrap();
         n.ns.sh("ip addr add 10.1.5.50/24 dev eth0").unwrap();
         n.ns.sh("ip link del flannel.1").unwrap();
-        n.ns.sh(&format!(
-            "ip link add flannel.1 type vxlan id 1 local 10.1.5.50 dev eth0 dstport 8472 nolearning"
-        ))
+        n.ns.sh("ip link add flannel.1 type vxlan id 1 local 10.1.5.50 dev eth0 dstport 8472 nolearning")
         .unwrap();
         n.ns.sh(&format!(
             "ip link set flannel.1 address {new_mac} mtu 1450 up"

@@ -119,7 +119,7 @@ impl FileSource {
         let mine = snap.leases.values().find(|l| {
             l.public_ip == public_ip
                 && conf.network.contains_subnet(&l.subnet)
-                && l.subnet.len() == conf.subnet_len
+                && l.subnet.prefix_len() == conf.subnet_len
         });
         if let Some(l) = mine {
             let lease = Lease { vtep_mac, ..*l };
@@ -130,7 +130,7 @@ impl FileSource {
             return Ok(l.subnet);
         }
         let in_range = |s: &Subnet| {
-            s.len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max
+            s.prefix_len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max
         };
         let mut candidates: Vec<Subnet> = previous.into_iter().filter(in_range).collect();
         let first = conf
