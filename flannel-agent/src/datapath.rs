@@ -227,6 +227,10 @@ pub fn install(
     })
 }
 
+fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
 /// Keep a pinned link whose program has `tag`; otherwise call `attach` with
 /// the existing link (to swap its program) or None (to attach anew).
 fn ensure_link(

@@ -402,6 +402,15 @@ impl Lab {
 
     /// Per-CPU sum of a datapath counter on node `i`, by its name.
     pub fn counter(&self, i: usize, name: &str) -> u64 {
+        self.counter_field(i, name, "packets")
+    }
+
+    /// Bytes side of a datapath counter.
+    pub fn counter_bytes(&self, i: usize, name: &str) -> u64 {
+        self.counter_field(i, name, "bytes")
+    }
+
+    fn counter_field(&self, i: usize, name: &str, field: &str) -> u64 {
         let idx = flannel_ebpf_common::Counter::ALL
             .iter()
             .position(|c| c.name() == name)
@@ -418,7 +427,7 @@ impl Lab {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|v| v["value"]["packets"].as_u64().unwrap_or(0))
+                    .map(|v| v["value"][field].as_u64().unwrap_or(0))
                     .sum()
             })
             .unwrap_or(0)

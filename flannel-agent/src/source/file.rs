@@ -208,3 +208,74 @@ fn read_lease(path: &Path, name: &str) -> anyhow::Result<Option<Lease>> {
     let bytes = fs::read(path).context("unreadable")?;
     Lease::parse(subnet, &bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("flannel-file-source-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(d.join("subnets")).unwrap();
+        d
+    }
+
+    fn conf() -> NetConf {
+        NetConf::parse(r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.3.0"}"#).unwrap()
+    }
+
+    #[test]
+    fn allocates_free_subnets_then_reuses_by_public_ip() {
+        let d = dir("alloc");
+        let mut src = FileSource::new(&d);
+        let mac = Mac::stable_from(b"a");
+        let a = src
+            .acquire(&conf(), "10.1.5.10".parse().unwrap(), mac, None)
+            .unwrap();
+        let b = src
+            .acquire(&conf(), "10.1.5.11".parse().unwrap(), mac, None)
+            .unwrap();
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            ("10.244.1.0/24".into(), "10.244.2.0/24".into())
+        );
+        // Same public IP again: the same lease, not a new one.
+        let again = src
+            .acquire(&conf(), "10.1.5.10".parse().unwrap(), mac, None)
+            .unwrap();
+        assert_eq!(again, a);
+        // The previous subnet.env's subnet is preferred when free.
+        let prev = Subnet::from_key("10.244.3.0-24").unwrap();
+        let c = src
+            .acquire(&conf(), "10.1.5.12".parse().unwrap(), mac, Some(prev))
+            .unwrap();
+        assert_eq!(c, prev);
+        // The range is full now.
+        let err = src
+            .acquire(&conf(), "10.1.5.13".parse().unwrap(), mac, None)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no free subnet"), "{err:#}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn create_if_absent_never_overwrites() {
+        let d = dir("excl");
+        let src = FileSource::new(&d);
+        let l = Lease {
+            subnet: Subnet::from_key("10.244.1.0-24").unwrap(),
+            public_ip: "10.1.5.10".parse().unwrap(),
+            vtep_mac: Mac::stable_from(b"x"),
+        };
+        assert!(src.write_lease(&l, 1, false).unwrap());
+        let other = Lease {
+            public_ip: "10.1.5.99".parse().unwrap(),
+            ..l
+        };
+        assert!(!src.write_lease(&other, 1, false).unwrap());
+        assert!(src.holds(&l));
+        assert!(!src.holds(&other));
+        fs::remove_dir_all(d).unwrap();
+    }
+}
