@@ -183,6 +183,10 @@ pub fn install(
                 Ok(())
             }
             None => {
+                if !has_tcx() {
+                    // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
+                    let _ = aya::programs::tc::qdisc_add_clsact(vtep_if);
+                }
                 let id = encap
                     .attach(vtep_if, TcAttachType::Egress)
                     .with_context(|| format!("attaching the encap program to {vtep_if} egress"))?;
