@@ -19,7 +19,8 @@ use aya::{
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
-    MAP_COUNTERS, MAP_FDB, MAP_ROUTE, MAX_NODES, NodeConfig, PROG_DECAP, PROG_ENCAP, RouteValue,
+    MAP_COUNTERS, MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig, PROG_DECAP,
+    PROG_ENCAP, PeerStats, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -63,6 +64,14 @@ pub const MAPS: &[MapSpec] = &[
         kind: MapType::Hash,
         key_size: size_of::<FdbKey>() as u32,
         value_size: size_of::<FdbValue>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
+        name: MAP_PEER_STATS,
+        file: "peer_stats",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<PeerStats>() as u32,
         max_entries: MAX_NODES,
     },
     MapSpec {

@@ -104,10 +104,16 @@ pub async fn apply(
         .collect();
     let kneigh = nl.neighbours(vtep_index).await?;
 
-    // 1. FDB: what the datapath reads, first.
+    // 1. FDB: what the datapath reads, first. Each node keeps its stats slot.
+    let slots = assign_slots(want, &fdb);
     for (mac, ip) in &want.fdb {
-        if fdb.get(mac) != Some(ip) {
-            out.record(tables.set_fdb(*mac, *ip));
+        let slot = slots[ip];
+        if fdb.get(mac) != Some(&(*ip, slot)) {
+            if !fdb.values().any(|(_, s)| *s == slot) {
+                // A slot new to the FDB: it must not inherit an old node's counts.
+                out.record(tables.reset_peer(slot));
+            }
+            out.record(tables.set_fdb(*mac, *ip, slot));
         }
     }
     // 2. ARP: map and kernel neighbour.
@@ -161,6 +167,29 @@ pub async fn apply(
     Ok(out)
 }
 
+/// A PEER_STATS slot per node IP: the one it has, else the lowest free.
+fn assign_slots(want: &Desired, fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>) -> BTreeMap<Ipv4Addr, u32> {
+    let mut slots: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    for (ip, slot) in fdb.values() {
+        if want.fdb.values().any(|w| w == ip) {
+            slots.entry(*ip).or_insert(*slot);
+        }
+    }
+    let mut used: BTreeSet<u32> = slots.values().copied().collect();
+    let mut next = 0u32;
+    for ip in want.fdb.values() {
+        if slots.contains_key(ip) {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        slots.insert(*ip, next);
+        used.insert(next);
+    }
+    slots
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +233,23 @@ mod tests {
             d.fdb[&"02:42:8f:11:22:20".parse().unwrap()],
             "10.1.8.10".parse::<Ipv4Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn peers_keep_their_stats_slot() {
+        let leases = [
+            lease("10.244.2.0-24", "10.1.8.10", "02:42:8f:11:22:20"),
+            lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30"),
+        ];
+        let (d, _) = Desired::from_leases(&leases, &own());
+        // 10.1.9.10 already has slot 0; the new node gets the lowest free one.
+        let fdb = BTreeMap::from([(
+            "02:42:8f:11:22:30".parse().unwrap(),
+            ("10.1.9.10".parse().unwrap(), 0),
+        )]);
+        let slots = assign_slots(&d, &fdb);
+        assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 0);
+        assert_eq!(slots[&"10.1.8.10".parse::<Ipv4Addr>().unwrap()], 1);
     }
 
     #[test]

@@ -4,12 +4,12 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context;
 use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, Counter, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG, MAP_COUNTERS,
-    MAP_FDB, MAP_ROUTE, NodeConfig, RouteValue,
+    MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, NodeConfig, PeerStats, RouteValue,
 };
 
 use crate::{datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
@@ -20,6 +20,7 @@ pub struct Tables {
     pub arp: HashMap<MapData, ArpKey, ArpValue>,
     pub fdb: HashMap<MapData, FdbKey, FdbValue>,
     pub counters: PerCpuArray<MapData, CounterValue>,
+    pub peer_stats: PerCpuArray<MapData, PeerStats>,
 }
 
 impl Tables {
@@ -39,6 +40,7 @@ impl Tables {
             arp: HashMap::try_from(Map::HashMap(take(MAP_ARP)?))?,
             fdb: HashMap::try_from(Map::HashMap(take(MAP_FDB)?))?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(take(MAP_COUNTERS)?))?,
+            peer_stats: PerCpuArray::try_from(Map::PerCpuArray(take(MAP_PEER_STATS)?))?,
         })
     }
 
@@ -46,11 +48,12 @@ impl Tables {
         self.config.get(&0, 0).context("reading the config map")
     }
 
-    pub fn fdb_entries(&self) -> anyhow::Result<BTreeMap<Mac, Ipv4Addr>> {
+    /// VtepMAC → (node public IP, stats slot).
+    pub fn fdb_entries(&self) -> anyhow::Result<BTreeMap<Mac, (Ipv4Addr, u32)>> {
         let mut out = BTreeMap::new();
         for kv in self.fdb.iter() {
             let (k, v) = kv.context("reading the FDB map")?;
-            out.insert(Mac(k.vtep_mac), Ipv4Addr::from(v.node_ip));
+            out.insert(Mac(k.vtep_mac), (Ipv4Addr::from(v.node_ip), v.peer_slot));
         }
         Ok(out)
     }
@@ -75,16 +78,44 @@ impl Tables {
         Ok(out)
     }
 
-    pub fn set_fdb(&mut self, mac: Mac, node_ip: Ipv4Addr) -> anyhow::Result<()> {
+    pub fn set_fdb(&mut self, mac: Mac, node_ip: Ipv4Addr, peer_slot: u32) -> anyhow::Result<()> {
+        let v = FdbValue {
+            node_ip: node_ip.octets(),
+            peer_slot,
+        };
         self.fdb
-            .insert(
-                FdbKey::new(mac.0),
-                FdbValue {
-                    node_ip: node_ip.octets(),
-                },
-                0,
-            )
+            .insert(FdbKey::new(mac.0), v, 0)
             .with_context(|| format!("FDB map: {mac} → {node_ip}"))
+    }
+
+    /// Zero a peer's stats slot before it is given to a node.
+    pub fn reset_peer(&mut self, slot: u32) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus])?;
+        self.peer_stats
+            .set(slot, zeros, 0)
+            .with_context(|| format!("resetting peer stats slot {slot}"))
+    }
+
+    /// A peer's stats summed over CPUs (last_rx_ns: the latest).
+    pub fn peer(&self, slot: u32) -> anyhow::Result<PeerStats> {
+        let per_cpu = self
+            .peer_stats
+            .get(&slot, 0)
+            .with_context(|| format!("reading peer stats slot {slot}"))?;
+        let mut s = PeerStats::default();
+        for v in per_cpu.iter() {
+            s.tx_packets += v.tx_packets;
+            s.tx_bytes += v.tx_bytes;
+            s.rx_packets += v.rx_packets;
+            s.rx_bytes += v.rx_bytes;
+            s.tx_fallbacks += v.tx_fallbacks;
+            s.rx_drops += v.rx_drops;
+            s.last_rx_ns = s.last_rx_ns.max(v.last_rx_ns);
+        }
+        Ok(s)
     }
 
     pub fn del_fdb(&mut self, mac: Mac) -> anyhow::Result<()> {

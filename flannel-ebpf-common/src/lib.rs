@@ -18,6 +18,7 @@ pub const MAP_ROUTE: &str = "ROUTE";
 pub const MAP_ARP: &str = "ARP";
 pub const MAP_FDB: &str = "FDB";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_PEER_STATS: &str = "PEER_STATS";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
@@ -99,6 +100,25 @@ impl FdbKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FdbValue {
     pub node_ip: [u8; 4],
+    /// This node's slot in PEER_STATS, assigned by the agent.
+    pub peer_slot: u32,
+}
+
+/// Per remote node traffic, one per-CPU slot per node (indexed by
+/// [`FdbValue::peer_slot`], so the hot path adds no hash lookup).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Packets to this node left to the kernel path (no route, …).
+    pub tx_fallbacks: u64,
+    /// Packets from this node dropped after it was identified.
+    pub rx_drops: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last packet received from it.
+    pub last_rx_ns: u64,
 }
 
 /// A packets/bytes pair; the COUNTERS per-CPU array holds one per [`Counter`].
@@ -186,4 +206,5 @@ mod pod {
     unsafe impl aya::Pod for FdbKey {}
     unsafe impl aya::Pod for FdbValue {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for PeerStats {}
 }

@@ -5,14 +5,16 @@
 //! untouched.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
     macros::xdp,
     programs::XdpContext,
 };
 use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
-    maps::{config, count, fdb_node_ip},
+    maps::{config, count, fdb_lookup, peer},
     packet::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN,
         VxlanHdr, be16, ptr_at,
@@ -93,15 +95,19 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     }
     // Membership: the inner source must be a VtepMAC we know, and known for
     // exactly this outer source address (the kernel's VXLAN accepts anyone).
-    match fdb_node_ip(inner.src) {
-        Some(node_ip) if node_ip == ip.saddr => {}
+    let slot = match fdb_lookup(inner.src) {
+        Some((node_ip, slot)) if node_ip == ip.saddr => slot,
         _ => {
             count(Counter::RxDropNonMember, frame_len);
             return XDP_DROP;
         }
-    }
+    };
+    let stats = peer(slot);
     if inner.dst != cfg.vtep_mac {
         count(Counter::RxDropBadInnerDst, frame_len);
+        if let Some(p) = stats {
+            p.rx_drops += 1;
+        }
         return XDP_DROP;
     }
     if be16(&inner.proto) != ETH_P_IPV4 {
@@ -120,6 +126,11 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_DROP;
     }
     count(Counter::RxDecap, inner_len);
+    if let Some(p) = stats {
+        p.rx_packets += 1;
+        p.rx_bytes += inner_len as u64;
+        p.last_rx_ns = unsafe { bpf_ktime_get_ns() };
+    }
     XDP_PASS
 }
 

@@ -22,7 +22,7 @@ use flannel_ebpf_common::{Counter, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
-    maps::{config, count, fdb_node_ip, keep_mirrors},
+    maps::{config, count, fdb_lookup, keep_mirrors, peer},
     packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, VXLAN_FLAG_I, be16, ptr_at},
 };
 
@@ -73,7 +73,7 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let inner_dst = eth.dst;
     let inner_src = eth.src;
     let inner_tos = ip.tos;
-    let Some(node_ip) = fdb_node_ip(inner_dst) else {
+    let Some((node_ip, slot)) = fdb_lookup(inner_dst) else {
         count(Counter::TxFallbackNoFdb, ctx.len());
         return TC_ACT_OK;
     };
@@ -83,6 +83,9 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         Ok(hop) => hop,
         Err(reason) => {
             count(reason, ctx.len());
+            if let Some(p) = peer(slot) {
+                p.tx_fallbacks += 1;
+            }
             return TC_ACT_OK;
         }
     };
@@ -130,6 +133,10 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     // meant for the inner flow (Flannel's 63-second bug).
     ctx.set_mark(0);
     count(Counter::TxEncap, inner_len);
+    if let Some(p) = peer(slot) {
+        p.tx_packets += 1;
+        p.tx_bytes += inner_len as u64;
+    }
     if hop.resolve {
         // No next hop given on purpose: the kernel then routes the outer
         // header and replaces the skb's dst. With an explicit next hop the

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, FdbKey, FdbValue, MAX_NODES,
-    NodeConfig, RouteValue,
+    NodeConfig, PeerStats, RouteValue,
 };
 
 #[btf_map]
@@ -23,6 +23,9 @@ pub static ARP: HashMap<ArpKey, ArpValue, { MAX_NODES as usize }> = HashMap::new
 /// The only table the per-packet path reads.
 #[btf_map]
 pub static FDB: HashMap<FdbKey, FdbValue, { MAX_NODES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static PEER_STATS: PerCpuArray<PeerStats, { MAX_NODES as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -44,9 +47,18 @@ pub fn count(counter: Counter, bytes: u32) {
     }
 }
 
+/// The node behind a VtepMAC: (public IP, stats slot).
 #[inline(always)]
-pub fn fdb_node_ip(mac: [u8; 6]) -> Option<[u8; 4]> {
-    FDB.get_ptr(FdbKey::new(mac)).map(|v| unsafe { (*v).node_ip })
+pub fn fdb_lookup(mac: [u8; 6]) -> Option<([u8; 4], u32)> {
+    FDB.get_ptr(FdbKey::new(mac))
+        .map(|v| unsafe { ((*v).node_ip, (*v).peer_slot) })
+}
+
+/// This CPU's stats slot of a peer.
+#[inline(always)]
+pub fn peer(slot: u32) -> Option<&'static mut PeerStats> {
+    // Per-CPU slot: no other writer while this program runs on this CPU.
+    PEER_STATS.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
 }
 
 // ROUTE and ARP are only written by the agent; keep them referenced so they

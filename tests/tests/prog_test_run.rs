@@ -8,7 +8,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use flannel_ebpf_common::{
-    Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_ENCAP,
+    Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_ENCAP, PeerStats,
 };
 use flannel_tests::{netns::Netns, object_path, prereq};
 
@@ -75,6 +75,7 @@ fn load(b: &Bench) -> Ebpf {
         FdbKey::new(REMOTE_VTEP),
         FdbValue {
             node_ip: REMOTE_IP.octets(),
+            peer_slot: 3,
         },
         0,
     )
@@ -93,6 +94,24 @@ fn counter(ebpf: &Ebpf, c: Counter) -> u64 {
         .iter()
         .map(|v| v.packets)
         .sum()
+}
+
+/// Stats of the peer in FDB slot 3 (the remote node of these tests), summed over CPUs.
+fn peer3(ebpf: &Ebpf) -> PeerStats {
+    let m = PerCpuArray::<_, PeerStats>::try_from(ebpf.map("PEER_STATS").unwrap()).unwrap();
+    m.get(&3, 0)
+        .unwrap()
+        .iter()
+        .fold(PeerStats::default(), |mut a, v| {
+            a.tx_packets += v.tx_packets;
+            a.tx_bytes += v.tx_bytes;
+            a.rx_packets += v.rx_packets;
+            a.rx_bytes += v.rx_bytes;
+            a.tx_fallbacks += v.tx_fallbacks;
+            a.rx_drops += v.rx_drops;
+            a.last_rx_ns = a.last_rx_ns.max(v.last_rx_ns);
+            a
+        })
 }
 
 fn csum(bytes: &[u8]) -> u16 {
@@ -217,6 +236,8 @@ fn encap_builds_flannel_vxlan_exactly() {
         let (_, again) = run_tc(&mut ebpf, &inner);
         assert_eq!(again[34..36], out[34..36]);
         assert_eq!(counter(&ebpf, Counter::TxEncap), 2);
+        let p = peer3(&ebpf);
+        assert_eq!((p.tx_packets, p.tx_bytes), (2, 2 * inner.len() as u64));
     })
     .unwrap();
 }
@@ -251,6 +272,7 @@ fn encap_falls_back_to_the_kernel_unchanged() {
             FdbKey::new(REMOTE_VTEP),
             FdbValue {
                 node_ip: [192, 0, 2, 7],
+                peer_slot: 3,
             },
             0,
         )
@@ -265,6 +287,7 @@ fn encap_falls_back_to_the_kernel_unchanged() {
             FdbKey::new(REMOTE_VTEP),
             FdbValue {
                 node_ip: [10, 9, 0, 3],
+                peer_slot: 3,
             },
             0,
         )
@@ -375,6 +398,9 @@ fn decap_delivers_member_vxlan_to_the_stack() {
             (XDP_PASS, expect.clone())
         );
         assert_eq!(counter(&ebpf, Counter::RxDecap), 2);
+        let p = peer3(&ebpf);
+        assert_eq!((p.rx_packets, p.rx_bytes), (2, 2 * (expect.len() as u64)));
+        assert!(p.last_rx_ns > 0);
     })
     .unwrap();
 }
