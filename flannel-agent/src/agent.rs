@@ -2,6 +2,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -14,6 +15,7 @@ use crate::{
     datapath,
     lease::Lease,
     mac::Mac,
+    metrics::{self, AgentMetrics},
     netlink::{Netlink, VtepSpec, check_ifname},
     reconcile::{Desired, Own, apply},
     source::{Snapshot, file::FileSource, log_changes},
@@ -127,7 +129,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         public_ip,
         vtep_mac,
     };
-    let mut state = SyncState::default();
+    let metrics = Arc::new(Mutex::new(AgentMetrics::default()));
+    let mut state = SyncState {
+        metrics: metrics.clone(),
+        ..SyncState::default()
+    };
     let snap = source.read()?;
     state
         .sync(&snap, &own, &mut tables, &nl, vtep.index)
@@ -154,6 +160,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         datapath::LINK_ENCAP,
         datapath::LINK_DECAP
     );
+    log::info!(
+        "  flannel-agent show routes|arp|fdb|peers|stats --pin-root {}",
+        root.display()
+    );
+    if let Some(port) = args.metrics_port {
+        metrics::serve(port, metrics.clone(), root.clone()).await?;
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -208,6 +221,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 struct SyncState {
     last: Snapshot,
     skipped: BTreeSet<String>,
+    metrics: Arc<Mutex<AgentMetrics>>,
 }
 
 impl SyncState {
@@ -219,8 +233,9 @@ impl SyncState {
         nl: &Netlink,
         vtep_index: u32,
     ) -> anyhow::Result<()> {
-        log_changes(&self.last, snap);
+        let changes = log_changes(&self.last, snap);
         let (want, skipped) = Desired::from_leases(snap.leases.values(), own);
+        let n_skipped = skipped.len() as i64;
         let skipped: BTreeSet<String> = skipped
             .into_iter()
             .map(|(s, why)| format!("lease {s} skipped: {why}"))
@@ -230,7 +245,29 @@ impl SyncState {
         }
         self.skipped = skipped;
         let started = Instant::now();
-        let outcome = apply(&want, tables, nl, vtep_index, own).await?;
+        let outcome = apply(&want, tables, nl, vtep_index, own).await;
+        if let Ok(m) = self.metrics.lock() {
+            m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            let errors = outcome.as_ref().map_or(1, |o| o.errors.len() as u64);
+            m.reconcile_errors.inc_by(errors);
+            let label = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+            m.leases
+                .get_or_create(&label("state", "applied"))
+                .set(want.routes.len() as i64);
+            m.leases
+                .get_or_create(&label("state", "skipped"))
+                .set(n_skipped);
+            for (kind, n) in [
+                ("added", changes.added),
+                ("changed", changes.changed),
+                ("removed", changes.removed),
+            ] {
+                m.lease_changes
+                    .get_or_create(&label("kind", kind))
+                    .inc_by(n);
+            }
+        }
+        let outcome = outcome?;
         if outcome.changes > 0 {
             log::debug!(
                 "reconciled {} entries in {:?}",

@@ -28,6 +28,8 @@ pub enum Command {
     Run(RunArgs),
     /// Detach the programs and remove every pinned object under the pin root.
     Uninstall(PinArgs),
+    /// Print the pinned tables and counters (the agent need not be running).
+    Show(ShowArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -41,6 +43,17 @@ pub struct PinArgs {
     /// bpffs directory holding the maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/flannel", env = "FLANNELD_PIN_ROOT")]
     pub pin_root: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShowArgs {
+    #[arg(value_enum)]
+    pub view: crate::show::View,
+    /// JSON instead of the iproute2-like text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub pins: PinArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -78,6 +91,9 @@ pub struct RunArgs {
     /// How often the lease source is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200, env = "FLANNELD_POLL_INTERVAL_MS")]
     pub poll_interval_ms: u64,
+    /// Serve Prometheus metrics on this port (`/metrics`); off when not given.
+    #[arg(long, env = "FLANNELD_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     /// Full resync of maps and kernel tables (repairs drift), in seconds.
     #[arg(long, default_value_t = 10, env = "FLANNELD_RESYNC_INTERVAL")]
     pub resync_interval: u64,
@@ -96,6 +112,10 @@ impl Cli {
     pub async fn execute(self) -> anyhow::Result<()> {
         match self.command {
             Command::Run(args) => crate::agent::run(args).await,
+            Command::Show(a) => {
+                print!("{}", crate::show::render(&a.pins.pin_root, a.view, a.json)?);
+                Ok(())
+            }
             Command::Uninstall(p) => {
                 crate::datapath::uninstall(&p.pin_root)?;
                 log::info!("removed every pinned object under {}", p.pin_root.display());

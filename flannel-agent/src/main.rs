@@ -17,7 +17,6 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(cli.execute()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e:#}");
             eprintln!("flannel-agent: {e:#}");
             std::process::ExitCode::FAILURE
         }

@@ -43,6 +43,8 @@ pub struct Node {
     pub pin_root: PathBuf,
     pub subnet_file: PathBuf,
     pub log: PathBuf,
+    /// Extra flags for `flannel-agent run` on this node.
+    pub agent_args: Vec<String>,
     agent: Option<Child>,
 }
 
@@ -91,6 +93,15 @@ impl Node {
             })?;
         }
         Ok(())
+    }
+
+    /// Run `flannel-agent show …` inside this node's namespace.
+    pub fn show(&self, args: &str) -> anyhow::Result<String> {
+        self.ns.nsenter(&format!(
+            "{} show {args} --pin-root {}",
+            agent_path().display(),
+            self.pin_root.display()
+        ))
     }
 
     /// Dump a pinned map as JSON with bpftool.
@@ -205,6 +216,7 @@ impl Lab {
             subnet: None,
             vtep_mac: None,
             pin_root,
+            agent_args: Vec::new(),
             agent: None,
         };
         self.nodes.push(node);
@@ -235,6 +247,7 @@ impl Lab {
             .arg("--bpf-object")
             .arg(object_path())
             .args(["--log-level", "debug"])
+            .args(&node.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

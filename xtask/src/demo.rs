@@ -31,6 +31,7 @@ pub fn run() -> anyhow::Result<()> {
         "lease directory (Flannel's etcd layout on disk): {}",
         lab.lease_dir().display()
     );
+    lab.nodes[0].agent_args = vec!["--metrics-port".into(), "9464".into()];
     for i in 0..3 {
         step(&format!(
             "starting flannel-agent on node {} (logs in {})",
@@ -81,14 +82,25 @@ pub fn run() -> anyhow::Result<()> {
         step(&cmd);
         print!("{}", sh(&cmd)?);
     }
-    step("datapath counters on node 1 (tx_encap / rx_decap carried the traffic)");
-    for name in [
-        "tx_encap",
-        "rx_decap",
-        "tx_redirect_neigh",
-        "rx_drop_non_member",
-    ] {
-        println!("{name:>22}: {}", lab.counter(0, name));
+    for view in ["routes", "arp", "fdb", "peers", "stats"] {
+        step(&format!("flannel-agent show {view}"));
+        print!("{}", n1.show(view)?);
+    }
+    step("curl http://127.0.0.1:9464/metrics on node 1 (non-zero flannel_ebpf samples)");
+    let metrics = n1.ns.run(|| -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 9464))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: demo\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("flannel_ebpf") && !l.ends_with(" 0"))
+    {
+        println!("{line}");
     }
     step("tearing the lab down");
     drop(lab);

@@ -12,16 +12,29 @@ pub struct Snapshot {
     pub leases: BTreeMap<Subnet, Lease>,
 }
 
+/// How many leases were added, changed and removed between two snapshots.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: u64,
+    pub changed: u64,
+    pub removed: u64,
+}
+
 /// One log line per lease change, saying what changed.
-pub fn log_changes(old: &Snapshot, new: &Snapshot) {
+pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
+    let mut c = Changes::default();
     for (s, l) in &new.leases {
         match old.leases.get(s) {
-            None => log::info!(
-                "lease added: {s} public-ip {} vtep-mac {}",
-                l.public_ip,
-                l.vtep_mac
-            ),
+            None => {
+                c.added += 1;
+                log::info!(
+                    "lease added: {s} public-ip {} vtep-mac {}",
+                    l.public_ip,
+                    l.vtep_mac
+                )
+            }
             Some(o) if o != l => {
+                c.changed += 1;
                 let mut what = Vec::new();
                 if o.public_ip != l.public_ip {
                     what.push(format!("public-ip {} → {}", o.public_ip, l.public_ip));
@@ -35,6 +48,8 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) {
         }
     }
     for s in old.leases.keys().filter(|s| !new.leases.contains_key(s)) {
+        c.removed += 1;
         log::info!("lease removed: {s}");
     }
+    c
 }

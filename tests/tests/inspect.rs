@@ -1,0 +1,150 @@
+//! Operating a node: `flannel-agent show` views and the metrics endpoint,
+//! against a lab with a known lease and a known amount of traffic.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use flannel_tests::{
+    agent_path,
+    lab::{Kind, Lab, Topology},
+    prereq, sh,
+    traffic::{ping, wait_reachable},
+};
+use serde_json::Value;
+
+fn peers(lab: &Lab) -> Value {
+    serde_json::from_str(&lab.nodes[0].show("peers --json").unwrap()).unwrap()
+}
+
+fn stat(lab: &Lab, name: &str) -> u64 {
+    let v: Value = serde_json::from_str(&lab.nodes[0].show("stats --json").unwrap()).unwrap();
+    v[name]["packets"].as_u64().unwrap()
+}
+
+fn scrape(lab: &Lab, port: u16) -> String {
+    lab.nodes[0]
+        .ns
+        .run(|| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap()
+}
+
+#[test]
+fn show_views_and_metrics_match_known_leases_and_traffic() {
+    if !prereq::ready("inspect") {
+        return;
+    }
+    let mut lab = Lab::new("insp", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.nodes[0].agent_args = vec!["--metrics-port".into(), "9464".into()];
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    let n = &lab.nodes[0];
+
+    // The three tables, in iproute2's shapes.
+    assert_eq!(
+        n.show("routes").unwrap(),
+        "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink\n"
+    );
+    assert_eq!(
+        n.show("arp").unwrap(),
+        "10.244.2.0 dev flannel.1 lladdr 02:42:8f:11:22:20 PERMANENT\n"
+    );
+    assert_eq!(
+        n.show("fdb").unwrap(),
+        "02:42:8f:11:22:20 dev flannel.1 dst 10.1.5.12 self permanent\n"
+    );
+    let routes: Value = serde_json::from_str(&n.show("routes --json").unwrap()).unwrap();
+    assert_eq!(routes[0]["dst"], "10.244.2.0/24");
+    assert_eq!(routes[0]["gateway"], "10.244.2.0");
+
+    wait_reachable(&n.pod, lab.nodes[1].pod_ip(), Duration::from_secs(10)).unwrap();
+    let p0 = peers(&lab);
+    let (tx0, rx0) = (stat(&lab, "tx_encap"), stat(&lab, "rx_decap"));
+    // Exactly 10 requests out and 10 replies in.
+    assert_eq!(
+        ping(&n.pod, lab.nodes[1].pod_ip(), 10, 0.05).unwrap(),
+        (10, 10)
+    );
+    let p1 = peers(&lab);
+    assert_eq!(p1.as_array().unwrap().len(), 1);
+    let peer = &p1[0];
+    assert_eq!(peer["public_ip"], "10.1.5.12");
+    assert_eq!(peer["vtep_mac"], "02:42:8f:11:22:20");
+    assert_eq!(peer["subnets"][0], "10.244.2.0/24");
+    let d = |k: &str| peer[k].as_u64().unwrap() - p0[0][k].as_u64().unwrap();
+    assert_eq!((d("tx_packets"), d("rx_packets")), (10, 10));
+    // ICMP echo of 84 bytes in a 98-byte frame each way.
+    assert_eq!((d("tx_bytes"), d("rx_bytes")), (980, 980));
+    assert!(peer["last_seen_seconds_ago"].as_f64().unwrap() < 5.0);
+    assert_eq!(
+        (stat(&lab, "tx_encap") - tx0, stat(&lab, "rx_decap") - rx0),
+        (10, 10)
+    );
+
+    // The text views carry the same numbers.
+    let text = n.show("peers").unwrap();
+    assert!(text.starts_with("SUBNET"), "{text}");
+    assert!(
+        text.contains("10.244.2.0/24") && text.contains("02:42:8f:11:22:20"),
+        "{text}"
+    );
+    let stats = n.show("stats").unwrap();
+    for c in flannel_ebpf_common::Counter::ALL {
+        assert!(
+            stats.contains(c.name()),
+            "stats misses {}:\n{stats}",
+            c.name()
+        );
+    }
+
+    // Metrics: the same counters, per reason and per peer, plus agent metrics.
+    let m = scrape(&lab, 9464);
+    assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
+    let tx_now = stat(&lab, "tx_encap");
+    assert!(
+        m.contains(&format!(
+            "flannel_ebpf_datapath_packets_total{{reason=\"tx_encap\"}} {tx_now}"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("flannel_ebpf_datapath_packets_total{reason=\"rx_drop_non_member\"} 0"),
+        "{m}"
+    );
+    assert!(m.contains("flannel_ebpf_datapath_peer_packets_total{peer=\"10.1.5.12\",vtep_mac=\"02:42:8f:11:22:20\",direction=\"rx\"}"), "{m}");
+    assert!(
+        m.contains("flannel_ebpf_leases{state=\"applied\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("flannel_ebpf_lease_changes_total{kind=\"added\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("flannel_ebpf_reconcile_duration_seconds_count"),
+        "{m}"
+    );
+    assert!(m.contains("flannel_ebpf_build_info{version="), "{m}");
+
+    // Nothing pinned: a clear message, not a crash.
+    let err = sh(&format!(
+        "{} show routes --pin-root /sys/fs/bpf/flannel-nothing-here",
+        agent_path().display()
+    ))
+    .unwrap_err();
+    assert!(
+        format!("{err}").contains("no flannel-ebpf map pinned"),
+        "{err}"
+    );
+}
