@@ -120,7 +120,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: 1,
     };
     let root = args.pins.pin_root.clone();
-    let attached = datapath::install(&root, &object, node, &vtep_name, &underlay.link.name)?;
+    let attached = datapath::install(
+        &root,
+        &object,
+        node,
+        &vtep_name,
+        &underlay.link.name,
+        log::max_level(),
+    )?;
+    if log::max_level() >= log::LevelFilter::Debug {
+        ebpf_logs(attached.encap_prog_id)?;
+    }
     let mut tables = Tables::open(&root)?;
 
     let own = Own {
@@ -213,6 +223,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "stopping: programs, maps and routes stay in place (pinned under {}), traffic keeps flowing",
         root.display()
     );
+    Ok(())
+}
+
+/// Forward the programs' aya-log records (debug level only) to our logger.
+fn ebpf_logs(prog_id: u32) -> anyhow::Result<()> {
+    let logger =
+        aya_log::EbpfLogger::init_from_id(prog_id).context("reading the programs' log ring")?;
+    // SAFETY: the ring's fd is owned by `logger`, which the AsyncFd owns for its whole life.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the programs' log ring: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                break;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    log::debug!("eBPF diagnostics (aya-log, debug level) are forwarded to this log");
     Ok(())
 }
 

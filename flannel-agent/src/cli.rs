@@ -18,8 +18,23 @@ pub struct Cli {
         env = "FLANNELD_LOG_LEVEL"
     )]
     pub log_level: String,
+    /// text (human) or json (one object per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "FLANNELD_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

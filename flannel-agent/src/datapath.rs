@@ -131,6 +131,8 @@ pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, Ma
 pub struct Attached {
     pub encap: String,
     pub decap: String,
+    /// The program now running in the encap link (its log ring is shared with decap).
+    pub encap_prog_id: u32,
 }
 
 /// Load the object, pin maps (reusing pins), write the node config, and make
@@ -142,6 +144,7 @@ pub fn install(
     config: NodeConfig,
     vtep_if: &str,
     underlay_if: &str,
+    log_level: log::LevelFilter,
 ) -> anyhow::Result<Attached> {
     crate::bpffs::ensure_mounted(root)?;
     fs::create_dir_all(root).with_context(|| {
@@ -159,6 +162,12 @@ pub fn install(
         }
     }
     let mut loader = EbpfLoader::new();
+    // aya-log's level is a read-only global: below debug the verifier prunes
+    // every diagnostic, so the per-packet paths pay nothing for them.
+    let ebpf_level = log_level as usize as u8;
+    loader.override_global("AYA_LOG_LEVEL", &ebpf_level, false);
+    // A pinned program keeps the level it was loaded with: swap it when asked for debug.
+    let force = log_level >= log::LevelFilter::Debug;
     for spec in MAPS {
         loader.map_pin_path(spec.name, root.join(spec.file));
     }
@@ -185,6 +194,7 @@ pub fn install(
     let encap_state = ensure_link(
         &encap_link,
         encap.info()?.tag(),
+        force,
         |existing| match existing {
             // The pin keeps naming the same link; only its program changes.
             Some(link) => {
@@ -216,6 +226,7 @@ pub fn install(
     let decap_state = ensure_link(
         &decap_link,
         decap.info()?.tag(),
+        force,
         |existing| match existing {
             Some(link) => {
                 decap.attach_to_link(XdpLink::try_from(link)?)?;
@@ -234,7 +245,11 @@ pub fn install(
             }
         },
     )?;
+    let encap_prog_id = FdLink::from(PinnedLink::from_pin(&encap_link)?)
+        .info()?
+        .program_id();
     Ok(Attached {
+        encap_prog_id,
         encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
         decap: format!("{PROG_DECAP} on {underlay_if} (XDP), {decap_state}"),
     })
@@ -249,6 +264,7 @@ fn has_tcx() -> bool {
 fn ensure_link(
     path: &Path,
     tag: u64,
+    force: bool,
     attach: impl FnOnce(Option<FdLink>) -> anyhow::Result<()>,
 ) -> anyhow::Result<&'static str> {
     if path.exists() {
@@ -260,7 +276,7 @@ fn ensure_link(
             .filter_map(Result::ok)
             .find(|p| p.id() == prog_id)
             .map(|p| p.tag());
-        if current == Some(tag) {
+        if current == Some(tag) && !force {
             return Ok("adopted from the pin");
         }
         log::info!(

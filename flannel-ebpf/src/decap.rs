@@ -11,6 +11,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
@@ -85,11 +86,14 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_DROP;
     };
     let (vx, inner) = (&overlay.vx, &overlay.inner);
+    // Diagnostics only at debug level: the verifier prunes them otherwise.
     if !vx.flags_valid() {
+        debug!(ctx, "decap: drop, VXLAN flags {:x} from {:i}", vx.flags, ip.saddr);
         count(Counter::RxDropBadFlags, frame_len);
         return XDP_DROP;
     }
     if vx.vni() != cfg.vni {
+        debug!(ctx, "decap: drop, VNI {} from {:i}", vx.vni(), ip.saddr);
         count(Counter::RxDropBadVni, frame_len);
         return XDP_DROP;
     }
@@ -98,6 +102,7 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     let slot = match fdb_lookup(inner.src) {
         Some((node_ip, slot)) if node_ip == ip.saddr => slot,
         _ => {
+            debug!(ctx, "decap: drop, non-member {:i} (inner source {:mac})", ip.saddr, inner.src);
             count(Counter::RxDropNonMember, frame_len);
             return XDP_DROP;
         }

@@ -18,6 +18,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use flannel_ebpf_common::{Counter, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
@@ -74,6 +75,8 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let inner_src = eth.src;
     let inner_tos = ip.tos;
     let Some((node_ip, slot)) = fdb_lookup(inner_dst) else {
+        // Diagnostics only at debug level: the verifier prunes them otherwise.
+        debug!(ctx, "encap: no FDB entry for VtepMAC {:mac}, left to the kernel", inner_dst);
         count(Counter::TxFallbackNoFdb, ctx.len());
         return TC_ACT_OK;
     };
@@ -82,6 +85,7 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let hop = match outer_next_hop(ctx, cfg, node_ip) {
         Ok(hop) => hop,
         Err(reason) => {
+            debug!(ctx, "encap: no underlay route to node {:i} (counter {}), left to the kernel", node_ip, reason as u32);
             count(reason, ctx.len());
             if let Some(p) = peer(slot) {
                 p.tx_fallbacks += 1;

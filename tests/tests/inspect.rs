@@ -137,6 +137,28 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
     );
     assert!(m.contains("flannel_ebpf_build_info{version="), "{m}");
 
+    // A foreign VXLAN segment (VNI 7) aimed at us: dropped, counted, and
+    // explained by the program's debug-level diagnostics in the agent log.
+    let stock = &lab.nodes[1].ns;
+    stock
+        .sh("ip link add vx7 type vxlan id 7 dstport 8472 local 10.1.5.12 dev eth0 nolearning")
+        .unwrap();
+    stock.sh("ip addr add 192.168.77.2/24 dev vx7").unwrap();
+    stock.sh("ip link set vx7 up").unwrap();
+    stock
+        .sh("bridge fdb append 00:00:00:00:00:00 dev vx7 dst 10.1.5.11")
+        .unwrap();
+    let before = stat(&lab, "rx_drop_bad_vni");
+    let _ = stock.sh("ping -c 2 -i 0.2 -W 1 192.168.77.1");
+    assert!(stat(&lab, "rx_drop_bad_vni") >= before + 2);
+    flannel_tests::wait_for("the debug diagnostic", Duration::from_secs(5), || {
+        lab.nodes[0]
+            .log_text()
+            .contains("decap: drop, VNI 7 from 10.1.5.12")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+
     // Nothing pinned: a clear message, not a crash.
     let err = sh(&format!(
         "{} show routes --pin-root /sys/fs/bpf/flannel-nothing-here",

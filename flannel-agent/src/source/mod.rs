@@ -28,7 +28,7 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
             None => {
                 c.added += 1;
                 log::info!(
-                    "lease added: {s} public-ip {} vtep-mac {}",
+                    "lease added subnet={s} public_ip={} vtep_mac={}",
                     l.public_ip,
                     l.vtep_mac
                 )
@@ -37,19 +37,19 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
                 c.changed += 1;
                 let mut what = Vec::new();
                 if o.public_ip != l.public_ip {
-                    what.push(format!("public-ip {} → {}", o.public_ip, l.public_ip));
+                    what.push(format!("public_ip={}→{}", o.public_ip, l.public_ip));
                 }
                 if o.vtep_mac != l.vtep_mac {
-                    what.push(format!("vtep-mac {} → {}", o.vtep_mac, l.vtep_mac));
+                    what.push(format!("vtep_mac={}→{}", o.vtep_mac, l.vtep_mac));
                 }
-                log::info!("lease changed: {s} {}", what.join(", "));
+                log::info!("lease changed subnet={s} {}", what.join(" "));
             }
             _ => {}
         }
     }
     for s in old.leases.keys().filter(|s| !new.leases.contains_key(s)) {
         c.removed += 1;
-        log::info!("lease removed: {s}");
+        log::info!("lease removed subnet={s}");
     }
     c
 }
