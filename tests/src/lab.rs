@@ -246,7 +246,7 @@ impl Lab {
             .arg(&node.pin_root)
             .arg("--bpf-object")
             .arg(object_path())
-            .args(["--log-level", "debug"])
+            .args(["--log-level", "info"])
             .args(&node.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -45,7 +45,9 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
     }
     let mut lab = Lab::new("insp", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
     lab.start_stock(1, 2).unwrap();
-    lab.nodes[0].agent_args = vec!["--metrics-port".into(), "9464".into()];
+    lab.nodes[0].agent_args = ["--metrics-port", "9464", "--log-level", "debug"]
+        .map(String::from)
+        .to_vec();
     lab.start_agent(0).unwrap();
     lab.program_stock_peers().unwrap();
     lab.wait_fdb_entries(0, 1).unwrap();
