@@ -246,11 +246,13 @@ impl Lab {
             .arg(&node.pin_root)
             .arg("--bpf-object")
             .arg(object_path())
-            .args(["--log-level", "info"])
             .args(&node.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if !node.agent_args.iter().any(|a| a == "--log-level") {
+            cmd.args(["--log-level", "info"]);
+        }
         if self.topology == Topology::Switched {
             // The routed lab finds the underlay from the default route.
             cmd.args(["--iface", "eth0"]);
