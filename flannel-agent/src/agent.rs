@@ -18,7 +18,12 @@ use crate::{
     metrics::{self, AgentMetrics},
     netlink::{Netlink, VtepSpec, check_ifname},
     reconcile::{Desired, Own, apply},
-    source::{Snapshot, file::FileSource, log_changes},
+    source::{
+        LeaseSource, Snapshot,
+        etcd::{EtcdOptions, EtcdSource},
+        file::FileSource,
+        log_changes,
+    },
     subnet_env, sysctl,
     tables::Tables,
     underlay,
@@ -44,14 +49,38 @@ fn find_object(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no eBPF object found (run `cargo xtask build-ebpf`, or pass --bpf-object); looked at {tried:?}"))
 }
 
+async fn open_source(args: &RunArgs) -> anyhow::Result<LeaseSource> {
+    Ok(match args.subnet_mgr {
+        SubnetMgr::File => {
+            let dir = args
+                .subnet_dir
+                .as_deref()
+                .context("--subnet-mgr file needs --subnet-dir DIR")?;
+            LeaseSource::File(FileSource::new(dir))
+        }
+        SubnetMgr::Etcd => LeaseSource::Etcd(Box::new(
+            EtcdSource::connect(EtcdOptions {
+                endpoints: args.etcd_endpoints.clone(),
+                prefix: args.etcd_prefix.clone(),
+                cafile: args.etcd_cafile.clone(),
+                certfile: args.etcd_certfile.clone(),
+                keyfile: args.etcd_keyfile.clone(),
+                username: args.etcd_username.clone(),
+                password: args.etcd_password.clone(),
+                lease_ttl: Duration::from_secs(args.subnet_lease_ttl),
+                renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
+            })
+            .await?,
+        )),
+    })
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let SubnetMgr::File = args.subnet_mgr;
-    let dir = args
-        .subnet_dir
-        .as_deref()
-        .context("--subnet-mgr file needs --subnet-dir DIR")?;
-    let mut source = FileSource::new(dir);
-    let conf = source.read_config()?;
+    let mut source = open_source(&args).await?;
+    let conf = source.config().await?;
+    if conf.backend.direct_routing {
+        log::warn!("Backend.DirectRouting is not implemented yet: every peer goes through VXLAN");
+    }
     let object_path = find_object(args.bpf_object.as_deref())?;
     let object = std::fs::read(&object_path)
         .with_context(|| format!("reading the eBPF object {}", object_path.display()))?;
@@ -67,12 +96,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // A stable VtepMAC: the device's, else our lease's, else derived from the public IP.
     let existing = nl.link_by_name(&vtep_name).await?;
-    let lease_mac = source
-        .read()?
-        .leases
-        .values()
-        .find(|l| l.public_ip == public_ip)
-        .map(|l| l.vtep_mac);
+    let lease_mac = source.lease_of(public_ip).await?.map(|l| l.vtep_mac);
     let vtep_mac = existing
         .as_ref()
         .filter(|l| l.vxlan.is_some())
@@ -81,7 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf/{public_ip}").as_bytes()));
 
     let previous = subnet_env::previous_subnet(&args.subnet_file);
-    let subnet = source.acquire(&conf, public_ip, vtep_mac, previous)?;
+    let subnet = source.acquire(&conf, public_ip, vtep_mac, previous).await?;
     let own_lease = Lease {
         subnet,
         public_ip,
@@ -144,7 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ..SyncState::default()
     };
-    let snap = source.read()?;
+    let snap = source.snapshot().await?;
     state
         .sync(&snap, &own, &mut tables, &nl, vtep.index)
         .await?;
@@ -183,6 +207,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let poll = Duration::from_millis(args.poll_interval_ms.max(10));
     let resync = Duration::from_secs(args.resync_interval.max(1));
     let mut next_resync = Instant::now() + resync;
+    let mut last_lease_error = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -190,27 +215,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep(poll) => {}
         }
         let due = Instant::now() >= next_resync;
-        match source.changed() {
+        if let Err(e) = source.maintain(&own_lease, conf.backend.vni).await {
+            // Once per 10 s while it lasts (e.g. etcd down), not on every poll.
+            if last_lease_error.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
+                log::error!("keeping our lease: {e:#}");
+                last_lease_error = Some(Instant::now());
+            }
+        }
+        match source.changed().await {
             Ok(false) if !due => continue,
             Ok(_) => {}
             Err(e) => {
-                log::warn!("checking leases in {}: {e:#}", dir.display());
+                log::warn!("checking leases: {e:#}");
                 continue;
             }
         }
-        if !source.holds(&own_lease) {
-            // flanneld would exit here; we keep the node reachable by writing it back.
-            log::error!(
-                "OUR LEASE {subnet} WAS DELETED OR CHANGED by someone else: writing it back (PublicIP {public_ip}, VtepMAC {vtep_mac})"
-            );
-            if let Err(e) = source.write_lease(&own_lease, conf.backend.vni, true) {
-                log::error!("re-writing our lease: {e:#}");
-            }
-        }
-        let snap = match source.read() {
+        let snap = match source.snapshot().await {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("reading leases in {}: {e:#}", dir.display());
+                log::warn!("reading leases: {e:#}");
                 continue;
             }
         };

@@ -40,7 +40,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Set up flannel.1, attach the programs and keep the tables in sync with the leases.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach the programs and remove every pinned object under the pin root.
     Uninstall(PinArgs),
     /// Print the pinned tables and counters (the agent need not be running).
@@ -51,6 +51,8 @@ pub enum Command {
 pub enum SubnetMgr {
     /// Flannel's etcd layout in a directory (--subnet-dir).
     File,
+    /// etcd v3, as flanneld keeps leases there (--etcd-*).
+    Etcd,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,6 +81,45 @@ pub struct RunArgs {
     /// Directory with `config` (net-conf.json) and `subnets/<ip>-<len>` lease files.
     #[arg(long, env = "FLANNELD_SUBNET_DIR")]
     pub subnet_dir: Option<PathBuf>,
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix of the network.
+    #[arg(
+        long,
+        default_value = "/coreos.com/network",
+        env = "FLANNELD_ETCD_PREFIX"
+    )]
+    pub etcd_prefix: String,
+    /// CA certificate for etcd TLS.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<String>,
+    /// Client certificate for etcd TLS.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<String>,
+    /// Client key for etcd TLS.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<String>,
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD")]
+    pub etcd_password: Option<String>,
+    /// Renew our lease this many minutes before it expires.
+    #[arg(long, default_value_t = 60, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN")]
+    pub subnet_lease_renew_margin: u64,
+    /// TTL of our lease in seconds (flanneld: 24 h); for tests.
+    #[arg(
+        long,
+        default_value_t = 86400,
+        hide = true,
+        env = "FLANNELD_SUBNET_LEASE_TTL"
+    )]
+    pub subnet_lease_ttl: u64,
     /// Underlay interface (name or IPv4 address); default: the one of the default route.
     #[arg(long, env = "FLANNELD_IFACE")]
     pub iface: Option<String>,
@@ -126,7 +167,7 @@ impl Cli {
 
     pub async fn execute(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Run(args) => crate::agent::run(args).await,
+            Command::Run(args) => crate::agent::run(*args).await,
             Command::Show(a) => {
                 print!("{}", crate::show::render(&a.pins.pin_root, a.view, a.json)?);
                 Ok(())

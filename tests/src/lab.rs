@@ -238,9 +238,12 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", node.ns.name))
             .arg(agent_path())
-            .args(["run", "--subnet-mgr", "file", "--subnet-dir"])
-            .arg(&leases)
-            .arg("--subnet-file")
+            .arg("run");
+        if !node.agent_args.iter().any(|a| a == "--subnet-mgr") {
+            cmd.args(["--subnet-mgr", "file", "--subnet-dir"])
+                .arg(&leases);
+        }
+        cmd.arg("--subnet-file")
             .arg(&node.subnet_file)
             .arg("--pin-root")
             .arg(&node.pin_root)
@@ -275,11 +278,11 @@ impl Lab {
         self.spawn_agent(i)?;
         let subnet = self.wait_subnet_env(i)?;
         self.attach_pod(i, &subnet)?;
-        // Our VtepMAC, from the lease the agent wrote.
-        let key = subnet.replace('/', "-");
-        let lease = fs::read_to_string(self.lease_dir().join("subnets").join(&key))?;
-        let v: serde_json::Value = serde_json::from_str(&lease)?;
-        self.nodes[i].vtep_mac = v["BackendData"]["VtepMAC"].as_str().map(String::from);
+        // Our VtepMAC: the address of the flannel.1 the agent set up.
+        let mac = self.nodes[i]
+            .ns
+            .sh("cat /sys/class/net/flannel.1/address")?;
+        self.nodes[i].vtep_mac = Some(mac.trim().to_string());
         Ok(())
     }
 
@@ -330,6 +333,12 @@ impl Lab {
     /// Bring up node `i` as stock Flannel would: kernel flannel.1 (vxlan id 1
     /// dstport 8472 nolearning), its lease written as flanneld writes it.
     pub fn start_stock(&mut self, i: usize, subnet_third_octet: u8) -> anyhow::Result<()> {
+        self.start_stock_device(i, subnet_third_octet)?;
+        self.write_lease(i)
+    }
+
+    /// Node `i`'s kernel flannel.1 and pod only (the test writes the lease where it wants).
+    pub fn start_stock_device(&mut self, i: usize, subnet_third_octet: u8) -> anyhow::Result<()> {
         let subnet = format!("10.244.{subnet_third_octet}.0/24");
         let mac = format!("02:42:8f:11:22:{:02x}", 0x10 * (i as u8 + 1));
         {
@@ -346,12 +355,11 @@ impl Lab {
         }
         self.attach_pod(i, &subnet)?;
         self.nodes[i].vtep_mac = Some(mac);
-        self.write_lease(i)?;
         Ok(())
     }
 
-    /// Write node `i`'s lease exactly as flanneld does.
-    pub fn write_lease(&self, i: usize) -> anyhow::Result<()> {
+    /// Node `i`'s lease key (`10.244.2.0-24`) and value, exactly as flanneld writes them.
+    pub fn lease_kv(&self, i: usize) -> anyhow::Result<(String, String)> {
         let n = &self.nodes[i];
         let subnet = n.subnet.as_deref().context("node has no subnet")?;
         let mac = n.vtep_mac.as_deref().context("node has no VtepMAC")?;
@@ -359,10 +367,13 @@ impl Lab {
             r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
             n.public_ip
         );
-        let path = self
-            .lease_dir()
-            .join("subnets")
-            .join(subnet.replace('/', "-"));
+        Ok((subnet.replace('/', "-"), value))
+    }
+
+    /// Write node `i`'s lease file, the value exactly as flanneld writes it to etcd.
+    pub fn write_lease(&self, i: usize) -> anyhow::Result<()> {
+        let (key, value) = self.lease_kv(i)?;
+        let path = self.lease_dir().join("subnets").join(key);
         let tmp = path.with_extension("tmp-write");
         fs::write(&tmp, value)?;
         fs::rename(&tmp, &path)?;

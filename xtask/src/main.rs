@@ -74,6 +74,7 @@ pub fn build_ebpf() -> anyhow::Result<PathBuf> {
 }
 
 fn build_agent(release: bool) -> anyhow::Result<()> {
+    toolchain::ensure_protoc()?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root())
         .args(["build", "--locked", "-p", "flannel-agent"]);

@@ -44,6 +44,26 @@ fn has_bpf_linker() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// protoc, for the etcd client's generated gRPC code (user-side build).
+pub fn ensure_protoc() -> anyhow::Result<()> {
+    let found = Command::new("protoc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found || std::env::var_os("PROTOC").is_some() {
+        return Ok(());
+    }
+    println!(
+        "xtask: protoc is missing (the etcd client's build needs it): apt-get install protobuf-compiler"
+    );
+    run(Command::new("apt-get").args(["install", "-y", "-qq", "protobuf-compiler"]))
+        .or_else(|_| {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            run(Command::new("apt-get").args(["install", "-y", "-qq", "protobuf-compiler"]))
+        })
+        .map_err(|e| anyhow::anyhow!("{e:#}: install protoc (Debian: protobuf-compiler) and retry"))
+}
+
 pub fn ensure() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     if !has_rust_src(&sysroot) {

@@ -1,10 +1,88 @@
 //! Where leases come from. Every source yields the same snapshot shape, so one
 //! reconciler serves them all.
+pub mod etcd;
 pub mod file;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use crate::{lease::Lease, subnet::Subnet};
+use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+
+/// The lease sources behind one interface.
+pub enum LeaseSource {
+    File(file::FileSource),
+    Etcd(Box<etcd::EtcdSource>),
+}
+
+impl LeaseSource {
+    /// net-conf.json, from where this source keeps it.
+    pub async fn config(&mut self) -> anyhow::Result<NetConf> {
+        match self {
+            LeaseSource::File(f) => f.read_config(),
+            LeaseSource::Etcd(e) => e.config().await,
+        }
+    }
+
+    /// The lease that already holds `public_ip`, if any (to keep our VtepMAC).
+    pub async fn lease_of(&mut self, public_ip: Ipv4Addr) -> anyhow::Result<Option<Lease>> {
+        match self {
+            LeaseSource::File(f) => Ok(f
+                .read()?
+                .leases
+                .values()
+                .find(|l| l.public_ip == public_ip)
+                .copied()),
+            LeaseSource::Etcd(e) => e.lease_of(public_ip).await,
+        }
+    }
+
+    pub async fn acquire(
+        &mut self,
+        conf: &NetConf,
+        public_ip: Ipv4Addr,
+        vtep_mac: Mac,
+        previous: Option<Subnet>,
+    ) -> anyhow::Result<Subnet> {
+        match self {
+            LeaseSource::File(f) => f.acquire(conf, public_ip, vtep_mac, previous),
+            LeaseSource::Etcd(e) => e.acquire(conf, public_ip, vtep_mac, previous).await,
+        }
+    }
+
+    /// Whether a new snapshot is worth taking (cheap).
+    pub async fn changed(&mut self) -> anyhow::Result<bool> {
+        match self {
+            LeaseSource::File(f) => f.changed(),
+            LeaseSource::Etcd(e) => e.changed().await,
+        }
+    }
+
+    pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        match self {
+            LeaseSource::File(f) => f.read(),
+            LeaseSource::Etcd(e) => e.snapshot().await,
+        }
+    }
+
+    /// Keep our own lease alive and ours (renewal, re-creation after deletion).
+    pub async fn maintain(&mut self, own: &Lease, vni: u32) -> anyhow::Result<()> {
+        match self {
+            LeaseSource::File(f) => {
+                if !f.holds(own) {
+                    // flanneld would exit here; we keep the node reachable by writing it back.
+                    log::error!(
+                        "OUR LEASE {} WAS DELETED OR CHANGED by someone else: writing it back (PublicIP {}, VtepMAC {})",
+                        own.subnet,
+                        own.public_ip,
+                        own.vtep_mac
+                    );
+                    f.write_lease(own, vni, true)?;
+                }
+                Ok(())
+            }
+            LeaseSource::Etcd(e) => e.maintain().await,
+        }
+    }
+}
 
 /// All usable VXLAN leases at one moment, keyed by subnet.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -1,0 +1,292 @@
+//! `--subnet-mgr etcd` against a real etcd server: leases written exactly as
+//! flanneld writes them, reservations, our own lease deleted by someone else,
+//! etcd restarted and its history compacted mid-watch, lease renewal.
+use std::time::Duration;
+
+use etcd_client::{GetOptions, PutOptions};
+use flannel_tests::{
+    etcd::Etcd,
+    lab::{Kind, Lab, NETWORK, Topology},
+    prereq,
+    traffic::{ping, wait_reachable},
+    wait_for,
+};
+
+const PREFIX: &str = "/coreos.com/network";
+
+fn ready(test: &str) -> bool {
+    if !prereq::ready(test) {
+        return false;
+    }
+    let has_etcd = std::process::Command::new("bash")
+        .args(["-c", "command -v etcd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_etcd {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test}: etcd is not installed (apt-get install etcd-server)");
+        }
+        eprintln!("SKIPPED {test}: etcd is not installed");
+        return false;
+    }
+    true
+}
+
+/// Put a lease as flanneld does: attached to a 24 h etcd lease.
+fn put_flanneld_lease(etcd: &Etcd, lab: &Lab, node: usize) {
+    let (key, value) = lab.lease_kv(node).unwrap();
+    etcd.client(&lab.nodes[0].ns, async move |c| {
+        let lease = c.lease_grant(86400, None).await?.id();
+        c.put(
+            format!("{PREFIX}/subnets/{key}"),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn etcd_args(etcd: &Etcd, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--subnet-mgr".to_string(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.endpoint(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn get(etcd: &Etcd, lab: &Lab, key: &str) -> Option<(String, i64)> {
+    let key = format!("{PREFIX}/subnets/{key}");
+    etcd.client(&lab.nodes[0].ns, async move |c| {
+        let r = c.get(key, None).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| (kv.value_str().unwrap_or("").to_string(), kv.lease())))
+    })
+    .unwrap()
+}
+
+#[test]
+fn leases_from_etcd_as_flanneld_writes_them() {
+    if !ready("etcd_leases") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "etcd1",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    let etcd = Etcd::start(&lab.nodes[0].ns, 2379).unwrap();
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+            None,
+        )
+        .await?;
+        // A reservation for our node: a key without TTL holding only our PublicIP.
+        c.put(
+            format!("{PREFIX}/subnets/10.244.7.0-24"),
+            r#"{"PublicIP":"10.1.5.11"}"#,
+            None,
+        )
+        .await?;
+        // Garbage next to real leases: skipped, the rest applied.
+        c.put(format!("{PREFIX}/subnets/10.244.9.0-24"), "{not json", None)
+            .await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_stock_device(2, 3).unwrap();
+    put_flanneld_lease(&etcd, &lab, 1);
+    put_flanneld_lease(&etcd, &lab, 2);
+
+    lab.nodes[0].agent_args = etcd_args(&etcd, &[]);
+    lab.start_agent(0).unwrap();
+    // The reservation was honoured: our subnet, still without TTL, now with our VtepMAC.
+    assert_eq!(lab.nodes[0].subnet.as_deref(), Some("10.244.7.0/24"));
+    let (value, lease) = get(&etcd, &lab, "10.244.7.0-24").unwrap();
+    assert_eq!(lease, 0, "a reservation must stay without TTL");
+    let v: serde_json::Value = serde_json::from_str(&value).unwrap();
+    assert_eq!(v["PublicIP"], "10.1.5.11");
+    assert_eq!(v["BackendType"], "vxlan");
+    assert_eq!(
+        v["BackendData"]["VtepMAC"].as_str(),
+        lab.nodes[0].vtep_mac.as_deref()
+    );
+
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 2)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let routes = lab.nodes[0]
+        .ns
+        .sh("ip -4 route show dev flannel.1")
+        .unwrap();
+    assert!(
+        routes.contains("10.244.2.0/24 via 10.244.2.0")
+            && routes.contains("10.244.3.0/24 via 10.244.3.0"),
+        "{routes}"
+    );
+    assert!(
+        lab.nodes[0]
+            .log_text()
+            .contains("skipping etcd lease 10.244.9.0-24"),
+        "{}",
+        lab.logs()
+    );
+    for peer in [1, 2] {
+        wait_reachable(
+            &lab.nodes[0].pod,
+            lab.nodes[peer].pod_ip(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(
+            ping(&lab.nodes[peer].pod, lab.nodes[0].pod_ip(), 5, 0.05).unwrap(),
+            (5, 5)
+        );
+    }
+
+    // A peer's lease deleted: its entries go within a second.
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.delete(format!("{PREFIX}/subnets/10.244.3.0-24"), None)
+            .await?;
+        Ok(())
+    })
+    .unwrap();
+    wait_for(
+        "the deleted lease to leave the maps",
+        Duration::from_secs(1),
+        || (lab.fdb(0).len() == 1).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let routes = lab.nodes[0]
+        .ns
+        .sh("ip -4 route show dev flannel.1")
+        .unwrap();
+    assert!(!routes.contains("10.244.3.0"), "{routes}");
+
+    // Our own lease deleted by someone else: said loudly, and written back.
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.delete(format!("{PREFIX}/subnets/10.244.7.0-24"), None)
+            .await?;
+        Ok(())
+    })
+    .unwrap();
+    wait_for("our lease to be re-created", Duration::from_secs(5), || {
+        get(&etcd, &lab, "10.244.7.0-24")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(
+        lab.nodes[0].log_text().contains("WAS DELETED from etcd"),
+        "{}",
+        lab.logs()
+    );
+}
+
+#[test]
+fn etcd_restart_and_compaction_mid_watch_converge() {
+    if !ready("etcd_restart") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "etcd2",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    let mut etcd = Etcd::start(&lab.nodes[0].ns, 2379).unwrap();
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(r#"{{"Network":"{NETWORK}"}}"#),
+            None,
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_stock_device(2, 3).unwrap();
+    put_flanneld_lease(&etcd, &lab, 1);
+    // A short TTL so renewal is exercised within the test (renewed at half the TTL).
+    lab.nodes[0].agent_args = etcd_args(&etcd, &["--subnet-lease-ttl", "4"]);
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let own_key = lab.nodes[0].subnet.clone().unwrap().replace('/', "-");
+    let (_, own_lease) = get(&etcd, &lab, &own_key).unwrap();
+    assert_ne!(own_lease, 0, "our lease is attached to an etcd lease");
+
+    // etcd goes away under the watch. While the agent cannot reach it (it
+    // serves another client port for a moment), leases change and the history
+    // is compacted; then it comes back where the agent expects it.
+    etcd.stop();
+    etcd.restart_on(2479).unwrap();
+    put_flanneld_lease(&etcd, &lab, 2);
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.delete(format!("{PREFIX}/subnets/10.244.2.0-24"), None)
+            .await?;
+        let rev = c.get("x", None).await?.header().map_or(0, |h| h.revision());
+        c.compact(rev, None).await?;
+        Ok(())
+    })
+    .unwrap();
+    etcd.restart_on(2379).unwrap();
+    wait_for(
+        "the agent to converge after restart and compaction",
+        Duration::from_secs(15),
+        || {
+            let fdb = lab.fdb(0);
+            (fdb.len() == 1 && fdb[0].0 == "02:42:8f:11:22:30").then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", lab.fdb(0), lab.logs()));
+    let routes = lab.nodes[0]
+        .ns
+        .sh("ip -4 route show dev flannel.1")
+        .unwrap();
+    assert!(
+        routes.contains("10.244.3.0/24") && !routes.contains("10.244.2.0"),
+        "{routes}"
+    );
+    let log = lab.nodes[0].log_text();
+    assert!(log.contains("etcd: watch on"), "no lost-watch line:\n{log}");
+    assert!(
+        log.contains("was compacted") && log.contains("re-listing"),
+        "compaction not seen:\n{log}"
+    );
+    lab.program_stock_peers().unwrap();
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[2].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+
+    // Renewed: well past the 4 s TTL our key is still there.
+    std::thread::sleep(Duration::from_secs(5));
+    let left = etcd
+        .client(&lab.nodes[0].ns, async |c| {
+            let all = c
+                .get(
+                    format!("{PREFIX}/subnets/"),
+                    Some(GetOptions::new().with_prefix()),
+                )
+                .await?;
+            Ok(all.kvs().len())
+        })
+        .unwrap();
+    assert!(
+        get(&etcd, &lab, &own_key).is_some(),
+        "our lease expired: not renewed ({left} keys)\n{}",
+        lab.logs()
+    );
+}
