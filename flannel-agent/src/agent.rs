@@ -22,6 +22,7 @@ use crate::{
         LeaseSource, Snapshot,
         etcd::{EtcdOptions, EtcdSource},
         file::FileSource,
+        kube::{KubeOptions, KubeSource},
         log_changes,
     },
     subnet_env, sysctl,
@@ -72,6 +73,14 @@ async fn open_source(args: &RunArgs) -> anyhow::Result<LeaseSource> {
             })
             .await?,
         )),
+        SubnetMgr::Kube => LeaseSource::Kube(Box::new(
+            KubeSource::connect(KubeOptions {
+                kubeconfig: args.kubeconfig.clone(),
+                node_name: args.node_name.clone(),
+                net_config_path: args.net_config_path.clone(),
+            })
+            .await?,
+        )),
     })
 }
 
@@ -86,7 +95,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading the eBPF object {}", object_path.display()))?;
 
     let nl = Netlink::connect()?;
-    let underlay = underlay::select(&nl, args.iface.as_deref(), args.public_ip).await?;
+    let wanted_ip = match args.public_ip {
+        Some(ip) => Some(ip),
+        None => source.public_ip_hint().await?,
+    };
+    let underlay = underlay::select(&nl, args.iface.as_deref(), wanted_ip).await?;
     let public_ip = underlay.public_ip;
     let vtep_name = args
         .vtep_name
@@ -177,6 +190,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.subnet_file,
         &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
     )?;
+    source.ready().await?;
     log::info!(
         "node {public_ip}: lease {subnet}, VTEP {vtep_name} {}/32 {vtep_mac} MTU {mtu}, VNI {} port {}",
         subnet.vtep_addr(),

@@ -53,6 +53,8 @@ pub enum SubnetMgr {
     File,
     /// etcd v3, as flanneld keeps leases there (--etcd-*).
     Etcd,
+    /// Kubernetes Node objects, as flanneld's --kube-subnet-mgr.
+    Kube,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -81,6 +83,19 @@ pub struct RunArgs {
     /// Directory with `config` (net-conf.json) and `subnets/<ip>-<len>` lease files.
     #[arg(long, env = "FLANNELD_SUBNET_DIR")]
     pub subnet_dir: Option<PathBuf>,
+    /// kubeconfig for --subnet-mgr kube; default: the in-cluster config.
+    #[arg(long, alias = "kubeconfig-file", env = "FLANNELD_KUBECONFIG_FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (kube).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// net-conf.json for --subnet-mgr kube (the kube-flannel-cfg ConfigMap).
+    #[arg(
+        long,
+        default_value = "/etc/kube-flannel/net-conf.json",
+        env = "FLANNELD_NET_CONFIG_PATH"
+    )]
+    pub net_config_path: PathBuf,
     /// etcd endpoints, comma-separated.
     #[arg(
         long,

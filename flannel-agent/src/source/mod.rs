@@ -2,6 +2,7 @@
 //! reconciler serves them all.
 pub mod etcd;
 pub mod file;
+pub mod kube;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -11,6 +12,7 @@ use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
 pub enum LeaseSource {
     File(file::FileSource),
     Etcd(Box<etcd::EtcdSource>),
+    Kube(Box<kube::KubeSource>),
 }
 
 impl LeaseSource {
@@ -19,6 +21,23 @@ impl LeaseSource {
         match self {
             LeaseSource::File(f) => f.read_config(),
             LeaseSource::Etcd(e) => e.config().await,
+            LeaseSource::Kube(k) => k.config().await,
+        }
+    }
+
+    /// A public IP the lease store asks us to use (kube: `node-public-ip`).
+    pub async fn public_ip_hint(&mut self) -> anyhow::Result<Option<Ipv4Addr>> {
+        match self {
+            LeaseSource::Kube(k) => k.public_ip_hint().await,
+            _ => Ok(None),
+        }
+    }
+
+    /// Tell the cluster this node's network is ready (kube: NetworkUnavailable=False).
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        match self {
+            LeaseSource::Kube(k) => k.set_network_available().await,
+            _ => Ok(()),
         }
     }
 
@@ -32,6 +51,7 @@ impl LeaseSource {
                 .find(|l| l.public_ip == public_ip)
                 .copied()),
             LeaseSource::Etcd(e) => e.lease_of(public_ip).await,
+            LeaseSource::Kube(k) => k.lease_of(public_ip).await,
         }
     }
 
@@ -45,6 +65,7 @@ impl LeaseSource {
         match self {
             LeaseSource::File(f) => f.acquire(conf, public_ip, vtep_mac, previous),
             LeaseSource::Etcd(e) => e.acquire(conf, public_ip, vtep_mac, previous).await,
+            LeaseSource::Kube(k) => k.acquire(conf, public_ip, vtep_mac).await,
         }
     }
 
@@ -53,6 +74,7 @@ impl LeaseSource {
         match self {
             LeaseSource::File(f) => f.changed(),
             LeaseSource::Etcd(e) => e.changed().await,
+            LeaseSource::Kube(k) => k.changed().await,
         }
     }
 
@@ -60,6 +82,7 @@ impl LeaseSource {
         match self {
             LeaseSource::File(f) => f.read(),
             LeaseSource::Etcd(e) => e.snapshot().await,
+            LeaseSource::Kube(k) => k.snapshot().await,
         }
     }
 
@@ -80,6 +103,8 @@ impl LeaseSource {
                 Ok(())
             }
             LeaseSource::Etcd(e) => e.maintain().await,
+            // The node object is ours; the subnet is the podCIDR the cluster assigned.
+            LeaseSource::Kube(_) => Ok(()),
         }
     }
 }

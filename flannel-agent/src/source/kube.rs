@@ -1,0 +1,458 @@
+//! `--subnet-mgr kube`: leases as flanneld's Kubernetes subnet manager keeps
+//! them — our subnet is `node.spec.podCIDR`, every node announces its VTEP in
+//! `flannel.alpha.coreos.com/*` annotations written through `nodes/status`.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client, Config,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::watcher::{self, Event},
+};
+
+use super::Snapshot;
+use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+
+const PREFIX: &str = "flannel.alpha.coreos.com/";
+pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+pub const PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
+pub const NODE_PUBLIC_IP: &str = "flannel.alpha.coreos.com/node-public-ip";
+pub const KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub net_config_path: PathBuf,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// Lease per node name.
+    by_node: BTreeMap<String, Lease>,
+    /// Nodes seen during a (re-)list, replacing `by_node` when it completes.
+    relist: Option<BTreeMap<String, Lease>>,
+    dirty: bool,
+    reported: BTreeMap<String, String>,
+}
+
+pub struct KubeSource {
+    nodes: Api<Node>,
+    opts: KubeOptions,
+    state: Arc<Mutex<WatchState>>,
+    watching: bool,
+}
+
+/// The subnet in `spec.podCIDR`, or the first IPv4 one in `spec.podCIDRs`.
+fn pod_cidr(node: &Node) -> anyhow::Result<Subnet> {
+    let spec = node.spec.as_ref();
+    let cidrs: Vec<String> = spec
+        .and_then(|s| s.pod_cidr.clone())
+        .into_iter()
+        .chain(spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default())
+        .collect();
+    let first = cidrs
+        .iter()
+        .find(|c| c.parse::<Subnet>().is_ok())
+        .context("pod cidr not assigned")?;
+    first.parse().with_context(|| format!("podCIDR {first:?}"))
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// A peer's lease from its Node; Ok(None) for nodes flanneld would ignore
+/// (not managed by a kube subnet manager, or not VXLAN).
+pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
+    if annotation(node, KUBE_SUBNET_MANAGER) != Some("true") {
+        return Ok(None);
+    }
+    match annotation(node, BACKEND_TYPE) {
+        Some("vxlan") => {}
+        _ => return Ok(None),
+    }
+    let subnet = pod_cidr(node)?;
+    let data = annotation(node, BACKEND_DATA).context("backend-data annotation missing")?;
+    let data: crate::lease::VxlanBackendData =
+        serde_json::from_str(data).with_context(|| format!("backend-data {data:?}"))?;
+    let vtep_mac: Mac = data
+        .vtep_mac
+        .parse()
+        .with_context(|| format!("backend-data VtepMAC {:?}", data.vtep_mac))?;
+    // Peers use the overwrite when a node has one, as flanneld does.
+    let ip = annotation(node, PUBLIC_IP_OVERWRITE)
+        .or(annotation(node, PUBLIC_IP))
+        .context("public-ip annotation missing")?;
+    let public_ip: Ipv4Addr = ip
+        .parse()
+        .with_context(|| format!("public-ip {ip:?} is not an IPv4 address"))?;
+    Ok(Some(Lease {
+        subnet,
+        public_ip,
+        vtep_mac,
+    }))
+}
+
+/// RFC 3339 UTC, seconds precision, for condition timestamps.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl KubeSource {
+    pub async fn connect(opts: KubeOptions) -> anyhow::Result<KubeSource> {
+        if opts.node_name.is_empty() {
+            bail!("--subnet-mgr kube needs the node name: --node-name or NODE_NAME");
+        }
+        let config = match &opts.kubeconfig {
+            Some(path) => {
+                let kc = Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("kubeconfig {}", path.display()))?
+            }
+            None => Config::incluster().context(
+                "no --kubeconfig given and not running in a pod (in-cluster config unavailable)",
+            )?,
+        };
+        let client = Client::try_from(config).context("building the Kubernetes client")?;
+        Ok(KubeSource {
+            nodes: Api::all(client),
+            opts,
+            state: Arc::new(Mutex::new(WatchState::default())),
+            watching: false,
+        })
+    }
+
+    async fn own_node(&self) -> anyhow::Result<Node> {
+        self.nodes
+            .get(&self.opts.node_name)
+            .await
+            .with_context(|| format!("reading node {}", self.opts.node_name))
+    }
+
+    pub async fn config(&mut self) -> anyhow::Result<NetConf> {
+        let p = &self.opts.net_config_path;
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading net-conf.json from {}", p.display()))?;
+        NetConf::parse(&text).with_context(|| format!("{}", p.display()))
+    }
+
+    /// `node-public-ip` on our node: the address to use as our public IP.
+    pub async fn public_ip_hint(&mut self) -> anyhow::Result<Option<Ipv4Addr>> {
+        let node = self.own_node().await?;
+        annotation(&node, NODE_PUBLIC_IP)
+            .map(|s| {
+                s.parse()
+                    .with_context(|| format!("{NODE_PUBLIC_IP} {s:?} is not an IPv4 address"))
+            })
+            .transpose()
+    }
+
+    /// Our previous announcement, to keep the VtepMAC across restarts.
+    pub async fn lease_of(&mut self, public_ip: Ipv4Addr) -> anyhow::Result<Option<Lease>> {
+        let node = self.own_node().await?;
+        let Some(data) = annotation(&node, BACKEND_DATA) else {
+            return Ok(None);
+        };
+        let Ok(data) = serde_json::from_str::<crate::lease::VxlanBackendData>(data) else {
+            return Ok(None);
+        };
+        let (Ok(vtep_mac), Ok(subnet)) = (data.vtep_mac.parse::<Mac>(), pod_cidr(&node)) else {
+            return Ok(None);
+        };
+        Ok(Some(Lease {
+            subnet,
+            public_ip,
+            vtep_mac,
+        }))
+    }
+
+    /// Our subnet is the node's podCIDR; announce our VTEP on the node as
+    /// flanneld does, through a patch of `nodes/status`.
+    pub async fn acquire(
+        &mut self,
+        conf: &NetConf,
+        public_ip: Ipv4Addr,
+        vtep_mac: Mac,
+    ) -> anyhow::Result<Subnet> {
+        let node = self.own_node().await?;
+        let subnet = pod_cidr(&node).with_context(|| format!("node {}", self.opts.node_name))?;
+        if !conf.network.contains_subnet(&subnet) {
+            bail!(
+                "node {} has podCIDR {subnet}, outside the Network {}",
+                self.opts.node_name,
+                conf.network
+            );
+        }
+        let announced = annotation(&node, PUBLIC_IP_OVERWRITE)
+            .map(str::to_string)
+            .unwrap_or_else(|| public_ip.to_string());
+        // The exact shape stock flanneld writes and re-parses.
+        let backend_data = format!(r#"{{"VNI":{},"VtepMAC":"{vtep_mac}"}}"#, conf.backend.vni);
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {
+                BACKEND_TYPE: "vxlan",
+                BACKEND_DATA: backend_data,
+                PUBLIC_IP: announced,
+                KUBE_SUBNET_MANAGER: "true",
+            }}
+        });
+        self.nodes
+            .patch_status(
+                &self.opts.node_name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .with_context(|| format!("annotating node {} ({PREFIX}*)", self.opts.node_name))?;
+        log::info!(
+            "node {}: podCIDR {subnet}, announced VtepMAC {vtep_mac} and public IP {announced}",
+            self.opts.node_name
+        );
+        Ok(subnet)
+    }
+
+    /// NetworkUnavailable=False, once our tables are in place (as flanneld).
+    pub async fn set_network_available(&mut self) -> anyhow::Result<()> {
+        let now = now_rfc3339();
+        let patch = serde_json::json!({"status": {"conditions": [{
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "FlannelIsUp",
+            "message": "Flannel is running on this node",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}});
+        self.nodes
+            .patch_status(
+                &self.opts.node_name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "setting NetworkUnavailable=False on {}",
+                    self.opts.node_name
+                )
+            })?;
+        Ok(())
+    }
+
+    fn start_watch(&mut self) {
+        if self.watching {
+            return;
+        }
+        self.watching = true;
+        let api = self.nodes.clone();
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            // The watcher lists, watches, re-watches when a watch ends and
+            // re-lists on 410 Gone; it retries errors with backoff.
+            let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+            let mut backoff = std::time::Duration::from_millis(200);
+            loop {
+                match stream.next().await {
+                    Some(Ok(ev)) => {
+                        backoff = std::time::Duration::from_millis(200);
+                        if let Ok(mut s) = state.lock() {
+                            s.handle(ev);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        log::warn!("kube: watching nodes: {e}; retrying in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    }
+                    None => break,
+                }
+            }
+        });
+    }
+
+    pub async fn changed(&mut self) -> anyhow::Result<bool> {
+        self.start_watch();
+        Ok(self.state.lock().map(|s| s.dirty).unwrap_or(true))
+    }
+
+    pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        self.start_watch();
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("kube watch state poisoned"))?;
+        s.dirty = false;
+        Ok(Snapshot {
+            leases: s.by_node.values().map(|l| (l.subnet, *l)).collect(),
+        })
+    }
+}
+
+impl WatchState {
+    fn lease(&mut self, node: &Node) -> Option<(String, Lease)> {
+        let name = node.metadata.name.clone()?;
+        match node_lease(node) {
+            Ok(Some(l)) => {
+                self.reported.remove(&name);
+                Some((name, l))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.reported.get(&name) != Some(&why) {
+                    log::warn!("skipping node {name}: {why}");
+                    self.reported.insert(name, why);
+                }
+                None
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event<Node>) {
+        match ev {
+            Event::Init => self.relist = Some(BTreeMap::new()),
+            Event::InitApply(node) => {
+                if let Some((name, l)) = self.lease(&node) {
+                    self.relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(name, l);
+                }
+            }
+            Event::InitDone => {
+                // A (re-)list is complete: nodes that vanished meanwhile go.
+                self.by_node = self.relist.take().unwrap_or_default();
+                self.dirty = true;
+            }
+            Event::Apply(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                match self.lease(&node) {
+                    Some((name, l)) => {
+                        self.by_node.insert(name, l);
+                    }
+                    None => {
+                        self.by_node.remove(&name);
+                    }
+                }
+                self.dirty = true;
+            }
+            Event::Delete(node) => {
+                if let Some(name) = node.metadata.name.as_ref() {
+                    self.by_node.remove(name);
+                    self.reported.remove(name);
+                }
+                self.dirty = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(annotations: &[(&str, &str)], pod_cidr: Option<&str>) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "n",
+                "annotations": annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            },
+            "spec": {"podCIDR": pod_cidr},
+        }))
+        .unwrap()
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        (KUBE_SUBNET_MANAGER, "true"),
+        (BACKEND_TYPE, "vxlan"),
+        (BACKEND_DATA, r#"{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}"#),
+        (PUBLIC_IP, "172.18.0.3"),
+    ];
+
+    #[test]
+    fn node_annotations_make_a_lease() {
+        let l = node_lease(&node(GOOD, Some("10.244.1.0/24")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.subnet.to_string(), "10.244.1.0/24");
+        assert_eq!(l.public_ip, Ipv4Addr::new(172, 18, 0, 3));
+        assert_eq!(l.vtep_mac.to_string(), "e6:7c:02:8e:e8:7e");
+        let mut over = GOOD.to_vec();
+        over.push((PUBLIC_IP_OVERWRITE, "203.0.113.9"));
+        let l = node_lease(&node(&over, Some("10.244.1.0/24")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.public_ip, Ipv4Addr::new(203, 0, 113, 9));
+    }
+
+    #[test]
+    fn nodes_flanneld_ignores_or_cannot_parse() {
+        assert!(
+            node_lease(&node(&GOOD[1..], Some("10.244.1.0/24")))
+                .unwrap()
+                .is_none()
+        );
+        let mut hostgw = GOOD.to_vec();
+        hostgw[1] = (BACKEND_TYPE, "host-gw");
+        assert!(
+            node_lease(&node(&hostgw, Some("10.244.1.0/24")))
+                .unwrap()
+                .is_none()
+        );
+        let mut bad = GOOD.to_vec();
+        bad[2] = (BACKEND_DATA, "{VNI:1}");
+        assert!(
+            format!(
+                "{:#}",
+                node_lease(&node(&bad, Some("10.244.1.0/24"))).unwrap_err()
+            )
+            .contains("backend-data")
+        );
+        let err = node_lease(&node(GOOD, None)).unwrap_err();
+        assert!(format!("{err:#}").contains("pod cidr not assigned"));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "{t}"
+        );
+    }
+}

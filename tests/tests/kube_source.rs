@@ -1,0 +1,185 @@
+//! `--subnet-mgr kube` against a local server speaking the API's Node
+//! list/watch shapes: own subnet from podCIDR, peers from annotations,
+//! our annotations and NetworkUnavailable=False through nodes/status, the
+//! VtepMAC read back, a watch that ends, 410 Gone forcing a re-list.
+use std::time::Duration;
+
+use flannel_tests::{
+    kube_api::{FakeApi, node},
+    lab::{Kind, Lab, NETWORK, Topology},
+    prereq,
+    traffic::{ping, wait_reachable},
+    wait_for,
+};
+
+const SM: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+const BT: &str = "flannel.alpha.coreos.com/backend-type";
+const BD: &str = "flannel.alpha.coreos.com/backend-data";
+const IP: &str = "flannel.alpha.coreos.com/public-ip";
+
+fn flannel_node(name: &str, cidr: &str, mac: &str, ip: &str) -> serde_json::Value {
+    let data = format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+    node(
+        name,
+        cidr,
+        &[(SM, "true"), (BT, "vxlan"), (BD, &data), (IP, ip)],
+    )
+}
+
+#[test]
+fn kube_nodes_are_leases_and_we_announce_ourselves() {
+    if !prereq::ready("kube_source") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "kube",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    let api = FakeApi::start(&lab.nodes[0].ns, 6443).unwrap();
+    // Our node, with the VtepMAC an earlier run announced.
+    api.put_node(node(
+        "n1",
+        "10.244.1.0/24",
+        &[(BD, r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:01"}"#)],
+    ));
+    api.put_node(flannel_node(
+        "n2",
+        "10.244.2.0/24",
+        "02:42:8f:11:22:20",
+        "10.1.5.12",
+    ));
+    // Annotations that do not parse: skipped with a log line.
+    api.put_node(node(
+        "n3",
+        "10.244.3.0/24",
+        &[
+            (SM, "true"),
+            (BT, "vxlan"),
+            (BD, "{VNI:1"),
+            (IP, "10.1.5.13"),
+        ],
+    ));
+    // Not managed by flannel at all: ignored.
+    api.put_node(node("other", "10.244.9.0/24", &[]));
+
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let netconf = lab.dir.join("net-conf.json");
+    std::fs::write(
+        &netconf,
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+    )
+    .unwrap();
+    lab.nodes[0].agent_args = vec![
+        "--subnet-mgr".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        "n1".into(),
+        "--net-config-path".into(),
+        netconf.display().to_string(),
+    ];
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_stock_device(2, 3).unwrap();
+    lab.start_agent(0).unwrap();
+
+    // Own subnet from podCIDR; VtepMAC read back from our annotation.
+    assert_eq!(lab.nodes[0].subnet.as_deref(), Some("10.244.1.0/24"));
+    assert_eq!(lab.nodes[0].vtep_mac.as_deref(), Some("0a:58:0a:f4:01:01"));
+    let n1 = api.node("n1").unwrap();
+    let ann = &n1["metadata"]["annotations"];
+    assert_eq!(ann[BT], "vxlan");
+    assert_eq!(
+        ann[BD], r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:01"}"#,
+        "exact shape flanneld re-parses"
+    );
+    assert_eq!(ann[IP], "10.1.5.11");
+    assert_eq!(ann[SM], "true");
+    let cond = n1["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "NetworkUnavailable")
+        .cloned()
+        .unwrap_or_else(|| panic!("no NetworkUnavailable condition: {n1}"));
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("False"), Some("FlannelIsUp"))
+    );
+    assert!(
+        api.patches().iter().all(|(n, _)| n == "n1"),
+        "patched only our own node"
+    );
+
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(
+        lab.nodes[0].log_text().contains("skipping node n3"),
+        "{}",
+        lab.logs()
+    );
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(
+        ping(&lab.nodes[1].pod, lab.nodes[0].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+
+    // n3's annotations get fixed: it appears within a second.
+    api.put_node(flannel_node(
+        "n3",
+        "10.244.3.0/24",
+        "02:42:8f:11:22:30",
+        "10.1.5.13",
+    ));
+    wait_for("n3 to appear", Duration::from_secs(1), || {
+        (lab.fdb(0).len() == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[2].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+
+    // The watch ends: the agent watches again and keeps following changes.
+    let watches = api.watches();
+    api.end_watches();
+    wait_for("a new watch", Duration::from_secs(10), || {
+        (api.watches() > watches).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    api.delete_node("n3");
+    wait_for("n3 to go", Duration::from_secs(2), || {
+        (lab.fdb(0).len() == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+
+    // History expires while n2 disappears: the re-watch gets 410 Gone, the
+    // agent re-lists and n2's entries go too.
+    let lists = api.lists();
+    api.expire_history();
+    api.delete_node("n2");
+    wait_for("a re-list after 410 Gone", Duration::from_secs(10), || {
+        (api.lists() > lists).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for("n2 to go after the re-list", Duration::from_secs(5), || {
+        lab.fdb(0).is_empty().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let routes = lab.nodes[0]
+        .ns
+        .sh("ip -4 route show dev flannel.1")
+        .unwrap();
+    assert!(routes.trim().is_empty(), "stale routes: {routes}");
+}
