@@ -72,7 +72,26 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
+/// Netlink requests in flight at once: the kernel answers them in order on one
+/// socket, so a phase costs one round trip per batch, not per entry.
+const NETLINK_PIPELINE: usize = 256;
+
 impl Outcome {
+    /// Run one phase's kernel updates, many in flight, and record each result.
+    async fn record_all<F: std::future::Future<Output = anyhow::Result<()>>>(
+        &mut self,
+        updates: Vec<F>,
+    ) {
+        use futures::StreamExt;
+        let results: Vec<_> = futures::stream::iter(updates)
+            .buffer_unordered(NETLINK_PIPELINE)
+            .collect()
+            .await;
+        for r in results {
+            self.record(r);
+        }
+    }
+
     fn record(&mut self, what: anyhow::Result<()>) {
         match what {
             Ok(()) => self.changes += 1,
@@ -151,11 +170,12 @@ pub async fn apply(
         out.record(tables.del_route(*dst));
     }
     // 5. Stale neighbours: any on flannel.1 we do not want (flanneld leftovers too).
-    for n in &kneigh {
-        if !want.arp.contains_key(&n.ip) {
-            out.record(nl.delete_neighbour(n).await);
-        }
-    }
+    let neigh_dels: Vec<_> = kneigh
+        .iter()
+        .filter(|n| !want.arp.contains_key(&n.ip))
+        .map(|n| nl.delete_neighbour(n))
+        .collect();
+    out.record_all(neigh_dels).await;
     for vtep in arp.keys().filter(|v| !want.arp.contains_key(v)) {
         out.record(tables.del_arp(*vtep));
     }

@@ -10,7 +10,11 @@ use aya::{
 use flannel_ebpf_common::{
     Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_ENCAP, PeerStats,
 };
-use flannel_tests::{netns::Netns, object_path, prereq};
+use flannel_tests::{
+    frames::{csum, eth, ipv4},
+    netns::Netns,
+    object_path, prereq,
+};
 
 const LOCAL_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x10];
 const REMOTE_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x20];
@@ -112,37 +116,6 @@ fn peer3(ebpf: &Ebpf) -> PeerStats {
             a.last_rx_ns = a.last_rx_ns.max(v.last_rx_ns);
             a
         })
-}
-
-fn csum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, tos: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x45, tos];
-    h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    let c = csum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], proto: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&proto.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
 }
 
 /// The inner frame flannel.1 hands to the encap program: pod 10.244.1.10 → 10.244.2.10.
