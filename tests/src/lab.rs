@@ -380,6 +380,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Node `i` with a pod in `10.244.<octet>.0/24` and no overlay at all
+    /// (host-gw: plain routes, the upper bound on this machine).
+    pub fn start_plain(&mut self, i: usize, subnet_third_octet: u8) -> anyhow::Result<()> {
+        self.attach_pod(i, &format!("10.244.{subnet_third_octet}.0/24"))
+    }
+
+    /// Routes between plain nodes: `<subnet> via <public IP>`.
+    pub fn program_hostgw_routes(&self) -> anyhow::Result<()> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (j, p) in self.nodes.iter().enumerate() {
+                if let (true, Some(subnet)) = (i != j, &p.subnet) {
+                    n.ns.sh(&format!("ip route replace {subnet} via {}", p.public_ip))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Program every stock node's kernel tables for every other node, in
     /// Flannel's order: neighbour, FDB entry, route.
     pub fn program_stock_peers(&self) -> anyhow::Result<()> {

@@ -31,6 +31,12 @@ enum Cmd {
     },
     /// Build everything and run a three-node lab in network namespaces, then tear it down.
     Demo,
+    /// Measure flannel-ebpf against kernel VXLAN and no encapsulation; results in results/.
+    Bench {
+        /// Short runs for everyday use (under two minutes once built).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 pub fn root() -> PathBuf {
@@ -100,6 +106,31 @@ fn main() -> anyhow::Result<()> {
                 .args(["test", "--locked", "--workspace", "--"])
                 .args(["--test-threads", "2"])
                 .args(&args))
+        }
+        Cmd::Bench { quick } => {
+            build_ebpf()?;
+            build_agent(true)?;
+            toolchain::ensure_apt("iperf3", "iperf3")?;
+            let root = root();
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(&root)
+                .args([
+                    "run",
+                    "--locked",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "flannel-bench",
+                    "--",
+                    "--agent",
+                ])
+                .arg(root.join("target/release/flannel-agent"))
+                .arg("--out")
+                .arg(root.join("results"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Cmd::Demo => {
             build_ebpf()?;

@@ -44,24 +44,30 @@ fn has_bpf_linker() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// protoc, for the etcd client's generated gRPC code (user-side build).
-pub fn ensure_protoc() -> anyhow::Result<()> {
-    let found = Command::new("protoc")
-        .arg("--version")
+/// A command from a Debian package, installed with apt-get when missing.
+pub fn ensure_apt(command: &str, package: &str) -> anyhow::Result<()> {
+    let found = Command::new("bash")
+        .args(["-c", &format!("command -v {command}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    if found || std::env::var_os("PROTOC").is_some() {
+    if found {
         return Ok(());
     }
-    println!(
-        "xtask: protoc is missing (the etcd client's build needs it): apt-get install protobuf-compiler"
-    );
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "protobuf-compiler"]))
+    println!("xtask: {command} is missing: apt-get install {package}");
+    run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
         .or_else(|_| {
             run(Command::new("apt-get").args(["update", "-qq"]))?;
-            run(Command::new("apt-get").args(["install", "-y", "-qq", "protobuf-compiler"]))
+            run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
         })
-        .map_err(|e| anyhow::anyhow!("{e:#}: install protoc (Debian: protobuf-compiler) and retry"))
+        .map_err(|e| anyhow::anyhow!("{e:#}: install {package} and retry"))
+}
+
+/// protoc, for the etcd client's generated gRPC code (user-side build).
+pub fn ensure_protoc() -> anyhow::Result<()> {
+    if std::env::var_os("PROTOC").is_some() {
+        return Ok(());
+    }
+    ensure_apt("protoc", "protobuf-compiler")
 }
 
 pub fn ensure() -> anyhow::Result<()> {
