@@ -40,11 +40,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         (3, 5, 20_000, 1_000_000)
     };
-    let counts: &[usize] = if args.quick {
-        &[10, 100, 1000, 5000]
-    } else {
-        &[10, 100, 1000, 5000]
-    };
+    let counts: &[usize] = &[10, 100, 1000, 5000];
     let object = std::fs::read(flannel_tests::object_path())
         .context("the kernel object (cargo xtask build-ebpf)")?;
 
