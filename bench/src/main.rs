@@ -27,6 +27,10 @@ struct Args {
     /// Where the results go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
+    /// Make the underlay behave like a wire: GSO/TSO off on the underlay
+    /// ports of every lab, so all data paths see MTU-sized frames there.
+    #[arg(long)]
+    segmenting_underlay: bool,
     /// The release agent, for the RSS and end-to-end figures.
     #[arg(long)]
     agent: PathBuf,
@@ -47,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     println!("bench: building three labs (flannel-ebpf, kernel VXLAN, host-gw)");
     let labs: Vec<(Datapath, flannel_tests::lab::Lab)> = Datapath::ALL
         .iter()
-        .map(|dp| traffic::lab(*dp).map(|l| (*dp, l)))
+        .map(|dp| traffic::lab(*dp, args.segmenting_underlay).map(|l| (*dp, l)))
         .collect::<anyhow::Result<_>>()?;
 
     let mut tcp1 = Metric::new("TCP, 1 stream", "Gbit/s", true);

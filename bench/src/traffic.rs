@@ -36,7 +36,7 @@ impl Datapath {
 
 /// Two nodes on one underlay, a pod behind cni0 on each (MTU 1450), wired
 /// for one data path.
-pub fn lab(dp: Datapath) -> anyhow::Result<Lab> {
+pub fn lab(dp: Datapath, segmenting_underlay: bool) -> anyhow::Result<Lab> {
     let (prefix, kind) = match dp {
         Datapath::Ebpf => ("bench-e", Kind::Ebpf),
         Datapath::KernelVxlan => ("bench-k", Kind::Stock),

@@ -22,7 +22,7 @@ use crate::{
     },
 };
 
-#[xdp]
+#[xdp(frags)]
 pub fn flannel_decap(ctx: XdpContext) -> u32 {
     match config() {
         Some(cfg) => decap(&ctx, cfg),
