@@ -98,10 +98,17 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 let leases: Vec<Lease> = (1..=n).map(peer).collect::<anyhow::Result<_>>()?;
                 let (want, _) = Desired::from_leases(&leases, &own);
                 let t = Instant::now();
-                let o = apply(&want, &mut tables, &nl, vtep.index, &own).await?;
+                let o = apply(&want, Some(&mut tables), &nl, vtep.index, &own).await?;
                 let ours = t.elapsed().as_secs_f64() * 1e3;
                 anyhow::ensure!(o.errors.is_empty(), "apply failed: {:?}", o.errors.first());
-                apply(&Desired::default(), &mut tables, &nl, vtep.index, &own).await?;
+                apply(
+                    &Desired::default(),
+                    Some(&mut tables),
+                    &nl,
+                    vtep.index,
+                    &own,
+                )
+                .await?;
 
                 // flanneld's way: per node a neighbour, an FDB entry and a route, in turn.
                 let kv = nl

@@ -61,6 +61,17 @@ pub fn lab(dp: Datapath, segmenting_underlay: bool) -> anyhow::Result<Lab> {
             lab.program_hostgw_routes()?;
         }
     }
+    if segmenting_underlay {
+        // A wire carries MTU-sized frames: no GSO/TSO on the underlay, for
+        // every data path alike (veth would otherwise pass 64 KB super-packets).
+        for (i, n) in lab.nodes.iter().enumerate() {
+            n.ns.sh("ethtool -K eth0 tso off gso off tx-udp_tnl-segmentation off gro on 2>/dev/null || true")?;
+            lab.fabric.sh(&format!(
+                "ethtool -K p{} tso off gso off tx-udp_tnl-segmentation off 2>/dev/null || true",
+                i + 1
+            ))?;
+        }
+    }
     wait_reachable(
         &lab.nodes[0].pod,
         lab.nodes[1].pod_ip(),

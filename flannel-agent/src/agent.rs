@@ -11,7 +11,7 @@ use flannel_ebpf_common::{NodeConfig, VXLAN_OVERHEAD};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::{RunArgs, SubnetMgr},
+    cli::{DatapathKind, RunArgs, SubnetMgr},
     datapath,
     lease::Lease,
     mac::Mac,
@@ -90,9 +90,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if conf.backend.direct_routing {
         log::warn!("Backend.DirectRouting is not implemented yet: every peer goes through VXLAN");
     }
-    let object_path = find_object(args.bpf_object.as_deref())?;
-    let object = std::fs::read(&object_path)
-        .with_context(|| format!("reading the eBPF object {}", object_path.display()))?;
+    // Only the eBPF data path needs the object; read it before touching the node.
+    let object_or_err = match args.datapath {
+        DatapathKind::Kernel => Ok(Vec::new()),
+        DatapathKind::Ebpf => find_object(args.bpf_object.as_deref()).and_then(|p| {
+            std::fs::read(&p).with_context(|| format!("reading the eBPF object {}", p.display()))
+        }),
+    };
+    if args.datapath == DatapathKind::Ebpf {
+        if let Err(e) = &object_or_err {
+            anyhow::bail!("{e:#}; or use --datapath kernel");
+        }
+    }
 
     let nl = Netlink::connect()?;
     let wanted_ip = match args.public_ip {
@@ -144,31 +153,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     sysctl::loosen_rp_filter(&underlay.link.name)?;
     sysctl::warn_if_not_forwarding();
 
-    let (src_port_min, src_port_max) = sysctl::local_port_range();
-    let node = NodeConfig {
-        public_ip: public_ip.octets(),
-        vni: conf.backend.vni,
-        port: conf.backend.port,
-        src_port_min,
-        src_port_max,
-        vtep_mac: vtep_mac.0,
-        underlay_ifindex: underlay.link.index,
-        vtep_ifindex: vtep.index,
-        ready: 1,
-    };
     let root = args.pins.pin_root.clone();
-    let attached = datapath::install(
-        &root,
-        &object,
-        node,
-        &vtep_name,
-        &underlay.link.name,
-        log::max_level(),
-    )?;
-    if log::max_level() >= log::LevelFilter::Debug {
-        ebpf_logs(attached.encap_prog_id)?;
-    }
-    let mut tables = Tables::open(&root)?;
+    let mut tables = match args.datapath {
+        DatapathKind::Kernel => {
+            log::info!(
+                "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
+            );
+            None
+        }
+        DatapathKind::Ebpf => {
+            let (src_port_min, src_port_max) = sysctl::local_port_range();
+            let node = NodeConfig {
+                public_ip: public_ip.octets(),
+                vni: conf.backend.vni,
+                port: conf.backend.port,
+                src_port_min,
+                src_port_max,
+                vtep_mac: vtep_mac.0,
+                underlay_ifindex: underlay.link.index,
+                vtep_ifindex: vtep.index,
+                ready: 1,
+            };
+            let attached = datapath::install(
+                &root,
+                &object_or_err?,
+                node,
+                &vtep_name,
+                &underlay.link.name,
+                log::max_level(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the eBPF data path cannot run on this host: {e:#}; use --datapath kernel to run with the kernel's VXLAN device instead"
+                )
+            })?;
+            if log::max_level() >= log::LevelFilter::Debug {
+                ebpf_logs(attached.encap_prog_id)?;
+            }
+            log::info!("attached {}", attached.encap);
+            log::info!("attached {}", attached.decap);
+            Some(Tables::open(&root)?)
+        }
+    };
 
     let own = Own {
         subnet,
@@ -183,7 +209,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let snap = source.snapshot().await?;
     state
-        .sync(&snap, &own, &mut tables, &nl, vtep.index)
+        .sync(&snap, &own, tables.as_mut(), &nl, vtep.index)
         .await?;
 
     subnet_env::write(
@@ -197,8 +223,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         conf.backend.vni,
         conf.backend.port
     );
-    log::info!("attached {}", attached.encap);
-    log::info!("attached {}", attached.decap);
     log::info!("pin root {}; inspect with:", root.display());
     for f in ["route", "arp", "fdb", "counters", "config"] {
         log::info!("  bpftool map dump pinned {}", root.join(f).display());
@@ -251,7 +275,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if let Err(e) = state.sync(&snap, &own, &mut tables, &nl, vtep.index).await {
+        if let Err(e) = state
+            .sync(&snap, &own, tables.as_mut(), &nl, vtep.index)
+            .await
+        {
             log::warn!("reconcile failed, retrying at the next resync: {e:#}");
         }
         next_resync = Instant::now() + resync;
@@ -298,7 +325,7 @@ impl SyncState {
         &mut self,
         snap: &Snapshot,
         own: &Own,
-        tables: &mut Tables,
+        tables: Option<&mut Tables>,
         nl: &Netlink,
         vtep_index: u32,
     ) -> anyhow::Result<()> {

@@ -48,6 +48,14 @@ pub enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatapathKind {
+    /// TC encap and XDP decap programs reading BPF maps.
+    Ebpf,
+    /// The kernel's VXLAN device programmed as flanneld does (no BPF).
+    Kernel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SubnetMgr {
     /// Flannel's etcd layout in a directory (--subnet-dir).
     File,
@@ -77,6 +85,12 @@ pub struct ShowArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// The data path: eBPF programs, or the kernel's VXLAN device as flanneld programs it.
+    #[arg(long, value_enum, default_value = "ebpf", env = "FLANNELD_DATAPATH")]
+    pub datapath: DatapathKind,
+    /// Serve /healthz and /readyz on this port; off when not given.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT")]
+    pub healthz_port: Option<u16>,
     /// Where leases come from.
     #[arg(long, value_enum, default_value = "file", env = "FLANNELD_SUBNET_MGR")]
     pub subnet_mgr: SubnetMgr,

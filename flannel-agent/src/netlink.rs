@@ -484,6 +484,71 @@ impl Netlink {
             })
     }
 
+    /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`.
+    pub async fn replace_fdb(&self, index: u32, mac: Mac, dst: Ipv4Addr) -> anyhow::Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac.0)
+            .destination(IpAddr::V4(dst))
+            .flags(vec![netlink_packet_route::neighbour::NeighbourFlag::Own])
+            .replace()
+            .execute()
+            .await
+            .with_context(|| {
+                format!("bridge fdb replace {mac} dst {dst} self permanent (ifindex {index})")
+            })
+    }
+
+    /// Unicast FDB entries with a destination on the VXLAN device.
+    pub async fn fdb_entries(&self, index: u32) -> anyhow::Result<Vec<KernelFdb>> {
+        let mut req = self.handle.neighbours().get();
+        req.message_mut().header.family = AddressFamily::Bridge;
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(n) = stream.try_next().await.context("listing FDB entries")? {
+            if n.header.ifindex != index {
+                continue;
+            }
+            let mut mac = None;
+            let mut dst = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                        let mut b = [0u8; 6];
+                        b.copy_from_slice(l);
+                        mac = Some(Mac(b));
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let (Some(mac), Some(dst)) = (mac, dst)
+                && mac.is_unicast()
+            {
+                out.push(KernelFdb {
+                    mac,
+                    dst,
+                    message: n,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_fdb(&self, e: &KernelFdb) -> anyhow::Result<()> {
+        match self
+            .handle
+            .neighbours()
+            .del(e.message.clone())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(err) if is_not_found(&err) => Ok(()),
+            Err(err) => Err(err).with_context(|| format!("bridge fdb del {} dst {}", e.mac, e.dst)),
+        }
+    }
+
     /// `ip link del`.
     pub async fn delete_link(&self, index: u32) -> anyhow::Result<()> {
         self.handle
@@ -493,6 +558,14 @@ impl Netlink {
             .await
             .with_context(|| format!("deleting interface #{index}"))
     }
+}
+
+/// A kernel FDB entry on a VXLAN device: `<mac> dst <ip> self permanent`.
+#[derive(Clone, Debug)]
+pub struct KernelFdb {
+    pub mac: Mac,
+    pub dst: Ipv4Addr,
+    message: netlink_packet_route::neighbour::NeighbourMessage,
 }
 
 /// Reject a VTEP name that could not be an interface name.

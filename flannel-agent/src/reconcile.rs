@@ -65,6 +65,14 @@ impl Desired {
     }
 }
 
+/// The map side of the tables, empty for the kernel data path.
+#[derive(Default)]
+struct MapView {
+    fdb: BTreeMap<Mac, (Ipv4Addr, u32)>,
+    arp: BTreeMap<Ipv4Addr, Mac>,
+    routes: BTreeMap<Subnet, Ipv4Addr>,
+}
+
 /// What one reconcile pass did.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -103,18 +111,28 @@ impl Outcome {
     }
 }
 
-/// Bring the maps and the kernel tables on flannel.1 to `want`.
+/// Bring the tables to `want`. With `tables` (the eBPF data path) the maps
+/// are the FDB, and kernel FDB entries on flannel.1 are stale leftovers (of
+/// flanneld, say) to remove; without (`--datapath kernel`) the kernel's FDB is
+/// programmed as flanneld does: neighbour, FDB entry, route.
 pub async fn apply(
     want: &Desired,
-    tables: &mut Tables,
+    mut tables: Option<&mut Tables>,
     nl: &Netlink,
     vtep_index: u32,
     own: &Own,
 ) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
-    let fdb = tables.fdb_entries()?;
-    let arp = tables.arp_entries()?;
-    let routes = tables.route_entries()?;
+    let view = match tables.as_deref() {
+        Some(t) => MapView {
+            fdb: t.fdb_entries()?,
+            arp: t.arp_entries()?,
+            routes: t.route_entries()?,
+        },
+        None => MapView::default(),
+    };
+    let (fdb, arp, routes) = (&view.fdb, &view.arp, &view.routes);
+    let kfdb = nl.fdb_entries(vtep_index).await?;
     let kroutes: Vec<_> = nl
         .routes_via(vtep_index)
         .await?
@@ -123,22 +141,26 @@ pub async fn apply(
         .collect();
     let kneigh = nl.neighbours(vtep_index).await?;
 
-    // 1. FDB: what the datapath reads, first. Each node keeps its stats slot.
-    let slots = assign_slots(want, &fdb);
-    for (mac, ip) in &want.fdb {
-        let slot = slots[ip];
-        if fdb.get(mac) != Some(&(*ip, slot)) {
-            if !fdb.values().any(|(_, s)| *s == slot) {
-                // A slot new to the FDB: it must not inherit an old node's counts.
-                out.record(tables.reset_peer(slot));
+    // 1. FDB map: what the datapath reads, first. Each node keeps its stats slot.
+    if let Some(t) = tables.as_deref_mut() {
+        let slots = assign_slots(want, fdb);
+        for (mac, ip) in &want.fdb {
+            let slot = slots[ip];
+            if fdb.get(mac) != Some(&(*ip, slot)) {
+                if !fdb.values().any(|(_, s)| *s == slot) {
+                    // A slot new to the FDB: it must not inherit an old node's counts.
+                    out.record(t.reset_peer(slot));
+                }
+                out.record(t.set_fdb(*mac, *ip, slot));
             }
-            out.record(tables.set_fdb(*mac, *ip, slot));
         }
     }
     // 2. ARP: map and kernel neighbour.
     for (vtep, mac) in &want.arp {
-        if arp.get(vtep) != Some(mac) {
-            out.record(tables.set_arp(*vtep, *mac));
+        if let Some(t) = tables.as_deref_mut()
+            && arp.get(vtep) != Some(mac)
+        {
+            out.record(t.set_arp(*vtep, *mac));
         }
         let ok = kneigh
             .iter()
@@ -149,8 +171,10 @@ pub async fn apply(
     }
     // 3. Routes, last on add.
     for (dst, vtep) in &want.routes {
-        if routes.get(dst) != Some(vtep) {
-            out.record(tables.set_route(*dst, *vtep));
+        if let Some(t) = tables.as_deref_mut()
+            && routes.get(dst) != Some(vtep)
+        {
+            out.record(t.set_route(*dst, *vtep));
         }
         let ok = kroutes
             .iter()
@@ -166,8 +190,10 @@ pub async fn apply(
             out.record(nl.delete_route(r).await);
         }
     }
-    for dst in routes.keys().filter(|d| !want.routes.contains_key(d)) {
-        out.record(tables.del_route(*dst));
+    if let Some(t) = tables.as_deref_mut() {
+        for dst in routes.keys().filter(|d| !want.routes.contains_key(d)) {
+            out.record(t.del_route(*dst));
+        }
     }
     // 5. Stale neighbours: any on flannel.1 we do not want (flanneld leftovers too).
     let neigh_dels: Vec<_> = kneigh
@@ -176,14 +202,26 @@ pub async fn apply(
         .map(|n| nl.delete_neighbour(n))
         .collect();
     out.record_all(neigh_dels).await;
-    for vtep in arp.keys().filter(|v| !want.arp.contains_key(v)) {
-        out.record(tables.del_arp(*vtep));
+    if let Some(t) = tables.as_deref_mut() {
+        for vtep in arp.keys().filter(|v| !want.arp.contains_key(v)) {
+            out.record(t.del_arp(*vtep));
+        }
     }
-    // 6. Stale FDB entries, last.
-    let stale_fdb: BTreeSet<_> = fdb.keys().filter(|m| !want.fdb.contains_key(m)).collect();
-    for mac in stale_fdb {
-        out.record(tables.del_fdb(*mac));
+    // 6. Stale FDB entries, last: map entries of vanished nodes; kernel entries
+    // the kernel data path does not want (with the eBPF data path: all of them).
+    if let Some(t) = tables.as_deref_mut() {
+        let stale_fdb: BTreeSet<_> = fdb.keys().filter(|m| !want.fdb.contains_key(m)).collect();
+        for mac in stale_fdb {
+            out.record(t.del_fdb(*mac));
+        }
     }
+    let kernel_mode = tables.is_none();
+    let kfdb_dels: Vec<_> = kfdb
+        .iter()
+        .filter(|k| !kernel_mode || want.fdb.get(&k.mac) != Some(&k.dst))
+        .map(|k| nl.delete_fdb(k))
+        .collect();
+    out.record_all(kfdb_dels).await;
     Ok(out)
 }
 
