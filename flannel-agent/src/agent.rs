@@ -97,10 +97,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             std::fs::read(&p).with_context(|| format!("reading the eBPF object {}", p.display()))
         }),
     };
-    if args.datapath == DatapathKind::Ebpf {
-        if let Err(e) = &object_or_err {
-            anyhow::bail!("{e:#}; or use --datapath kernel");
-        }
+    if let Err(e) = &object_or_err {
+        anyhow::bail!("{e:#}; or use --datapath kernel");
     }
 
     let nl = Netlink::connect()?;
@@ -223,19 +221,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         conf.backend.vni,
         conf.backend.port
     );
-    log::info!("pin root {}; inspect with:", root.display());
-    for f in ["route", "arp", "fdb", "counters", "config"] {
-        log::info!("  bpftool map dump pinned {}", root.join(f).display());
+    if tables.is_some() {
+        log::info!("pin root {}; inspect with:", root.display());
+        for f in ["route", "arp", "fdb", "counters", "config"] {
+            log::info!("  bpftool map dump pinned {}", root.join(f).display());
+        }
+        log::info!(
+            "  bpftool link show   (the TCX and XDP links: {} and {})",
+            datapath::LINK_ENCAP,
+            datapath::LINK_DECAP
+        );
+        log::info!(
+            "  flannel-agent show routes|arp|fdb|peers|stats --pin-root {}",
+            root.display()
+        );
     }
-    log::info!(
-        "  bpftool link show   (the TCX and XDP links: {} and {})",
-        datapath::LINK_ENCAP,
-        datapath::LINK_DECAP
-    );
-    log::info!(
-        "  flannel-agent show routes|arp|fdb|peers|stats --pin-root {}",
-        root.display()
-    );
     if let Some(port) = args.metrics_port {
         metrics::serve(port, metrics.clone(), root.clone()).await?;
     }

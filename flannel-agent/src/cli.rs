@@ -41,7 +41,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Set up flannel.1, attach the programs and keep the tables in sync with the leases.
     Run(Box<RunArgs>),
-    /// Detach the programs and remove every pinned object under the pin root.
+    /// Hand the node back to the kernel's VXLAN data path (FDB entries from the
+    /// maps), then detach the programs and remove every pinned object.
     Uninstall(PinArgs),
     /// Print the pinned tables and counters (the agent need not be running).
     Show(ShowArgs),
@@ -201,11 +202,7 @@ impl Cli {
                 print!("{}", crate::show::render(&a.pins.pin_root, a.view, a.json)?);
                 Ok(())
             }
-            Command::Uninstall(p) => {
-                crate::datapath::uninstall(&p.pin_root)?;
-                log::info!("removed every pinned object under {}", p.pin_root.display());
-                Ok(())
-            }
+            Command::Uninstall(p) => crate::handback::uninstall(&p.pin_root).await,
         }
     }
 }

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;
+pub mod handback;
 pub mod lease;
 pub mod mac;
 pub mod metrics;

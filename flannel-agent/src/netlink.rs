@@ -519,6 +519,10 @@ impl Netlink {
                         mac = Some(Mac(b));
                     }
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                    // In AF_BRIDGE dumps the parser cannot tell the address family.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                        dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                    }
                     _ => {}
                 }
             }

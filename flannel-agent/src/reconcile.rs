@@ -156,40 +156,54 @@ pub async fn apply(
         }
     }
     // 2. ARP: map and kernel neighbour.
+    let have_neigh: BTreeMap<Ipv4Addr, (Option<Mac>, bool)> = kneigh
+        .iter()
+        .map(|n| (n.ip, (n.mac, n.permanent)))
+        .collect();
+    let mut neigh_adds = Vec::new();
     for (vtep, mac) in &want.arp {
         if let Some(t) = tables.as_deref_mut()
             && arp.get(vtep) != Some(mac)
         {
             out.record(t.set_arp(*vtep, *mac));
         }
-        let ok = kneigh
-            .iter()
-            .any(|n| n.ip == *vtep && n.mac == Some(*mac) && n.permanent);
-        if !ok {
-            out.record(nl.replace_neighbour(vtep_index, *vtep, *mac).await);
+        if have_neigh.get(vtep) != Some(&(Some(*mac), true)) {
+            neigh_adds.push(nl.replace_neighbour(vtep_index, *vtep, *mac));
         }
     }
+    out.record_all(neigh_adds).await;
+    // 2b. Kernel FDB, only for the kernel data path (after the neighbour, as flanneld).
+    if tables.is_none() {
+        let fdb_adds: Vec<_> = want
+            .fdb
+            .iter()
+            .filter(|(mac, ip)| !kfdb.iter().any(|k| k.mac == **mac && k.dst == **ip))
+            .map(|(mac, ip)| nl.replace_fdb(vtep_index, *mac, *ip))
+            .collect();
+        out.record_all(fdb_adds).await;
+    }
     // 3. Routes, last on add.
+    let have_route: BTreeMap<Subnet, Option<Ipv4Addr>> =
+        kroutes.iter().map(|r| (r.dst, r.gateway)).collect();
+    let mut route_adds = Vec::new();
     for (dst, vtep) in &want.routes {
         if let Some(t) = tables.as_deref_mut()
             && routes.get(dst) != Some(vtep)
         {
             out.record(t.set_route(*dst, *vtep));
         }
-        let ok = kroutes
-            .iter()
-            .any(|r| r.dst == *dst && r.gateway == Some(*vtep));
-        if !ok {
-            out.record(nl.replace_route(vtep_index, *dst, *vtep).await);
+        if have_route.get(dst) != Some(&Some(*vtep)) {
+            route_adds.push(nl.replace_route(vtep_index, *dst, *vtep));
         }
     }
+    out.record_all(route_adds).await;
     // 4. Stale routes, first on delete: kernel, then map.
-    for r in &kroutes {
-        if want.routes.get(&r.dst) != r.gateway.as_ref() {
-            log::debug!("removing stale route {} via {:?}", r.dst, r.gateway);
-            out.record(nl.delete_route(r).await);
-        }
-    }
+    let route_dels: Vec<_> = kroutes
+        .iter()
+        .filter(|r| want.routes.get(&r.dst) != r.gateway.as_ref())
+        .map(|r| nl.delete_route(r))
+        .collect();
+    out.record_all(route_dels).await;
     if let Some(t) = tables.as_deref_mut() {
         for dst in routes.keys().filter(|d| !want.routes.contains_key(d)) {
             out.record(t.del_route(*dst));

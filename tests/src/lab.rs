@@ -536,7 +536,9 @@ impl Drop for Lab {
         for n in &mut self.nodes {
             n.kill_agent();
             if n.pin_root.exists() {
-                let _ = Command::new(agent_path())
+                let _ = Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{}", n.ns.name))
+                    .arg(agent_path())
                     .args(["uninstall", "--pin-root"])
                     .arg(&n.pin_root)
                     .output();
