@@ -85,6 +85,22 @@ async fn open_source(args: &RunArgs) -> anyhow::Result<LeaseSource> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(port) = args.healthz_port {
+        let r = ready.clone();
+        let handler: crate::http::Handler = Arc::new(move |path| match path {
+            "/healthz" => ("200 OK", "ok\n".into()),
+            "/readyz" if r.load(std::sync::atomic::Ordering::Relaxed) => {
+                ("200 OK", "ready\n".into())
+            }
+            "/readyz" => (
+                "503 Service Unavailable",
+                "tables or subnet.env not in place yet\n".into(),
+            ),
+            _ => ("404 Not Found", "try /healthz or /readyz\n".into()),
+        });
+        crate::http::serve(port, "--healthz-port", handler).await?;
+    }
     let mut source = open_source(&args).await?;
     let conf = source.config().await?;
     if conf.backend.direct_routing {
@@ -215,6 +231,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
     )?;
     source.ready().await?;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     log::info!(
         "node {public_ip}: lease {subnet}, VTEP {vtep_name} {}/32 {vtep_mac} MTU {mtu}, VNI {} port {}",
         subnet.vtep_addr(),

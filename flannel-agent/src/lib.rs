@@ -4,6 +4,7 @@ pub mod bpffs;
 pub mod cli;
 pub mod datapath;
 pub mod handback;
+pub mod http;
 pub mod lease;
 pub mod mac;
 pub mod metrics;

@@ -3,18 +3,12 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use anyhow::Context;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
-};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
 };
 
 use crate::{show, tables::Tables};
@@ -152,45 +146,20 @@ pub async fn serve(
     agent: Arc<Mutex<AgentMetrics>>,
     pin_root: PathBuf,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .with_context(|| format!("--metrics-port {port}: cannot listen"))?;
-    log::info!("metrics on http://0.0.0.0:{port}/metrics");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let agent = agent.clone();
-            let root = pin_root.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n =
-                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = if path == "/metrics" {
-                    let text = match agent.lock() {
-                        Ok(m) => render(&m, &root),
-                        Err(_) => Err(anyhow::anyhow!("metrics lock poisoned")),
-                    };
-                    match text {
-                        Ok(t) => ("200 OK", t),
-                        Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
-                    }
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
+    let handler: crate::http::Handler = Arc::new(move |path| {
+        if path != "/metrics" {
+            return ("404 Not Found", "try /metrics\n".into());
+        }
+        let text = match agent.lock() {
+            Ok(m) => render(&m, &pin_root),
+            Err(_) => Err(anyhow::anyhow!("metrics lock poisoned")),
+        };
+        match text {
+            Ok(t) => ("200 OK", t),
+            Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
         }
     });
+    crate::http::serve(port, "--metrics-port", handler).await?;
+    log::info!("metrics on http://0.0.0.0:{port}/metrics");
     Ok(())
 }

@@ -54,6 +54,21 @@ pub fn enter(path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Netns {
+    /// `GET path` on 127.0.0.1:`port` inside the namespace: the raw response.
+    pub fn http_get(&self, port: u16, path: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        self.run(|| -> anyhow::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })?
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh(&format!("ip netns del {}", self.name));

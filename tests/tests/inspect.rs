@@ -1,10 +1,6 @@
 //! Operating a node: `flannel-agent show` views and the metrics endpoint,
 //! against a lab with a known lease and a known amount of traffic.
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    time::Duration,
-};
+use std::time::Duration;
 
 use flannel_tests::{
     agent_path,
@@ -24,18 +20,7 @@ fn stat(lab: &Lab, name: &str) -> u64 {
 }
 
 fn scrape(lab: &Lab, port: u16) -> String {
-    lab.nodes[0]
-        .ns
-        .run(|| {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .unwrap()
+    lab.nodes[0].ns.http_get(port, "/metrics").unwrap()
 }
 
 #[test]

@@ -23,8 +23,27 @@ fn kernel_datapath_programs_flannels_tables() {
     }
     let mut lab = Lab::new("kdp", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
     lab.start_stock(1, 2).unwrap();
-    lab.nodes[0].agent_args = vec!["--datapath".into(), "kernel".into()];
+    lab.nodes[0].agent_args = ["--datapath", "kernel", "--healthz-port", "10244"]
+        .map(String::from)
+        .to_vec();
     lab.start_agent(0).unwrap();
+    // Health: alive, and ready now that subnet.env is written.
+    let ns = &lab.nodes[0].ns;
+    assert!(
+        ns.http_get(10244, "/healthz")
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        ns.http_get(10244, "/readyz")
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        ns.http_get(10244, "/other")
+            .unwrap()
+            .starts_with("HTTP/1.1 404")
+    );
     lab.program_stock_peers().unwrap();
     // One neighbour, one FDB entry, one route per remote node; no BPF at all.
     wait_for("the kernel FDB entry", Duration::from_secs(5), || {
