@@ -230,6 +230,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.subnet_file,
         &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
     )?;
+    if args.ip_masq {
+        crate::masq::install(args.masq_backend, conf.network, subnet)?;
+    }
     source.ready().await?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     log::info!(

@@ -163,9 +163,18 @@ pub struct RunArgs {
         env = "FLANNELD_SUBNET_FILE"
     )]
     pub subnet_file: PathBuf,
-    /// Value written as FLANNEL_IPMASQ in the subnet file.
+    /// Masquerade pod traffic leaving the Network, as flanneld's --ip-masq
+    /// (also written as FLANNEL_IPMASQ in the subnet file).
     #[arg(long, env = "FLANNELD_IP_MASQ")]
     pub ip_masq: bool,
+    /// Where the --ip-masq rules go.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "nftables",
+        env = "FLANNELD_MASQ_BACKEND"
+    )]
+    pub masq_backend: crate::masq::MasqBackend,
     #[command(flatten)]
     pub pins: PinArgs,
     /// The compiled kernel programs; default: next to the binary, then the build tree.

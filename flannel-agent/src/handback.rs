@@ -38,6 +38,10 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
         Err(e) => log::info!("nothing to hand back: {e:#}"),
     }
     datapath::uninstall(root)?;
-    log::info!("removed every pinned object under {}", root.display());
+    crate::masq::remove_all();
+    log::info!(
+        "removed every pinned object under {} and the ip-masq rules",
+        root.display()
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod handback;
 pub mod http;
 pub mod lease;
 pub mod mac;
+pub mod masq;
 pub mod metrics;
 pub mod netconf;
 pub mod netlink;
