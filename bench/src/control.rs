@@ -60,6 +60,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 network: NETWORK.parse()?,
                 public_ip: Ipv4Addr::new(10, 255, 0, 1),
                 vtep_mac: own_mac,
+                underlay_index: ul.index,
             };
             let spec = |name: &str, vni: u32, port: u16, mac: Mac| VtepSpec {
                 name: name.into(),

@@ -103,9 +103,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut source = open_source(&args).await?;
     let conf = source.config().await?;
-    if conf.backend.direct_routing {
-        log::warn!("Backend.DirectRouting is not implemented yet: every peer goes through VXLAN");
-    }
+
     // Only the eBPF data path needs the object; read it before touching the node.
     let object_or_err = match args.datapath {
         DatapathKind::Kernel => Ok(Vec::new()),
@@ -215,10 +213,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         network: conf.network,
         public_ip,
         vtep_mac,
+        underlay_index: underlay.link.index,
     };
     let metrics = Arc::new(Mutex::new(AgentMetrics::default()));
     let mut state = SyncState {
         metrics: metrics.clone(),
+        direct_routing: conf.backend.direct_routing,
         ..SyncState::default()
     };
     let snap = source.snapshot().await?;
@@ -338,6 +338,8 @@ struct SyncState {
     last: Snapshot,
     skipped: BTreeSet<String>,
     metrics: Arc<Mutex<AgentMetrics>>,
+    /// Re-evaluated at every pass: the underlay's routes may have changed.
+    direct_routing: bool,
 }
 
 impl SyncState {
@@ -351,6 +353,12 @@ impl SyncState {
     ) -> anyhow::Result<()> {
         let changes = log_changes(&self.last, snap);
         let (want, skipped) = Desired::from_leases(snap.leases.values(), own);
+        let want = if self.direct_routing {
+            let routes = nl.main_routes().await?;
+            want.with_direct_routing(|ip| crate::netlink::onlink(&routes, own.underlay_index, ip))
+        } else {
+            want
+        };
         let n_skipped = skipped.len() as i64;
         let skipped: BTreeSet<String> = skipped
             .into_iter()

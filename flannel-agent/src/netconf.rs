@@ -22,6 +22,7 @@ pub struct Backend {
     pub port: u16,
     /// Overlay MTU override; None → underlay MTU − 50.
     pub mtu: Option<u32>,
+    /// Peers on the same L2 segment are routed directly, without VXLAN.
     pub direct_routing: bool,
 }
 

@@ -330,6 +330,17 @@ impl Netlink {
 
     /// IPv4 routes in the main table whose output device is `index`.
     pub async fn routes_via(&self, index: u32) -> anyhow::Result<Vec<KernelRoute>> {
+        Ok(self
+            .main_routes()
+            .await?
+            .into_iter()
+            .filter(|(oif, _)| *oif == Some(index))
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// Every IPv4 route of the main table, with its output device.
+    pub async fn main_routes(&self) -> anyhow::Result<Vec<(Option<u32>, KernelRoute)>> {
         let mut out = Vec::new();
         let mut req = self.handle.route().get(IpVersion::V4).execute();
         while let Some(r) = req.try_next().await.context("listing routes")? {
@@ -337,28 +348,27 @@ impl Netlink {
                 continue;
             }
             let mut oif = None;
-            let mut dst = None;
+            let mut dst = Ipv4Addr::UNSPECIFIED;
             let mut gateway = None;
             for a in &r.attributes {
                 match a {
                     RouteAttribute::Oif(i) => oif = Some(*i),
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
                     RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
                     _ => {}
                 }
             }
-            if oif != Some(index) {
-                continue;
-            }
-            let Some(dst) = dst else { continue };
             let Ok(dst) = Subnet::new(dst, r.header.destination_prefix_length) else {
                 continue;
             };
-            out.push(KernelRoute {
-                dst,
-                gateway,
-                message: r,
-            });
+            out.push((
+                oif,
+                KernelRoute {
+                    dst,
+                    gateway,
+                    message: r,
+                },
+            ));
         }
         Ok(out)
     }
@@ -570,6 +580,16 @@ pub struct KernelFdb {
     pub mac: Mac,
     pub dst: Ipv4Addr,
     message: netlink_packet_route::neighbour::NeighbourMessage,
+}
+
+/// Whether `ip` is on-link through `underlay`: the longest matching route
+/// leaves by that device with no gateway (Flannel's DirectRouting test).
+pub fn onlink(routes: &[(Option<u32>, KernelRoute)], underlay: u32, ip: Ipv4Addr) -> bool {
+    routes
+        .iter()
+        .filter(|(_, r)| r.dst.contains(ip))
+        .max_by_key(|(_, r)| r.dst.prefix_len())
+        .is_some_and(|(oif, r)| *oif == Some(underlay) && r.gateway.is_none())
 }
 
 /// Reject a VTEP name that could not be an interface name.

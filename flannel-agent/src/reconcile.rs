@@ -16,6 +16,8 @@ pub struct Desired {
     pub fdb: BTreeMap<Mac, Ipv4Addr>,
     pub arp: BTreeMap<Ipv4Addr, Mac>,
     pub routes: BTreeMap<Subnet, Ipv4Addr>,
+    /// DirectRouting: remote subnet → node public IP, routed on the underlay without VXLAN.
+    pub direct: BTreeMap<Subnet, Ipv4Addr>,
 }
 
 /// This node, as the reconciler needs it.
@@ -24,9 +26,34 @@ pub struct Own {
     pub network: Subnet,
     pub public_ip: Ipv4Addr,
     pub vtep_mac: Mac,
+    /// The underlay interface, for DirectRouting routes.
+    pub underlay_index: u32,
 }
 
 impl Desired {
+    /// DirectRouting: peers whose public IP is on-link get `<subnet> via
+    /// <PublicIP>` on the underlay and no VXLAN entries; the others keep them.
+    pub fn with_direct_routing(mut self, onlink: impl Fn(Ipv4Addr) -> bool) -> Desired {
+        let mut direct = BTreeMap::new();
+        for (subnet, vtep) in &self.routes {
+            let ip = self.arp.get(vtep).and_then(|mac| self.fdb.get(mac));
+            if let Some(ip) = ip.filter(|ip| onlink(**ip)) {
+                direct.insert(*subnet, *ip);
+            }
+        }
+        for (subnet, ip) in &direct {
+            if let Some(vtep) = self.routes.remove(subnet)
+                && let Some(mac) = self.arp.remove(&vtep)
+                && self.fdb.get(&mac) == Some(ip)
+                && !self.arp.values().any(|m| *m == mac)
+            {
+                self.fdb.remove(&mac);
+            }
+        }
+        self.direct = direct;
+        self
+    }
+
     /// Peers from `leases`; a lease that cannot be used is skipped with a reason.
     pub fn from_leases<'a>(
         leases: impl IntoIterator<Item = &'a Lease>,
@@ -197,6 +224,30 @@ pub async fn apply(
         }
     }
     out.record_all(route_adds).await;
+    // 3b. DirectRouting routes on the underlay (replacing a VXLAN route for the same subnet).
+    let kdirect: Vec<_> = nl
+        .routes_via(own.underlay_index)
+        .await?
+        .into_iter()
+        .filter(|r| own.network.contains_subnet(&r.dst))
+        .collect();
+    let direct_adds: Vec<_> = want
+        .direct
+        .iter()
+        .filter(|(dst, gw)| {
+            !kdirect
+                .iter()
+                .any(|r| r.dst == **dst && r.gateway == Some(**gw))
+        })
+        .map(|(dst, gw)| nl.replace_route(own.underlay_index, *dst, *gw))
+        .collect();
+    out.record_all(direct_adds).await;
+    let direct_dels: Vec<_> = kdirect
+        .iter()
+        .filter(|r| want.direct.get(&r.dst) != r.gateway.as_ref())
+        .map(|r| nl.delete_route(r))
+        .collect();
+    out.record_all(direct_dels).await;
     // 4. Stale routes, first on delete: kernel, then map.
     let route_dels: Vec<_> = kroutes
         .iter()
@@ -280,6 +331,7 @@ mod tests {
             network: "10.244.0.0/16".parse().unwrap(),
             public_ip: "10.1.5.10".parse().unwrap(),
             vtep_mac: "02:42:8f:11:22:10".parse().unwrap(),
+            underlay_index: 2,
         }
     }
 
@@ -304,6 +356,26 @@ mod tests {
         assert_eq!(
             d.fdb[&"02:42:8f:11:22:20".parse().unwrap()],
             "10.1.8.10".parse::<Ipv4Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn direct_routing_takes_on_link_peers_out_of_vxlan() {
+        let leases = [
+            lease("10.244.2.0-24", "10.1.5.20", "02:42:8f:11:22:20"),
+            lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30"),
+        ];
+        let (d, _) = Desired::from_leases(&leases, &own());
+        let d = d.with_direct_routing(|ip| ip.octets()[2] == 5);
+        assert_eq!(d.direct.len(), 1);
+        assert_eq!(
+            d.direct[&Subnet::from_key("10.244.2.0-24").unwrap()],
+            "10.1.5.20".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!((d.routes.len(), d.arp.len(), d.fdb.len()), (1, 1, 1));
+        assert!(
+            d.routes
+                .contains_key(&Subnet::from_key("10.244.3.0-24").unwrap())
         );
     }
 
