@@ -119,7 +119,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 for l in &leases {
                     nl.replace_neighbour(kv.index, l.subnet.vtep_addr(), l.vtep_mac)
                         .await?;
-                    nl.append_fdb(kv.index, l.vtep_mac, l.public_ip).await?;
+                    nl.replace_fdb(kv.index, l.vtep_mac, l.public_ip).await?;
                     nl.replace_route(kv.index, l.subnet, l.subnet.vtep_addr())
                         .await?;
                 }

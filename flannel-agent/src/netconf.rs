@@ -160,6 +160,23 @@ impl NetConf {
     }
 }
 
+impl NetConf {
+    /// Every subnet a node may lease: [SubnetMin, SubnetMax] of SubnetLen.
+    pub fn leasable(&self) -> impl Iterator<Item = Subnet> + '_ {
+        let first = self
+            .network
+            .child_index(&self.subnet_min)
+            .unwrap_or(u32::MAX);
+        let last = self.network.child_index(&self.subnet_max).unwrap_or(0);
+        (first..=last).filter_map(|i| self.network.nth_child(self.subnet_len, i))
+    }
+
+    /// Whether `s` is a subnet a node may lease.
+    pub fn is_leasable(&self, s: &Subnet) -> bool {
+        s.prefix_len() == self.subnet_len && *s >= self.subnet_min && *s <= self.subnet_max
+    }
+}
+
 impl Default for Backend {
     fn default() -> Self {
         Backend {

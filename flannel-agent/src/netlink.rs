@@ -479,22 +479,8 @@ impl Netlink {
 }
 
 impl Netlink {
-    /// `bridge fdb append <mac> dev <index> dst <ip> self permanent`: the kernel
-    /// VXLAN device's forwarding entry, as flanneld programs it.
-    pub async fn append_fdb(&self, index: u32, mac: Mac, dst: Ipv4Addr) -> anyhow::Result<()> {
-        self.handle
-            .neighbours()
-            .add_bridge(index, &mac.0)
-            .destination(IpAddr::V4(dst))
-            .flags(vec![netlink_packet_route::neighbour::NeighbourFlag::Own])
-            .execute()
-            .await
-            .with_context(|| {
-                format!("bridge fdb append {mac} dst {dst} self permanent (ifindex {index})")
-            })
-    }
-
-    /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`.
+    /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`: the
+    /// kernel VXLAN device's forwarding entry, as flanneld programs it.
     pub async fn replace_fdb(&self, index: u32, mac: Mac, dst: Ipv4Addr) -> anyhow::Result<()> {
         self.handle
             .neighbours()

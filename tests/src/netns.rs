@@ -61,7 +61,7 @@ impl Netns {
         self.run(|| -> anyhow::Result<String> {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
             s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)

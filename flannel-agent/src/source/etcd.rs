@@ -235,25 +235,14 @@ impl EtcdSource {
             return Ok(lease.subnet);
         }
         let taken: BTreeSet<String> = all.iter().map(|l| l.name.clone()).collect();
-        let in_range = |s: &Subnet| {
-            s.prefix_len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max
-        };
-        let first = conf
-            .network
-            .child_index(&conf.subnet_min)
-            .context("SubnetMin")?;
-        let last = conf
-            .network
-            .child_index(&conf.subnet_max)
-            .context("SubnetMax")?;
-        let mut free: Vec<Subnet> = (first..=last)
-            .filter_map(|i| conf.network.nth_child(conf.subnet_len, i))
+        let mut free: Vec<Subnet> = conf
+            .leasable()
             .filter(|s| !taken.contains(&s.to_key()))
             .collect();
         shuffle(&mut free, public_ip);
         let mut candidates: Vec<Subnet> = previous
             .into_iter()
-            .filter(|s| in_range(s) && !taken.contains(&s.to_key()))
+            .filter(|s| conf.is_leasable(s) && !taken.contains(&s.to_key()))
             .collect();
         candidates.extend(free);
         for subnet in candidates {

@@ -129,20 +129,11 @@ impl FileSource {
             log::info!("reusing lease {} (PublicIP {public_ip})", l.subnet);
             return Ok(l.subnet);
         }
-        let in_range = |s: &Subnet| {
-            s.prefix_len() == conf.subnet_len && *s >= conf.subnet_min && *s <= conf.subnet_max
-        };
-        let mut candidates: Vec<Subnet> = previous.into_iter().filter(in_range).collect();
-        let first = conf
-            .network
-            .child_index(&conf.subnet_min)
-            .context("SubnetMin")?;
-        let last = conf
-            .network
-            .child_index(&conf.subnet_max)
-            .context("SubnetMax")?;
-        candidates
-            .extend((first..=last).filter_map(|i| conf.network.nth_child(conf.subnet_len, i)));
+        let mut candidates: Vec<Subnet> = previous
+            .into_iter()
+            .filter(|s| conf.is_leasable(s))
+            .collect();
+        candidates.extend(conf.leasable());
         for subnet in candidates {
             if taken.contains(&subnet) {
                 continue;
