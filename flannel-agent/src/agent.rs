@@ -226,13 +226,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .sync(&snap, &own, tables.as_mut(), &nl, vtep.index)
         .await?;
 
+    // Rules before subnet.env: once the CNI plugin can start pods, their
+    // traffic is masqueraded.
+    if args.ip_masq {
+        crate::masq::install(args.masq_backend, conf.network, subnet)?;
+    }
     subnet_env::write(
         &args.subnet_file,
         &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
     )?;
-    if args.ip_masq {
-        crate::masq::install(args.masq_backend, conf.network, subnet)?;
-    }
     source.ready().await?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     log::info!(
