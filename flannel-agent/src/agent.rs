@@ -120,7 +120,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(ip) => Some(ip),
         None => source.public_ip_hint().await?,
     };
-    let underlay = underlay::select(&nl, args.iface.as_deref(), wanted_ip).await?;
+    let underlay = underlay::select(
+        &nl,
+        &underlay::Choice {
+            iface: args.iface.clone(),
+            iface_regex: args.iface_regex.clone(),
+            can_reach: args.iface_can_reach,
+            public_ip: wanted_ip,
+        },
+    )
+    .await?;
     let public_ip = underlay.public_ip;
     let vtep_name = args
         .vtep_name

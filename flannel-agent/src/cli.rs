@@ -150,9 +150,17 @@ pub struct RunArgs {
         env = "FLANNELD_SUBNET_LEASE_TTL"
     )]
     pub subnet_lease_ttl: u64,
-    /// Underlay interface (name or IPv4 address); default: the one of the default route.
-    #[arg(long, env = "FLANNELD_IFACE")]
-    pub iface: Option<String>,
+    /// Underlay interface (name or IPv4 address); repeat to list candidates,
+    /// the first that exists wins. Default: the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Underlay by regular expression on an IPv4 address or an interface name
+    /// (addresses tried first, as flanneld); repeatable.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+    /// Underlay: the interface the kernel would use to reach this address.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
     /// This node's public IP; default: the underlay interface's first IPv4 address.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,

@@ -142,6 +142,16 @@ impl Netlink {
         }
     }
 
+    /// Every interface.
+    pub async fn links(&self) -> anyhow::Result<Vec<Link>> {
+        let mut out = Vec::new();
+        let mut req = self.handle.link().get().execute();
+        while let Some(m) = req.try_next().await.context("listing interfaces")? {
+            out.push(link_from_message(&m));
+        }
+        Ok(out)
+    }
+
     /// IPv4 addresses on an interface.
     pub async fn ipv4_addrs(&self, index: u32) -> anyhow::Result<Vec<(Ipv4Addr, u8)>> {
         let mut out = Vec::new();

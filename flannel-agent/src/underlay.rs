@@ -1,4 +1,4 @@
-//! Picking the underlay interface and public IP, as flanneld does by default.
+//! Picking the underlay interface and public IP, as flanneld does.
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, bail};
@@ -10,41 +10,93 @@ pub struct Underlay {
     pub public_ip: Ipv4Addr,
 }
 
-pub async fn select(
-    nl: &Netlink,
-    iface: Option<&str>,
-    public_ip: Option<Ipv4Addr>,
-) -> anyhow::Result<Underlay> {
-    let link = match (iface, public_ip) {
-        (Some(spec), _) => match spec.parse::<Ipv4Addr>() {
-            Ok(ip) => nl
-                .link_with_addr(ip)
-                .await?
-                .with_context(|| format!("--iface {spec}: no interface has that address"))?,
-            Err(_) => nl
-                .link_by_name(spec)
-                .await?
-                .with_context(|| format!("--iface {spec}: no such interface"))?,
-        },
-        (None, Some(ip)) => match nl.link_with_addr(ip).await? {
-            Some(l) => l,
-            None => default_link(nl).await?,
-        },
-        (None, None) => default_link(nl).await?,
+/// How the operator asked for the underlay, in flanneld's order of precedence.
+#[derive(Debug, Default, Clone)]
+pub struct Choice {
+    pub iface: Vec<String>,
+    pub iface_regex: Vec<String>,
+    pub can_reach: Option<Ipv4Addr>,
+    pub public_ip: Option<Ipv4Addr>,
+}
+
+/// The first of `--iface` (name or address) that exists here.
+async fn by_iface(nl: &Netlink, specs: &[String]) -> anyhow::Result<(Link, Option<Ipv4Addr>)> {
+    for spec in specs {
+        let found = match spec.parse::<Ipv4Addr>() {
+            Ok(ip) => nl.link_with_addr(ip).await?.map(|l| (l, Some(ip))),
+            Err(_) => nl.link_by_name(spec).await?.map(|l| (l, None)),
+        };
+        if let Some(f) = found {
+            return Ok(f);
+        }
+    }
+    bail!(
+        "--iface {}: none of these interfaces or addresses exists here",
+        specs.join(",")
+    )
+}
+
+/// The first interface whose IPv4 address, else whose name, matches a regex.
+async fn by_regex(nl: &Netlink, patterns: &[String]) -> anyhow::Result<(Link, Option<Ipv4Addr>)> {
+    let links = nl.links().await?;
+    for p in patterns {
+        let re = regex::Regex::new(p).with_context(|| format!("--iface-regex {p:?}"))?;
+        for l in &links {
+            for (ip, _) in nl.ipv4_addrs(l.index).await? {
+                if re.is_match(&ip.to_string()) {
+                    return Ok((l.clone(), Some(ip)));
+                }
+            }
+        }
+        if let Some(l) = links.iter().find(|l| re.is_match(&l.name)) {
+            return Ok((l.clone(), None));
+        }
+    }
+    bail!(
+        "--iface-regex {}: no interface address or name matches",
+        patterns.join(",")
+    )
+}
+
+/// The interface of the longest route to `dst` in the main table.
+async fn by_reach(nl: &Netlink, dst: Ipv4Addr) -> anyhow::Result<Link> {
+    let routes = nl.main_routes().await?;
+    let index = routes
+        .iter()
+        .filter(|(oif, r)| oif.is_some() && r.dst.contains(dst))
+        .max_by_key(|(_, r)| r.dst.prefix_len())
+        .and_then(|(oif, _)| *oif)
+        .with_context(|| format!("--iface-can-reach {dst}: no route to it"))?;
+    nl.link_by_index(index)
+        .await?
+        .with_context(|| format!("--iface-can-reach {dst}: interface #{index} vanished"))
+}
+
+pub async fn select(nl: &Netlink, choice: &Choice) -> anyhow::Result<Underlay> {
+    let (link, addr) = if !choice.iface.is_empty() {
+        by_iface(nl, &choice.iface).await?
+    } else if !choice.iface_regex.is_empty() {
+        by_regex(nl, &choice.iface_regex).await?
+    } else if let Some(dst) = choice.can_reach {
+        (by_reach(nl, dst).await?, None)
+    } else if let Some(ip) = choice.public_ip {
+        match nl.link_with_addr(ip).await? {
+            Some(l) => (l, Some(ip)),
+            None => (default_link(nl).await?, None),
+        }
+    } else {
+        (default_link(nl).await?, None)
     };
-    let public_ip = match public_ip {
+    let public_ip = match choice.public_ip.or(addr) {
         Some(ip) => ip,
-        None => match iface.and_then(|s| s.parse::<Ipv4Addr>().ok()) {
-            Some(ip) => ip,
-            None => nl
-                .ipv4_addrs(link.index)
-                .await?
-                .first()
-                .map(|(ip, _)| *ip)
-                .with_context(|| {
-                    format!("{} has no IPv4 address to use as the public IP", link.name)
-                })?,
-        },
+        None => nl
+            .ipv4_addrs(link.index)
+            .await?
+            .first()
+            .map(|(ip, _)| *ip)
+            .with_context(|| {
+                format!("{} has no IPv4 address to use as the public IP", link.name)
+            })?,
     };
     if link.mtu < 576 + 50 {
         bail!("{} has MTU {}: too small for VXLAN", link.name, link.mtu);

@@ -1,0 +1,90 @@
+//! Underlay selection as flanneld: --iface (name or address, repeatable, the
+//! first that exists), --iface-regex (addresses first, then names),
+//! --iface-can-reach, and the default-route interface.
+use flannel_tests::{
+    lab::{Kind, Lab, Topology},
+    prereq,
+};
+
+/// Start the agent with `args` on a node that also has a second interface
+/// (`side0`, 192.168.50.1/24), and return the public IP it chose.
+fn chosen(lab: &mut Lab, args: &[&str]) -> String {
+    let _ = lab.nodes[0].stop_agent();
+    let _ = std::fs::remove_file(&lab.nodes[0].subnet_file);
+    let _ = std::fs::remove_dir_all(lab.lease_dir().join("subnets"));
+    std::fs::create_dir_all(lab.lease_dir().join("subnets")).unwrap();
+    lab.nodes[0].agent_args = args.iter().map(|s| s.to_string()).collect();
+    lab.spawn_agent(0).unwrap();
+    lab.wait_subnet_env(0).unwrap();
+    let lease = std::fs::read_dir(lab.lease_dir().join("subnets"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lease.path()).unwrap()).unwrap();
+    let ip = v["PublicIP"].as_str().unwrap().to_string();
+    lab.nodes[0].stop_agent().unwrap();
+    let root = lab.nodes[0].pin_root.clone();
+    lab.nodes[0]
+        .ns
+        .nsenter(&format!(
+            "{} uninstall --pin-root {}",
+            flannel_tests::agent_path().display(),
+            root.display()
+        ))
+        .unwrap();
+    lab.nodes[0].ns.sh("ip link del flannel.1").unwrap();
+    ip
+}
+
+#[test]
+fn underlay_selection_flags() {
+    if !prereq::ready("iface_selection") {
+        return;
+    }
+    // Routed lab: eth0 holds the default route (10.1.5.10).
+    let mut lab = Lab::new("ifs", Topology::Routed, &[Kind::Ebpf]).unwrap();
+    let ns = &lab.nodes[0].ns;
+    ns.sh("ip link add side0 type veth peer name side1")
+        .unwrap();
+    ns.sh("ip addr add 192.168.50.1/24 dev side0").unwrap();
+    ns.sh("ip link set side0 up").unwrap();
+    ns.sh("ip link set side1 up").unwrap();
+
+    assert_eq!(
+        chosen(&mut lab, &[]),
+        "10.1.5.10",
+        "default: the default route's interface"
+    );
+    assert_eq!(chosen(&mut lab, &["--iface", "side0"]), "192.168.50.1");
+    assert_eq!(
+        chosen(&mut lab, &["--iface", "nosuch", "--iface", "side0"]),
+        "192.168.50.1",
+        "first that exists"
+    );
+    assert_eq!(
+        chosen(&mut lab, &["--iface", "192.168.50.1"]),
+        "192.168.50.1",
+        "by address"
+    );
+    assert_eq!(
+        chosen(&mut lab, &["--iface-regex", "^192\\.168\\."]),
+        "192.168.50.1",
+        "regex on addresses"
+    );
+    assert_eq!(
+        chosen(&mut lab, &["--iface-regex", "^side0$"]),
+        "192.168.50.1",
+        "regex on names"
+    );
+    assert_eq!(
+        chosen(&mut lab, &["--iface-can-reach", "192.168.50.77"]),
+        "192.168.50.1"
+    );
+    assert_eq!(
+        chosen(&mut lab, &["--iface-can-reach", "10.1.9.10"]),
+        "10.1.5.10",
+        "via the default route"
+    );
+}
