@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     macros::xdp,
     programs::XdpContext,
@@ -66,11 +66,11 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     // variable-length IPv4 header, bytes are copied with bpf_xdp_load_bytes so
     // the verifier never has to track a variable packet offset.
     let l4 = ETH_LEN + ihl;
-    let Some(udp) = load::<UdpHdr>(ctx, l4) else {
+    let Some(dport) = udp_dport(ctx, start, end, l4, ihl) else {
         count(Counter::RxPassMalformed, frame_len);
         return XDP_PASS;
     };
-    if be16(&udp.dport) != cfg.port {
+    if dport != cfg.port {
         return XDP_PASS;
     }
     // From here on the frame claims to be ours: it is delivered or dropped.
@@ -79,7 +79,7 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     let overlay = if (frame_len as usize) < inner_off + ETH_LEN + IPV4_LEN {
         None
     } else {
-        load::<Overlay>(ctx, vx_off)
+        read_overlay(ctx, start, end, vx_off, ihl)
     };
     let Some(overlay) = overlay else {
         count(Counter::RxDropTruncated, frame_len);
@@ -125,8 +125,9 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     macs[0..6].copy_from_slice(&eth.dst);
     macs[6..12].copy_from_slice(&eth.src);
     let inner_len = frame_len - inner_off as u32;
-    let stored = unsafe { bpf_xdp_store_bytes(ctx.ctx, inner_off as u32, macs.as_mut_ptr() as *mut _, 12) };
-    if stored != 0 || unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
+    if !write_inner_macs(ctx, start, end, inner_off, ihl, &mut macs)
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0
+    {
         count(Counter::RxDropAdjust, frame_len);
         return XDP_DROP;
     }
@@ -134,7 +135,8 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     if let Some(p) = stats {
         p.rx_packets += 1;
         p.rx_bytes += inner_len as u64;
-        p.last_rx_ns = unsafe { bpf_ktime_get_ns() };
+        // The coarse clock is a plain read; "last seen" needs no better.
+        p.last_rx_ns = unsafe { bpf_ktime_get_coarse_ns() };
     }
     XDP_PASS
 }
@@ -159,4 +161,51 @@ fn load<T>(ctx: &XdpContext, off: usize) -> Option<T> {
     };
     // SAFETY: the helper filled all size_of::<T>() bytes when it returned 0.
     (rc == 0).then(|| unsafe { v.assume_init() })
+}
+
+/// Without IP options (the common case) headers sit at constant offsets and
+/// are read in place; with options they are copied out with a helper, so the
+/// verifier never tracks a variable packet offset.
+const VX_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+
+#[inline(always)]
+fn udp_dport(ctx: &XdpContext, start: usize, end: usize, l4: usize, ihl: usize) -> Option<u16> {
+    if ihl == IPV4_LEN {
+        ptr_at::<UdpHdr>(start, end, ETH_LEN + IPV4_LEN).map(|u| be16(unsafe { &(*u).dport }))
+    } else {
+        load::<UdpHdr>(ctx, l4).map(|u| be16(&u.dport))
+    }
+}
+
+#[inline(always)]
+fn read_overlay(ctx: &XdpContext, start: usize, end: usize, vx_off: usize, ihl: usize) -> Option<Overlay> {
+    if ihl == IPV4_LEN {
+        // SAFETY: bounds checked by ptr_at; Overlay is plain bytes (align 1).
+        ptr_at::<Overlay>(start, end, VX_OFF).map(|p| unsafe { core::ptr::read(p) })
+    } else {
+        load::<Overlay>(ctx, vx_off)
+    }
+}
+
+#[inline(always)]
+fn write_inner_macs(
+    ctx: &XdpContext,
+    start: usize,
+    end: usize,
+    inner_off: usize,
+    ihl: usize,
+    macs: &mut [u8; 12],
+) -> bool {
+    if ihl == IPV4_LEN {
+        match ptr_at::<[u8; 12]>(start, end, VX_OFF + VXLAN_LEN) {
+            Some(p) => {
+                // SAFETY: bounds checked by ptr_at.
+                unsafe { *p = *macs };
+                true
+            }
+            None => false,
+        }
+    } else {
+        unsafe { bpf_xdp_store_bytes(ctx.ctx, inner_off as u32, macs.as_mut_ptr() as *mut _, 12) == 0 }
+    }
 }
