@@ -24,6 +24,11 @@ impl Mac {
         Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
     }
 
+    /// From a 6-byte link-layer address as netlink carries it.
+    pub fn from_slice(b: &[u8]) -> Option<Mac> {
+        <[u8; 6]>::try_from(b).ok().map(Mac)
+    }
+
     pub fn is_unicast(&self) -> bool {
         self.0[0] & 1 == 0 && self.0 != [0; 6]
     }

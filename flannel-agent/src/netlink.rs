@@ -71,11 +71,7 @@ fn link_from_message(m: &LinkMessage) -> Link {
     for attr in &m.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
-            LinkAttribute::Address(a) if a.len() == 6 => {
-                let mut b = [0u8; 6];
-                b.copy_from_slice(a);
-                link.mac = Some(Mac(b));
-            }
+            LinkAttribute::Address(a) => link.mac = Mac::from_slice(a),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::LinkInfo(infos) => {
                 let mut is_vxlan = false;
@@ -429,19 +425,7 @@ impl Netlink {
             if n.header.ifindex != index {
                 continue;
             }
-            let mut ip = None;
-            let mut mac = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
-                    NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
-                        let mut b = [0u8; 6];
-                        b.copy_from_slice(l);
-                        mac = Some(Mac(b));
-                    }
-                    _ => {}
-                }
-            }
+            let (ip, mac) = neigh_fields(&n);
             let Some(ip) = ip else { continue };
             out.push(KernelNeigh {
                 ip,
@@ -515,23 +499,7 @@ impl Netlink {
             if n.header.ifindex != index {
                 continue;
             }
-            let mut mac = None;
-            let mut dst = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
-                        let mut b = [0u8; 6];
-                        b.copy_from_slice(l);
-                        mac = Some(Mac(b));
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
-                    // In AF_BRIDGE dumps the parser cannot tell the address family.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                        dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-                    }
-                    _ => {}
-                }
-            }
+            let (dst, mac) = neigh_fields(&n);
             if let (Some(mac), Some(dst)) = (mac, dst)
                 && mac.is_unicast()
             {
@@ -576,6 +544,25 @@ pub struct KernelFdb {
     pub mac: Mac,
     pub dst: Ipv4Addr,
     message: netlink_packet_route::neighbour::NeighbourMessage,
+}
+
+/// The IPv4 destination and link-layer address of a neighbour or FDB message.
+fn neigh_fields(
+    n: &netlink_packet_route::neighbour::NeighbourMessage,
+) -> (Option<Ipv4Addr>, Option<Mac>) {
+    let (mut ip, mut mac) = (None, None);
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+            // In AF_BRIDGE dumps the parser cannot tell the address family.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                ip = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            }
+            NeighbourAttribute::LinkLocalAddress(l) => mac = Mac::from_slice(l),
+            _ => {}
+        }
+    }
+    (ip, mac)
 }
 
 /// Whether `ip` is on-link through `underlay`: the longest matching route
