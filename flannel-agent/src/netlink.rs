@@ -101,6 +101,14 @@ fn link_from_message(m: &LinkMessage) -> Link {
     link
 }
 
+/// A delete of something already gone has done its job.
+fn gone_is_fine(res: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match res {
+        Err(e) if is_not_found(&e) => Ok(()),
+        other => other,
+    }
+}
+
 fn is_not_found(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV || m.raw_code() == -libc::ENOENT || m.raw_code() == -libc::ESRCH)
 }
@@ -399,17 +407,13 @@ impl Netlink {
     }
 
     pub async fn delete_route(&self, route: &KernelRoute) -> anyhow::Result<()> {
-        match self
+        let res = self
             .handle
             .route()
             .del(route.message.clone())
             .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("ip route del {}", route.dst)),
-        }
+            .await;
+        gone_is_fine(res).with_context(|| format!("ip route del {}", route.dst))
     }
 
     /// IPv4 neighbours on the interface.
@@ -458,17 +462,13 @@ impl Netlink {
     }
 
     pub async fn delete_neighbour(&self, n: &KernelNeigh) -> anyhow::Result<()> {
-        match self
+        let res = self
             .handle
             .neighbours()
             .del(n.message.clone())
             .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("ip neigh del {}", n.ip)),
-        }
+            .await;
+        gone_is_fine(res).with_context(|| format!("ip neigh del {}", n.ip))
     }
 }
 
@@ -514,17 +514,13 @@ impl Netlink {
     }
 
     pub async fn delete_fdb(&self, e: &KernelFdb) -> anyhow::Result<()> {
-        match self
+        let res = self
             .handle
             .neighbours()
             .del(e.message.clone())
             .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(err) if is_not_found(&err) => Ok(()),
-            Err(err) => Err(err).with_context(|| format!("bridge fdb del {} dst {}", e.mac, e.dst)),
-        }
+            .await;
+        gone_is_fine(res).with_context(|| format!("bridge fdb del {} dst {}", e.mac, e.dst))
     }
 
     /// `ip link del`.
