@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use flannel_agent::{
     datapath,
-    lease::Lease,
+    lease::{Lease, LeaseBackend},
     mac::Mac,
     netlink::{Netlink, VtepSpec},
     reconcile::{Desired, Own, apply},
@@ -34,8 +34,15 @@ fn peer(i: usize) -> anyhow::Result<Lease> {
     Ok(Lease {
         subnet: Subnet::new(Ipv4Addr::new(10, hi, lo, 0), 24)?,
         public_ip: Ipv4Addr::new(192, 168, hi, lo),
-        vtep_mac: Mac([0x02, 0x42, 0x10, hi, lo, 0x01]),
+        backend: LeaseBackend::Vxlan {
+            vtep_mac: peer_mac(i),
+        },
     })
+}
+
+fn peer_mac(i: usize) -> Mac {
+    let (hi, lo) = ((i >> 8) as u8, (i & 0xff) as u8);
+    Mac([0x02, 0x42, 0x10, hi, lo, 0x01])
 }
 
 /// (N, flannel-ebpf ms, flannel-style netlink ms) for each N.
@@ -59,8 +66,9 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 subnet: Subnet::new(Ipv4Addr::new(10, 255, 255, 0), 24)?,
                 network: NETWORK.parse()?,
                 public_ip: Ipv4Addr::new(10, 255, 0, 1),
-                vtep_mac: own_mac,
+                backend: LeaseBackend::Vxlan { vtep_mac: own_mac },
                 underlay_index: ul.index,
+                underlay_name: "ul0".into(),
             };
             let spec = |name: &str, vni: u32, port: u16, mac: Mac| VtepSpec {
                 name: name.into(),
@@ -99,14 +107,14 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 let leases: Vec<Lease> = (1..=n).map(peer).collect::<anyhow::Result<_>>()?;
                 let (want, _) = Desired::from_leases(&leases, &own);
                 let t = Instant::now();
-                let o = apply(&want, Some(&mut tables), &nl, vtep.index, &own).await?;
+                let o = apply(&want, Some(&mut tables), &nl, Some(vtep.index), &own).await?;
                 let ours = t.elapsed().as_secs_f64() * 1e3;
                 anyhow::ensure!(o.errors.is_empty(), "apply failed: {:?}", o.errors.first());
                 apply(
                     &Desired::default(),
                     Some(&mut tables),
                     &nl,
-                    vtep.index,
+                    Some(vtep.index),
                     &own,
                 )
                 .await?;
@@ -116,10 +124,11 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                     .ensure_vtep(&spec("flannel.9", 9, 8473, Mac([2, 0x42, 9, 9, 9, 9])))
                     .await?;
                 let t = Instant::now();
-                for l in &leases {
-                    nl.replace_neighbour(kv.index, l.subnet.vtep_addr(), l.vtep_mac)
+                for (i, l) in leases.iter().enumerate() {
+                    let mac = peer_mac(i + 1);
+                    nl.replace_neighbour(kv.index, l.subnet.vtep_addr(), mac)
                         .await?;
-                    nl.replace_fdb(kv.index, l.vtep_mac, l.public_ip).await?;
+                    nl.replace_fdb(kv.index, mac, l.public_ip).await?;
                     nl.replace_route(kv.index, l.subnet, l.subnet.vtep_addr())
                         .await?;
                 }

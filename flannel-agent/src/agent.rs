@@ -13,9 +13,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::{DatapathKind, RunArgs, SubnetMgr},
     datapath,
-    lease::Lease,
+    lease::{Lease, LeaseBackend},
     mac::Mac,
     metrics::{self, AgentMetrics},
+    netconf::BackendType,
     netlink::{Netlink, VtepSpec, check_ifname},
     reconcile::{Desired, Own, apply},
     source::{
@@ -105,11 +106,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let conf = source.config().await?;
 
     // Only the eBPF data path needs the object; read it before touching the node.
-    let object_or_err = match args.datapath {
-        DatapathKind::Kernel => Ok(Vec::new()),
-        DatapathKind::Ebpf => find_object(args.bpf_object.as_deref()).and_then(|p| {
-            std::fs::read(&p).with_context(|| format!("reading the eBPF object {}", p.display()))
-        }),
+    let object_or_err = match (conf.backend.kind, args.datapath) {
+        (BackendType::HostGw, _) | (_, DatapathKind::Kernel) => Ok(Vec::new()),
+        (BackendType::Vxlan, DatapathKind::Ebpf) => find_object(args.bpf_object.as_deref())
+            .and_then(|p| {
+                std::fs::read(&p)
+                    .with_context(|| format!("reading the eBPF object {}", p.display()))
+            }),
     };
     if let Err(e) = &object_or_err {
         anyhow::bail!("{e:#}; or use --datapath kernel");
@@ -137,92 +140,100 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("flannel.{}", conf.backend.vni));
     check_ifname(&vtep_name)?;
 
-    // A stable VtepMAC: the device's, else our lease's, else derived from the public IP.
-    let existing = nl.link_by_name(&vtep_name).await?;
-    let lease_mac = source.lease_of(public_ip).await?.map(|l| l.vtep_mac);
-    let vtep_mac = existing
-        .as_ref()
-        .filter(|l| l.vxlan.is_some())
-        .and_then(|l| l.mac)
-        .or(lease_mac)
-        .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf/{public_ip}").as_bytes()));
-
+    let backend = match conf.backend.kind {
+        BackendType::HostGw => LeaseBackend::HostGw,
+        BackendType::Vxlan => LeaseBackend::Vxlan {
+            vtep_mac: stable_vtep_mac(&nl, &mut source, &vtep_name, public_ip).await?,
+        },
+    };
     let previous = subnet_env::previous_subnet(&args.subnet_file);
-    let subnet = source.acquire(&conf, public_ip, vtep_mac, previous).await?;
+    let subnet = source.acquire(&conf, public_ip, backend, previous).await?;
     let own_lease = Lease {
         subnet,
         public_ip,
-        vtep_mac,
+        backend,
     };
-    let mtu = conf
-        .backend
-        .mtu
-        .unwrap_or(underlay.link.mtu.saturating_sub(VXLAN_OVERHEAD));
-
-    let vtep = nl
-        .ensure_vtep(&VtepSpec {
-            name: vtep_name.clone(),
-            vni: conf.backend.vni,
-            port: conf.backend.port,
-            local: public_ip,
-            underlay_index: underlay.link.index,
-            mac: vtep_mac,
-            mtu,
-        })
-        .await?;
-    nl.ensure_only_addr(vtep.index, subnet.vtep_addr()).await?;
-    sysctl::loosen_rp_filter(&underlay.link.name)?;
-    sysctl::warn_if_not_forwarding();
 
     let root = args.pins.pin_root.clone();
-    let mut tables = match args.datapath {
-        DatapathKind::Kernel => {
+    let (mtu, vtep, mut tables) = match backend {
+        LeaseBackend::HostGw => {
             log::info!(
-                "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
+                "backend host-gw: routes to peers' public IPs on {}, no VXLAN device and no eBPF programs",
+                underlay.link.name
             );
-            None
+            (conf.backend.mtu.unwrap_or(underlay.link.mtu), None, None)
         }
-        DatapathKind::Ebpf => {
-            let (src_port_min, src_port_max) = sysctl::local_port_range();
-            let node = NodeConfig {
-                public_ip: public_ip.octets(),
-                vni: conf.backend.vni,
-                port: conf.backend.port,
-                src_port_min,
-                src_port_max,
-                vtep_mac: vtep_mac.0,
-                underlay_ifindex: underlay.link.index,
-                vtep_ifindex: vtep.index,
-                ready: 1,
+        LeaseBackend::Vxlan { vtep_mac } => {
+            let mtu = conf
+                .backend
+                .mtu
+                .unwrap_or(underlay.link.mtu.saturating_sub(VXLAN_OVERHEAD));
+            let vtep = nl
+                .ensure_vtep(&VtepSpec {
+                    name: vtep_name.clone(),
+                    vni: conf.backend.vni,
+                    port: conf.backend.port,
+                    local: public_ip,
+                    underlay_index: underlay.link.index,
+                    mac: vtep_mac,
+                    mtu,
+                })
+                .await?;
+            nl.ensure_only_addr(vtep.index, subnet.vtep_addr()).await?;
+            sysctl::loosen_rp_filter(&underlay.link.name)?;
+            let tables = match args.datapath {
+                DatapathKind::Kernel => {
+                    log::info!(
+                        "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
+                    );
+                    None
+                }
+                DatapathKind::Ebpf => {
+                    let (src_port_min, src_port_max) = sysctl::local_port_range();
+                    let node = NodeConfig {
+                        public_ip: public_ip.octets(),
+                        vni: conf.backend.vni,
+                        port: conf.backend.port,
+                        src_port_min,
+                        src_port_max,
+                        vtep_mac: vtep_mac.0,
+                        underlay_ifindex: underlay.link.index,
+                        vtep_ifindex: vtep.index,
+                        ready: 1,
+                    };
+                    let attached = datapath::install(
+                        &root,
+                        &object_or_err?,
+                        node,
+                        &vtep_name,
+                        &underlay.link.name,
+                        log::max_level(),
+                    )
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "the eBPF data path cannot run on this host: {e:#}; use --datapath kernel to run with the kernel's VXLAN device instead"
+                        )
+                    })?;
+                    if log::max_level() >= log::LevelFilter::Debug {
+                        ebpf_logs(attached.encap_prog_id)?;
+                    }
+                    log::info!("attached {}", attached.encap);
+                    log::info!("attached {}", attached.decap);
+                    Some(Tables::open(&root)?)
+                }
             };
-            let attached = datapath::install(
-                &root,
-                &object_or_err?,
-                node,
-                &vtep_name,
-                &underlay.link.name,
-                log::max_level(),
-            )
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "the eBPF data path cannot run on this host: {e:#}; use --datapath kernel to run with the kernel's VXLAN device instead"
-                )
-            })?;
-            if log::max_level() >= log::LevelFilter::Debug {
-                ebpf_logs(attached.encap_prog_id)?;
-            }
-            log::info!("attached {}", attached.encap);
-            log::info!("attached {}", attached.decap);
-            Some(Tables::open(&root)?)
+            (mtu, Some(vtep.index), tables)
         }
     };
+    sysctl::warn_if_not_forwarding();
 
     let own = Own {
         subnet,
         network: conf.network,
         public_ip,
-        vtep_mac,
+        backend,
         underlay_index: underlay.link.index,
+        underlay_name: underlay.link.name.clone(),
     };
     let metrics = Arc::new(Mutex::new(AgentMetrics::default()));
     let mut state = SyncState {
@@ -231,9 +242,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..SyncState::default()
     };
     let snap = source.snapshot().await?;
-    state
-        .sync(&snap, &own, tables.as_mut(), &nl, vtep.index)
-        .await?;
+    state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
 
     // Rules before subnet.env: once the CNI plugin can start pods, their
     // traffic is masqueraded.
@@ -246,12 +255,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     source.ready().await?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    log::info!(
-        "node {public_ip}: lease {subnet}, VTEP {vtep_name} {}/32 {vtep_mac} MTU {mtu}, VNI {} port {}",
-        subnet.vtep_addr(),
-        conf.backend.vni,
-        conf.backend.port
-    );
+    match backend {
+        LeaseBackend::Vxlan { vtep_mac } => log::info!(
+            "node {public_ip}: lease {subnet}, VTEP {vtep_name} {}/32 {vtep_mac} MTU {mtu}, VNI {} port {}",
+            subnet.vtep_addr(),
+            conf.backend.vni,
+            conf.backend.port
+        ),
+        LeaseBackend::HostGw => log::info!(
+            "node {public_ip}: lease {subnet}, host-gw on {} MTU {mtu}",
+            underlay.link.name
+        ),
+    }
     if tables.is_some() {
         log::info!("pin root {}; inspect with:", root.display());
         for f in ["route", "arp", "fdb", "counters", "config"] {
@@ -306,10 +321,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if let Err(e) = state
-            .sync(&snap, &own, tables.as_mut(), &nl, vtep.index)
-            .await
-        {
+        if let Err(e) = state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await {
             log::warn!("reconcile failed, retrying at the next resync: {e:#}");
         }
         next_resync = Instant::now() + resync;
@@ -319,6 +331,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         root.display()
     );
     Ok(())
+}
+
+/// A stable VtepMAC: the device's, else our lease's, else derived from the public IP.
+async fn stable_vtep_mac(
+    nl: &Netlink,
+    source: &mut LeaseSource,
+    vtep_name: &str,
+    public_ip: std::net::Ipv4Addr,
+) -> anyhow::Result<Mac> {
+    let existing = nl.link_by_name(vtep_name).await?;
+    let lease_mac = source
+        .lease_of(public_ip)
+        .await?
+        .and_then(|l| l.backend.vtep_mac());
+    Ok(existing
+        .as_ref()
+        .filter(|l| l.vxlan.is_some())
+        .and_then(|l| l.mac)
+        .or(lease_mac)
+        .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf/{public_ip}").as_bytes())))
 }
 
 /// Forward the programs' aya-log records (debug level only) to our logger.
@@ -360,27 +392,33 @@ impl SyncState {
         own: &Own,
         tables: Option<&mut Tables>,
         nl: &Netlink,
-        vtep_index: u32,
+        vtep: Option<u32>,
     ) -> anyhow::Result<()> {
         let changes = log_changes(&self.last, snap);
-        let (want, skipped) = Desired::from_leases(snap.leases.values(), own);
-        let want = if self.direct_routing {
+        let (mut want, mut skipped) = Desired::from_leases(snap.leases.values(), own);
+        if own.backend == LeaseBackend::HostGw {
             let routes = nl.main_routes().await?;
-            want.with_direct_routing(|ip| crate::netlink::onlink(&routes, own.underlay_index, ip))
-        } else {
-            want
-        };
+            skipped.extend(want.retain_on_link(
+                |ip| crate::netlink::onlink(&routes, own.underlay_index, ip),
+                &own.underlay_name,
+            ));
+        } else if self.direct_routing {
+            let routes = nl.main_routes().await?;
+            want = want
+                .with_direct_routing(|ip| crate::netlink::onlink(&routes, own.underlay_index, ip));
+        }
         let n_skipped = skipped.len() as i64;
         let skipped: BTreeSet<String> = skipped
             .into_iter()
             .map(|(s, why)| format!("lease {s} skipped: {why}"))
             .collect();
+        // A skipped lease is a node this one cannot reach: an error, once.
         for line in skipped.difference(&self.skipped) {
-            log::warn!("{line}");
+            log::error!("{line}");
         }
         self.skipped = skipped;
         let started = Instant::now();
-        let outcome = apply(&want, tables, nl, vtep_index, own).await;
+        let outcome = apply(&want, tables, nl, vtep, own).await;
         if let Ok(m) = self.metrics.lock() {
             m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             let errors = outcome.as_ref().map_or(1, |o| o.errors.len() as u64);
@@ -388,7 +426,7 @@ impl SyncState {
             let label = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
             m.leases
                 .get_or_create(&label("state", "applied"))
-                .set(want.routes.len() as i64);
+                .set((want.routes.len() + want.direct.len()) as i64);
             m.leases
                 .get_or_create(&label("state", "skipped"))
                 .set(n_skipped);

@@ -31,60 +31,117 @@ pub struct VxlanBackendData {
     pub vtep_mac: String,
 }
 
-/// A validated lease of a VXLAN node.
+/// What a lease says about how its node is reached: the backends we speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeaseBackend {
+    /// VXLAN to the node's VTEP.
+    Vxlan { vtep_mac: Mac },
+    /// Plain routes to the node's public IP; the lease carries no BackendData.
+    HostGw,
+}
+
+impl LeaseBackend {
+    /// The lease's `BackendType`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            LeaseBackend::Vxlan { .. } => "vxlan",
+            LeaseBackend::HostGw => "host-gw",
+        }
+    }
+
+    pub fn vtep_mac(&self) -> Option<Mac> {
+        match self {
+            LeaseBackend::Vxlan { vtep_mac } => Some(*vtep_mac),
+            LeaseBackend::HostGw => None,
+        }
+    }
+}
+
+impl std::fmt::Display for LeaseBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseBackend::Vxlan { vtep_mac } => write!(f, "vxlan VtepMAC {vtep_mac}"),
+            LeaseBackend::HostGw => f.write_str("host-gw"),
+        }
+    }
+}
+
+/// A validated lease of a node we can reach (VXLAN or host-gw).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub subnet: Subnet,
     pub public_ip: Ipv4Addr,
-    pub vtep_mac: Mac,
+    pub backend: LeaseBackend,
 }
 
 impl Lease {
     /// Parse a lease value as stored under `<prefix>/subnets/<key>`.
-    /// Returns Ok(None) for leases of other backends, which peers ignore as flanneld does.
+    /// Returns Ok(None) for leases of backends we do not speak (udp,
+    /// wireguard, …), which peers ignore as flanneld does. Whether a vxlan or
+    /// host-gw lease suits this node's backend is the reconciler's call.
     pub fn parse(subnet: Subnet, value: &[u8]) -> anyhow::Result<Option<Lease>> {
         let attrs: LeaseAttrs =
             serde_json::from_slice(value).context("lease is not Flannel's lease JSON")?;
-        if attrs.backend_type != "vxlan" {
-            return Ok(None);
-        }
-        let public_ip: Ipv4Addr = attrs
-            .public_ip
-            .parse()
-            .with_context(|| format!("PublicIP {:?} is not an IPv4 address", attrs.public_ip))?;
-        let data = attrs
-            .backend_data
-            .context("BackendData is missing for a vxlan lease")?;
-        let data: VxlanBackendData =
-            serde_json::from_value(data).context("BackendData is not {\"VNI\":…,\"VtepMAC\":…}")?;
-        let vtep_mac: Mac = data
-            .vtep_mac
-            .parse()
-            .with_context(|| format!("VtepMAC {:?}", data.vtep_mac))?;
-        if public_ip.is_unspecified() || public_ip.is_broadcast() || public_ip.is_multicast() {
-            bail!("PublicIP {public_ip} cannot be a node address");
-        }
+        let vxlan = match attrs.backend_type.as_str() {
+            "vxlan" => true,
+            "host-gw" => false,
+            _ => return Ok(None),
+        };
+        let public_ip = parse_public_ip(&attrs.public_ip)?;
+        let backend = if vxlan {
+            let data = attrs
+                .backend_data
+                .context("BackendData is missing for a vxlan lease")?;
+            LeaseBackend::Vxlan {
+                vtep_mac: vxlan_vtep_mac(data)?,
+            }
+        } else {
+            LeaseBackend::HostGw
+        };
         Ok(Some(Lease {
             subnet,
             public_ip,
-            vtep_mac,
+            backend,
         }))
     }
 
-    /// The JSON flanneld writes for a VXLAN lease.
+    /// The JSON flanneld writes for a lease of this backend (host-gw's
+    /// BackendData is null, as flanneld's empty one serializes).
     pub fn to_json(&self, vni: u32) -> String {
         let attrs = LeaseAttrs {
             public_ip: self.public_ip.to_string(),
             public_ipv6: None,
-            backend_type: "vxlan".into(),
-            backend_data: Some(serde_json::json!({
-                "VNI": vni,
-                "VtepMAC": self.vtep_mac.to_string(),
-            })),
+            backend_type: self.backend.type_name().into(),
+            backend_data: self.backend.vtep_mac().map(|mac| {
+                serde_json::json!({
+                    "VNI": vni,
+                    "VtepMAC": mac.to_string(),
+                })
+            }),
         };
         // Serializing plain strings and numbers cannot fail.
         serde_json::to_string(&attrs).unwrap_or_default()
     }
+}
+
+/// A lease's PublicIP, which must be a usable unicast IPv4 address.
+pub fn parse_public_ip(text: &str) -> anyhow::Result<Ipv4Addr> {
+    let ip: Ipv4Addr = text
+        .parse()
+        .with_context(|| format!("PublicIP {text:?} is not an IPv4 address"))?;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        bail!("PublicIP {ip} cannot be a node address");
+    }
+    Ok(ip)
+}
+
+/// The VtepMAC of a vxlan lease's BackendData.
+pub fn vxlan_vtep_mac(data: serde_json::Value) -> anyhow::Result<Mac> {
+    let data: VxlanBackendData =
+        serde_json::from_value(data).context("BackendData is not {\"VNI\":…,\"VtepMAC\":…}")?;
+    data.vtep_mac
+        .parse()
+        .with_context(|| format!("VtepMAC {:?}", data.vtep_mac))
 }
 
 #[cfg(test)]
@@ -100,7 +157,10 @@ mod tests {
         let v = br#"{"PublicIP":"172.18.0.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#;
         let l = Lease::parse(subnet(), v).unwrap().unwrap();
         assert_eq!(l.public_ip, Ipv4Addr::new(172, 18, 0, 3));
-        assert_eq!(l.vtep_mac.to_string(), "e6:7c:02:8e:e8:7e");
+        assert_eq!(
+            l.backend.vtep_mac().map(|m| m.to_string()).as_deref(),
+            Some("e6:7c:02:8e:e8:7e")
+        );
         let round = Lease::parse(subnet(), l.to_json(1).as_bytes())
             .unwrap()
             .unwrap();
@@ -108,9 +168,24 @@ mod tests {
     }
 
     #[test]
+    fn host_gw_leases_as_flanneld_writes_them() {
+        let v = br#"{"PublicIP":"172.18.0.3","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#;
+        let l = Lease::parse(subnet(), v).unwrap().unwrap();
+        assert_eq!(l.backend, LeaseBackend::HostGw);
+        assert_eq!(
+            l.to_json(1),
+            r#"{"PublicIP":"172.18.0.3","BackendType":"host-gw","BackendData":null}"#
+        );
+        let bare = br#"{"PublicIP":"172.18.0.3","BackendType":"host-gw"}"#;
+        assert_eq!(Lease::parse(subnet(), bare).unwrap(), Some(l));
+        let bad = br#"{"PublicIP":"0.0.0.0","BackendType":"host-gw"}"#;
+        assert!(Lease::parse(subnet(), bad).is_err());
+    }
+
+    #[test]
     fn ignores_other_backends_and_rejects_garbage() {
-        let hostgw = br#"{"PublicIP":"172.18.0.3","BackendType":"host-gw"}"#;
-        assert!(Lease::parse(subnet(), hostgw).unwrap().is_none());
+        let udp = br#"{"PublicIP":"172.18.0.3","BackendType":"udp","BackendData":null}"#;
+        assert!(Lease::parse(subnet(), udp).unwrap().is_none());
         for bad in [
             &b"{"[..],
             br#"{"PublicIP":"x","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#,

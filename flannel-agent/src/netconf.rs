@@ -15,9 +15,18 @@ pub struct NetConf {
     pub backend: Backend,
 }
 
+/// Backend.Type: the backends flannel-ebpf speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendType {
+    /// VXLAN on Flannel's wire, by the eBPF or the kernel data path.
+    Vxlan,
+    /// Routes only: `<peer subnet> via <peer public IP>` on the underlay.
+    HostGw,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Backend {
-    pub kind: String,
+    pub kind: BackendType,
     pub vni: u32,
     pub port: u16,
     /// Overlay MTU override; None → underlay MTU − 50.
@@ -180,7 +189,7 @@ impl NetConf {
 impl Default for Backend {
     fn default() -> Self {
         Backend {
-            kind: "vxlan".into(),
+            kind: BackendType::Vxlan,
             vni: DEFAULT_VNI,
             port: DEFAULT_VXLAN_PORT,
             mtu: None,
@@ -192,13 +201,16 @@ impl Default for Backend {
 impl Backend {
     fn parse(b: &Map<String, Value>) -> anyhow::Result<Backend> {
         let kind = match field(b, "Type") {
-            None => "vxlan".to_string(),
-            Some(Value::String(s)) => s.to_ascii_lowercase(),
+            None => BackendType::Vxlan,
+            Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+                "vxlan" => BackendType::Vxlan,
+                "host-gw" => BackendType::HostGw,
+                _ => bail!(
+                    "Backend.Type: {s:?} is not supported by flannel-ebpf (\"vxlan\" or \"host-gw\")"
+                ),
+            },
             Some(v) => bail!("Backend.Type: {v} is not a string"),
         };
-        if kind != "vxlan" {
-            bail!("Backend.Type: {kind:?} is not supported by flannel-ebpf (only \"vxlan\")");
-        }
         let vni = uint(b, "VNI", 0xff_ffff)
             .context("Backend")?
             .unwrap_or(DEFAULT_VNI as u64) as u32;
@@ -252,6 +264,9 @@ mod tests {
         let c = NetConf::parse(r#"{"network":"10.244.0.0/16","subnetlen":25,"backend":{"type":"VXLAN","vni":4,"port":4789}}"#).unwrap();
         assert_eq!(c.subnet_len, 25);
         assert_eq!((c.backend.vni, c.backend.port), (4, 4789));
+        let c =
+            NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        assert_eq!(c.backend.kind, BackendType::HostGw);
     }
 
     #[test]

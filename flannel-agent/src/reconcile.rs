@@ -8,7 +8,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::{lease::Lease, mac::Mac, netlink::Netlink, subnet::Subnet, tables::Tables};
+use crate::{
+    lease::{Lease, LeaseBackend},
+    mac::Mac,
+    netlink::Netlink,
+    subnet::Subnet,
+    tables::Tables,
+};
 
 /// The tables Flannel would program for a set of peer leases.
 #[derive(Debug, Default, PartialEq)]
@@ -16,7 +22,8 @@ pub struct Desired {
     pub fdb: BTreeMap<Mac, Ipv4Addr>,
     pub arp: BTreeMap<Ipv4Addr, Mac>,
     pub routes: BTreeMap<Subnet, Ipv4Addr>,
-    /// DirectRouting: remote subnet → node public IP, routed on the underlay without VXLAN.
+    /// DirectRouting and host-gw: remote subnet → node public IP, routed on
+    /// the underlay without VXLAN.
     pub direct: BTreeMap<Subnet, Ipv4Addr>,
 }
 
@@ -25,9 +32,11 @@ pub struct Own {
     pub subnet: Subnet,
     pub network: Subnet,
     pub public_ip: Ipv4Addr,
-    pub vtep_mac: Mac,
-    /// The underlay interface, for DirectRouting routes.
+    /// This node's backend: peers must announce the same one.
+    pub backend: LeaseBackend,
+    /// The underlay interface, for DirectRouting and host-gw routes.
     pub underlay_index: u32,
+    pub underlay_name: String,
 }
 
 impl Desired {
@@ -54,6 +63,29 @@ impl Desired {
         self
     }
 
+    /// host-gw: a peer whose public IP is not on-link cannot be reached by a
+    /// route alone; its lease is taken out and returned with the reason.
+    pub fn retain_on_link(
+        &mut self,
+        onlink: impl Fn(Ipv4Addr) -> bool,
+        underlay: &str,
+    ) -> Vec<(Subnet, String)> {
+        let mut skipped = Vec::new();
+        self.direct.retain(|subnet, ip| {
+            let keep = onlink(*ip);
+            if !keep {
+                skipped.push((
+                    *subnet,
+                    format!(
+                        "host-gw cannot reach node {ip}: it is not on-link on {underlay} (a route to it has a gateway); host-gw needs every node on one L2 segment, use Backend.Type vxlan (with DirectRouting) across routers"
+                    ),
+                ));
+            }
+            keep
+        });
+        skipped
+    }
+
     /// Peers from `leases`; a lease that cannot be used is skipped with a reason.
     pub fn from_leases<'a>(
         leases: impl IntoIterator<Item = &'a Lease>,
@@ -72,21 +104,39 @@ impl Desired {
                     "PublicIP {} is this node's, but the subnet is not our lease",
                     l.public_ip
                 ))
-            } else if l.vtep_mac == own.vtep_mac {
-                Some(format!("VtepMAC {} is this node's", l.vtep_mac))
+            } else if l.backend.type_name() != own.backend.type_name() {
+                // flanneld ignores such a lease with a warning too.
+                Some(format!(
+                    "BackendType {} differs from this node's {}",
+                    l.backend.type_name(),
+                    own.backend.type_name()
+                ))
+            } else if let LeaseBackend::Vxlan { vtep_mac } = l.backend {
+                if Some(vtep_mac) == own.backend.vtep_mac() {
+                    Some(format!("VtepMAC {vtep_mac} is this node's"))
+                } else {
+                    d.fdb
+                        .get(&vtep_mac)
+                        .filter(|ip| **ip != l.public_ip)
+                        .map(|ip| format!("VtepMAC {vtep_mac} is already used by node {ip}"))
+                }
             } else {
-                d.fdb
-                    .get(&l.vtep_mac)
-                    .filter(|ip| **ip != l.public_ip)
-                    .map(|ip| format!("VtepMAC {} is already used by node {ip}", l.vtep_mac))
+                None
             };
             if let Some(why) = why {
                 skipped.push((l.subnet, why));
                 continue;
             }
-            d.fdb.insert(l.vtep_mac, l.public_ip);
-            d.arp.insert(l.subnet.vtep_addr(), l.vtep_mac);
-            d.routes.insert(l.subnet, l.subnet.vtep_addr());
+            match l.backend {
+                LeaseBackend::Vxlan { vtep_mac } => {
+                    d.fdb.insert(vtep_mac, l.public_ip);
+                    d.arp.insert(l.subnet.vtep_addr(), vtep_mac);
+                    d.routes.insert(l.subnet, l.subnet.vtep_addr());
+                }
+                LeaseBackend::HostGw => {
+                    d.direct.insert(l.subnet, l.public_ip);
+                }
+            }
         }
         (d, skipped)
     }
@@ -141,14 +191,23 @@ impl Outcome {
 /// Bring the tables to `want`. With `tables` (the eBPF data path) the maps
 /// are the FDB, and kernel FDB entries on flannel.1 are stale leftovers (of
 /// flanneld, say) to remove; without (`--datapath kernel`) the kernel's FDB is
-/// programmed as flanneld does: neighbour, FDB entry, route.
+/// programmed as flanneld does: neighbour, FDB entry, route. Without a VTEP
+/// device (host-gw) only the routes on the underlay are kept.
 pub async fn apply(
     want: &Desired,
     mut tables: Option<&mut Tables>,
     nl: &Netlink,
-    vtep_index: u32,
+    vtep: Option<u32>,
     own: &Own,
 ) -> anyhow::Result<Outcome> {
+    let Some(vtep_index) = vtep else {
+        if !(want.fdb.is_empty() && want.arp.is_empty() && want.routes.is_empty()) {
+            anyhow::bail!("VXLAN entries are wanted but this node has no VTEP device");
+        }
+        let mut out = Outcome::default();
+        apply_direct(want, nl, own, &mut out).await?;
+        return Ok(out);
+    };
     let mut out = Outcome::default();
     let view = match tables.as_deref() {
         Some(t) => MapView {
@@ -225,29 +284,7 @@ pub async fn apply(
     }
     out.record_all(route_adds).await;
     // 3b. DirectRouting routes on the underlay (replacing a VXLAN route for the same subnet).
-    let kdirect: Vec<_> = nl
-        .routes_via(own.underlay_index)
-        .await?
-        .into_iter()
-        .filter(|r| own.network.contains_subnet(&r.dst))
-        .collect();
-    let direct_adds: Vec<_> = want
-        .direct
-        .iter()
-        .filter(|(dst, gw)| {
-            !kdirect
-                .iter()
-                .any(|r| r.dst == **dst && r.gateway == Some(**gw))
-        })
-        .map(|(dst, gw)| nl.replace_route(own.underlay_index, *dst, *gw))
-        .collect();
-    out.record_all(direct_adds).await;
-    let direct_dels: Vec<_> = kdirect
-        .iter()
-        .filter(|r| want.direct.get(&r.dst) != r.gateway.as_ref())
-        .map(|r| nl.delete_route(r))
-        .collect();
-    out.record_all(direct_dels).await;
+    apply_direct(want, nl, own, &mut out).await?;
     // 4. Stale routes, first on delete: kernel, then map.
     let route_dels: Vec<_> = kroutes
         .iter()
@@ -290,6 +327,40 @@ pub async fn apply(
     Ok(out)
 }
 
+/// Routes to peers' public IPs on the underlay (DirectRouting, host-gw): add
+/// or replace what is wanted, then remove what is not.
+async fn apply_direct(
+    want: &Desired,
+    nl: &Netlink,
+    own: &Own,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let kdirect: Vec<_> = nl
+        .routes_via(own.underlay_index)
+        .await?
+        .into_iter()
+        .filter(|r| own.network.contains_subnet(&r.dst))
+        .collect();
+    let direct_adds: Vec<_> = want
+        .direct
+        .iter()
+        .filter(|(dst, gw)| {
+            !kdirect
+                .iter()
+                .any(|r| r.dst == **dst && r.gateway == Some(**gw))
+        })
+        .map(|(dst, gw)| nl.replace_route(own.underlay_index, *dst, *gw))
+        .collect();
+    out.record_all(direct_adds).await;
+    let direct_dels: Vec<_> = kdirect
+        .iter()
+        .filter(|r| want.direct.get(&r.dst) != r.gateway.as_ref())
+        .map(|r| nl.delete_route(r))
+        .collect();
+    out.record_all(direct_dels).await;
+    Ok(())
+}
+
 /// A PEER_STATS slot per node IP: the one it has, else the lowest free.
 fn assign_slots(want: &Desired, fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>) -> BTreeMap<Ipv4Addr, u32> {
     let mut slots: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
@@ -321,7 +392,9 @@ mod tests {
         Lease {
             subnet: Subnet::from_key(subnet).unwrap(),
             public_ip: ip.parse().unwrap(),
-            vtep_mac: mac.parse().unwrap(),
+            backend: LeaseBackend::Vxlan {
+                vtep_mac: mac.parse().unwrap(),
+            },
         }
     }
 
@@ -330,8 +403,11 @@ mod tests {
             subnet: Subnet::from_key("10.244.1.0-24").unwrap(),
             network: "10.244.0.0/16".parse().unwrap(),
             public_ip: "10.1.5.10".parse().unwrap(),
-            vtep_mac: "02:42:8f:11:22:10".parse().unwrap(),
+            backend: LeaseBackend::Vxlan {
+                vtep_mac: "02:42:8f:11:22:10".parse().unwrap(),
+            },
             underlay_index: 2,
+            underlay_name: "eth0".into(),
         }
     }
 
@@ -376,6 +452,42 @@ mod tests {
         assert!(
             d.routes
                 .contains_key(&Subnet::from_key("10.244.3.0-24").unwrap())
+        );
+    }
+
+    #[test]
+    fn host_gw_routes_on_link_peers_and_names_the_others() {
+        let own = Own {
+            backend: LeaseBackend::HostGw,
+            ..own()
+        };
+        let hostgw = |subnet: &str, ip: &str| Lease {
+            subnet: Subnet::from_key(subnet).unwrap(),
+            public_ip: ip.parse().unwrap(),
+            backend: LeaseBackend::HostGw,
+        };
+        let leases = [
+            hostgw("10.244.2.0-24", "10.1.5.20"),
+            hostgw("10.244.3.0-24", "10.1.9.10"),
+            lease("10.244.4.0-24", "10.1.5.40", "02:42:8f:11:22:40"),
+        ];
+        let (mut d, mut skipped) = Desired::from_leases(&leases, &own);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].1.contains("BackendType vxlan"), "{skipped:?}");
+        skipped.extend(d.retain_on_link(|ip| ip.octets()[2] == 5, "eth0"));
+        assert_eq!(
+            d.direct,
+            BTreeMap::from([(
+                Subnet::from_key("10.244.2.0-24").unwrap(),
+                "10.1.5.20".parse().unwrap()
+            )])
+        );
+        assert!(d.routes.is_empty() && d.arp.is_empty() && d.fdb.is_empty());
+        let why = &skipped[1];
+        assert_eq!(why.0, Subnet::from_key("10.244.3.0-24").unwrap());
+        assert!(
+            why.1.contains("10.1.9.10") && why.1.contains("not on-link on eth0"),
+            "{why:?}"
         );
     }
 

@@ -278,11 +278,12 @@ impl Lab {
         self.spawn_agent(i)?;
         let subnet = self.wait_subnet_env(i)?;
         self.attach_pod(i, &subnet)?;
-        // Our VtepMAC: the address of the flannel.1 the agent set up.
-        let mac = self.nodes[i]
+        // Our VtepMAC: the address of the flannel.1 the agent set up (none with host-gw).
+        self.nodes[i].vtep_mac = self.nodes[i]
             .ns
-            .sh("cat /sys/class/net/flannel.1/address")?;
-        self.nodes[i].vtep_mac = Some(mac.trim().to_string());
+            .sh("cat /sys/class/net/flannel.1/address")
+            .ok()
+            .map(|mac| mac.trim().to_string());
         Ok(())
     }
 

@@ -15,7 +15,11 @@ use etcd_client::{
 };
 
 use super::Snapshot;
-use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+use crate::{
+    lease::{Lease, LeaseBackend},
+    netconf::NetConf,
+    subnet::Subnet,
+};
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -194,7 +198,7 @@ impl EtcdSource {
         &mut self,
         conf: &NetConf,
         public_ip: Ipv4Addr,
-        vtep_mac: Mac,
+        backend: LeaseBackend,
         previous: Option<Subnet>,
     ) -> anyhow::Result<Subnet> {
         self.vni = conf.backend.vni;
@@ -211,7 +215,7 @@ impl EtcdSource {
             let lease = Lease {
                 subnet,
                 public_ip,
-                vtep_mac,
+                backend,
             };
             let key = self.lease_key(&lease.subnet);
             let (id, what) = if lease_id == 0 {
@@ -249,12 +253,12 @@ impl EtcdSource {
             let lease = Lease {
                 subnet,
                 public_ip,
-                vtep_mac,
+                backend,
             };
             if let Some(own) = self.create(&lease).await? {
                 self.own = Some(own);
                 log::info!(
-                    "acquired lease {subnet} (PublicIP {public_ip}, VtepMAC {vtep_mac}) with a {:?} TTL",
+                    "acquired lease {subnet} (PublicIP {public_ip}, {backend}) with a {:?} TTL",
                     self.opts.lease_ttl
                 );
                 return Ok(subnet);
@@ -334,10 +338,10 @@ impl EtcdSource {
         };
         if seen_rev >= own.revision && !present {
             log::error!(
-                "OUR LEASE {} WAS DELETED from etcd by someone else: re-creating it (PublicIP {}, VtepMAC {})",
+                "OUR LEASE {} WAS DELETED from etcd by someone else: re-creating it (PublicIP {}, {})",
                 own.lease.subnet,
                 own.lease.public_ip,
-                own.lease.vtep_mac
+                own.lease.backend
             );
             match self.create(&own.lease).await? {
                 Some(new) => self.own = Some(new),

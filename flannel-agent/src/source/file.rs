@@ -12,7 +12,11 @@ use std::{
 use anyhow::{Context, bail};
 
 use super::Snapshot;
-use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+use crate::{
+    lease::{Lease, LeaseBackend},
+    netconf::NetConf,
+    subnet::Subnet,
+};
 
 pub struct FileSource {
     dir: PathBuf,
@@ -107,7 +111,7 @@ impl FileSource {
         &mut self,
         conf: &NetConf,
         public_ip: Ipv4Addr,
-        vtep_mac: Mac,
+        backend: LeaseBackend,
         previous: Option<Subnet>,
     ) -> anyhow::Result<Subnet> {
         let snap = self.read()?;
@@ -122,7 +126,7 @@ impl FileSource {
                 && l.subnet.prefix_len() == conf.subnet_len
         });
         if let Some(l) = mine {
-            let lease = Lease { vtep_mac, ..*l };
+            let lease = Lease { backend, ..*l };
             if *l != lease {
                 self.write_lease(&lease, conf.backend.vni, true)?;
             }
@@ -141,10 +145,10 @@ impl FileSource {
             let lease = Lease {
                 subnet,
                 public_ip,
-                vtep_mac,
+                backend,
             };
             if self.write_lease(&lease, conf.backend.vni, false)? {
-                log::info!("acquired lease {subnet} (PublicIP {public_ip}, VtepMAC {vtep_mac})");
+                log::info!("acquired lease {subnet} (PublicIP {public_ip}, {backend})");
                 return Ok(subnet);
             }
         }
@@ -220,7 +224,9 @@ mod tests {
     fn allocates_free_subnets_then_reuses_by_public_ip() {
         let d = dir("alloc");
         let mut src = FileSource::new(&d);
-        let mac = Mac::stable_from(b"a");
+        let mac = LeaseBackend::Vxlan {
+            vtep_mac: crate::mac::Mac::stable_from(b"a"),
+        };
         let a = src
             .acquire(&conf(), "10.1.5.10".parse().unwrap(), mac, None)
             .unwrap();
@@ -257,7 +263,9 @@ mod tests {
         let l = Lease {
             subnet: Subnet::from_key("10.244.1.0-24").unwrap(),
             public_ip: "10.1.5.10".parse().unwrap(),
-            vtep_mac: Mac::stable_from(b"x"),
+            backend: LeaseBackend::Vxlan {
+                vtep_mac: crate::mac::Mac::stable_from(b"x"),
+            },
         };
         assert!(src.write_lease(&l, 1, false).unwrap());
         let other = Lease {

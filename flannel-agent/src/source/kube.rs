@@ -19,7 +19,12 @@ use kube::{
 };
 
 use super::Snapshot;
-use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+use crate::{
+    lease::{Lease, LeaseBackend},
+    mac::Mac,
+    netconf::NetConf,
+    subnet::Subnet,
+};
 
 const PREFIX: &str = "flannel.alpha.coreos.com/";
 pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
@@ -77,23 +82,29 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 }
 
 /// A peer's lease from its Node; Ok(None) for nodes flanneld would ignore
-/// (not managed by a kube subnet manager, or not VXLAN).
+/// (not managed by a kube subnet manager, or of a backend we do not speak).
 pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
     if annotation(node, KUBE_SUBNET_MANAGER) != Some("true") {
         return Ok(None);
     }
-    match annotation(node, BACKEND_TYPE) {
-        Some("vxlan") => {}
+    let vxlan = match annotation(node, BACKEND_TYPE) {
+        Some("vxlan") => true,
+        Some("host-gw") => false,
         _ => return Ok(None),
-    }
+    };
     let subnet = pod_cidr(node)?;
-    let data = annotation(node, BACKEND_DATA).context("backend-data annotation missing")?;
-    let data: crate::lease::VxlanBackendData =
-        serde_json::from_str(data).with_context(|| format!("backend-data {data:?}"))?;
-    let vtep_mac: Mac = data
-        .vtep_mac
-        .parse()
-        .with_context(|| format!("backend-data VtepMAC {:?}", data.vtep_mac))?;
+    let backend = if vxlan {
+        let data = annotation(node, BACKEND_DATA).context("backend-data annotation missing")?;
+        let data: crate::lease::VxlanBackendData =
+            serde_json::from_str(data).with_context(|| format!("backend-data {data:?}"))?;
+        let vtep_mac: Mac = data
+            .vtep_mac
+            .parse()
+            .with_context(|| format!("backend-data VtepMAC {:?}", data.vtep_mac))?;
+        LeaseBackend::Vxlan { vtep_mac }
+    } else {
+        LeaseBackend::HostGw
+    };
     // Peers use the overwrite when a node has one, as flanneld does.
     let ip = annotation(node, PUBLIC_IP_OVERWRITE)
         .or(annotation(node, PUBLIC_IP))
@@ -104,7 +115,7 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
     Ok(Some(Lease {
         subnet,
         public_ip,
-        vtep_mac,
+        backend,
     }))
 }
 
@@ -198,7 +209,7 @@ impl KubeSource {
         Ok(Some(Lease {
             subnet,
             public_ip,
-            vtep_mac,
+            backend: LeaseBackend::Vxlan { vtep_mac },
         }))
     }
 
@@ -208,7 +219,7 @@ impl KubeSource {
         &mut self,
         conf: &NetConf,
         public_ip: Ipv4Addr,
-        vtep_mac: Mac,
+        backend: LeaseBackend,
     ) -> anyhow::Result<Subnet> {
         let node = self.own_node().await?;
         let subnet = pod_cidr(&node).with_context(|| format!("node {}", self.opts.node_name))?;
@@ -222,11 +233,17 @@ impl KubeSource {
         let announced = annotation(&node, PUBLIC_IP_OVERWRITE)
             .map(str::to_string)
             .unwrap_or_else(|| public_ip.to_string());
-        // The exact shape stock flanneld writes and re-parses.
-        let backend_data = format!(r#"{{"VNI":{},"VtepMAC":"{vtep_mac}"}}"#, conf.backend.vni);
+        // The exact shape stock flanneld writes and re-parses; host-gw's
+        // empty BackendData is written as "null", as flanneld does.
+        let backend_data = match backend {
+            LeaseBackend::Vxlan { vtep_mac } => {
+                format!(r#"{{"VNI":{},"VtepMAC":"{vtep_mac}"}}"#, conf.backend.vni)
+            }
+            LeaseBackend::HostGw => "null".to_string(),
+        };
         let patch = serde_json::json!({
             "metadata": {"annotations": {
-                BACKEND_TYPE: "vxlan",
+                BACKEND_TYPE: backend.type_name(),
                 BACKEND_DATA: backend_data,
                 PUBLIC_IP: announced,
                 KUBE_SUBNET_MANAGER: "true",
@@ -241,7 +258,7 @@ impl KubeSource {
             .await
             .with_context(|| format!("annotating node {} ({PREFIX}*)", self.opts.node_name))?;
         log::info!(
-            "node {}: podCIDR {subnet}, announced VtepMAC {vtep_mac} and public IP {announced}",
+            "node {}: podCIDR {subnet}, announced {backend} and public IP {announced}",
             self.opts.node_name
         );
         Ok(subnet)
@@ -410,7 +427,10 @@ mod tests {
             .unwrap();
         assert_eq!(l.subnet.to_string(), "10.244.1.0/24");
         assert_eq!(l.public_ip, Ipv4Addr::new(172, 18, 0, 3));
-        assert_eq!(l.vtep_mac.to_string(), "e6:7c:02:8e:e8:7e");
+        assert_eq!(
+            l.backend.vtep_mac().map(|m| m.to_string()).as_deref(),
+            Some("e6:7c:02:8e:e8:7e")
+        );
         let mut over = GOOD.to_vec();
         over.push((PUBLIC_IP_OVERWRITE, "203.0.113.9"));
         let l = node_lease(&node(&over, Some("10.244.1.0/24")))
@@ -426,13 +446,24 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        let mut hostgw = GOOD.to_vec();
-        hostgw[1] = (BACKEND_TYPE, "host-gw");
+        let mut udp = GOOD.to_vec();
+        udp[1] = (BACKEND_TYPE, "udp");
         assert!(
-            node_lease(&node(&hostgw, Some("10.244.1.0/24")))
+            node_lease(&node(&udp, Some("10.244.1.0/24")))
                 .unwrap()
                 .is_none()
         );
+        // host-gw nodes carry backend-data "null": a lease without a VtepMAC.
+        let hostgw = [
+            (KUBE_SUBNET_MANAGER, "true"),
+            (BACKEND_TYPE, "host-gw"),
+            (BACKEND_DATA, "null"),
+            (PUBLIC_IP, "172.18.0.4"),
+        ];
+        let l = node_lease(&node(&hostgw, Some("10.244.2.0/24")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.backend, LeaseBackend::HostGw);
         let mut bad = GOOD.to_vec();
         bad[2] = (BACKEND_DATA, "{VNI:1}");
         assert!(

@@ -6,7 +6,11 @@ pub mod kube;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use crate::{lease::Lease, mac::Mac, netconf::NetConf, subnet::Subnet};
+use crate::{
+    lease::{Lease, LeaseBackend},
+    netconf::NetConf,
+    subnet::Subnet,
+};
 
 /// The lease sources behind one interface.
 pub enum LeaseSource {
@@ -59,13 +63,13 @@ impl LeaseSource {
         &mut self,
         conf: &NetConf,
         public_ip: Ipv4Addr,
-        vtep_mac: Mac,
+        backend: LeaseBackend,
         previous: Option<Subnet>,
     ) -> anyhow::Result<Subnet> {
         match self {
-            LeaseSource::File(f) => f.acquire(conf, public_ip, vtep_mac, previous),
-            LeaseSource::Etcd(e) => e.acquire(conf, public_ip, vtep_mac, previous).await,
-            LeaseSource::Kube(k) => k.acquire(conf, public_ip, vtep_mac).await,
+            LeaseSource::File(f) => f.acquire(conf, public_ip, backend, previous),
+            LeaseSource::Etcd(e) => e.acquire(conf, public_ip, backend, previous).await,
+            LeaseSource::Kube(k) => k.acquire(conf, public_ip, backend).await,
         }
     }
 
@@ -93,10 +97,10 @@ impl LeaseSource {
                 if !f.holds(own) {
                     // flanneld would exit here; we keep the node reachable by writing it back.
                     log::error!(
-                        "OUR LEASE {} WAS DELETED OR CHANGED by someone else: writing it back (PublicIP {}, VtepMAC {})",
+                        "OUR LEASE {} WAS DELETED OR CHANGED by someone else: writing it back (PublicIP {}, {})",
                         own.subnet,
                         own.public_ip,
-                        own.vtep_mac
+                        own.backend
                     );
                     f.write_lease(own, vni, true)?;
                 }
@@ -123,6 +127,14 @@ pub struct Changes {
     pub removed: u64,
 }
 
+/// A lease's backend as one log field: `vtep_mac=…` for VXLAN, else `backend=…`.
+fn backend_kv(b: &LeaseBackend) -> String {
+    match b {
+        LeaseBackend::Vxlan { vtep_mac } => format!("vtep_mac={vtep_mac}"),
+        other => format!("backend={}", other.type_name()),
+    }
+}
+
 /// One log line per lease change, saying what changed.
 pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
     let mut c = Changes::default();
@@ -131,9 +143,9 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
             None => {
                 c.added += 1;
                 log::info!(
-                    "lease added subnet={s} public_ip={} vtep_mac={}",
+                    "lease added subnet={s} public_ip={} {}",
                     l.public_ip,
-                    l.vtep_mac
+                    backend_kv(&l.backend)
                 )
             }
             Some(o) if o != l => {
@@ -142,8 +154,12 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
                 if o.public_ip != l.public_ip {
                     what.push(format!("public_ip={}→{}", o.public_ip, l.public_ip));
                 }
-                if o.vtep_mac != l.vtep_mac {
-                    what.push(format!("vtep_mac={}→{}", o.vtep_mac, l.vtep_mac));
+                match (o.backend, l.backend) {
+                    (a, b) if a == b => {}
+                    (LeaseBackend::Vxlan { vtep_mac: a }, LeaseBackend::Vxlan { vtep_mac: b }) => {
+                        what.push(format!("vtep_mac={a}→{b}"))
+                    }
+                    (a, b) => what.push(format!("{}→{}", backend_kv(&a), backend_kv(&b))),
                 }
                 log::info!("lease changed subnet={s} {}", what.join(" "));
             }
