@@ -15,7 +15,7 @@ use flannel_agent::{
     lease::{Lease, LeaseBackend},
     mac::Mac,
     netlink::{Netlink, VtepSpec},
-    reconcile::{Desired, Own, apply},
+    reconcile::{Desired, KernelFdb, Own, apply},
     subnet::Subnet,
     tables::Tables,
 };
@@ -107,7 +107,15 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 let leases: Vec<Lease> = (1..=n).map(peer).collect::<anyhow::Result<_>>()?;
                 let (want, _) = Desired::from_leases(&leases, &own);
                 let t = Instant::now();
-                let o = apply(&want, Some(&mut tables), &nl, Some(vtep.index), &own).await?;
+                let o = apply(
+                    &want,
+                    Some(&mut tables),
+                    &nl,
+                    Some(vtep.index),
+                    &own,
+                    KernelFdb::Remove,
+                )
+                .await?;
                 let ours = t.elapsed().as_secs_f64() * 1e3;
                 anyhow::ensure!(o.errors.is_empty(), "apply failed: {:?}", o.errors.first());
                 apply(
@@ -116,6 +124,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                     &nl,
                     Some(vtep.index),
                     &own,
+                    KernelFdb::Remove,
                 )
                 .await?;
 

@@ -18,7 +18,7 @@ use crate::{
     metrics::{self, AgentMetrics},
     netconf::BackendType,
     netlink::{Netlink, VtepSpec, check_ifname},
-    reconcile::{Desired, Own, apply},
+    reconcile::{Desired, KernelFdb, Own, apply},
     source::{
         LeaseSource, Snapshot,
         etcd::{EtcdOptions, EtcdSource},
@@ -155,7 +155,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let root = args.pins.pin_root.clone();
-    let (mtu, vtep, mut tables) = match backend {
+    let (mtu, vtep, tables) = match backend {
         LeaseBackend::HostGw => {
             log::info!(
                 "backend host-gw: routes to peers' public IPs on {}, no VXLAN device and no eBPF programs",
@@ -201,30 +201,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         vtep_ifindex: vtep.index,
                         ready: 1,
                     };
-                    let attached = datapath::install(
-                        &root,
-                        &object_or_err?,
-                        node,
-                        &vtep_name,
-                        &underlay.link.name,
-                        log::max_level(),
-                    )
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "the eBPF data path cannot run on this host: {e:#}; use --datapath kernel to run with the kernel's VXLAN device instead"
-                        )
-                    })?;
-                    if log::max_level() >= log::LevelFilter::Debug {
-                        ebpf_logs(attached.encap_prog_id)?;
-                    }
-                    log::info!("attached {}", attached.encap);
-                    log::info!("attached {}", attached.decap);
-                    Some(Tables::open(&root)?)
+                    let loaded = datapath::load(&root, &object_or_err?, node, log::max_level())
+                        .map_err(no_ebpf)?;
+                    Some((Tables::open(&root)?, loaded))
                 }
             };
             (mtu, Some(vtep.index), tables)
         }
     };
+    let (mut tables, loaded) = tables.unzip();
     sysctl::warn_if_not_forwarding();
 
     let own = Own {
@@ -239,10 +224,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut state = SyncState {
         metrics: metrics.clone(),
         direct_routing: conf.backend.direct_routing,
-        ..SyncState::default()
+        // Until the programs are attached the kernel may still carry the
+        // traffic (a takeover of flanneld's flannel.1): keep its FDB.
+        kernel_fdb: if loaded.is_some() {
+            KernelFdb::Keep
+        } else {
+            KernelFdb::Program
+        },
+        last: Snapshot::default(),
+        skipped: BTreeSet::new(),
     };
     let snap = source.snapshot().await?;
     state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
+    if let Some(loaded) = loaded {
+        // The maps hold every peer now: attach, then drop the kernel's FDB.
+        let attached = loaded
+            .attach(&vtep_name, &underlay.link.name)
+            .map_err(no_ebpf)?;
+        if log::max_level() >= log::LevelFilter::Debug {
+            ebpf_logs(attached.encap_prog_id)?;
+        }
+        log::info!("attached {}", attached.encap);
+        log::info!("attached {}", attached.decap);
+        state.kernel_fdb = KernelFdb::Remove;
+        state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
+    }
 
     // Rules before subnet.env: once the CNI plugin can start pods, their
     // traffic is masqueraded.
@@ -333,6 +339,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why the eBPF data path failed, and the way out.
+fn no_ebpf(e: anyhow::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the eBPF data path cannot run on this host: {e:#}; use --datapath kernel to run with the kernel's VXLAN device instead"
+    )
+}
+
 /// A stable VtepMAC: the device's, else our lease's, else derived from the public IP.
 async fn stable_vtep_mac(
     nl: &Netlink,
@@ -376,13 +389,13 @@ fn ebpf_logs(prog_id: u32) -> anyhow::Result<()> {
 }
 
 /// What the previous pass saw, so changes and skips are logged once.
-#[derive(Default)]
 struct SyncState {
     last: Snapshot,
     skipped: BTreeSet<String>,
     metrics: Arc<Mutex<AgentMetrics>>,
     /// Re-evaluated at every pass: the underlay's routes may have changed.
     direct_routing: bool,
+    kernel_fdb: KernelFdb,
 }
 
 impl SyncState {
@@ -418,7 +431,7 @@ impl SyncState {
         }
         self.skipped = skipped;
         let started = Instant::now();
-        let outcome = apply(&want, tables, nl, vtep, own).await;
+        let outcome = apply(&want, tables, nl, vtep, own, self.kernel_fdb).await;
         if let Ok(m) = self.metrics.lock() {
             m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             let errors = outcome.as_ref().map_or(1, |o| o.errors.len() as u64);

@@ -135,9 +135,8 @@ pub struct Attached {
     pub encap_prog_id: u32,
 }
 
-/// Load the object, pin maps (reusing pins), write the node config, and make
-/// sure the pinned links run this build's programs — adopting them when they
-/// already do, swapping the program inside the link when they do not.
+/// Load the object, pin maps and attach in one step (for callers that fill
+/// the maps afterwards and carry no traffic meanwhile, e.g. benchmarks).
 pub fn install(
     root: &Path,
     object: &[u8],
@@ -146,6 +145,27 @@ pub fn install(
     underlay_if: &str,
     log_level: log::LevelFilter,
 ) -> anyhow::Result<Attached> {
+    load(root, object, config, log_level)?.attach(vtep_if, underlay_if)
+}
+
+/// The object loaded and its maps pinned, programs not attached yet: the
+/// agent fills the maps in between, so that the decap program never sees a
+/// peer's frame before that peer is in the FDB (it would drop it as a
+/// non-member: a lost packet during a takeover).
+pub struct Loaded {
+    ebpf: aya::Ebpf,
+    root: PathBuf,
+    /// Replace pinned programs even when their tag matches (debug logging).
+    force: bool,
+}
+
+/// Load the object, pin maps (reusing pins) and write the node config.
+pub fn load(
+    root: &Path,
+    object: &[u8],
+    config: NodeConfig,
+    log_level: log::LevelFilter,
+) -> anyhow::Result<Loaded> {
     crate::bpffs::ensure_mounted(root)?;
     fs::create_dir_all(root).with_context(|| {
         format!(
@@ -184,75 +204,95 @@ pub fn install(
         arr.set(0, config, 0)
             .context("writing the node config map")?;
     }
-
-    let encap_link = root.join(LINK_ENCAP);
-    let encap: &mut SchedClassifier = ebpf
-        .program_mut(PROG_ENCAP)
-        .context("object has no encap program")?
-        .try_into()?;
-    encap.load().context("verifying the encap (TC) program")?;
-    let encap_state = ensure_link(
-        &encap_link,
-        encap.info()?.tag(),
+    Ok(Loaded {
+        ebpf,
+        root: root.to_path_buf(),
         force,
-        |existing| match existing {
-            // The pin keeps naming the same link; only its program changes.
-            Some(link) => {
-                encap.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-                Ok(())
-            }
-            None => {
-                if !has_tcx() {
-                    // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
-                    let _ = aya::programs::tc::qdisc_add_clsact(vtep_if);
-                }
-                let id = encap
-                    .attach(vtep_if, TcAttachType::Egress)
-                    .with_context(|| format!("attaching the encap program to {vtep_if} egress"))?;
-                let link: FdLink = encap.take_link(id)?.try_into()?;
-                link.pin(&encap_link)
-                    .with_context(|| format!("pinning {}", encap_link.display()))?;
-                Ok(())
-            }
-        },
-    )?;
-
-    let decap_link = root.join(LINK_DECAP);
-    let decap: &mut Xdp = ebpf
-        .program_mut(PROG_DECAP)
-        .context("object has no decap program")?
-        .try_into()?;
-    decap.load().context("verifying the decap (XDP) program")?;
-    let decap_state = ensure_link(
-        &decap_link,
-        decap.info()?.tag(),
-        force,
-        |existing| match existing {
-            Some(link) => {
-                decap.attach_to_link(XdpLink::try_from(link)?)?;
-                Ok(())
-            }
-            None => {
-                let id = decap
-                    .attach(underlay_if, XdpMode::Default)
-                    .with_context(|| {
-                        format!("attaching the decap program (XDP) to {underlay_if}")
-                    })?;
-                let link: FdLink = decap.take_link(id)?.try_into()?;
-                link.pin(&decap_link)
-                    .with_context(|| format!("pinning {}", decap_link.display()))?;
-                Ok(())
-            }
-        },
-    )?;
-    let encap_prog_id = FdLink::from(PinnedLink::from_pin(&encap_link)?)
-        .info()?
-        .program_id();
-    Ok(Attached {
-        encap_prog_id,
-        encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
-        decap: format!("{PROG_DECAP} on {underlay_if} (XDP), {decap_state}"),
     })
+}
+
+impl Loaded {
+    /// Make sure the pinned links run this build's programs — adopting them
+    /// when they already do, swapping the program inside the link when they
+    /// do not, attaching and pinning them when there are none.
+    pub fn attach(mut self, vtep_if: &str, underlay_if: &str) -> anyhow::Result<Attached> {
+        let (root, force) = (self.root.as_path(), self.force);
+        let ebpf = &mut self.ebpf;
+        let encap_link = root.join(LINK_ENCAP);
+        let encap: &mut SchedClassifier = ebpf
+            .program_mut(PROG_ENCAP)
+            .context("object has no encap program")?
+            .try_into()?;
+        encap.load().context("verifying the encap (TC) program")?;
+        let encap_state =
+            ensure_link(
+                &encap_link,
+                encap.info()?.tag(),
+                force,
+                |existing| match existing {
+                    // The pin keeps naming the same link; only its program changes.
+                    Some(link) => {
+                        encap.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                        Ok(())
+                    }
+                    None => {
+                        if !has_tcx() {
+                            // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
+                            let _ = aya::programs::tc::qdisc_add_clsact(vtep_if);
+                        }
+                        let id =
+                            encap
+                                .attach(vtep_if, TcAttachType::Egress)
+                                .with_context(|| {
+                                    format!("attaching the encap program to {vtep_if} egress")
+                                })?;
+                        let link: FdLink = encap.take_link(id)?.try_into()?;
+                        link.pin(&encap_link)
+                            .with_context(|| format!("pinning {}", encap_link.display()))?;
+                        Ok(())
+                    }
+                },
+            )?;
+
+        let decap_link = root.join(LINK_DECAP);
+        let decap: &mut Xdp = ebpf
+            .program_mut(PROG_DECAP)
+            .context("object has no decap program")?
+            .try_into()?;
+        decap.load().context("verifying the decap (XDP) program")?;
+        let decap_state =
+            ensure_link(
+                &decap_link,
+                decap.info()?.tag(),
+                force,
+                |existing| match existing {
+                    Some(link) => {
+                        decap.attach_to_link(XdpLink::try_from(link)?)?;
+                        Ok(())
+                    }
+                    None => {
+                        let id =
+                            decap
+                                .attach(underlay_if, XdpMode::Default)
+                                .with_context(|| {
+                                    format!("attaching the decap program (XDP) to {underlay_if}")
+                                })?;
+                        let link: FdLink = decap.take_link(id)?.try_into()?;
+                        link.pin(&decap_link)
+                            .with_context(|| format!("pinning {}", decap_link.display()))?;
+                        Ok(())
+                    }
+                },
+            )?;
+        let encap_prog_id = FdLink::from(PinnedLink::from_pin(&encap_link)?)
+            .info()?
+            .program_id();
+        Ok(Attached {
+            encap_prog_id,
+            encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
+            decap: format!("{PROG_DECAP} on {underlay_if} (XDP), {decap_state}"),
+        })
+    }
 }
 
 fn has_tcx() -> bool {

@@ -188,17 +188,30 @@ impl Outcome {
     }
 }
 
-/// Bring the tables to `want`. With `tables` (the eBPF data path) the maps
-/// are the FDB, and kernel FDB entries on flannel.1 are stale leftovers (of
-/// flanneld, say) to remove; without (`--datapath kernel`) the kernel's FDB is
-/// programmed as flanneld does: neighbour, FDB entry, route. Without a VTEP
-/// device (host-gw) only the routes on the underlay are kept.
+/// What to do with kernel FDB entries on flannel.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFdb {
+    /// `--datapath kernel`: the kernel's FDB is the data path; program it.
+    Program,
+    /// The eBPF programs are attached and read the FDB map: kernel entries
+    /// (flanneld's leftovers) are stale, remove them.
+    Remove,
+    /// The eBPF maps are being filled before the programs attach: the kernel
+    /// still carries the traffic (a takeover), leave its entries alone.
+    Keep,
+}
+
+/// Bring the tables to `want`: the maps when given (the eBPF data path), the
+/// neighbours and routes on flannel.1, and the kernel FDB as `kernel_fdb`
+/// says. Without a VTEP device (host-gw) only the routes on the underlay are
+/// kept.
 pub async fn apply(
     want: &Desired,
     mut tables: Option<&mut Tables>,
     nl: &Netlink,
     vtep: Option<u32>,
     own: &Own,
+    kernel_fdb: KernelFdb,
 ) -> anyhow::Result<Outcome> {
     let Some(vtep_index) = vtep else {
         if !(want.fdb.is_empty() && want.arp.is_empty() && want.routes.is_empty()) {
@@ -259,7 +272,7 @@ pub async fn apply(
     }
     out.record_all(neigh_adds).await;
     // 2b. Kernel FDB, only for the kernel data path (after the neighbour, as flanneld).
-    if tables.is_none() {
+    if kernel_fdb == KernelFdb::Program {
         let fdb_adds: Vec<_> = want
             .fdb
             .iter()
@@ -310,17 +323,20 @@ pub async fn apply(
         }
     }
     // 6. Stale FDB entries, last: map entries of vanished nodes; kernel entries
-    // the kernel data path does not want (with the eBPF data path: all of them).
-    if let Some(t) = tables.as_deref_mut() {
+    // as `kernel_fdb` says.
+    if let Some(t) = tables {
         let stale_fdb: BTreeSet<_> = fdb.keys().filter(|m| !want.fdb.contains_key(m)).collect();
         for mac in stale_fdb {
             out.record(t.del_fdb(*mac));
         }
     }
-    let kernel_mode = tables.is_none();
     let kfdb_dels: Vec<_> = kfdb
         .iter()
-        .filter(|k| !kernel_mode || want.fdb.get(&k.mac) != Some(&k.dst))
+        .filter(|k| match kernel_fdb {
+            KernelFdb::Program => want.fdb.get(&k.mac) != Some(&k.dst),
+            KernelFdb::Remove => true,
+            KernelFdb::Keep => false,
+        })
         .map(|k| nl.delete_fdb(k))
         .collect();
     out.record_all(kfdb_dels).await;

@@ -140,6 +140,97 @@ pub fn tcp_exchange(
     })
 }
 
+/// A paced TCP stream running in the background from one pod to another:
+/// `chunks` writes of `chunk` bytes every `pace_ms` (bounded, it stops by
+/// itself); the server checks every byte and confirms the count.
+pub struct BackgroundTcp {
+    client: std::thread::JoinHandle<anyhow::Result<u64>>,
+    server: std::thread::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl BackgroundTcp {
+    pub fn start(
+        client: &Netns,
+        server: &Netns,
+        server_ip: Ipv4Addr,
+        port: u16,
+        (chunks, chunk, pace_ms): (usize, usize, u64),
+    ) -> anyhow::Result<Self> {
+        let total = chunks * chunk;
+        let data = payload(total, 0x5eed ^ port as u32);
+        let expect = data.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let server_path = format!("/run/netns/{}", server.name);
+        let server = std::thread::spawn(move || -> anyhow::Result<u64> {
+            crate::netns::enter(&server_path)?;
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("bind")?;
+            let _ = ready_tx.send(());
+            let (mut c, _) = l.accept().context("accept")?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut got = vec![0u8; total];
+            c.read_exact(&mut got)
+                .context("server reading the stream")?;
+            if got != expect {
+                bail!("the stream's {total} bytes differ from what was sent");
+            }
+            c.write_all(&(total as u64).to_be_bytes())
+                .context("server confirming")?;
+            Ok(total as u64)
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("stream server did not start")?;
+        let client_path = format!("/run/netns/{}", client.name);
+        let client = std::thread::spawn(move || -> anyhow::Result<u64> {
+            crate::netns::enter(&client_path)?;
+            let addr = SocketAddr::from((server_ip, port));
+            let mut c =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
+            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+            c.set_write_timeout(Some(Duration::from_secs(20)))?;
+            for part in data.chunks(chunk) {
+                c.write_all(part).context("client writing the stream")?;
+                std::thread::sleep(Duration::from_millis(pace_ms));
+            }
+            let mut n = [0u8; 8];
+            c.read_exact(&mut n)
+                .context("client reading the confirmation")?;
+            Ok(u64::from_be_bytes(n))
+        });
+        Ok(BackgroundTcp { client, server })
+    }
+
+    /// Bytes the server received and checked.
+    pub fn finish(self) -> anyhow::Result<u64> {
+        let c = self
+            .client
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream client panicked"))?;
+        let s = self
+            .server
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream server panicked"))?;
+        s.context("stream server")?;
+        c.context("stream client")
+    }
+}
+
+/// TCP segments retransmitted by the stack of `ns` (TcpRetransSegs).
+pub fn tcp_retransmits(ns: &Netns) -> anyhow::Result<u64> {
+    let snmp = ns.sh("cat /proc/net/snmp")?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next(), tcp.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no Tcp lines in /proc/net/snmp");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .context("no RetransSegs in /proc/net/snmp")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
