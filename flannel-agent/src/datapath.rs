@@ -157,6 +157,8 @@ pub struct Loaded {
     root: PathBuf,
     /// Replace pinned programs even when their tag matches (debug logging).
     force: bool,
+    /// Nothing was pinned before this load: a failed attach removes it all again.
+    fresh: bool,
 }
 
 /// Load the object, pin maps (reusing pins) and write the node config.
@@ -173,6 +175,7 @@ pub fn load(
             root.display()
         )
     })?;
+    let fresh = MAPS.iter().all(|spec| !root.join(spec.file).exists());
     for spec in MAPS {
         let path = root.join(spec.file);
         if path.exists() {
@@ -208,14 +211,31 @@ pub fn load(
         ebpf,
         root: root.to_path_buf(),
         force,
+        fresh,
     })
 }
 
 impl Loaded {
     /// Make sure the pinned links run this build's programs — adopting them
     /// when they already do, swapping the program inside the link when they
-    /// do not, attaching and pinning them when there are none.
+    /// do not, attaching and pinning them when there are none. A failed
+    /// attach on a fresh pin root leaves nothing behind (an encap
+    /// link attached before the decap failed is detached again).
     pub fn attach(mut self, vtep_if: &str, underlay_if: &str) -> anyhow::Result<Attached> {
+        let res = self.attach_links(vtep_if, underlay_if);
+        if res.is_err()
+            && self.fresh
+            && let Err(e) = uninstall(&self.root)
+        {
+            log::warn!(
+                "cleaning up {} after the failed attach: {e:#}",
+                self.root.display()
+            );
+        }
+        res
+    }
+
+    fn attach_links(&mut self, vtep_if: &str, underlay_if: &str) -> anyhow::Result<Attached> {
         let (root, force) = (self.root.as_path(), self.force);
         let ebpf = &mut self.ebpf;
         let encap_link = root.join(LINK_ENCAP);

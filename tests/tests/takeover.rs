@@ -226,3 +226,86 @@ fn live_takeover_from_stock_flannel_and_back_lose_nothing() {
     );
     assert_eq!(ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(), (5, 5));
 }
+
+/// `flannel-agent run` on node `i` with its own pin root and object; it must
+/// fail, so it is bounded by `timeout`: (exit ok, stderr).
+fn run_refused(lab: &Lab, i: usize, pin_root: &str, object: &str) -> (bool, String) {
+    let n = &lab.nodes[i];
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", n.ns.name))
+        .arg(agent_path())
+        .args(["run", "--subnet-mgr", "file", "--subnet-dir"])
+        .arg(lab.lease_dir())
+        .args(["--iface", "eth0", "--pin-root", pin_root])
+        .args(["--bpf-object", object, "--subnet-file"])
+        .arg(lab.dir.join(format!("refused-{i}.env")))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Removes a pin root whatever the test's outcome.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(agent_path())
+            .args(["uninstall", "--pin-root", &self.0])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn ebpf_datapath_refuses_to_start_where_it_cannot_attach() {
+    if !prereq::ready("refuse") {
+        return;
+    }
+    let mut lab = Lab::new("refuse", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    let spare_root = format!(
+        "/sys/fs/bpf/flannel-test-refuse-spare-{}",
+        std::process::id()
+    );
+    let _cleanup = RemoveOnDrop(spare_root.clone());
+
+    // No object: refused before anything on the node is touched.
+    let (ok, err) = run_refused(&lab, 0, &spare_root, "/nonexistent/flannel-ebpf.o");
+    assert!(!ok, "started without an eBPF object");
+    assert!(
+        err.contains("/nonexistent/flannel-ebpf.o") && err.contains("--datapath kernel"),
+        "{err}"
+    );
+    assert!(lab.nodes[0].ns.sh("ip link show flannel.1").is_err());
+
+    // XDP attach impossible: another agent's decap link holds the underlay.
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let (ok, err) = run_refused(
+        &lab,
+        0,
+        &spare_root,
+        &flannel_tests::object_path().display().to_string(),
+    );
+    assert!(!ok, "a second data path attached over the first");
+    assert!(
+        err.contains("attaching the decap program (XDP) to eth0")
+            && err.contains("use --datapath kernel"),
+        "{err}"
+    );
+    // Nothing of the refused run is left: its process is gone, and without
+    // pins its encap link (attached before the decap failed) is gone too.
+    assert!(
+        !std::path::Path::new(&spare_root).exists(),
+        "the refused run left {spare_root}"
+    );
+    // The running data path is unharmed.
+    let dst = lab.nodes[1].pod_ip();
+    wait_reachable(&lab.nodes[0].pod, dst, Duration::from_secs(10)).unwrap();
+    assert_eq!(ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(), (5, 5));
+}
