@@ -186,7 +186,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub pins: PinArgs,
     /// The compiled kernel programs; default: next to the binary, then the build tree.
-    #[arg(long, env = "FLANNEL_EBPF_OBJECT")]
+    #[arg(long, env = "FLANNELD_BPF_OBJECT")]
     pub bpf_object: Option<PathBuf>,
     /// Name of the VTEP device; default flannel.<VNI> as flanneld names it.
     #[arg(long, env = "FLANNELD_VTEP_NAME")]

@@ -45,6 +45,8 @@ pub struct Node {
     pub log: PathBuf,
     /// Extra flags for `flannel-agent run` on this node.
     pub agent_args: Vec<String>,
+    /// Extra environment for it (`FLANNELD_<NAME>` flags).
+    pub agent_env: Vec<(String, String)>,
     agent: Option<Child>,
 }
 
@@ -217,6 +219,7 @@ impl Lab {
             vtep_mac: None,
             pin_root,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             agent: None,
         };
         self.nodes.push(node);
@@ -250,6 +253,7 @@ impl Lab {
             .arg("--bpf-object")
             .arg(object_path())
             .args(&node.agent_args)
+            .envs(node.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -9,11 +9,20 @@ use flannel_tests::{
 /// Start the agent with `args` on a node that also has a second interface
 /// (`side0`, 192.168.50.1/24), and return the public IP it chose.
 fn chosen(lab: &mut Lab, args: &[&str]) -> String {
+    chosen_with(lab, args, &[])
+}
+
+/// As `chosen`, with flags given as `FLANNELD_<NAME>` environment variables.
+fn chosen_with(lab: &mut Lab, args: &[&str], env: &[(&str, &str)]) -> String {
     let _ = lab.nodes[0].stop_agent();
     let _ = std::fs::remove_file(&lab.nodes[0].subnet_file);
     let _ = std::fs::remove_dir_all(lab.lease_dir().join("subnets"));
     std::fs::create_dir_all(lab.lease_dir().join("subnets")).unwrap();
     lab.nodes[0].agent_args = args.iter().map(|s| s.to_string()).collect();
+    lab.nodes[0].agent_env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     lab.spawn_agent(0).unwrap();
     lab.wait_subnet_env(0).unwrap();
     let lease = std::fs::read_dir(lab.lease_dir().join("subnets"))
@@ -86,5 +95,25 @@ fn underlay_selection_flags() {
         chosen(&mut lab, &["--iface-can-reach", "10.1.9.10"]),
         "10.1.5.10",
         "via the default route"
+    );
+    // Every flag also from FLANNELD_<NAME>, as flanneld reads them.
+    assert_eq!(
+        chosen_with(&mut lab, &[], &[("FLANNELD_IFACE", "nosuch,side0")]),
+        "192.168.50.1",
+        "FLANNELD_IFACE"
+    );
+    assert_eq!(
+        chosen_with(&mut lab, &[], &[("FLANNELD_IFACE_REGEX", "^side0")]),
+        "192.168.50.1",
+        "FLANNELD_IFACE_REGEX"
+    );
+    assert_eq!(
+        chosen_with(
+            &mut lab,
+            &[],
+            &[("FLANNELD_IFACE_CAN_REACH", "192.168.50.9")]
+        ),
+        "192.168.50.1",
+        "FLANNELD_IFACE_CAN_REACH"
     );
 }
