@@ -183,3 +183,69 @@ fn kube_nodes_are_leases_and_we_announce_ourselves() {
         .unwrap();
     assert!(routes.trim().is_empty(), "stale routes: {routes}");
 }
+
+#[test]
+fn kube_host_gw_nodes_announce_and_route_as_flanneld() {
+    if !prereq::ready("kube_host_gw") {
+        return;
+    }
+    let mut lab = Lab::new("kubehg", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let api = FakeApi::start(&lab.nodes[0].ns, 6443).unwrap();
+    api.put_node(node("n1", "10.244.1.0/24", &[]));
+    // A stock flanneld host-gw node: backend-data is "null".
+    api.put_node(node(
+        "n2",
+        "10.244.2.0/24",
+        &[
+            (SM, "true"),
+            (BT, "host-gw"),
+            (BD, "null"),
+            (IP, "10.1.5.12"),
+        ],
+    ));
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let netconf = lab.dir.join("net-conf.json");
+    std::fs::write(
+        &netconf,
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"host-gw"}}}}"#),
+    )
+    .unwrap();
+    lab.nodes[0].agent_args = [
+        "--subnet-mgr",
+        "kube",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "n1",
+        "--net-config-path",
+        &netconf.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    lab.start_plain(1, 2).unwrap();
+    lab.nodes[1]
+        .ns
+        .sh("ip route replace 10.244.1.0/24 via 10.1.5.11 dev eth0")
+        .unwrap();
+    lab.start_agent(0).unwrap();
+
+    let n1 = api.node("n1").unwrap();
+    let ann = &n1["metadata"]["annotations"];
+    assert_eq!(ann[BT], "host-gw");
+    assert_eq!(ann[BD], "null", "flanneld's empty BackendData");
+    assert_eq!(ann[IP], "10.1.5.11");
+    let n = &lab.nodes[0];
+    wait_for("the host-gw route", Duration::from_secs(5), || {
+        n.ns.sh("ip -4 route show")
+            .ok()?
+            .contains("10.244.2.0/24 via 10.1.5.12 dev eth0")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(&n.pod, lab.nodes[1].pod_ip(), Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        ping(&n.pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+}
