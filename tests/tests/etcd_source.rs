@@ -1,11 +1,12 @@
 //! `--subnet-mgr etcd` against a real etcd server: leases written exactly as
 //! flanneld writes them, reservations, our own lease deleted by someone else,
-//! etcd restarted and its history compacted mid-watch, lease renewal.
+//! etcd restarted and its history compacted mid-watch, lease renewal; TLS
+//! with client certificates and a user and password.
 use std::time::Duration;
 
-use etcd_client::{GetOptions, PutOptions};
+use etcd_client::{GetOptions, Permission, PutOptions};
 use flannel_tests::{
-    etcd::Etcd,
+    etcd::{Etcd, EtcdTls},
     lab::{Kind, Lab, NETWORK, Topology},
     prereq,
     traffic::{ping, wait_reachable},
@@ -289,4 +290,103 @@ fn etcd_restart_and_compaction_mid_watch_converge() {
         "our lease expired: not renewed ({left} keys)\n{}",
         lab.logs()
     );
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates_and_a_password() {
+    if !ready("etcd_tls") {
+        return;
+    }
+    let mut lab = Lab::new("etcdtls", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let tls = EtcdTls::generate(&lab.dir.join("pki")).unwrap();
+    let (ca, cert, key) = (
+        tls.ca.display().to_string(),
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    let etcd = Etcd::start_tls(&lab.nodes[0].ns, 2379, tls).unwrap();
+    // Auth on: root, and a flannel user that may only touch the prefix.
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+            None,
+        )
+        .await?;
+        c.user_add("root", "root-pw", None).await?;
+        c.user_grant_role("root", "root").await?;
+        c.user_add("flannel", "flannel-pw", None).await?;
+        c.role_add("flannel").await?;
+        c.role_grant_permission("flannel", Permission::read_write(PREFIX).with_prefix())
+            .await?;
+        c.user_grant_role("flannel", "flannel").await?;
+        c.auth_enable().await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock(1, 2).unwrap();
+    let (key2, value2) = lab.lease_kv(1).unwrap();
+    etcd.client_as(&lab.nodes[0].ns, Some(("root", "root-pw")), async |c| {
+        c.put(format!("{PREFIX}/subnets/{key2}"), value2, None)
+            .await?;
+        Ok(())
+    })
+    .unwrap();
+
+    let flags = |password: &str| {
+        etcd_args(
+            &etcd,
+            &[
+                "--etcd-cafile",
+                &ca,
+                "--etcd-certfile",
+                &cert,
+                "--etcd-keyfile",
+                &key,
+                "--etcd-username",
+                "flannel",
+                "--etcd-password",
+                password,
+            ],
+        )
+    };
+    // A wrong password: refused at start, naming etcd.
+    lab.nodes[0].agent_args = flags("wrong");
+    lab.spawn_agent(0).unwrap();
+    wait_for("the agent to give up", Duration::from_secs(20), || {
+        (!lab.nodes[0].agent_running()).then_some(())
+    })
+    .unwrap();
+    let log = lab.nodes[0].log_text();
+    assert!(
+        log.contains("connecting to etcd at https://127.0.0.1:2379")
+            && log.to_lowercase().contains("authentication failed"),
+        "{log}"
+    );
+
+    // The right one: the lease is taken and the peer reached.
+    lab.nodes[0].agent_args = flags("flannel-pw");
+    lab.start_agent(0).unwrap();
+    let subnet = lab.nodes[0].subnet.clone().unwrap();
+    let ours = etcd
+        .client_as(
+            &lab.nodes[0].ns,
+            Some(("root", "root-pw")),
+            async move |c| {
+                let key = format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"));
+                let r = c.get(key, None).await?;
+                Ok(r.kvs().first().map(|kv| kv.lease()))
+            },
+        )
+        .unwrap();
+    assert!(
+        ours.is_some_and(|lease| lease != 0),
+        "our lease is in etcd with a TTL"
+    );
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let dst = lab.nodes[1].pod_ip();
+    wait_reachable(&lab.nodes[0].pod, dst, Duration::from_secs(10)).unwrap();
+    assert_eq!(ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(), (5, 5));
 }
