@@ -161,6 +161,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "backend host-gw: routes to peers' public IPs on {}, no VXLAN device and no eBPF programs",
                 underlay.link.name
             );
+            // Left by an earlier vxlan run: its routes would shadow ours for
+            // peers host-gw cannot reach. Say so rather than delete it unasked.
+            if nl.link_by_name(&vtep_name).await?.is_some() || root.exists() {
+                log::warn!(
+                    "{vtep_name} or pins under {} remain from a vxlan run; to remove them: flannel-agent uninstall --pin-root {} && ip link del {vtep_name}",
+                    root.display(),
+                    root.display()
+                );
+            }
             (conf.backend.mtu.unwrap_or(underlay.link.mtu), None, None)
         }
         LeaseBackend::Vxlan { vtep_mac } => {

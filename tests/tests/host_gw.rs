@@ -35,10 +35,26 @@ fn host_gw_routes_on_link_peers_and_names_the_others() {
         r#"{"PublicIP":"10.1.5.13","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#,
     )
     .unwrap();
+    // Node 2 ran vxlan before: its flannel.1 is still there.
+    lab.nodes[1]
+        .ns
+        .sh("ip link add flannel.1 type vxlan id 1 dstport 8472 nolearning")
+        .unwrap();
     for i in [0, 1] {
         lab.nodes[i].agent_args = ["--resync-interval", "1"].map(String::from).to_vec();
         lab.start_agent(i).unwrap();
     }
+    let log = lab.nodes[1].log_text();
+    assert!(
+        log.contains("flannel.1 or pins under")
+            && log.contains("remain from a vxlan run")
+            && log.contains("ip link del flannel.1"),
+        "{log}"
+    );
+    assert!(
+        !lab.nodes[0].log_text().contains("remain from a vxlan run"),
+        "a clean node is not warned"
+    );
     for i in [0, 1] {
         let peer = &lab.nodes[i];
         let subnet = peer.subnet.clone().unwrap();
