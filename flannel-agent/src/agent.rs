@@ -163,7 +163,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             // Left by an earlier vxlan run: its routes would shadow ours for
             // peers host-gw cannot reach. Say so rather than delete it unasked.
-            if nl.link_by_name(&vtep_name).await?.is_some() || root.exists() {
+            if nl.link_by_name(&vtep_name).await?.is_some()
+                || root.join(datapath::LINK_DECAP).exists()
+            {
                 log::warn!(
                     "{vtep_name} or pins under {} remain from a vxlan run; to remove them: flannel-agent uninstall --pin-root {} && ip link del {vtep_name}",
                     root.display(),
@@ -195,6 +197,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     log::info!(
                         "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
                     );
+                    if root.join(datapath::LINK_DECAP).exists() {
+                        log::warn!(
+                            "an eBPF data path is still pinned under {} and carries the traffic; hand it to the kernel with: flannel-agent uninstall --pin-root {}",
+                            root.display(),
+                            root.display()
+                        );
+                    }
                     None
                 }
                 DatapathKind::Ebpf => {

@@ -308,4 +308,16 @@ fn ebpf_datapath_refuses_to_start_where_it_cannot_attach() {
     let dst = lab.nodes[1].pod_ip();
     wait_reachable(&lab.nodes[0].pod, dst, Duration::from_secs(10)).unwrap();
     assert_eq!(ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(), (5, 5));
+
+    // --datapath kernel over a pinned eBPF data path says who carries the
+    // traffic and how to hand it back.
+    lab.nodes[0].stop_agent().unwrap();
+    lab.nodes[0].agent_args = ["--datapath", "kernel"].map(String::from).to_vec();
+    lab.start_agent(0).unwrap();
+    let log = lab.nodes[0].log_text();
+    assert!(
+        log.contains("an eBPF data path is still pinned")
+            && log.contains("flannel-agent uninstall --pin-root"),
+        "{log}"
+    );
 }
