@@ -11,8 +11,8 @@ use flannel_ebpf_common::{NodeConfig, VXLAN_OVERHEAD};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::{DatapathKind, RunArgs, SubnetMgr},
-    datapath,
+    cli::{DatapathKind, DecapMode, RunArgs, SubnetMgr},
+    datapath::{self, DecapHook},
     lease::{Lease, LeaseBackend},
     mac::Mac,
     metrics::{self, AgentMetrics},
@@ -163,9 +163,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             // Left by an earlier vxlan run: its routes would shadow ours for
             // peers host-gw cannot reach. Say so rather than delete it unasked.
-            if nl.link_by_name(&vtep_name).await?.is_some()
-                || root.join(datapath::LINK_DECAP).exists()
-            {
+            if nl.link_by_name(&vtep_name).await?.is_some() || datapath::decap_pinned(&root) {
                 log::warn!(
                     "{vtep_name} or pins under {} remain from a vxlan run; to remove them: flannel-agent uninstall --pin-root {} && ip link del {vtep_name}",
                     root.display(),
@@ -197,7 +195,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     log::info!(
                         "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
                     );
-                    if root.join(datapath::LINK_DECAP).exists() {
+                    if datapath::decap_pinned(&root) {
                         log::warn!(
                             "an eBPF data path is still pinned under {} and carries the traffic; hand it to the kernel with: flannel-agent uninstall --pin-root {}",
                             root.display(),
@@ -257,7 +255,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB.
         let attached = loaded
-            .attach(&vtep_name, &underlay.link.name)
+            .attach(
+                &vtep_name,
+                &underlay.link.name,
+                decap_hook(args.decap, &underlay.link),
+            )
             .map_err(no_ebpf)?;
         if log::max_level() >= log::LevelFilter::Debug {
             ebpf_logs(attached.encap_prog_id)?;
@@ -297,9 +299,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             log::info!("  bpftool map dump pinned {}", root.join(f).display());
         }
         log::info!(
-            "  bpftool link show   (the TCX and XDP links: {} and {})",
+            "  bpftool link show   (the links pinned as {}, and {} or {})",
             datapath::LINK_ENCAP,
-            datapath::LINK_DECAP
+            datapath::LINK_DECAP,
+            datapath::LINK_DECAP_TC
         );
         log::info!(
             "  flannel-agent show routes|arp|fdb|peers|stats --pin-root {}",
@@ -355,6 +358,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         root.display()
     );
     Ok(())
+}
+
+/// The decap hook `--decap` asks for on this underlay.
+fn decap_hook(mode: DecapMode, underlay: &crate::netlink::Link) -> DecapHook {
+    match mode {
+        DecapMode::Xdp => DecapHook::Xdp,
+        DecapMode::Tc => DecapHook::Tc,
+        DecapMode::Auto if underlay.veth => DecapHook::Tc,
+        DecapMode::Auto => DecapHook::Xdp,
+    }
 }
 
 /// Why the eBPF data path failed, and the way out.

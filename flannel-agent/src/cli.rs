@@ -56,6 +56,17 @@ pub enum DatapathKind {
     Kernel,
 }
 
+/// Where the decap program runs (`--decap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecapMode {
+    /// TC ingress on a veth underlay (XDP there turns off the peer's GSO), else XDP.
+    Auto,
+    /// XDP on the underlay.
+    Xdp,
+    /// TC ingress on the underlay.
+    Tc,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SubnetMgr {
     /// Flannel's etcd layout in a directory (--subnet-dir).
@@ -89,6 +100,9 @@ pub struct RunArgs {
     /// The data path: eBPF programs, or the kernel's VXLAN device as flanneld programs it.
     #[arg(long, value_enum, default_value = "ebpf", env = "FLANNELD_DATAPATH")]
     pub datapath: DatapathKind,
+    /// Where the eBPF decap program runs: auto (TC on veth underlays, else XDP), xdp or tc.
+    #[arg(long, value_enum, default_value = "auto", env = "FLANNELD_DECAP")]
+    pub decap: DecapMode,
     /// Serve /healthz and /readyz on this port; off when not given.
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT")]
     pub healthz_port: Option<u16>,

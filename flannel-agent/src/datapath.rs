@@ -20,7 +20,7 @@ use aya::{
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
     MAP_COUNTERS, MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig, PROG_DECAP,
-    PROG_ENCAP, PeerStats, RouteValue,
+    PROG_DECAP_TC, PROG_ENCAP, PeerStats, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -86,6 +86,24 @@ pub const MAPS: &[MapSpec] = &[
 
 pub const LINK_ENCAP: &str = "link_encap";
 pub const LINK_DECAP: &str = "link_decap";
+/// The decap link when it hangs off TC ingress (`--decap tc`).
+pub const LINK_DECAP_TC: &str = "link_decap_tc";
+
+/// Where the decap program sees the underlay's frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapHook {
+    /// XDP: before the kernel builds an skb; best on real NICs.
+    Xdp,
+    /// TC ingress: on veth underlays, where XDP turns off the peer's GSO.
+    Tc,
+}
+
+/// Whether a decap program of either hook is pinned under `root`.
+pub fn decap_pinned(root: &Path) -> bool {
+    [LINK_DECAP, LINK_DECAP_TC]
+        .iter()
+        .any(|l| root.join(l).exists())
+}
 
 pub fn map_path(root: &Path, name: &str) -> PathBuf {
     let spec = MAPS.iter().find(|m| m.name == name);
@@ -145,7 +163,7 @@ pub fn install(
     underlay_if: &str,
     log_level: log::LevelFilter,
 ) -> anyhow::Result<Attached> {
-    load(root, object, config, log_level)?.attach(vtep_if, underlay_if)
+    load(root, object, config, log_level)?.attach(vtep_if, underlay_if, DecapHook::Xdp)
 }
 
 /// The object loaded and its maps pinned, programs not attached yet: the
@@ -221,8 +239,13 @@ impl Loaded {
     /// do not, attaching and pinning them when there are none. A failed
     /// attach on a fresh pin root leaves nothing behind (an encap
     /// link attached before the decap failed is detached again).
-    pub fn attach(mut self, vtep_if: &str, underlay_if: &str) -> anyhow::Result<Attached> {
-        let res = self.attach_links(vtep_if, underlay_if);
+    pub fn attach(
+        mut self,
+        vtep_if: &str,
+        underlay_if: &str,
+        hook: DecapHook,
+    ) -> anyhow::Result<Attached> {
+        let res = self.attach_links(vtep_if, underlay_if, hook);
         if res.is_err()
             && self.fresh
             && let Err(e) = uninstall(&self.root)
@@ -235,84 +258,129 @@ impl Loaded {
         res
     }
 
-    fn attach_links(&mut self, vtep_if: &str, underlay_if: &str) -> anyhow::Result<Attached> {
+    fn attach_links(
+        &mut self,
+        vtep_if: &str,
+        underlay_if: &str,
+        hook: DecapHook,
+    ) -> anyhow::Result<Attached> {
         let (root, force) = (self.root.as_path(), self.force);
         let ebpf = &mut self.ebpf;
         let encap_link = root.join(LINK_ENCAP);
-        let encap: &mut SchedClassifier = ebpf
-            .program_mut(PROG_ENCAP)
-            .context("object has no encap program")?
-            .try_into()?;
-        encap.load().context("verifying the encap (TC) program")?;
-        let encap_state =
-            ensure_link(
-                &encap_link,
-                encap.info()?.tag(),
-                force,
-                |existing| match existing {
-                    // The pin keeps naming the same link; only its program changes.
-                    Some(link) => {
-                        encap.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-                        Ok(())
-                    }
-                    None => {
-                        if !has_tcx() {
-                            // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
-                            let _ = aya::programs::tc::qdisc_add_clsact(vtep_if);
-                        }
-                        let id =
-                            encap
-                                .attach(vtep_if, TcAttachType::Egress)
-                                .with_context(|| {
-                                    format!("attaching the encap program to {vtep_if} egress")
-                                })?;
-                        let link: FdLink = encap.take_link(id)?.try_into()?;
-                        link.pin(&encap_link)
-                            .with_context(|| format!("pinning {}", encap_link.display()))?;
-                        Ok(())
-                    }
-                },
-            )?;
-
-        let decap_link = root.join(LINK_DECAP);
-        let decap: &mut Xdp = ebpf
-            .program_mut(PROG_DECAP)
-            .context("object has no decap program")?
-            .try_into()?;
-        decap.load().context("verifying the decap (XDP) program")?;
-        let decap_state =
-            ensure_link(
-                &decap_link,
-                decap.info()?.tag(),
-                force,
-                |existing| match existing {
-                    Some(link) => {
-                        decap.attach_to_link(XdpLink::try_from(link)?)?;
-                        Ok(())
-                    }
-                    None => {
-                        let id =
-                            decap
-                                .attach(underlay_if, XdpMode::Default)
-                                .with_context(|| {
-                                    format!("attaching the decap program (XDP) to {underlay_if}")
-                                })?;
-                        let link: FdLink = decap.take_link(id)?.try_into()?;
-                        link.pin(&decap_link)
-                            .with_context(|| format!("pinning {}", decap_link.display()))?;
-                        Ok(())
-                    }
-                },
-            )?;
+        let encap_state = attach_tc(
+            ebpf,
+            PROG_ENCAP,
+            &encap_link,
+            vtep_if,
+            TcAttachType::Egress,
+            force,
+        )?;
+        let (decap_state, decap) = match hook {
+            DecapHook::Tc => {
+                let state = attach_tc(
+                    ebpf,
+                    PROG_DECAP_TC,
+                    &root.join(LINK_DECAP_TC),
+                    underlay_if,
+                    TcAttachType::Ingress,
+                    force,
+                )?;
+                (
+                    state,
+                    format!("{PROG_DECAP_TC} on {underlay_if} ingress (TCX)"),
+                )
+            }
+            DecapHook::Xdp => (
+                attach_xdp(ebpf, &root.join(LINK_DECAP), underlay_if, force)?,
+                format!("{PROG_DECAP} on {underlay_if} (XDP)"),
+            ),
+        };
+        // The other hook's link, from a run with another --decap: detached
+        // only now, so one of the two decapsulated all along.
+        let other = root.join(match hook {
+            DecapHook::Tc => LINK_DECAP,
+            DecapHook::Xdp => LINK_DECAP_TC,
+        });
+        if other.exists() {
+            fs::remove_file(&other).with_context(|| format!("removing {}", other.display()))?;
+            log::info!("detached the decap program of {}", other.display());
+        }
         let encap_prog_id = FdLink::from(PinnedLink::from_pin(&encap_link)?)
             .info()?
             .program_id();
         Ok(Attached {
             encap_prog_id,
             encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
-            decap: format!("{PROG_DECAP} on {underlay_if} (XDP), {decap_state}"),
+            decap: format!("{decap}, {decap_state}"),
         })
     }
+}
+
+/// Load TC program `name` and make the link pinned at `pin` run it on
+/// `ifname` (TCX; a clsact qdisc before 6.6).
+fn attach_tc(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    pin: &Path,
+    ifname: &str,
+    at: TcAttachType,
+    force: bool,
+) -> anyhow::Result<&'static str> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("object has no {name} program"))?
+        .try_into()?;
+    prog.load()
+        .with_context(|| format!("verifying the {name} (TC) program"))?;
+    ensure_link(pin, prog.info()?.tag(), force, |existing| match existing {
+        // The pin keeps naming the same link; only its program changes.
+        Some(link) => {
+            prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            Ok(())
+        }
+        None => {
+            if !has_tcx() {
+                // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
+                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+            }
+            let id = prog
+                .attach(ifname, at)
+                .with_context(|| format!("attaching the {name} program to {ifname} ({at:?})"))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+            Ok(())
+        }
+    })
+}
+
+/// Load the XDP decap program and make the link pinned at `pin` run it on `ifname`.
+fn attach_xdp(
+    ebpf: &mut aya::Ebpf,
+    pin: &Path,
+    ifname: &str,
+    force: bool,
+) -> anyhow::Result<&'static str> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_DECAP)
+        .context("object has no decap program")?
+        .try_into()?;
+    prog.load().context("verifying the decap (XDP) program")?;
+    ensure_link(pin, prog.info()?.tag(), force, |existing| match existing {
+        Some(link) => {
+            prog.attach_to_link(XdpLink::try_from(link)?)?;
+            Ok(())
+        }
+        None => {
+            let id = prog
+                .attach(ifname, XdpMode::Default)
+                .with_context(|| format!("attaching the decap program (XDP) to {ifname}"))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+            Ok(())
+        }
+    })
 }
 
 fn has_tcx() -> bool {
@@ -353,7 +421,7 @@ fn ensure_link(
 
 /// Remove every pinned object: links first (detaching the programs), then maps.
 pub fn uninstall(root: &Path) -> anyhow::Result<()> {
-    for f in [LINK_ENCAP, LINK_DECAP] {
+    for f in [LINK_ENCAP, LINK_DECAP, LINK_DECAP_TC] {
         let p = root.join(f);
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;

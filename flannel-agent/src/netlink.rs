@@ -24,6 +24,8 @@ pub struct Link {
     pub mtu: u32,
     /// For VXLAN devices: (VNI, UDP port).
     pub vxlan: Option<(u32, u16)>,
+    /// One end of a veth pair (a kind or container node's eth0).
+    pub veth: bool,
 }
 
 /// Settings of the VTEP device, as flanneld creates flannel.1.
@@ -67,6 +69,7 @@ fn link_from_message(m: &LinkMessage) -> Link {
         mac: None,
         mtu: 0,
         vxlan: None,
+        veth: false,
     };
     for attr in &m.attributes {
         match attr {
@@ -79,6 +82,7 @@ fn link_from_message(m: &LinkMessage) -> Link {
                 for info in infos {
                     match info {
                         LinkInfo::Kind(InfoKind::Vxlan) => is_vxlan = true,
+                        LinkInfo::Kind(InfoKind::Veth) => link.veth = true,
                         LinkInfo::Data(InfoData::Vxlan(v)) => {
                             for x in v {
                                 match x {

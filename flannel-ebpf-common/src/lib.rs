@@ -22,6 +22,8 @@ pub const MAP_PEER_STATS: &str = "PEER_STATS";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
+/// The decap program for TC ingress (veth underlays; `--decap tc`).
+pub const PROG_DECAP_TC: &str = "flannel_decap_tc";
 
 /// Sizes of the mirror tables: a node per remote Flannel lease.
 pub const MAX_NODES: u32 = 16384;
@@ -192,6 +194,9 @@ counters! {
     /// Egress fallback: IPv4 forwarding is off on the underlay (the route
     /// lookup refuses); set net.ipv4.ip_forward=1 as Kubernetes nodes need anyway.
     TxFallbackForwardingOff = 17, "tx_fallback_forwarding_off";
+    /// Ingress pass (TC decap): a member's GSO aggregate, left to the
+    /// kernel's VXLAN device, which resets its tunnel offload state.
+    RxPassGso = 18, "rx_pass_gso";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;

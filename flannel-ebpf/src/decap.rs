@@ -5,21 +5,16 @@
 //! untouched.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::generated::{
-        bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
-    },
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     macros::xdp,
     programs::XdpContext,
 };
-use aya_log_ebpf::debug;
 use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
-    maps::{config, count, fdb_lookup, peer},
-    packet::{
-        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN,
-        VxlanHdr, be16, ptr_at,
-    },
+    maps::{config, count},
+    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
+    rx::{self, Outer, Overlay, Verdict},
 };
 
 #[xdp(frags)]
@@ -46,22 +41,18 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_PASS;
     };
     let ip = unsafe { &*ip };
-    if ip.proto != IPPROTO_UDP {
-        return XDP_PASS;
-    }
-    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
-    if ip.ver_ihl >> 4 != 4 || ihl < IPV4_LEN || (be16(&ip.tot_len) as usize) < ihl + UDP_LEN {
-        count(Counter::RxPassMalformed, frame_len);
-        return XDP_PASS;
-    }
-    if ip.daddr != cfg.public_ip {
-        return XDP_PASS;
-    }
-    if ip.is_fragment() {
-        // Only the kernel can reassemble; its VXLAN device takes it from there.
-        count(Counter::RxPassFragment, frame_len);
-        return XDP_PASS;
-    }
+    let ihl = match rx::outer(ip, cfg) {
+        Outer::Udp { ihl } => ihl,
+        Outer::Other => return XDP_PASS,
+        Outer::Malformed => {
+            count(Counter::RxPassMalformed, frame_len);
+            return XDP_PASS;
+        }
+        Outer::Fragment => {
+            count(Counter::RxPassFragment, frame_len);
+            return XDP_PASS;
+        }
+    };
     // IP options are legal: the UDP header starts after them. Past the
     // variable-length IPv4 header, bytes are copied with bpf_xdp_load_bytes so
     // the verifier never has to track a variable packet offset.
@@ -85,40 +76,11 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         count(Counter::RxDropTruncated, frame_len);
         return XDP_DROP;
     };
-    let (vx, inner) = (&overlay.vx, &overlay.inner);
-    // Diagnostics only at debug level: the verifier prunes them otherwise.
-    if !vx.flags_valid() {
-        debug!(ctx, "decap: drop, VXLAN flags {:x} from {:i}", vx.flags, ip.saddr);
-        count(Counter::RxDropBadFlags, frame_len);
-        return XDP_DROP;
-    }
-    if vx.vni() != cfg.vni {
-        debug!(ctx, "decap: drop, VNI {} from {:i}", vx.vni(), ip.saddr);
-        count(Counter::RxDropBadVni, frame_len);
-        return XDP_DROP;
-    }
-    // Membership: the inner source must be a VtepMAC we know, and known for
-    // exactly this outer source address (the kernel's VXLAN accepts anyone).
-    let slot = match fdb_lookup(inner.src) {
-        Some((node_ip, slot)) if node_ip == ip.saddr => slot,
-        _ => {
-            debug!(ctx, "decap: drop, non-member {:i} (inner source {:mac})", ip.saddr, inner.src);
-            count(Counter::RxDropNonMember, frame_len);
-            return XDP_DROP;
-        }
+    let slot = match rx::overlay(ctx, &overlay, ip.saddr, frame_len, cfg) {
+        Verdict::Decap { slot } => slot,
+        Verdict::Drop => return XDP_DROP,
+        Verdict::Pass => return XDP_PASS,
     };
-    let stats = peer(slot);
-    if inner.dst != cfg.vtep_mac {
-        count(Counter::RxDropBadInnerDst, frame_len);
-        if let Some(p) = stats {
-            p.rx_drops += 1;
-        }
-        return XDP_DROP;
-    }
-    if be16(&inner.proto) != ETH_P_IPV4 {
-        count(Counter::RxPassInnerNotIpv4, frame_len);
-        return XDP_PASS;
-    }
     // The inner frame enters the stack on the underlay: give it the outer
     // MACs so the kernel sees a frame for this host, not for flannel.1.
     let mut macs = [0u8; 12];
@@ -131,21 +93,8 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         count(Counter::RxDropAdjust, frame_len);
         return XDP_DROP;
     }
-    count(Counter::RxDecap, inner_len);
-    if let Some(p) = stats {
-        p.rx_packets += 1;
-        p.rx_bytes += inner_len as u64;
-        // The coarse clock is a plain read; "last seen" needs no better.
-        p.last_rx_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    }
+    rx::delivered(slot, inner_len);
     XDP_PASS
-}
-
-/// VXLAN header and inner Ethernet header, copied out together.
-#[repr(C)]
-struct Overlay {
-    vx: VxlanHdr,
-    inner: EthHdr,
 }
 
 #[inline(always)]

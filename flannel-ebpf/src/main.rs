@@ -1,12 +1,15 @@
-//! flannel-ebpf kernel programs: Flannel's VXLAN data path in TC (encap) and XDP (decap).
+//! flannel-ebpf kernel programs: Flannel's VXLAN data path in TC (encap) and
+//! XDP or TC ingress (decap).
 #![no_std]
 #![no_main]
 
 mod csum;
 mod decap;
+mod decap_tc;
 mod encap;
 mod maps;
 mod packet;
+mod rx;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -239,7 +239,7 @@ fn run_refused(lab: &Lab, i: usize, pin_root: &str, object: &str) -> (bool, Stri
         .args(["run", "--subnet-mgr", "file", "--subnet-dir"])
         .arg(lab.lease_dir())
         .args(["--iface", "eth0", "--pin-root", pin_root])
-        .args(["--bpf-object", object, "--subnet-file"])
+        .args(["--bpf-object", object, "--decap", "xdp", "--subnet-file"])
         .arg(lab.dir.join(format!("refused-{i}.env")))
         .output()
         .unwrap();
@@ -283,7 +283,8 @@ fn ebpf_datapath_refuses_to_start_where_it_cannot_attach() {
     );
     assert!(lab.nodes[0].ns.sh("ip link show flannel.1").is_err());
 
-    // XDP attach impossible: another agent's decap link holds the underlay.
+    // XDP attach impossible: another agent's XDP decap link holds the underlay.
+    lab.nodes[0].agent_args = ["--decap", "xdp"].map(String::from).to_vec();
     lab.start_agent(0).unwrap();
     lab.program_stock_peers().unwrap();
     let (ok, err) = run_refused(

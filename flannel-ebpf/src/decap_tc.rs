@@ -1,0 +1,98 @@
+//! Ingress on the underlay at TC, the alternative to the XDP decap: an XDP
+//! program on a veth (a kind node's eth0) turns off GSO on the veth's peer,
+//! so every TCP segment would cross it at MTU size; at TC the peer keeps
+//! sending large segments. Same checks and counters as the XDP program.
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    macros::classifier,
+    programs::TcContext,
+};
+use flannel_ebpf_common::{Counter, NodeConfig};
+
+use crate::{
+    maps::{config, count},
+    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16},
+    rx::{self, Outer, Overlay, Verdict},
+};
+
+#[classifier]
+pub fn flannel_decap_tc(ctx: TcContext) -> i32 {
+    match config() {
+        Some(cfg) => decap(&ctx, cfg),
+        None => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
+    let frame_len = ctx.len();
+    // Headers are copied out with bpf_skb_load_bytes: an skb's headers need
+    // not all sit in its linear part.
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return TC_ACT_OK;
+    };
+    if be16(&eth.proto) != ETH_P_IPV4 {
+        return TC_ACT_OK;
+    }
+    let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_LEN) else {
+        count(Counter::RxPassMalformed, frame_len);
+        return TC_ACT_OK;
+    };
+    let ihl = match rx::outer(&ip, cfg) {
+        Outer::Udp { ihl } => ihl,
+        Outer::Other => return TC_ACT_OK,
+        Outer::Malformed => {
+            count(Counter::RxPassMalformed, frame_len);
+            return TC_ACT_OK;
+        }
+        Outer::Fragment => {
+            count(Counter::RxPassFragment, frame_len);
+            return TC_ACT_OK;
+        }
+    };
+    let l4 = ETH_LEN + ihl;
+    let Ok(udp) = ctx.load::<UdpHdr>(l4) else {
+        count(Counter::RxPassMalformed, frame_len);
+        return TC_ACT_OK;
+    };
+    if be16(&udp.dport) != cfg.port {
+        return TC_ACT_OK;
+    }
+    // From here on the frame claims to be ours: it is delivered or dropped.
+    let inner_off = l4 + UDP_LEN + VXLAN_LEN;
+    let overlay = if (frame_len as usize) < inner_off + ETH_LEN + IPV4_LEN {
+        None
+    } else {
+        ctx.load::<Overlay>(l4 + UDP_LEN).ok()
+    };
+    let Some(overlay) = overlay else {
+        count(Counter::RxDropTruncated, frame_len);
+        return TC_ACT_SHOT;
+    };
+    let slot = match rx::overlay(ctx, &overlay, ip.saddr, frame_len, cfg) {
+        Verdict::Decap { slot } => slot,
+        Verdict::Drop => return TC_ACT_SHOT,
+        Verdict::Pass => return TC_ACT_OK,
+    };
+    // A GSO aggregate carries UDP-tunnel offload state that
+    // bpf_skb_adjust_room cannot reset on these kernels (left stale it
+    // would break segmenting the inner packet): the kernel's VXLAN device
+    // decapsulates it, after the checks above.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        count(Counter::RxPassGso, frame_len);
+        return TC_ACT_OK;
+    }
+    // Remove outer IPv4 (with options), UDP, VXLAN and the inner Ethernet
+    // header: the outer Ethernet header stays in front of the inner IPv4
+    // packet, so the kernel sees a frame for this host on the underlay.
+    let strip = inner_off as i32;
+    if ctx
+        .adjust_room(-strip, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
+        .is_err()
+    {
+        count(Counter::RxDropAdjust, frame_len);
+        return TC_ACT_SHOT;
+    }
+    rx::delivered(slot, frame_len - inner_off as u32);
+    TC_ACT_OK
+}
