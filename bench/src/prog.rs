@@ -10,7 +10,7 @@ use aya::{
     maps::{Array, HashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use flannel_ebpf_common::{FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_ENCAP};
+use flannel_ebpf_common::{FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP};
 use flannel_tests::{
     frames::{eth, ipv4},
     netns::Netns,
@@ -116,17 +116,34 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             total += r.duration.as_nanos();
         }
         let decap = total as f64 / n as f64;
-        let r = x.test_run(TestRunOptions {
+        let pass_run = x.test_run(TestRunOptions {
             data_in: Some(&other),
             data_out: Some(&mut out),
             repeat: n,
             ..TestRunOptions::new()
         })?;
-        let pass = r.duration.as_nanos() as f64;
+        let pass = pass_run.duration.as_nanos() as f64;
+
+        let t: &mut SchedClassifier = ebpf
+            .program_mut(PROG_DECAP_TC)
+            .context("TC decap")?
+            .try_into()?;
+        t.load()?;
+        let mut total = 0u128;
+        for _ in 0..n {
+            let r = t.test_run(TestRunOptions {
+                data_in: Some(&decap_in),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })?;
+            total += r.duration.as_nanos();
+        }
+        let tc_decap = total as f64 / n as f64;
         Ok(vec![
             ("TC encap, 1400-byte TCP segment", encap),
             ("XDP decap, VXLAN frame", decap),
             ("XDP pass-through, non-VXLAN frame", pass),
+            ("TC decap (veth underlays), VXLAN frame", tc_decap),
         ])
     })?
 }

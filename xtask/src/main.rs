@@ -36,6 +36,10 @@ enum Cmd {
         /// Short runs for everyday use (under two minutes once built).
         #[arg(long)]
         quick: bool,
+        /// GSO/TSO off on the labs' underlay ports, so every data path puts
+        /// MTU-sized frames on the "wire" as with real NICs (results/bench-segmenting.*).
+        #[arg(long)]
+        segmenting_underlay: bool,
     },
 }
 
@@ -107,7 +111,10 @@ fn main() -> anyhow::Result<()> {
                 .args(["--test-threads", "2"])
                 .args(&args))
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench {
+            quick,
+            segmenting_underlay,
+        } => {
             build_ebpf()?;
             build_agent(true)?;
             toolchain::ensure_apt("iperf3", "iperf3")?;
@@ -129,6 +136,9 @@ fn main() -> anyhow::Result<()> {
                 .arg(root.join("results"));
             if quick {
                 cmd.arg("--quick");
+            }
+            if segmenting_underlay {
+                cmd.arg("--segmenting-underlay");
             }
             run(&mut cmd)
         }
