@@ -53,6 +53,23 @@ fn vxlan_frame(inner: &[u8]) -> Vec<u8> {
 
 /// (case, ns per packet) for encap of a TCP segment, decap of a VXLAN frame,
 /// and a non-VXLAN frame passing the XDP program.
+/// Mean kernel-timed duration of `n` single runs of `prog` on a fresh copy of `frame`.
+fn per_call_ns<P>(prog: &mut P, frame: &[u8], out: &mut [u8], n: u32) -> anyhow::Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut total = 0u128;
+    for _ in 0..n {
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut *out),
+            ..TestRunOptions::new()
+        })?;
+        total += r.duration.as_nanos();
+    }
+    Ok(total as f64 / n as f64)
+}
+
 pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
     let ns = Netns::new("bench-prog")?;
     ns.sh("sysctl -qw net.ipv4.ip_forward=1")?;
@@ -93,29 +110,11 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
 
         let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).context("encap")?.try_into()?;
         p.load()?;
-        let mut total = 0u128;
-        for _ in 0..n {
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(&encap_in),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })?;
-            total += r.duration.as_nanos();
-        }
-        let encap = total as f64 / n as f64;
+        let encap = per_call_ns(p, &encap_in, &mut out, n)?;
 
         let x: &mut Xdp = ebpf.program_mut(PROG_DECAP).context("decap")?.try_into()?;
         x.load()?;
-        let mut total = 0u128;
-        for _ in 0..n {
-            let r = x.test_run(TestRunOptions {
-                data_in: Some(&decap_in),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })?;
-            total += r.duration.as_nanos();
-        }
-        let decap = total as f64 / n as f64;
+        let decap = per_call_ns(x, &decap_in, &mut out, n)?;
         let pass_run = x.test_run(TestRunOptions {
             data_in: Some(&other),
             data_out: Some(&mut out),
@@ -129,16 +128,7 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             .context("TC decap")?
             .try_into()?;
         t.load()?;
-        let mut total = 0u128;
-        for _ in 0..n {
-            let r = t.test_run(TestRunOptions {
-                data_in: Some(&decap_in),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })?;
-            total += r.duration.as_nanos();
-        }
-        let tc_decap = total as f64 / n as f64;
+        let tc_decap = per_call_ns(t, &decap_in, &mut out, n)?;
         Ok(vec![
             ("TC encap, 1400-byte TCP segment", encap),
             ("XDP decap, VXLAN frame", decap),

@@ -14,7 +14,7 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 use crate::{
     maps::{config, count},
     packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
-    rx::{self, Outer, Overlay, Verdict},
+    rx::{self, Overlay, Verdict},
 };
 
 #[xdp(frags)]
@@ -41,22 +41,13 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_PASS;
     };
     let ip = unsafe { &*ip };
-    let ihl = match rx::outer(ip, cfg) {
-        Outer::Udp { ihl } => ihl,
-        Outer::Other => return XDP_PASS,
-        Outer::Malformed => {
-            count(Counter::RxPassMalformed, frame_len);
-            return XDP_PASS;
-        }
-        Outer::Fragment => {
-            count(Counter::RxPassFragment, frame_len);
-            return XDP_PASS;
-        }
+    let Some(l4) = rx::udp_offset(ip, cfg, frame_len) else {
+        return XDP_PASS;
     };
+    let ihl = l4 - ETH_LEN;
     // IP options are legal: the UDP header starts after them. Past the
     // variable-length IPv4 header, bytes are copied with bpf_xdp_load_bytes so
     // the verifier never has to track a variable packet offset.
-    let l4 = ETH_LEN + ihl;
     let Some(dport) = udp_dport(ctx, start, end, l4, ihl) else {
         count(Counter::RxPassMalformed, frame_len);
         return XDP_PASS;

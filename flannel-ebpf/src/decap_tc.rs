@@ -12,7 +12,7 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 use crate::{
     maps::{config, count},
     packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16},
-    rx::{self, Outer, Overlay, Verdict},
+    rx::{self, Overlay, Verdict},
 };
 
 #[classifier]
@@ -38,19 +38,9 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         count(Counter::RxPassMalformed, frame_len);
         return TC_ACT_OK;
     };
-    let ihl = match rx::outer(&ip, cfg) {
-        Outer::Udp { ihl } => ihl,
-        Outer::Other => return TC_ACT_OK,
-        Outer::Malformed => {
-            count(Counter::RxPassMalformed, frame_len);
-            return TC_ACT_OK;
-        }
-        Outer::Fragment => {
-            count(Counter::RxPassFragment, frame_len);
-            return TC_ACT_OK;
-        }
+    let Some(l4) = rx::udp_offset(&ip, cfg, frame_len) else {
+        return TC_ACT_OK;
     };
-    let l4 = ETH_LEN + ihl;
     let Ok(udp) = ctx.load::<UdpHdr>(l4) else {
         count(Counter::RxPassMalformed, frame_len);
         return TC_ACT_OK;
@@ -80,6 +70,7 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     // decapsulates it, after the checks above.
     if unsafe { (*ctx.skb.skb).gso_size } != 0 {
         count(Counter::RxPassGso, frame_len);
+        rx::from_peer(slot, frame_len - inner_off as u32);
         return TC_ACT_OK;
     }
     // Remove outer IPv4 (with options), UDP, VXLAN and the inner Ethernet

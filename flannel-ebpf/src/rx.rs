@@ -6,11 +6,13 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
     maps::{count, fdb_lookup, peer},
-    packet::{ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
+    packet::{
+        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16,
+    },
 };
 
 /// What the outer IPv4 header says about a frame.
-pub enum Outer {
+enum Outer {
     /// Not UDP to our public IP: not ours to judge.
     Other,
     /// Garbled version, IHL or length: the kernel's IP layer judges it.
@@ -21,8 +23,27 @@ pub enum Outer {
     Udp { ihl: usize },
 }
 
+/// Where the UDP header starts when `ip` is an unfragmented UDP packet to
+/// our public IP; None (the frame passes) otherwise, garbled headers and
+/// fragments counted.
 #[inline(always)]
-pub fn outer(ip: &Ipv4Hdr, cfg: &NodeConfig) -> Outer {
+pub fn udp_offset(ip: &Ipv4Hdr, cfg: &NodeConfig, frame_len: u32) -> Option<usize> {
+    match outer(ip, cfg) {
+        Outer::Udp { ihl } => Some(ETH_LEN + ihl),
+        Outer::Other => None,
+        Outer::Malformed => {
+            count(Counter::RxPassMalformed, frame_len);
+            None
+        }
+        Outer::Fragment => {
+            count(Counter::RxPassFragment, frame_len);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn outer(ip: &Ipv4Hdr, cfg: &NodeConfig) -> Outer {
     if ip.proto != IPPROTO_UDP {
         return Outer::Other;
     }
@@ -105,6 +126,12 @@ pub fn overlay<C: EbpfContext>(
 #[inline(always)]
 pub fn delivered(slot: u32, inner_len: u32) {
     count(Counter::RxDecap, inner_len);
+    from_peer(slot, inner_len);
+}
+
+/// Count what a member sent us, whoever strips the outer headers.
+#[inline(always)]
+pub fn from_peer(slot: u32, inner_len: u32) {
     if let Some(p) = peer(slot) {
         p.rx_packets += 1;
         p.rx_bytes += inner_len as u64;

@@ -456,6 +456,9 @@ fn tc_decap_leaves_gso_aggregates_to_the_kernel_device() {
         );
         assert_eq!(counter(&ebpf, Counter::RxPassGso), 1);
         assert_eq!(counter(&ebpf, Counter::RxDecap), 0);
+        // The peer is credited with what it sent, whoever decapsulates it.
+        let p = peer3(&ebpf);
+        assert_eq!((p.rx_packets, p.rx_bytes), (1, (frame.len() - 50) as u64));
         // A non-member's is still dropped.
         let stranger = Vx {
             src_ip: Ipv4Addr::new(10, 9, 0, 99),
