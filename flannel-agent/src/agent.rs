@@ -155,77 +155,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let root = args.pins.pin_root.clone();
-    let (mtu, vtep, tables) = match backend {
-        LeaseBackend::HostGw => {
-            log::info!(
-                "backend host-gw: routes to peers' public IPs on {}, no VXLAN device and no eBPF programs",
-                underlay.link.name
-            );
-            // Left by an earlier vxlan run: its routes would shadow ours for
-            // peers host-gw cannot reach. Say so rather than delete it unasked.
-            if nl.link_by_name(&vtep_name).await?.is_some() || datapath::decap_pinned(&root) {
-                log::warn!(
-                    "{vtep_name} or pins under {} remain from a vxlan run; to remove them: flannel-agent uninstall --pin-root {} && ip link del {vtep_name}",
-                    root.display(),
-                    root.display()
-                );
-            }
-            (conf.backend.mtu.unwrap_or(underlay.link.mtu), None, None)
-        }
-        LeaseBackend::Vxlan { vtep_mac } => {
-            let mtu = conf
-                .backend
-                .mtu
-                .unwrap_or(underlay.link.mtu.saturating_sub(VXLAN_OVERHEAD));
-            let vtep = nl
-                .ensure_vtep(&VtepSpec {
-                    name: vtep_name.clone(),
-                    vni: conf.backend.vni,
-                    port: conf.backend.port,
-                    local: public_ip,
-                    underlay_index: underlay.link.index,
-                    mac: vtep_mac,
-                    mtu,
-                })
-                .await?;
-            nl.ensure_only_addr(vtep.index, subnet.vtep_addr()).await?;
-            sysctl::loosen_rp_filter(&underlay.link.name)?;
-            let tables = match args.datapath {
-                DatapathKind::Kernel => {
-                    log::info!(
-                        "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
-                    );
-                    if datapath::decap_pinned(&root) {
-                        log::warn!(
-                            "an eBPF data path is still pinned under {} and carries the traffic; hand it to the kernel with: flannel-agent uninstall --pin-root {}",
-                            root.display(),
-                            root.display()
-                        );
-                    }
-                    None
-                }
-                DatapathKind::Ebpf => {
-                    let (src_port_min, src_port_max) = sysctl::local_port_range();
-                    let node = NodeConfig {
-                        public_ip: public_ip.octets(),
-                        vni: conf.backend.vni,
-                        port: conf.backend.port,
-                        src_port_min,
-                        src_port_max,
-                        vtep_mac: vtep_mac.0,
-                        underlay_ifindex: underlay.link.index,
-                        vtep_ifindex: vtep.index,
-                        ready: 1,
-                    };
-                    let loaded = datapath::load(&root, &object_or_err?, node, log::max_level())
-                        .map_err(no_ebpf)?;
-                    Some((Tables::open(&root)?, loaded))
-                }
-            };
-            (mtu, Some(vtep.index), tables)
-        }
-    };
-    let (mut tables, loaded) = tables.unzip();
+    let setup = set_up_node(
+        &args,
+        &conf,
+        &nl,
+        &underlay,
+        &vtep_name,
+        &own_lease,
+        object_or_err,
+    )
+    .await?;
+    let (mtu, vtep) = (setup.mtu, setup.vtep);
+    let (mut tables, loaded) = setup.ebpf.unzip();
     sysctl::warn_if_not_forwarding();
 
     let own = Own {
@@ -358,6 +299,109 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         root.display()
     );
     Ok(())
+}
+
+/// What `run` set up on the node for its backend.
+struct NodeSetup {
+    /// The pod MTU for subnet.env.
+    mtu: u32,
+    /// flannel.<VNI>'s ifindex (none with host-gw).
+    vtep: Option<u32>,
+    /// The eBPF data path: its maps, and its programs loaded but not attached yet.
+    ebpf: Option<(Tables, datapath::Loaded)>,
+}
+
+/// Set the node up for its backend: nothing but a check for host-gw; for
+/// VXLAN the VTEP device, and the eBPF maps and programs unless `--datapath kernel`.
+async fn set_up_node(
+    args: &RunArgs,
+    conf: &crate::netconf::NetConf,
+    nl: &Netlink,
+    underlay: &underlay::Underlay,
+    vtep_name: &str,
+    own: &Lease,
+    object: anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<NodeSetup> {
+    let (subnet, public_ip) = (own.subnet, own.public_ip);
+    let root = &args.pins.pin_root;
+    Ok(match own.backend {
+        LeaseBackend::HostGw => {
+            log::info!(
+                "backend host-gw: routes to peers' public IPs on {}, no VXLAN device and no eBPF programs",
+                underlay.link.name
+            );
+            // Left by an earlier vxlan run: its routes would shadow ours for
+            // peers host-gw cannot reach. Say so rather than delete it unasked.
+            if nl.link_by_name(vtep_name).await?.is_some() || datapath::decap_pinned(root) {
+                log::warn!(
+                    "{vtep_name} or pins under {} remain from a vxlan run; to remove them: flannel-agent uninstall --pin-root {} && ip link del {vtep_name}",
+                    root.display(),
+                    root.display()
+                );
+            }
+            NodeSetup {
+                mtu: conf.backend.mtu.unwrap_or(underlay.link.mtu),
+                vtep: None,
+                ebpf: None,
+            }
+        }
+        LeaseBackend::Vxlan { vtep_mac } => {
+            let mtu = conf
+                .backend
+                .mtu
+                .unwrap_or(underlay.link.mtu.saturating_sub(VXLAN_OVERHEAD));
+            let vtep = nl
+                .ensure_vtep(&VtepSpec {
+                    name: vtep_name.to_string(),
+                    vni: conf.backend.vni,
+                    port: conf.backend.port,
+                    local: public_ip,
+                    underlay_index: underlay.link.index,
+                    mac: vtep_mac,
+                    mtu,
+                })
+                .await?;
+            nl.ensure_only_addr(vtep.index, subnet.vtep_addr()).await?;
+            sysctl::loosen_rp_filter(&underlay.link.name)?;
+            let tables = match args.datapath {
+                DatapathKind::Kernel => {
+                    log::info!(
+                        "data path: the kernel's VXLAN device, programmed as flanneld does (--datapath kernel)"
+                    );
+                    if datapath::decap_pinned(root) {
+                        log::warn!(
+                            "an eBPF data path is still pinned under {} and carries the traffic; hand it to the kernel with: flannel-agent uninstall --pin-root {}",
+                            root.display(),
+                            root.display()
+                        );
+                    }
+                    None
+                }
+                DatapathKind::Ebpf => {
+                    let (src_port_min, src_port_max) = sysctl::local_port_range();
+                    let node = NodeConfig {
+                        public_ip: public_ip.octets(),
+                        vni: conf.backend.vni,
+                        port: conf.backend.port,
+                        src_port_min,
+                        src_port_max,
+                        vtep_mac: vtep_mac.0,
+                        underlay_ifindex: underlay.link.index,
+                        vtep_ifindex: vtep.index,
+                        ready: 1,
+                    };
+                    let loaded =
+                        datapath::load(root, &object?, node, log::max_level()).map_err(no_ebpf)?;
+                    Some((Tables::open(root)?, loaded))
+                }
+            };
+            NodeSetup {
+                mtu,
+                vtep: Some(vtep.index),
+                ebpf: tables,
+            }
+        }
+    })
 }
 
 /// The decap hook `--decap` asks for on this underlay.
