@@ -95,12 +95,10 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
     let subnet = pod_cidr(node)?;
     let backend = if vxlan {
         let data = annotation(node, BACKEND_DATA).context("backend-data annotation missing")?;
-        let data: crate::lease::VxlanBackendData =
-            serde_json::from_str(data).with_context(|| format!("backend-data {data:?}"))?;
-        let vtep_mac: Mac = data
-            .vtep_mac
-            .parse()
-            .with_context(|| format!("backend-data VtepMAC {:?}", data.vtep_mac))?;
+        let vtep_mac = serde_json::from_str(data)
+            .map_err(anyhow::Error::from)
+            .and_then(crate::lease::vxlan_vtep_mac)
+            .with_context(|| format!("backend-data {data:?}"))?;
         LeaseBackend::Vxlan { vtep_mac }
     } else {
         LeaseBackend::HostGw
@@ -249,12 +247,7 @@ impl KubeSource {
                 KUBE_SUBNET_MANAGER: "true",
             }}
         });
-        self.nodes
-            .patch_status(
-                &self.opts.node_name,
-                &PatchParams::default(),
-                &Patch::Strategic(&patch),
-            )
+        self.patch_own_status(&patch)
             .await
             .with_context(|| format!("annotating node {} ({PREFIX}*)", self.opts.node_name))?;
         log::info!(
@@ -262,6 +255,18 @@ impl KubeSource {
             self.opts.node_name
         );
         Ok(subnet)
+    }
+
+    /// A strategic-merge patch of our own Node through `nodes/status`, the
+    /// one subresource flanneld's RBAC lets it write.
+    async fn patch_own_status(&self, patch: &serde_json::Value) -> kube::Result<Node> {
+        self.nodes
+            .patch_status(
+                &self.opts.node_name,
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
+            .await
     }
 
     /// NetworkUnavailable=False, once our tables are in place (as flanneld).
@@ -275,19 +280,12 @@ impl KubeSource {
             "lastTransitionTime": now,
             "lastHeartbeatTime": now,
         }]}});
-        self.nodes
-            .patch_status(
-                &self.opts.node_name,
-                &PatchParams::default(),
-                &Patch::Strategic(&patch),
+        self.patch_own_status(&patch).await.with_context(|| {
+            format!(
+                "setting NetworkUnavailable=False on {}",
+                self.opts.node_name
             )
-            .await
-            .with_context(|| {
-                format!(
-                    "setting NetworkUnavailable=False on {}",
-                    self.opts.node_name
-                )
-            })?;
+        })?;
         Ok(())
     }
 
