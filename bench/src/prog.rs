@@ -7,7 +7,6 @@ use std::net::Ipv4Addr;
 use anyhow::Context;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use flannel_ebpf_common::{FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP};
@@ -92,16 +91,17 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             vtep_ifindex: 1,
             ready: 1,
         };
-        Array::<_, NodeConfig>::try_from(ebpf.map_mut("CONFIG").context("CONFIG")?)?
-            .set(0, cfg, 0)?;
-        HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").context("FDB")?)?.insert(
-            FdbKey::new(REMOTE_VTEP),
-            FdbValue {
-                node_ip: REMOTE_IP.octets(),
-                peer_slot: 0,
-            },
-            0,
-        )?;
+        let fd = |name: &str| {
+            ebpf.map(name)
+                .and_then(flannel_agent::bpf_map::fd_of)
+                .with_context(|| format!("the object's {name} map"))
+        };
+        flannel_agent::bpf_map::update(fd("CONFIG")?, &0u32, &cfg)?;
+        let fdb = FdbValue {
+            node_ip: REMOTE_IP.octets(),
+            peer_slot: 0,
+        };
+        flannel_agent::bpf_map::update(fd("FDB")?, &FdbKey::new(REMOTE_VTEP), &fdb)?;
         let segment = tcp_segment(1400);
         let encap_in = eth(REMOTE_VTEP, LOCAL_VTEP, 0x0800, &segment);
         let decap_in = vxlan_frame(&segment);

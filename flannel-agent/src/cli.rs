@@ -3,10 +3,18 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The version, and which build: operators and the lab tests can tell a
+/// debug binary from the release one that ships.
+const VERSION: &str = if cfg!(debug_assertions) {
+    concat!(env!("CARGO_PKG_VERSION"), " (debug build)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (release build)")
+};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "flannel-agent",
-    version,
+    version = VERSION,
     about = "Flannel's VXLAN overlay with an eBPF data path"
 )]
 pub struct Cli {

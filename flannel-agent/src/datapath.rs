@@ -221,9 +221,8 @@ pub fn load(
         let map = ebpf
             .map_mut(MAP_CONFIG)
             .context("object has no CONFIG map")?;
-        let mut arr: aya::maps::Array<_, NodeConfig> = aya::maps::Array::try_from(map)?;
-        arr.set(0, config, 0)
-            .context("writing the node config map")?;
+        let fd = crate::bpf_map::fd_of(map).context("CONFIG is not an array map")?;
+        crate::bpf_map::update(fd, &0u32, &config).context("writing the node config map")?;
     }
     Ok(Loaded {
         ebpf,

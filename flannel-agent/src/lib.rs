@@ -1,5 +1,6 @@
 //! flannel-agent: the control plane of flannel-ebpf.
 pub mod agent;
+pub mod bpf_map;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;

@@ -3,56 +3,76 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context;
-use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::MapData;
 use flannel_ebpf_common::{
     ArpKey, ArpValue, Counter, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG, MAP_COUNTERS,
     MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, NodeConfig, PeerStats, RouteValue,
 };
 
-use crate::{datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
+use crate::{bpf_map::TypedMap, datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
+
+/// Key of the ROUTE LPM trie, as the kernel lays it out: prefix length, then address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+// SAFETY: plain data, no padding (4 + 4 bytes).
+unsafe impl aya::Pod for RouteKey {}
+
+impl RouteKey {
+    fn of(s: Subnet) -> RouteKey {
+        RouteKey {
+            prefix_len: s.prefix_len() as u32,
+            addr: s.addr().octets(),
+        }
+    }
+}
 
 pub struct Tables {
-    pub config: Array<MapData, NodeConfig>,
-    pub route: LpmTrie<MapData, [u8; 4], RouteValue>,
-    pub arp: HashMap<MapData, ArpKey, ArpValue>,
-    pub fdb: HashMap<MapData, FdbKey, FdbValue>,
-    pub counters: PerCpuArray<MapData, CounterValue>,
-    pub peer_stats: PerCpuArray<MapData, PeerStats>,
+    pub config: TypedMap<u32, NodeConfig>,
+    pub route: TypedMap<RouteKey, RouteValue>,
+    pub arp: TypedMap<ArpKey, ArpValue>,
+    pub fdb: TypedMap<FdbKey, FdbValue>,
+    pub counters: TypedMap<u32, CounterValue>,
+    pub peer_stats: TypedMap<u32, PeerStats>,
 }
 
 impl Tables {
     /// Open the tables pinned under `root` (the agent need not be running).
+    /// Each map's type and sizes are checked against these types on opening.
     pub fn open(root: &Path) -> anyhow::Result<Tables> {
-        let mut maps = std::collections::HashMap::new();
-        for (spec, data) in open_pinned_maps(root)? {
-            maps.insert(spec.name, data);
-        }
+        let mut maps: std::collections::HashMap<&str, MapData> = open_pinned_maps(root)?
+            .into_iter()
+            .map(|(spec, data)| (spec.name, data))
+            .collect();
         let mut take = |name: &str| {
             maps.remove(name)
                 .with_context(|| format!("map {name} missing"))
         };
         Ok(Tables {
-            config: Array::try_from(Map::Array(take(MAP_CONFIG)?))?,
-            route: LpmTrie::try_from(Map::LpmTrie(take(MAP_ROUTE)?))?,
-            arp: HashMap::try_from(Map::HashMap(take(MAP_ARP)?))?,
-            fdb: HashMap::try_from(Map::HashMap(take(MAP_FDB)?))?,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(take(MAP_COUNTERS)?))?,
-            peer_stats: PerCpuArray::try_from(Map::PerCpuArray(take(MAP_PEER_STATS)?))?,
+            config: TypedMap::new(take(MAP_CONFIG)?),
+            route: TypedMap::new(take(MAP_ROUTE)?),
+            arp: TypedMap::new(take(MAP_ARP)?),
+            fdb: TypedMap::new(take(MAP_FDB)?),
+            counters: TypedMap::new(take(MAP_COUNTERS)?),
+            peer_stats: TypedMap::new(take(MAP_PEER_STATS)?),
         })
     }
 
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
-        self.config.get(&0, 0).context("reading the config map")
+        self.config
+            .get(&0)
+            .context("reading the config map")?
+            .context("the config map has no entry 0")
     }
 
     /// VtepMAC → (node public IP, stats slot).
     pub fn fdb_entries(&self) -> anyhow::Result<BTreeMap<Mac, (Ipv4Addr, u32)>> {
         let mut out = BTreeMap::new();
-        for kv in self.fdb.iter() {
-            let (k, v) = kv.context("reading the FDB map")?;
+        for (k, v) in self.fdb.entries().context("reading the FDB map")? {
             out.insert(Mac(k.vtep_mac), (Ipv4Addr::from(v.node_ip), v.peer_slot));
         }
         Ok(out)
@@ -60,8 +80,7 @@ impl Tables {
 
     pub fn arp_entries(&self) -> anyhow::Result<BTreeMap<Ipv4Addr, Mac>> {
         let mut out = BTreeMap::new();
-        for kv in self.arp.iter() {
-            let (k, v) = kv.context("reading the ARP map")?;
+        for (k, v) in self.arp.entries().context("reading the ARP map")? {
             out.insert(Ipv4Addr::from(k.vtep_addr), Mac(v.vtep_mac));
         }
         Ok(out)
@@ -69,9 +88,8 @@ impl Tables {
 
     pub fn route_entries(&self) -> anyhow::Result<BTreeMap<Subnet, Ipv4Addr>> {
         let mut out = BTreeMap::new();
-        for kv in self.route.iter() {
-            let (k, v) = kv.context("reading the route map")?;
-            let subnet = Subnet::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+        for (k, v) in self.route.entries().context("reading the route map")? {
+            let subnet = Subnet::new(Ipv4Addr::from(k.addr), k.prefix_len as u8)
                 .context("route map holds a key with host bits set")?;
             out.insert(subnet, Ipv4Addr::from(v.vtep_addr));
         }
@@ -84,18 +102,14 @@ impl Tables {
             peer_slot,
         };
         self.fdb
-            .insert(FdbKey::new(mac.0), v, 0)
+            .set(&FdbKey::new(mac.0), &v)
             .with_context(|| format!("FDB map: {mac} → {node_ip}"))
     }
 
     /// Zero a peer's stats slot before it is given to a node.
     pub fn reset_peer(&mut self, slot: u32) -> anyhow::Result<()> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?;
-        let zeros = PerCpuValues::try_from(vec![PeerStats::default(); cpus])?;
         self.peer_stats
-            .set(slot, zeros, 0)
+            .set_per_cpu(&slot, &PeerStats::default())
             .with_context(|| format!("resetting peer stats slot {slot}"))
     }
 
@@ -103,8 +117,9 @@ impl Tables {
     pub fn peer(&self, slot: u32) -> anyhow::Result<PeerStats> {
         let per_cpu = self
             .peer_stats
-            .get(&slot, 0)
-            .with_context(|| format!("reading peer stats slot {slot}"))?;
+            .get_per_cpu(&slot)
+            .with_context(|| format!("reading peer stats slot {slot}"))?
+            .with_context(|| format!("peer stats slot {slot} is out of range"))?;
         let mut s = PeerStats::default();
         for v in per_cpu.iter() {
             s.tx_packets += v.tx_packets;
@@ -121,6 +136,7 @@ impl Tables {
     pub fn del_fdb(&mut self, mac: Mac) -> anyhow::Result<()> {
         self.fdb
             .remove(&FdbKey::new(mac.0))
+            .map(drop)
             .with_context(|| format!("FDB map: deleting {mac}"))
     }
 
@@ -130,12 +146,11 @@ impl Tables {
             _pad: [0; 2],
         };
         self.arp
-            .insert(
-                ArpKey {
+            .set(
+                &ArpKey {
                     vtep_addr: vtep.octets(),
                 },
-                v,
-                0,
+                &v,
             )
             .with_context(|| format!("ARP map: {vtep} → {mac}"))
     }
@@ -145,26 +160,25 @@ impl Tables {
             .remove(&ArpKey {
                 vtep_addr: vtep.octets(),
             })
+            .map(drop)
             .with_context(|| format!("ARP map: deleting {vtep}"))
     }
 
     pub fn set_route(&mut self, dst: Subnet, vtep: Ipv4Addr) -> anyhow::Result<()> {
-        let key = Key::new(dst.prefix_len() as u32, dst.addr().octets());
         self.route
-            .insert(
-                &key,
-                RouteValue {
+            .set(
+                &RouteKey::of(dst),
+                &RouteValue {
                     vtep_addr: vtep.octets(),
                 },
-                0,
             )
             .with_context(|| format!("route map: {dst} → {vtep}"))
     }
 
     pub fn del_route(&mut self, dst: Subnet) -> anyhow::Result<()> {
-        let key = Key::new(dst.prefix_len() as u32, dst.addr().octets());
         self.route
-            .remove(&key)
+            .remove(&RouteKey::of(dst))
+            .map(drop)
             .with_context(|| format!("route map: deleting {dst}"))
     }
 
@@ -174,8 +188,9 @@ impl Tables {
         for c in Counter::ALL {
             let per_cpu = self
                 .counters
-                .get(&(*c as u32), 0)
-                .with_context(|| format!("reading counter {}", c.name()))?;
+                .get_per_cpu(&(*c as u32))
+                .with_context(|| format!("reading counter {}", c.name()))?
+                .with_context(|| format!("counter {} is out of range", c.name()))?;
             let mut sum = CounterValue::default();
             for v in per_cpu.iter() {
                 sum.packets += v.packets;

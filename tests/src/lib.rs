@@ -29,9 +29,12 @@ pub fn object_path() -> PathBuf {
     root().join("target/flannel-ebpf.o")
 }
 
-/// The agent binary `cargo xtask test` builds before running the tests.
+/// The agent binary the labs run: the release build that ships, which
+/// `cargo xtask test` builds once and names in `FLANNEL_AGENT`.
 pub fn agent_path() -> PathBuf {
-    root().join("target/debug/flannel-agent")
+    std::env::var_os("FLANNEL_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/flannel-agent"))
 }
 
 /// Run a shell command line, failing with its output when it fails.

@@ -22,7 +22,9 @@ fn missing() -> Option<String> {
             agent_path().display()
         ));
     }
-    for tool in ["ip", "bridge", "ping", "nsenter", "iptables", "bpftool"] {
+    for tool in [
+        "ip", "bridge", "ping", "nsenter", "iptables", "nft", "bpftool",
+    ] {
         let found = std::process::Command::new("bash")
             .args(["-c", &format!("command -v {tool}")])
             .output()

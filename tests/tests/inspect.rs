@@ -1,5 +1,7 @@
 //! Operating a node: `flannel-agent show` views and the metrics endpoint,
-//! against a lab with a known lease and a known amount of traffic.
+//! against a lab with two known stock-Flannel peers and a known amount of
+//! traffic, read by the release agent that ships (a release-only misread of
+//! the ARP map once printed zero VtepMACs here).
 use std::time::Duration;
 
 use flannel_tests::{
@@ -28,28 +30,37 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
     if !prereq::ready("inspect") {
         return;
     }
-    let mut lab = Lab::new("insp", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let mut lab = Lab::new(
+        "insp",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
     lab.start_stock(1, 2).unwrap();
+    lab.start_stock(2, 3).unwrap();
     lab.nodes[0].agent_args = ["--metrics-port", "9464", "--log-level", "debug"]
         .map(String::from)
         .to_vec();
     lab.start_agent(0).unwrap();
     lab.program_stock_peers().unwrap();
-    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.wait_fdb_entries(0, 2).unwrap();
     let n = &lab.nodes[0];
 
     // The three tables, in iproute2's shapes.
     assert_eq!(
         n.show("routes").unwrap(),
-        "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink\n"
+        "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink\n\
+         10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink\n"
     );
     assert_eq!(
         n.show("arp").unwrap(),
-        "10.244.2.0 dev flannel.1 lladdr 02:42:8f:11:22:20 PERMANENT\n"
+        "10.244.2.0 dev flannel.1 lladdr 02:42:8f:11:22:20 PERMANENT\n\
+         10.244.3.0 dev flannel.1 lladdr 02:42:8f:11:22:30 PERMANENT\n"
     );
     assert_eq!(
         n.show("fdb").unwrap(),
-        "02:42:8f:11:22:20 dev flannel.1 dst 10.1.5.12 self permanent\n"
+        "02:42:8f:11:22:20 dev flannel.1 dst 10.1.5.12 self permanent\n\
+         02:42:8f:11:22:30 dev flannel.1 dst 10.1.5.13 self permanent\n"
     );
     let routes: Value = serde_json::from_str(&n.show("routes --json").unwrap()).unwrap();
     assert_eq!(routes[0]["dst"], "10.244.2.0/24");
@@ -64,12 +75,25 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
         (10, 10)
     );
     let p1 = peers(&lab);
-    assert_eq!(p1.as_array().unwrap().len(), 1);
-    let peer = &p1[0];
-    assert_eq!(peer["public_ip"], "10.1.5.12");
+    assert_eq!(p1.as_array().unwrap().len(), 2, "{p1:#}");
+    let by_ip = |v: &Value, ip: &str| -> Value {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["public_ip"] == ip)
+            .cloned()
+            .unwrap_or_else(|| panic!("no peer {ip} in {v:#}"))
+    };
+    let peer = by_ip(&p1, "10.1.5.12");
     assert_eq!(peer["vtep_mac"], "02:42:8f:11:22:20");
     assert_eq!(peer["subnets"][0], "10.244.2.0/24");
-    let d = |k: &str| peer[k].as_u64().unwrap() - p0[0][k].as_u64().unwrap();
+    assert_eq!(peer["vtep_addrs"][0], "10.244.2.0");
+    let other = by_ip(&p1, "10.1.5.13");
+    assert_eq!(other["vtep_mac"], "02:42:8f:11:22:30");
+    assert_eq!(other["subnets"][0], "10.244.3.0/24");
+    assert_eq!(other["vtep_addrs"][0], "10.244.3.0");
+    let before = by_ip(&p0, "10.1.5.12");
+    let d = |k: &str| peer[k].as_u64().unwrap() - before[k].as_u64().unwrap();
     assert_eq!((d("tx_packets"), d("rx_packets")), (10, 10));
     // ICMP echo of 84 bytes in a 98-byte frame each way.
     assert_eq!((d("tx_bytes"), d("rx_bytes")), (980, 980));
@@ -82,10 +106,27 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
     // The text views carry the same numbers.
     let text = n.show("peers").unwrap();
     assert!(text.starts_with("SUBNET"), "{text}");
-    assert!(
-        text.contains("10.244.2.0/24") && text.contains("02:42:8f:11:22:20"),
-        "{text}"
-    );
+    for (subnet, vtep, mac, ip) in [
+        (
+            "10.244.2.0/24",
+            "10.244.2.0",
+            "02:42:8f:11:22:20",
+            "10.1.5.12",
+        ),
+        (
+            "10.244.3.0/24",
+            "10.244.3.0",
+            "02:42:8f:11:22:30",
+            "10.1.5.13",
+        ),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(ip))
+            .unwrap_or_else(|| panic!("no line for {ip}:\n{text}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[..4], [subnet, vtep, mac, ip], "{text}");
+    }
     let stats = n.show("stats").unwrap();
     for c in flannel_ebpf_common::Counter::ALL {
         assert!(
@@ -111,11 +152,11 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
     );
     assert!(m.contains("flannel_ebpf_datapath_peer_packets_total{peer=\"10.1.5.12\",vtep_mac=\"02:42:8f:11:22:20\",direction=\"rx\"}"), "{m}");
     assert!(
-        m.contains("flannel_ebpf_leases{state=\"applied\"} 1"),
+        m.contains("flannel_ebpf_leases{state=\"applied\"} 2"),
         "{m}"
     );
     assert!(
-        m.contains("flannel_ebpf_lease_changes_total{kind=\"added\"} 2"),
+        m.contains("flannel_ebpf_lease_changes_total{kind=\"added\"} 3"),
         "{m}"
     );
     assert!(

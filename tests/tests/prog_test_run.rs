@@ -4,9 +4,9 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
+use flannel_agent::bpf_map::{fd_of, lookup_per_cpu, update};
 use flannel_ebpf_common::{
     Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
     PeerStats,
@@ -87,20 +87,8 @@ fn load(b: &Bench) -> Ebpf {
         vtep_ifindex: 1,
         ready: 1,
     };
-    Array::<_, NodeConfig>::try_from(ebpf.map_mut("CONFIG").unwrap())
-        .unwrap()
-        .set(0, cfg, 0)
-        .unwrap();
-    let mut fdb = HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").unwrap()).unwrap();
-    fdb.insert(
-        FdbKey::new(REMOTE_VTEP),
-        FdbValue {
-            node_ip: REMOTE_IP.octets(),
-            peer_slot: 3,
-        },
-        0,
-    )
-    .unwrap();
+    update(map_fd(&ebpf, "CONFIG"), &0u32, &cfg).unwrap();
+    set_fdb(&ebpf, REMOTE_IP.octets());
     let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).unwrap().try_into().unwrap();
     p.load().unwrap();
     let p: &mut Xdp = ebpf.program_mut(PROG_DECAP).unwrap().try_into().unwrap();
@@ -110,9 +98,22 @@ fn load(b: &Bench) -> Ebpf {
     ebpf
 }
 
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> std::os::fd::BorrowedFd<'a> {
+    fd_of(ebpf.map(name).unwrap()).unwrap()
+}
+
+/// The remote VtepMAC's FDB entry (stats slot 3) pointing at `node_ip`.
+fn set_fdb(ebpf: &Ebpf, node_ip: [u8; 4]) {
+    let v = FdbValue {
+        node_ip,
+        peer_slot: 3,
+    };
+    update(map_fd(ebpf, "FDB"), &FdbKey::new(REMOTE_VTEP), &v).unwrap();
+}
+
 fn counter(ebpf: &Ebpf, c: Counter) -> u64 {
-    let m = PerCpuArray::<_, CounterValue>::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
-    m.get(&(c as u32), 0)
+    lookup_per_cpu::<u32, CounterValue>(map_fd(ebpf, "COUNTERS"), &(c as u32))
+        .unwrap()
         .unwrap()
         .iter()
         .map(|v| v.packets)
@@ -121,8 +122,8 @@ fn counter(ebpf: &Ebpf, c: Counter) -> u64 {
 
 /// Stats of the peer in FDB slot 3 (the remote node of these tests), summed over CPUs.
 fn peer3(ebpf: &Ebpf) -> PeerStats {
-    let m = PerCpuArray::<_, PeerStats>::try_from(ebpf.map("PEER_STATS").unwrap()).unwrap();
-    m.get(&3, 0)
+    lookup_per_cpu::<u32, PeerStats>(map_fd(ebpf, "PEER_STATS"), &3)
+        .unwrap()
         .unwrap()
         .iter()
         .fold(PeerStats::default(), |mut a, v| {
@@ -283,32 +284,12 @@ fn encap_falls_back_to_the_kernel_unchanged() {
         assert_eq!(counter(&ebpf, Counter::TxFallbackForwardingOff), 1);
         b.ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
         // Remote node without a route on the underlay.
-        let mut fdb =
-            HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").unwrap()).unwrap();
-        fdb.insert(
-            FdbKey::new(REMOTE_VTEP),
-            FdbValue {
-                node_ip: [192, 0, 2, 7],
-                peer_slot: 3,
-            },
-            0,
-        )
-        .unwrap();
+        set_fdb(&ebpf, [192, 0, 2, 7]);
         let frame = inner_frame(0);
         assert_eq!(run_tc(&mut ebpf, &frame), (TC_ACT_OK, frame.clone()));
         assert_eq!(counter(&ebpf, Counter::TxFallbackNoRoute), 1);
         // On-link node whose MAC is not resolved yet: sent through bpf_redirect_neigh.
-        let mut fdb =
-            HashMap::<_, FdbKey, FdbValue>::try_from(ebpf.map_mut("FDB").unwrap()).unwrap();
-        fdb.insert(
-            FdbKey::new(REMOTE_VTEP),
-            FdbValue {
-                node_ip: [10, 9, 0, 3],
-                peer_slot: 3,
-            },
-            0,
-        )
-        .unwrap();
+        set_fdb(&ebpf, [10, 9, 0, 3]);
         let (rc, out) = run_tc(&mut ebpf, &frame);
         assert_eq!((rc, out.len()), (TC_ACT_REDIRECT, frame.len() + 50));
         assert_eq!(counter(&ebpf, Counter::TxRedirectNeigh), 1);

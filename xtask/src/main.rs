@@ -1,5 +1,8 @@
-//! Developer commands: `cargo xtask build-ebpf | build | test | demo`.
-mod demo;
+//! Developer commands: `cargo xtask build-ebpf | build | test | demo | bench`.
+//!
+//! The xtask itself builds from a fresh machine (anyhow, clap, libc): it
+//! installs what everything else needs before that is built or run.
+mod prereq;
 mod toolchain;
 
 use std::{
@@ -83,30 +86,43 @@ pub fn build_ebpf() -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn build_agent(release: bool) -> anyhow::Result<()> {
-    toolchain::ensure_protoc()?;
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .args(["build", "--locked", "-p", "flannel-agent"]);
-    if release {
-        cmd.arg("--release");
-    }
-    run(&mut cmd)
+/// The release agent: what the image ships, what the labs and the bench run.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    println!("xtask: building the release agent");
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "flannel-agent",
+    ]))?;
+    Ok(root().join("target/release/flannel-agent"))
+}
+
+/// The kernel object and the release agent, with every tool the labs use.
+fn build_for_labs(extra: &[&[prereq::Tool]]) -> anyhow::Result<PathBuf> {
+    let mut sets = vec![prereq::BUILD, prereq::LAB];
+    sets.extend_from_slice(extra);
+    prereq::ensure(&sets)?;
+    build_ebpf()?;
+    build_agent()
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::BuildEbpf => build_ebpf().map(|_| ()),
         Cmd::Build => {
+            prereq::ensure(&[prereq::BUILD])?;
             build_ebpf()?;
-            build_agent(true)
+            build_agent().map(|_| ())
         }
         Cmd::Test { args } => {
-            build_ebpf()?;
-            build_agent(false)?;
+            let agent = build_for_labs(&[])?;
             // Lab tests build namespaces: run them a couple at a time on 2 cores.
+            // They run the release agent just built (FLANNEL_AGENT), as users do.
             run(Command::new("cargo")
                 .current_dir(root())
+                .env("FLANNEL_AGENT", &agent)
                 .args(["test", "--locked", "--workspace", "--"])
                 .args(["--test-threads", "2"])
                 .args(&args))
@@ -115,9 +131,7 @@ fn main() -> anyhow::Result<()> {
             quick,
             segmenting_underlay,
         } => {
-            build_ebpf()?;
-            build_agent(true)?;
-            toolchain::ensure_apt("iperf3", "iperf3")?;
+            let agent = build_for_labs(&[prereq::BENCH])?;
             let root = root();
             let mut cmd = Command::new("cargo");
             cmd.current_dir(&root)
@@ -131,7 +145,8 @@ fn main() -> anyhow::Result<()> {
                     "--",
                     "--agent",
                 ])
-                .arg(root.join("target/release/flannel-agent"))
+                .arg(&agent)
+                .env("FLANNEL_AGENT", &agent)
                 .arg("--out")
                 .arg(root.join("results"));
             if quick {
@@ -143,9 +158,12 @@ fn main() -> anyhow::Result<()> {
             run(&mut cmd)
         }
         Cmd::Demo => {
-            build_ebpf()?;
-            build_agent(false)?;
-            demo::run()
+            let agent = build_for_labs(&[])?;
+            run(Command::new("cargo")
+                .current_dir(root())
+                .env("FLANNEL_AGENT", &agent)
+                .args(["run", "--locked", "-q", "-p", "flannel-tests"])
+                .args(["--bin", "flannel-demo"]))
         }
     }
 }

@@ -44,32 +44,6 @@ fn has_bpf_linker() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// A command from a Debian package, installed with apt-get when missing.
-pub fn ensure_apt(command: &str, package: &str) -> anyhow::Result<()> {
-    let found = Command::new("bash")
-        .args(["-c", &format!("command -v {command}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Ok(());
-    }
-    println!("xtask: {command} is missing: apt-get install {package}");
-    run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
-        .or_else(|_| {
-            run(Command::new("apt-get").args(["update", "-qq"]))?;
-            run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
-        })
-        .map_err(|e| anyhow::anyhow!("{e:#}: install {package} and retry"))
-}
-
-/// protoc, for the etcd client's generated gRPC code (user-side build).
-pub fn ensure_protoc() -> anyhow::Result<()> {
-    if std::env::var_os("PROTOC").is_some() {
-        return Ok(());
-    }
-    ensure_apt("protoc", "protobuf-compiler")
-}
-
 pub fn ensure() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     if !has_rust_src(&sysroot) {

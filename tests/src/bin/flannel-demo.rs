@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: seed 000's routed lab in network namespaces — three
 //! nodes on three underlay subnets behind a router, flannel-agent on each with
 //! the file lease source, pods pinging and a TCP transfer across, the maps
-//! dumped with bpftool — then everything torn down.
+//! dumped with bpftool — then everything torn down. Run by `cargo xtask demo`,
+//! which builds the release agent and the kernel object and installs the tools first.
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -15,7 +16,7 @@ fn step(s: &str) {
     println!("\n==> {s}");
 }
 
-pub fn run() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and loads BPF programs: run it as root");
     }

@@ -1,0 +1,237 @@
+//! Map element syscalls (lookup, update, delete, next key), done here rather
+//! than through aya 0.14's typed maps.
+//!
+//! Why: aya hands the kernel the address of its `MaybeUninit::zeroed()` out
+//! value only as an integer inside `bpf_attr` (`ptr as u64`). In release
+//! builds rustc 1.95's LLVM, after inlining, forwards the zero it stored to the
+//! load after the syscall, as if the kernel could not have written there: our
+//! `show arp` printed `00:00:00:00:00:00` for every VtepMAC (the optimised
+//! `Tables::arp_entries` inserted a constant zero MAC and never read the
+//! value), while the debug build and `bpftool` showed the right ones. Here
+//! every buffer the kernel reads or writes escapes as a pointer
+//! (`black_box`) before the syscall, and what the kernel wrote is read back
+//! with a volatile load, so no optimiser can assume the memory unchanged.
+use std::{
+    io,
+    marker::PhantomData,
+    mem::MaybeUninit,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    ptr,
+};
+
+use aya::{
+    Pod,
+    maps::{Map, MapData},
+};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The element commands' part of `union bpf_attr`; the kernel zero-fills
+/// the rest of the union when the size passed is smaller.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    /// `value`, or `next_key` for BPF_MAP_GET_NEXT_KEY.
+    value: u64,
+    flags: u64,
+}
+
+/// The address of a buffer for the kernel, its provenance exposed to the
+/// optimiser as well (a pointer passed to an opaque barrier escapes).
+fn addr<T>(p: *const T) -> u64 {
+    std::hint::black_box(p).expose_provenance() as u64
+}
+
+fn sys_bpf(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: u64,
+    value: u64,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key,
+        value,
+        flags,
+    };
+    let attr_ptr = std::hint::black_box(ptr::from_mut(&mut attr));
+    // SAFETY: attr points to a live ElemAttr of the size given; the kernel
+    // reads key/value buffers of the map's sizes, which callers guarantee.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr_ptr,
+            size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn not_found(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
+}
+
+/// The fd of a map as aya's loader hands it out (the kinds this project uses).
+pub fn fd_of(map: &Map) -> Option<BorrowedFd<'_>> {
+    match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d) => Some(d.fd().as_fd()),
+        _ => None,
+    }
+}
+
+/// Possible CPUs: per-CPU maps hold one value per possible CPU.
+pub fn possible_cpus() -> io::Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| e)
+}
+
+/// A map whose key and value types the caller vouches for (the pinned map's
+/// sizes are checked against them when it is opened).
+pub struct TypedMap<K, V> {
+    data: MapData,
+    _types: PhantomData<(K, V)>,
+}
+
+impl<K: Pod, V: Pod> TypedMap<K, V> {
+    pub fn new(data: MapData) -> Self {
+        TypedMap {
+            data,
+            _types: PhantomData,
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.data.fd().as_fd()
+    }
+
+    pub fn get(&self, key: &K) -> io::Result<Option<V>> {
+        lookup(self.fd(), key)
+    }
+
+    pub fn set(&self, key: &K, value: &V) -> io::Result<()> {
+        update(self.fd(), key, value)
+    }
+
+    /// Remove `key`; true if it was there.
+    pub fn remove(&self, key: &K) -> io::Result<bool> {
+        match sys_bpf(BPF_MAP_DELETE_ELEM, self.fd(), addr(key), 0, 0) {
+            Ok(()) => Ok(true),
+            Err(e) if not_found(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every key at the time of the walk.
+    pub fn keys(&self) -> io::Result<Vec<K>> {
+        let mut out: Vec<K> = Vec::new();
+        loop {
+            let mut next = MaybeUninit::<K>::zeroed();
+            let prev = out.last().map_or(0, |k| addr(k));
+            match sys_bpf(
+                BPF_MAP_GET_NEXT_KEY,
+                self.fd(),
+                prev,
+                addr(next.as_mut_ptr()),
+                0,
+            ) {
+                // SAFETY: the kernel wrote a whole key; K is Pod.
+                Ok(()) => out.push(unsafe { ptr::read_volatile(next.as_ptr()) }),
+                Err(e) if not_found(&e) => return Ok(out),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Every entry; a key deleted between the walk and its lookup is left out.
+    pub fn entries(&self) -> io::Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        for k in self.keys()? {
+            if let Some(v) = self.get(&k)? {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A per-CPU map's values for `key`, one per possible CPU.
+    pub fn get_per_cpu(&self, key: &K) -> io::Result<Option<Vec<V>>> {
+        lookup_per_cpu(self.fd(), key)
+    }
+
+    /// Set a per-CPU map's value for `key` to `value` on every CPU.
+    pub fn set_per_cpu(&self, key: &K, value: &V) -> io::Result<()> {
+        update_per_cpu(self.fd(), key, value)
+    }
+}
+
+/// One element of the map behind `fd`.
+pub fn lookup<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = MaybeUninit::<V>::zeroed();
+    match sys_bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        fd,
+        addr(key),
+        addr(value.as_mut_ptr()),
+        0,
+    ) {
+        // SAFETY: the kernel wrote a whole value; V is Pod.
+        Ok(()) => Ok(Some(unsafe { ptr::read_volatile(value.as_ptr()) })),
+        Err(e) if not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Insert or replace one element of the map behind `fd`.
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    sys_bpf(BPF_MAP_UPDATE_ELEM, fd, addr(key), addr(value), 0)
+}
+
+/// A per-CPU map's values for `key`, one per possible CPU.
+pub fn lookup_per_cpu<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<Vec<V>>> {
+    let cpus = possible_cpus()?;
+    let stride = size_of::<V>().next_multiple_of(8);
+    let mut buf = vec![0u8; stride * cpus];
+    match sys_bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        fd,
+        addr(key),
+        addr(buf.as_mut_ptr()),
+        0,
+    ) {
+        Ok(()) => {}
+        Err(e) if not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    Ok(Some(
+        (0..cpus)
+            // SAFETY: each stride holds one V as the kernel wrote it.
+            .map(|c| unsafe { ptr::read_volatile(buf.as_ptr().add(c * stride).cast::<V>()) })
+            .collect(),
+    ))
+}
+
+/// Set a per-CPU map's value for `key` to `value` on every possible CPU.
+pub fn update_per_cpu<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    let cpus = possible_cpus()?;
+    let stride = size_of::<V>().next_multiple_of(8);
+    let mut buf = vec![0u8; stride * cpus];
+    for c in 0..cpus {
+        // SAFETY: in bounds; unaligned write of a Pod value.
+        unsafe { ptr::write_unaligned(buf.as_mut_ptr().add(c * stride).cast::<V>(), *value) };
+    }
+    sys_bpf(BPF_MAP_UPDATE_ELEM, fd, addr(key), addr(buf.as_ptr()), 0)
+}
