@@ -153,6 +153,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         public_ip,
         backend,
     };
+    // Nothing on the node changes before the source has listed every lease:
+    // on a restart the pinned data path keeps carrying the traffic meanwhile.
+    let snap = source.first_snapshot().await?;
 
     let root = args.pins.pin_root.clone();
     let setup = set_up_node(
@@ -165,7 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         object_or_err,
     )
     .await?;
-    let (mtu, vtep) = (setup.mtu, setup.vtep);
+    let (mtu, vtep, _pin_lock) = (setup.mtu, setup.vtep, setup.pin_lock);
     let (mut tables, loaded) = setup.ebpf.unzip();
     sysctl::warn_if_not_forwarding();
 
@@ -191,7 +194,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         last: Snapshot::default(),
         skipped: BTreeSet::new(),
     };
-    let snap = source.snapshot().await?;
     state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB.
@@ -283,7 +285,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         let snap = match source.snapshot().await {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            // Re-listing after a lost watch: the tables stand until it completes.
+            Ok(None) => continue,
             Err(e) => {
                 log::warn!("reading leases: {e:#}");
                 continue;
@@ -309,6 +313,8 @@ struct NodeSetup {
     vtep: Option<u32>,
     /// The eBPF data path: its maps, and its programs loaded but not attached yet.
     ebpf: Option<(Tables, datapath::Loaded)>,
+    /// Held for the agent's lifetime: a second agent on this pin root refuses.
+    pin_lock: Option<datapath::PinLock>,
 }
 
 /// Set the node up for its backend: nothing but a check for host-gw; for
@@ -343,9 +349,15 @@ async fn set_up_node(
                 mtu: conf.backend.mtu.unwrap_or(underlay.link.mtu),
                 vtep: None,
                 ebpf: None,
+                pin_lock: None,
             }
         }
         LeaseBackend::Vxlan { vtep_mac } => {
+            // Before anything on the node changes: never two agents on one data path.
+            let pin_lock = match args.datapath {
+                DatapathKind::Ebpf => Some(datapath::lock_pin_root(root)?),
+                DatapathKind::Kernel => None,
+            };
             let mtu = conf
                 .backend
                 .mtu
@@ -399,6 +411,7 @@ async fn set_up_node(
                 mtu,
                 vtep: Some(vtep.index),
                 ebpf: tables,
+                pin_lock,
             }
         }
     })

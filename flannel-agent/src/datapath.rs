@@ -145,6 +145,39 @@ pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, Ma
     Ok(out)
 }
 
+/// This agent's hold on a pin root: one agent per data path. Released when
+/// the process exits, however it exits (an flock on the directory).
+pub struct PinLock(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+/// Take the pin root for this agent, creating it (and mounting bpffs) if
+/// needed; refuse when another agent holds it.
+pub fn lock_pin_root(root: &Path) -> anyhow::Result<PinLock> {
+    use std::os::fd::AsRawFd;
+    crate::bpffs::ensure_mounted(root)?;
+    fs::create_dir_all(root).with_context(|| {
+        format!(
+            "creating pin root {} (is bpffs mounted at /sys/fs/bpf?)",
+            root.display()
+        )
+    })?;
+    let dir =
+        fs::File::open(root).with_context(|| format!("opening pin root {}", root.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another flannel-agent is running with pin root {} on this node; \
+                 stop it first (or give this one another --pin-root)",
+                root.display()
+            );
+        }
+        return Err(e).with_context(|| format!("locking pin root {}", root.display()));
+    }
+    Ok(PinLock(dir.into()))
+}
+
 /// What was attached where, for the start-up report.
 pub struct Attached {
     pub encap: String,

@@ -86,19 +86,38 @@ impl Desired {
         skipped
     }
 
-    /// Peers from `leases`; a lease that cannot be used is skipped with a reason.
+    /// Peers from `leases`; a lease that cannot be used is skipped with a
+    /// reason. One rule for every source: the subnet inside the Network and
+    /// overlapping no other lease (nor ours), a public IP a node can have,
+    /// the backend ours, the VtepMAC not ours and not another node's.
     pub fn from_leases<'a>(
         leases: impl IntoIterator<Item = &'a Lease>,
         own: &Own,
     ) -> (Desired, Vec<(Subnet, String)>) {
         let mut d = Desired::default();
         let mut skipped = Vec::new();
-        for l in leases {
+        let leases: Vec<&Lease> = leases.into_iter().collect();
+        for l in &leases {
             if l.subnet == own.subnet {
                 continue;
             }
+            // Overlapping leases are both left out: which one is right
+            // cannot be told from here, and either would misroute the other.
+            let overlap = leases
+                .iter()
+                .map(|o| o.subnet)
+                .chain([own.subnet])
+                .find(|o| *o != l.subnet && o.overlaps(&l.subnet));
             let why = if !own.network.contains_subnet(&l.subnet) {
                 Some(format!("subnet is outside the Network {}", own.network))
+            } else if let Some(o) = overlap {
+                Some(if o == own.subnet {
+                    format!("subnet overlaps this node's subnet {o}")
+                } else {
+                    format!("subnet overlaps the lease {o}")
+                })
+            } else if let Some(why) = unusable_public_ip(l.public_ip) {
+                Some(format!("PublicIP {} is {why}", l.public_ip))
             } else if l.public_ip == own.public_ip {
                 Some(format!(
                     "PublicIP {} is this node's, but the subnet is not our lease",
@@ -139,6 +158,21 @@ impl Desired {
             }
         }
         (d, skipped)
+    }
+}
+
+/// Why no node can have `ip` as its public (underlay) address.
+fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else {
+        None
     }
 }
 
@@ -246,8 +280,8 @@ pub async fn apply(
         for (mac, ip) in &want.fdb {
             let slot = slots[ip];
             if fdb.get(mac) != Some(&(*ip, slot)) {
-                if !fdb.values().any(|(_, s)| *s == slot) {
-                    // A slot new to the FDB: it must not inherit an old node's counts.
+                if !fdb.values().any(|(i, s)| *s == slot && i == ip) {
+                    // A slot new to this node: it must not inherit another node's counts.
                     out.record(t.reset_peer(slot));
                 }
                 out.record(t.set_fdb(*mac, *ip, slot));
@@ -377,7 +411,10 @@ async fn apply_direct(
     Ok(())
 }
 
-/// A PEER_STATS slot per node IP: the one it has, else the lowest free.
+/// A PEER_STATS slot per node IP: the one it has, else the lowest free. A
+/// slot still named by an FDB entry that goes in this pass is not free yet
+/// (the departing node's packets may still count into it until its entry is
+/// deleted); it is reused, zeroed, in a later pass.
 fn assign_slots(want: &Desired, fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>) -> BTreeMap<Ipv4Addr, u32> {
     let mut slots: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     for (ip, slot) in fdb.values() {
@@ -385,7 +422,7 @@ fn assign_slots(want: &Desired, fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>) -> BTreeMa
             slots.entry(*ip).or_insert(*slot);
         }
     }
-    let mut used: BTreeSet<u32> = slots.values().copied().collect();
+    let mut used: BTreeSet<u32> = fdb.values().map(|(_, s)| *s).collect();
     let mut next = 0u32;
     for ip in want.fdb.values() {
         if slots.contains_key(ip) {
@@ -522,6 +559,53 @@ mod tests {
         let slots = assign_slots(&d, &fdb);
         assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 0);
         assert_eq!(slots[&"10.1.8.10".parse::<Ipv4Addr>().unwrap()], 1);
+    }
+
+    #[test]
+    fn a_departing_nodes_slot_is_not_reused_in_the_same_pass() {
+        // 10.1.8.10 leaves (slot 0 still in the FDB), 10.1.9.10 arrives.
+        let leases = [lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30")];
+        let (d, _) = Desired::from_leases(&leases, &own());
+        let fdb = BTreeMap::from([(
+            "02:42:8f:11:22:20".parse().unwrap(),
+            ("10.1.8.10".parse().unwrap(), 0),
+        )]);
+        let slots = assign_slots(&d, &fdb);
+        assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 1);
+        // Next pass: slot 0 is free again.
+        let slots = assign_slots(&d, &BTreeMap::new());
+        assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 0);
+    }
+
+    #[test]
+    fn overlapping_leases_and_unusable_public_ips_are_skipped() {
+        let leases = [
+            // A /25 inside our /24.
+            lease("10.244.1.128-25", "10.1.8.10", "02:42:8f:11:22:20"),
+            // Two leases overlapping each other: neither is applied.
+            lease("10.244.4.0-23", "10.1.8.11", "02:42:8f:11:22:21"),
+            lease("10.244.5.0-24", "10.1.8.12", "02:42:8f:11:22:22"),
+            lease("10.244.6.0-24", "0.0.0.0", "02:42:8f:11:22:23"),
+            lease("10.244.7.0-24", "255.255.255.255", "02:42:8f:11:22:24"),
+            lease("10.244.8.0-24", "224.0.0.5", "02:42:8f:11:22:25"),
+            lease("10.244.9.0-24", "10.1.8.19", "02:42:8f:11:22:26"),
+        ];
+        let (d, skipped) = Desired::from_leases(&leases, &own());
+        let why: BTreeMap<String, String> = skipped
+            .iter()
+            .map(|(s, w)| (s.to_string(), w.clone()))
+            .collect();
+        assert_eq!(d.routes.len(), 1, "{why:?}");
+        assert!(
+            d.routes
+                .contains_key(&Subnet::from_key("10.244.9.0-24").unwrap())
+        );
+        assert!(why["10.244.1.128/25"].contains("overlaps this node's subnet 10.244.1.0/24"));
+        assert!(why["10.244.4.0/23"].contains("overlaps the lease 10.244.5.0/24"));
+        assert!(why["10.244.5.0/24"].contains("overlaps the lease 10.244.4.0/23"));
+        assert!(why["10.244.6.0/24"].contains("unspecified"));
+        assert!(why["10.244.7.0/24"].contains("broadcast"));
+        assert!(why["10.244.8.0/24"].contains("multicast"));
     }
 
     #[test]

@@ -50,6 +50,11 @@ impl Subnet {
     }
 
     /// Flannel's VTEP address for a lease: the network address itself (`10.244.1.0`).
+    /// Whether the two share any address (one contains the other).
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        self.contains_subnet(other) || other.contains_subnet(self)
+    }
+
     pub fn vtep_addr(&self) -> Ipv4Addr {
         self.addr
     }

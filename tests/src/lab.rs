@@ -555,3 +555,20 @@ impl Drop for Lab {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+impl Lab {
+    /// Restart node `i`'s agent twice during a 10 ms ping (400 of them, 4 s)
+    /// from its pod to node `peer`'s pod: SIGKILL and an immediate new start,
+    /// then SIGTERM and a new start. Returns (sent, received).
+    pub fn restarts_under_ping(&mut self, i: usize, peer: usize) -> anyhow::Result<(u32, u32)> {
+        let dst = self.nodes[peer].pod_ip();
+        let bg = crate::traffic::BackgroundPing::start(&self.nodes[i].pod, dst, 400, 10)?;
+        std::thread::sleep(Duration::from_millis(500));
+        self.nodes[i].kill_agent();
+        self.spawn_agent(i)?;
+        std::thread::sleep(Duration::from_millis(1500));
+        self.nodes[i].stop_agent()?;
+        self.spawn_agent(i)?;
+        bg.finish()
+    }
+}

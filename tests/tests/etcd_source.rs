@@ -390,3 +390,47 @@ fn etcd_over_tls_with_client_certificates_and_a_password() {
     wait_reachable(&lab.nodes[0].pod, dst, Duration::from_secs(10)).unwrap();
     assert_eq!(ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(), (5, 5));
 }
+
+/// A restart (SIGKILL, then SIGTERM) on the etcd source loses no reply: the
+/// new agent waits for the watch's first list before it touches the tables.
+#[test]
+fn etcd_restarts_under_traffic_lose_nothing() {
+    if !ready("etcd_restart_traffic") {
+        return;
+    }
+    let mut lab = Lab::new("etcdrs", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let etcd = Etcd::start(&lab.nodes[0].ns, 2379).unwrap();
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+            None,
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock_device(1, 2).unwrap();
+    put_flanneld_lease(&etcd, &lab, 1);
+    lab.nodes[0].agent_args = etcd_args(&etcd, &[]);
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let fdb_before = lab.fdb(0);
+    let (sent, received) = lab.restarts_under_ping(0, 1).unwrap();
+    assert_eq!(
+        (sent, received),
+        (400, 400),
+        "replies lost across the restarts\n{}",
+        lab.logs()
+    );
+    assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
+    assert_eq!(lab.fdb(0), fdb_before);
+}

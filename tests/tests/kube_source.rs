@@ -249,3 +249,62 @@ fn kube_host_gw_nodes_announce_and_route_as_flanneld() {
         (5, 5)
     );
 }
+
+/// A restart (SIGKILL, then SIGTERM) on the kube source loses no reply: the
+/// new agent waits for the node list before it touches the tables.
+#[test]
+fn kube_restarts_under_traffic_lose_nothing() {
+    if !prereq::ready("kube_restart_traffic") {
+        return;
+    }
+    let mut lab = Lab::new("kubers", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let api = FakeApi::start(&lab.nodes[0].ns, 6443).unwrap();
+    api.put_node(node("n1", "10.244.1.0/24", &[]));
+    api.put_node(flannel_node(
+        "n2",
+        "10.244.2.0/24",
+        "02:42:8f:11:22:20",
+        "10.1.5.12",
+    ));
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let netconf = lab.dir.join("net-conf.json");
+    std::fs::write(
+        &netconf,
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+    )
+    .unwrap();
+    lab.nodes[0].agent_args = [
+        "--subnet-mgr",
+        "kube",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "n1",
+        "--net-config-path",
+        &netconf.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let fdb_before = lab.fdb(0);
+    let (sent, received) = lab.restarts_under_ping(0, 1).unwrap();
+    assert_eq!(
+        (sent, received),
+        (400, 400),
+        "replies lost across the restarts\n{}",
+        lab.logs()
+    );
+    assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
+    assert_eq!(lab.fdb(0), fdb_before);
+}

@@ -60,3 +60,62 @@ fn sigkill_during_a_10ms_ping_loses_nothing() {
     let log = lab.nodes[0].log_text();
     assert!(log.contains("reusing lease"), "{log}");
 }
+
+/// A second agent on a node whose pin root is held refuses, naming why, and
+/// leaves the running one's data path alone.
+#[test]
+fn a_second_agent_on_the_same_pin_root_refuses() {
+    if !prereq::ready("second_agent") {
+        return;
+    }
+    let mut lab = Lab::new("twice", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    let dst = lab.nodes[1].pod_ip();
+    wait_reachable(&lab.nodes[0].pod, dst, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let fdb_before = lab.fdb(0);
+    let pin_root = lab.nodes[0].pin_root.clone();
+    let pinned_links = || {
+        ["link_encap", "link_decap_tc"].map(|l| {
+            let p = pin_root.join(l);
+            flannel_tests::sh(&format!("bpftool link show pinned {}", p.display())).unwrap()
+        })
+    };
+    let links_before = pinned_links();
+
+    let n = &lab.nodes[0];
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", n.ns.name))
+        .arg(flannel_tests::agent_path())
+        .args(["run", "--subnet-mgr", "file", "--subnet-dir"])
+        .arg(lab.lease_dir())
+        .args(["--iface", "eth0", "--pin-root"])
+        .arg(&n.pin_root)
+        .arg("--bpf-object")
+        .arg(flannel_tests::object_path())
+        .arg("--subnet-file")
+        .arg(lab.dir.join("second.env"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent ran: {err}");
+    assert!(
+        err.contains("another flannel-agent is running with pin root"),
+        "{err}"
+    );
+    assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
+    assert_eq!(lab.fdb(0), fdb_before);
+    assert_eq!(
+        pinned_links(),
+        links_before,
+        "the second agent changed the links"
+    );
+    assert_eq!(
+        flannel_tests::traffic::ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(),
+        (5, 5)
+    );
+}

@@ -43,6 +43,8 @@ struct WatchState {
     /// Keys present under subnets/, parseable or not (taken for allocation).
     keys: BTreeSet<String>,
     revision: i64,
+    /// The first list has completed: until then the snapshot says nothing.
+    listed: bool,
     dirty: bool,
     reported: BTreeMap<String, String>,
 }
@@ -316,16 +318,20 @@ impl EtcdSource {
         Ok(self.state.lock().map(|s| s.dirty).unwrap_or(true))
     }
 
-    pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+    /// The leases; None until the watch task's first list has completed.
+    pub async fn snapshot(&mut self) -> anyhow::Result<Option<Snapshot>> {
         self.start_watch();
         let mut s = self
             .state
             .lock()
             .map_err(|_| anyhow::anyhow!("etcd watch state poisoned"))?;
+        if !s.listed {
+            return Ok(None);
+        }
         s.dirty = false;
-        Ok(Snapshot {
+        Ok(Some(Snapshot {
             leases: s.leases.clone(),
-        })
+        }))
     }
 
     /// Renew our lease before it expires; if someone deleted our key, say so
@@ -496,6 +502,7 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
                             s.apply(&name, Some(kv.value()));
                         }
                         s.revision = rev;
+                        s.listed = true;
                         s.dirty = true;
                     }
                     need_list = false;

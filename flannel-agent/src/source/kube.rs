@@ -47,6 +47,8 @@ struct WatchState {
     by_node: BTreeMap<String, Lease>,
     /// Nodes seen during a (re-)list, replacing `by_node` when it completes.
     relist: Option<BTreeMap<String, Lease>>,
+    /// The first list has completed: until then the snapshot says nothing.
+    listed: bool,
     dirty: bool,
     reported: BTreeMap<String, String>,
 }
@@ -325,16 +327,20 @@ impl KubeSource {
         Ok(self.state.lock().map(|s| s.dirty).unwrap_or(true))
     }
 
-    pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+    /// The nodes' leases; None until the first list has completed.
+    pub async fn snapshot(&mut self) -> anyhow::Result<Option<Snapshot>> {
         self.start_watch();
         let mut s = self
             .state
             .lock()
             .map_err(|_| anyhow::anyhow!("kube watch state poisoned"))?;
+        if !s.listed {
+            return Ok(None);
+        }
         s.dirty = false;
-        Ok(Snapshot {
+        Ok(Some(Snapshot {
             leases: s.by_node.values().map(|l| (l.subnet, *l)).collect(),
-        })
+        }))
     }
 }
 
@@ -371,19 +377,17 @@ impl WatchState {
             Event::InitDone => {
                 // A (re-)list is complete: nodes that vanished meanwhile go.
                 self.by_node = self.relist.take().unwrap_or_default();
+                self.listed = true;
                 self.dirty = true;
             }
             Event::Apply(node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                match self.lease(&node) {
-                    Some((name, l)) => {
-                        self.by_node.insert(name, l);
-                    }
-                    None => {
-                        self.by_node.remove(&name);
-                    }
-                }
-                self.dirty = true;
+                // Status heartbeats change no lease: no pass for them.
+                let changed = match self.lease(&node) {
+                    Some((name, l)) => self.by_node.insert(name, l) != Some(l),
+                    None => self.by_node.remove(&name).is_some(),
+                };
+                self.dirty |= changed;
             }
             Event::Delete(node) => {
                 if let Some(name) = node.metadata.name.as_ref() {

@@ -82,11 +82,34 @@ impl LeaseSource {
         }
     }
 
-    pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+    /// Every lease, or None while the source has not completed its first
+    /// list (a watch still starting): then nothing may be reconciled from it,
+    /// or an empty view would remove every peer.
+    pub async fn snapshot(&mut self) -> anyhow::Result<Option<Snapshot>> {
         match self {
-            LeaseSource::File(f) => f.read(),
+            LeaseSource::File(f) => f.read().map(Some),
             LeaseSource::Etcd(e) => e.snapshot().await,
             LeaseSource::Kube(k) => k.snapshot().await,
+        }
+    }
+
+    /// Wait for the first complete list of leases. The node's tables (and a
+    /// pinned data path from an earlier run) stand as they are meanwhile.
+    pub async fn first_snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let started = std::time::Instant::now();
+        let mut said = started;
+        loop {
+            if let Some(s) = self.snapshot().await? {
+                return Ok(s);
+            }
+            if said.elapsed() >= std::time::Duration::from_secs(5) {
+                log::warn!(
+                    "still waiting for the first list of leases ({:.0}s); the node's tables stand as they are",
+                    started.elapsed().as_secs_f64()
+                );
+                said = std::time::Instant::now();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
