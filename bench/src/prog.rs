@@ -93,15 +93,15 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
         };
         let fd = |name: &str| {
             ebpf.map(name)
-                .and_then(flannel_agent::bpf_map::fd_of)
+                .and_then(flannel_agent::bpf_sys::fd_of)
                 .with_context(|| format!("the object's {name} map"))
         };
-        flannel_agent::bpf_map::update(fd("CONFIG")?, &0u32, &cfg)?;
+        flannel_agent::bpf_sys::update(fd("CONFIG")?, &0u32, &cfg)?;
         let fdb = FdbValue {
             node_ip: REMOTE_IP.octets(),
             peer_slot: 0,
         };
-        flannel_agent::bpf_map::update(fd("FDB")?, &FdbKey::new(REMOTE_VTEP), &fdb)?;
+        flannel_agent::bpf_sys::update(fd("FDB")?, &FdbKey::new(REMOTE_VTEP), &fdb)?;
         let segment = tcp_segment(1400);
         let encap_in = eth(REMOTE_VTEP, LOCAL_VTEP, 0x0800, &segment);
         let decap_in = vxlan_frame(&segment);

@@ -256,6 +256,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics::serve(port, metrics.clone(), root.clone()).await?;
     }
 
+    let node = crate::watchdog::NodeState {
+        vtep: vtep.map(|i| (vtep_name.clone(), i)),
+        underlay_index: underlay.link.index,
+        underlay_name: underlay.link.name.clone(),
+        underlay_mtu: underlay.link.mtu,
+        public_ip,
+        public_ip_local: crate::watchdog::check_public_ip(
+            &nl,
+            underlay.link.index,
+            &underlay.link.name,
+            public_ip,
+            vtep.is_some(),
+        )
+        .await?,
+        pins: tables.as_ref().map(|_| root.clone()),
+    };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let poll = Duration::from_millis(args.poll_interval_ms.max(10));
@@ -267,6 +283,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tokio::time::sleep(poll) => {}
+        }
+        match node.drift(&nl).await {
+            Ok(Some(why)) => return Err(crate::watchdog::restart_self(&why)),
+            Ok(None) => {}
+            Err(e) => log::warn!("checking the node's devices: {e:#}"),
         }
         let due = Instant::now() >= next_resync;
         if let Err(e) = source.maintain(&own_lease, conf.backend.vni).await {

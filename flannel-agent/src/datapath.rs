@@ -254,8 +254,8 @@ pub fn load(
         let map = ebpf
             .map_mut(MAP_CONFIG)
             .context("object has no CONFIG map")?;
-        let fd = crate::bpf_map::fd_of(map).context("CONFIG is not an array map")?;
-        crate::bpf_map::update(fd, &0u32, &config).context("writing the node config map")?;
+        let fd = crate::bpf_sys::fd_of(map).context("CONFIG is not an array map")?;
+        crate::bpf_sys::update(fd, &0u32, &config).context("writing the node config map")?;
     }
     Ok(Loaded {
         ebpf,
@@ -364,26 +364,32 @@ fn attach_tc(
         .try_into()?;
     prog.load()
         .with_context(|| format!("verifying the {name} (TC) program"))?;
-    ensure_link(pin, prog.info()?.tag(), force, |existing| match existing {
-        // The pin keeps naming the same link; only its program changes.
-        Some(link) => {
-            prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-            Ok(())
-        }
-        None => {
-            if !has_tcx() {
-                // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
-                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+    ensure_link(
+        pin,
+        ifname,
+        prog.info()?.tag(),
+        force,
+        |existing| match existing {
+            // The pin keeps naming the same link; only its program changes.
+            Some(link) => {
+                prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                Ok(())
             }
-            let id = prog
-                .attach(ifname, at)
-                .with_context(|| format!("attaching the {name} program to {ifname} ({at:?})"))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            link.pin(pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-            Ok(())
-        }
-    })
+            None => {
+                if !has_tcx() {
+                    // Before TCX (6.6) the program hangs off a clsact qdisc; an existing one is fine.
+                    let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+                }
+                let id = prog.attach(ifname, at).with_context(|| {
+                    format!("attaching the {name} program to {ifname} ({at:?})")
+                })?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                link.pin(pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+                Ok(())
+            }
+        },
+    )
 }
 
 /// Load the XDP decap program and make the link pinned at `pin` run it on `ifname`.
@@ -398,31 +404,51 @@ fn attach_xdp(
         .context("object has no decap program")?
         .try_into()?;
     prog.load().context("verifying the decap (XDP) program")?;
-    ensure_link(pin, prog.info()?.tag(), force, |existing| match existing {
-        Some(link) => {
-            prog.attach_to_link(XdpLink::try_from(link)?)?;
-            Ok(())
-        }
-        None => {
-            let id = prog
-                .attach(ifname, XdpMode::Default)
-                .with_context(|| format!("attaching the decap program (XDP) to {ifname}"))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            link.pin(pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-            Ok(())
-        }
-    })
+    ensure_link(
+        pin,
+        ifname,
+        prog.info()?.tag(),
+        force,
+        |existing| match existing {
+            Some(link) => {
+                prog.attach_to_link(XdpLink::try_from(link)?)?;
+                Ok(())
+            }
+            None => {
+                let id = prog
+                    .attach(ifname, XdpMode::Default)
+                    .with_context(|| format!("attaching the decap program (XDP) to {ifname}"))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                link.pin(pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+                Ok(())
+            }
+        },
+    )
+}
+
+/// An interface's index in this network namespace.
+fn ifindex(ifname: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(ifname).with_context(|| format!("interface name {ifname:?}"))?;
+    // SAFETY: a NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
+    }
+    Ok(i)
 }
 
 fn has_tcx() -> bool {
     aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
-/// Keep a pinned link whose program has `tag`; otherwise call `attach` with
-/// the existing link (to swap its program) or None (to attach anew).
+/// Keep a pinned link on `ifname` whose program has `tag`; otherwise call
+/// `attach` with the existing link (to swap its program) or None (to attach
+/// anew). A pinned link on another or a vanished interface (flannel.1
+/// deleted or re-created since) is dropped and attached anew.
 fn ensure_link(
     path: &Path,
+    ifname: &str,
     tag: u64,
     force: bool,
     attach: impl FnOnce(Option<FdLink>) -> anyhow::Result<()>,
@@ -431,6 +457,20 @@ fn ensure_link(
         let pinned = PinnedLink::from_pin(path)
             .with_context(|| format!("opening pinned link {}", path.display()))?;
         let link: FdLink = pinned.into();
+        let want = ifindex(ifname)?;
+        let on = crate::bpf_sys::pinned_link_ifindex(path)
+            .with_context(|| format!("reading where {} is attached", path.display()))?;
+        if on != want {
+            log::warn!(
+                "pinned link {} is attached to interface index {on} ({}), not to {ifname} (index {want}): attaching anew",
+                path.display(),
+                if on == 0 { "gone" } else { "another interface" }
+            );
+            drop(link);
+            fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+            attach(None)?;
+            return Ok("attached anew (the pinned link's interface had changed)");
+        }
         let prog_id = link.info().context("reading link info")?.program_id();
         let current = loaded_programs()
             .filter_map(Result::ok)

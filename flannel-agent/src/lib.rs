@@ -1,6 +1,6 @@
 //! flannel-agent: the control plane of flannel-ebpf.
 pub mod agent;
-pub mod bpf_map;
+pub mod bpf_sys;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;
@@ -20,3 +20,4 @@ pub mod subnet_env;
 pub mod sysctl;
 pub mod tables;
 pub mod underlay;
+pub mod watchdog;

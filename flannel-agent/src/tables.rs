@@ -9,7 +9,7 @@ use flannel_ebpf_common::{
     MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, NodeConfig, PeerStats, RouteValue,
 };
 
-use crate::{bpf_map::TypedMap, datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
+use crate::{bpf_sys::TypedMap, datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
 
 /// Key of the ROUTE LPM trie, as the kernel lays it out: prefix length, then address.
 #[repr(C)]

@@ -6,7 +6,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use flannel_agent::bpf_map::{fd_of, lookup_per_cpu, update};
+use flannel_agent::bpf_sys::{fd_of, lookup_per_cpu, update};
 use flannel_ebpf_common::{
     Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
     PeerStats,

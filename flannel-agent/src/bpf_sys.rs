@@ -1,5 +1,5 @@
-//! Map element syscalls (lookup, update, delete, next key), done here rather
-//! than through aya 0.14's typed maps.
+//! bpf(2) calls done here rather than through aya 0.14: map elements
+//! (lookup, update, delete, next key) and a link's interface.
 //!
 //! Why: aya hands the kernel the address of its `MaybeUninit::zeroed()` out
 //! value only as an integer inside `bpf_attr` (`ptr as u64`). In release
@@ -28,6 +28,8 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// The element commands' part of `union bpf_attr`; the kernel zero-fills
 /// the rest of the union when the size passed is smaller.
@@ -234,4 +236,73 @@ pub fn update_per_cpu<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) ->
         unsafe { ptr::write_unaligned(buf.as_mut_ptr().add(c * stride).cast::<V>(), *value) };
     }
     sys_bpf(BPF_MAP_UPDATE_ELEM, fd, addr(key), addr(buf.as_ptr()), 0)
+}
+
+/// The interface the TCX or XDP link pinned at `path` is attached to; 0 once
+/// that interface is gone (the link is then defunct). aya 0.14 exposes
+/// neither a pinned link's fd nor this field.
+pub fn pinned_link_ifindex(path: &std::path::Path) -> io::Result<u32> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    #[repr(C)]
+    struct GetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = GetAttr {
+        pathname: addr(c.as_ptr()),
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let attr_ptr = std::hint::black_box(ptr::from_mut(&mut attr));
+    // SAFETY: attr points to a live GetAttr naming a NUL-terminated path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr_ptr,
+            size_of::<GetAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    link_ifindex(fd.as_fd())
+}
+
+fn link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
+    // whose xdp and tcx members both start with the ifindex.
+    let mut info = [0u64; 32];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: addr(info.as_mut_ptr()),
+    };
+    let attr_ptr = std::hint::black_box(ptr::from_mut(&mut attr));
+    // SAFETY: attr points to a live InfoAttr; info is info_len bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr_ptr,
+            size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: in bounds of info; the kernel wrote it.
+    let word = unsafe { ptr::read_volatile(info.as_ptr().add(2)) };
+    Ok(word as u32)
 }

@@ -1,0 +1,115 @@
+//! What start-up set on a node, changed under a running agent or between two
+//! runs: the agent notices, builds it again, and traffic flows again.
+use std::time::Duration;
+
+use flannel_tests::{
+    lab::{Kind, Lab, Topology},
+    prereq,
+    traffic::{ping, wait_reachable},
+    wait_for,
+};
+
+fn two_nodes(prefix: &str) -> Lab {
+    let mut lab = Lab::new(prefix, Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.wait_fdb_entries(1, 1).unwrap();
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    lab
+}
+
+/// Wait for node 0's log to say `what`, then for the pods to reach each other.
+fn recovers(lab: &mut Lab, what: &str) {
+    wait_for(what, Duration::from_secs(15), || {
+        lab.nodes[0].log_text().contains(what).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // Our programs carry it again (encap on the live flannel.1).
+    let before = lab.counter(0, "tx_encap");
+    assert_eq!(
+        ping(&lab.nodes[0].pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+    assert!(lab.counter(0, "tx_encap") >= before + 5, "{}", lab.logs());
+    assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
+    assert_eq!(lab.map_len(0, "fdb"), 1, "{}", lab.logs());
+}
+
+#[test]
+fn flannel1_deleted_while_running_is_rebuilt() {
+    if !prereq::ready("vtep_deleted") {
+        return;
+    }
+    let mut lab = two_nodes("vdel");
+    lab.nodes[0].ns.sh("ip link del flannel.1").unwrap();
+    recovers(&mut lab, "flannel.1 was deleted: running start-up again");
+}
+
+#[test]
+fn pinned_link_removed_while_running_is_rebuilt() {
+    if !prereq::ready("pin_removed") {
+        return;
+    }
+    let mut lab = two_nodes("pinrm");
+    let link = lab.nodes[0].pin_root.join("link_encap");
+    std::fs::remove_file(&link).unwrap();
+    recovers(&mut lab, "link_encap is gone");
+    assert!(link.exists());
+}
+
+#[test]
+fn underlay_mtu_change_is_applied() {
+    if !prereq::ready("mtu_change") {
+        return;
+    }
+    let mut lab = two_nodes("mtu");
+    lab.nodes[0].ns.sh("ip link set eth0 mtu 1400").unwrap();
+    recovers(&mut lab, "MTU changed (1500 → 1400)");
+    let mtu = lab.nodes[0]
+        .ns
+        .sh("cat /sys/class/net/flannel.1/mtu")
+        .unwrap();
+    assert_eq!(mtu.trim(), "1350");
+    wait_for("subnet.env with the new MTU", Duration::from_secs(5), || {
+        std::fs::read_to_string(&lab.nodes[0].subnet_file)
+            .ok()
+            .filter(|s| s.contains("FLANNEL_MTU=1350"))
+    })
+    .unwrap();
+}
+
+/// flannel.1 re-created by hand between two runs: the pinned encap link is
+/// defunct (its device is gone); the new agent attaches to the live device
+/// instead of adopting it.
+#[test]
+fn restart_after_flannel1_was_recreated_attaches_to_the_live_device() {
+    if !prereq::ready("vtep_recreated") {
+        return;
+    }
+    let mut lab = two_nodes("vrec");
+    lab.nodes[0].kill_agent();
+    let n = &lab.nodes[0].ns;
+    let mac = n.sh("cat /sys/class/net/flannel.1/address").unwrap();
+    n.sh("ip link del flannel.1").unwrap();
+    n.sh("ip link add flannel.1 type vxlan id 1 local 10.1.5.11 dev eth0 dstport 8472 nolearning")
+        .unwrap();
+    n.sh(&format!(
+        "ip link set flannel.1 address {} mtu 1450 up",
+        mac.trim()
+    ))
+    .unwrap();
+    lab.spawn_agent(0).unwrap();
+    recovers(&mut lab, "attaching anew");
+}
