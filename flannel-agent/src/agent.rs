@@ -86,21 +86,18 @@ async fn open_source(args: &RunArgs) -> anyhow::Result<LeaseSource> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The control loop passes every poll interval; a minute without a pass,
+    // or three resync intervals if longer, means it is stuck.
+    let stale = Duration::from_secs((3 * args.resync_interval).max(60));
+    let health = Arc::new(crate::health::Health::new(stale));
     if let Some(port) = args.healthz_port {
-        let r = ready.clone();
+        let h = health.clone();
         let handler: crate::http::Handler = Arc::new(move |path| match path {
-            "/healthz" => ("200 OK", "ok\n".into()),
-            "/readyz" if r.load(std::sync::atomic::Ordering::Relaxed) => {
-                ("200 OK", "ready\n".into())
-            }
-            "/readyz" => (
-                "503 Service Unavailable",
-                "tables or subnet.env not in place yet\n".into(),
-            ),
+            "/healthz" => h.healthz(),
+            "/readyz" => h.readyz(),
             _ => ("404 Not Found", "try /healthz or /readyz\n".into()),
         });
-        crate::http::serve(port, "--healthz-port", handler).await?;
+        crate::http::serve(args.healthz_ip, port, "--healthz-port", handler).await?;
     }
     let mut source = open_source(&args).await?;
     let conf = source.config().await?;
@@ -223,7 +220,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
     )?;
     source.ready().await?;
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    health.set_ready();
     match backend {
         LeaseBackend::Vxlan { vtep_mac } => log::info!(
             "node {public_ip}: lease {subnet}, VTEP {vtep_name} {}/32 {vtep_mac} MTU {mtu}, VNI {} port {}",
@@ -253,7 +250,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(port) = args.metrics_port {
-        metrics::serve(port, metrics.clone(), root.clone()).await?;
+        metrics::serve(args.metrics_ip, port, metrics.clone(), root.clone()).await?;
     }
 
     let node = crate::watchdog::NodeState {
@@ -284,6 +281,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = tokio::time::sleep(poll) => {}
         }
+        health.beat();
+        let source_down = source.degraded();
+        if let Ok(m) = metrics.lock() {
+            m.lease_source_up.set(i64::from(source_down.is_none()));
+        }
+        health.set_source(source_down);
         match node.drift(&nl).await {
             Ok(Some(why)) => return Err(crate::watchdog::restart_self(&why)),
             Ok(None) => {}
@@ -314,8 +317,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if let Err(e) = state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await {
-            log::warn!("reconcile failed, retrying at the next resync: {e:#}");
+        match state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await {
+            Ok(()) => health.set_tables(None),
+            Err(e) => {
+                log::warn!("reconcile failed, retrying at the next resync: {e:#}");
+                health.set_tables(Some(format!("{e:#}")));
+            }
         }
         next_resync = Instant::now() + resync;
     }

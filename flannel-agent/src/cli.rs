@@ -114,6 +114,9 @@ pub struct RunArgs {
     /// Serve /healthz and /readyz on this port; off when not given.
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT")]
     pub healthz_port: Option<u16>,
+    /// The address /healthz and /readyz listen on (the kubelet probes the node's IP).
+    #[arg(long, default_value = "0.0.0.0", env = "FLANNELD_HEALTHZ_IP")]
+    pub healthz_ip: std::net::IpAddr,
     /// Where leases come from.
     #[arg(long, value_enum, default_value = "file", env = "FLANNELD_SUBNET_MGR")]
     pub subnet_mgr: SubnetMgr,
@@ -219,6 +222,11 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this port (`/metrics`); off when not given.
     #[arg(long, env = "FLANNELD_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+    /// The address /metrics listens on. Loopback by default: the peer table
+    /// names every node's VtepMAC, half of what the decap check trusts; give
+    /// the node's IP (or 0.0.0.0) for a Prometheus outside the node.
+    #[arg(long, default_value = "127.0.0.1", env = "FLANNELD_METRICS_IP")]
+    pub metrics_ip: std::net::IpAddr,
     /// Full resync of maps and kernel tables (repairs drift), in seconds.
     #[arg(long, default_value_t = 10, env = "FLANNELD_RESYNC_INTERVAL")]
     pub resync_interval: u64,

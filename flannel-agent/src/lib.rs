@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod cli;
 pub mod datapath;
 pub mod handback;
+pub mod health;
 pub mod http;
 pub mod lease;
 pub mod mac;

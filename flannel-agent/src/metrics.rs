@@ -18,6 +18,8 @@ type Labels = Vec<(String, String)>;
 /// What the control loop records; the datapath's counters are read at scrape time.
 pub struct AgentMetrics {
     registry: Registry,
+    /// 1 while the lease source is reachable and listed, 0 while degraded.
+    pub lease_source_up: Gauge,
     pub reconcile_seconds: Histogram,
     pub reconcile_errors: Counter,
     pub leases: Family<Labels, Gauge>,
@@ -32,6 +34,7 @@ impl Default for AgentMetrics {
         let reconcile_errors = Counter::default();
         let leases = Family::<Labels, Gauge>::default();
         let lease_changes = Family::<Labels, Counter>::default();
+        let lease_source_up = Gauge::default();
         let build = Family::<Labels, Gauge>::default();
         build
             .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
@@ -56,9 +59,15 @@ impl Default for AgentMetrics {
             "Lease changes applied, by kind (added, changed, removed)",
             lease_changes.clone(),
         );
+        registry.register(
+            "lease_source_up",
+            "Whether the lease source is reachable (1) or degraded (0; tables kept as they are)",
+            lease_source_up.clone(),
+        );
         registry.register("build_info", "Build information", build);
         AgentMetrics {
             registry,
+            lease_source_up,
             reconcile_seconds,
             reconcile_errors,
             leases,
@@ -68,9 +77,16 @@ impl Default for AgentMetrics {
 }
 
 /// The exposition text: agent metrics plus the pinned datapath counters.
-pub fn render(agent: &AgentMetrics, pin_root: &std::path::Path) -> anyhow::Result<String> {
+/// The agent's lock is held only to encode its own metrics, never while the
+/// maps are read: a scrape cannot stall the control loop.
+pub fn render(agent: &Mutex<AgentMetrics>, pin_root: &std::path::Path) -> anyhow::Result<String> {
     let mut out = String::new();
-    encode(&mut out, &agent.registry)?;
+    {
+        let m = agent
+            .lock()
+            .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))?;
+        encode(&mut out, &m.registry)?;
+    }
     // encode() ends with "# EOF"; the datapath part follows, so drop it here.
     if let Some(i) = out.rfind("# EOF") {
         out.truncate(i);
@@ -140,8 +156,9 @@ pub fn render(agent: &AgentMetrics, pin_root: &std::path::Path) -> anyhow::Resul
     Ok(out)
 }
 
-/// Serve `/metrics` on `port` until the process exits.
+/// Serve `/metrics` on `addr:port` until the process exits.
 pub async fn serve(
+    addr: std::net::IpAddr,
     port: u16,
     agent: Arc<Mutex<AgentMetrics>>,
     pin_root: PathBuf,
@@ -150,16 +167,12 @@ pub async fn serve(
         if path != "/metrics" {
             return ("404 Not Found", "try /metrics\n".into());
         }
-        let text = match agent.lock() {
-            Ok(m) => render(&m, &pin_root),
-            Err(_) => Err(anyhow::anyhow!("metrics lock poisoned")),
-        };
-        match text {
+        match render(&agent, &pin_root) {
             Ok(t) => ("200 OK", t),
             Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
         }
     });
-    crate::http::serve(port, "--metrics-port", handler).await?;
-    log::info!("metrics on http://0.0.0.0:{port}/metrics");
+    crate::http::serve(addr, port, "--metrics-port", handler).await?;
+    log::info!("metrics on http://{addr}:{port}/metrics");
     Ok(())
 }

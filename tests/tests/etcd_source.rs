@@ -434,3 +434,99 @@ fn etcd_restarts_under_traffic_lose_nothing() {
     assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
     assert_eq!(lab.fdb(0), fdb_before);
 }
+
+/// etcd down for 30 s while traffic runs: the data path is untouched, no
+/// entry is removed, the agent says it is degraded (log, /readyz, metric),
+/// and converges when etcd is back, including a lease written before its
+/// watch has resumed.
+#[test]
+fn etcd_outage_keeps_the_data_path_and_converges() {
+    if !ready("etcd_outage") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "etcdout",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    let mut etcd = Etcd::start(&lab.nodes[0].ns, 2379).unwrap();
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+            None,
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_stock_device(2, 3).unwrap();
+    put_flanneld_lease(&etcd, &lab, 1);
+    lab.nodes[0].agent_args = etcd_args(
+        &etcd,
+        &["--healthz-port", "10244", "--metrics-port", "9464"],
+    );
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let http =
+        |lab: &Lab, port: u16, path: &str| lab.nodes[0].ns.http_get(port, path).unwrap_or_default();
+    assert!(http(&lab, 10244, "/readyz").starts_with("HTTP/1.1 200"));
+    let fdb_before = lab.fdb(0);
+    let routes_before = lab.nodes[0].show("routes").unwrap();
+
+    // 700 pings, one every 50 ms: 35 s across the outage.
+    let bg = flannel_tests::traffic::BackgroundPing::start(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        700,
+        50,
+    )
+    .unwrap();
+    etcd.stop();
+    wait_for("/readyz to say degraded", Duration::from_secs(10), || {
+        let r = http(&lab, 10244, "/readyz");
+        (r.starts_with("HTTP/1.1 503") && r.contains("lease source degraded")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(
+        http(&lab, 9464, "/metrics").contains("flannel_ebpf_lease_source_up 0"),
+        "{}",
+        http(&lab, 9464, "/metrics")
+    );
+    assert!(lab.nodes[0].log_text().contains("lease source degraded"));
+    assert!(http(&lab, 10244, "/healthz").starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_secs(30));
+    assert_eq!(lab.fdb(0), fdb_before, "an entry went while etcd was down");
+    assert_eq!(lab.nodes[0].show("routes").unwrap(), routes_before);
+    assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
+
+    etcd.restart().unwrap();
+    put_flanneld_lease(&etcd, &lab, 2);
+    lab.wait_fdb_entries(0, 2)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for("/readyz to recover", Duration::from_secs(15), || {
+        http(&lab, 10244, "/readyz")
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(http(&lab, 9464, "/metrics").contains("flannel_ebpf_lease_source_up 1"));
+    let (sent, received) = bg.finish().unwrap();
+    assert_eq!((sent, received), (700, 700), "{}", lab.logs());
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[2].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+}

@@ -82,11 +82,15 @@ fn underlay_mtu_change_is_applied() {
         .sh("cat /sys/class/net/flannel.1/mtu")
         .unwrap();
     assert_eq!(mtu.trim(), "1350");
-    wait_for("subnet.env with the new MTU", Duration::from_secs(5), || {
-        std::fs::read_to_string(&lab.nodes[0].subnet_file)
-            .ok()
-            .filter(|s| s.contains("FLANNEL_MTU=1350"))
-    })
+    wait_for(
+        "subnet.env with the new MTU",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&lab.nodes[0].subnet_file)
+                .ok()
+                .filter(|s| s.contains("FLANNEL_MTU=1350"))
+        },
+    )
     .unwrap();
 }
 

@@ -45,6 +45,8 @@ struct WatchState {
     revision: i64,
     /// The first list has completed: until then the snapshot says nothing.
     listed: bool,
+    /// The watch's last error, until it works again.
+    error: Option<String>,
     dirty: bool,
     reported: BTreeMap<String, String>,
 }
@@ -318,6 +320,10 @@ impl EtcdSource {
         Ok(self.state.lock().map(|s| s.dirty).unwrap_or(true))
     }
 
+    pub fn degraded(&self) -> Option<String> {
+        self.state.lock().ok().and_then(|s| s.error.clone())
+    }
+
     /// The leases; None until the watch task's first list has completed.
     pub async fn snapshot(&mut self) -> anyhow::Result<Option<Snapshot>> {
         self.start_watch();
@@ -479,6 +485,12 @@ impl WatchState {
     }
 }
 
+fn set_error(state: &Mutex<WatchState>, why: String) {
+    if let Ok(mut s) = state.lock() {
+        s.error = Some(why);
+    }
+}
+
 /// List, then watch from the next revision. A lost connection resumes the
 /// watch from the last revision seen; a compacted revision (or anything else
 /// the watch cannot resume from) re-lists, so leases that vanished meanwhile go.
@@ -503,6 +515,7 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
                         }
                         s.revision = rev;
                         s.listed = true;
+                        s.error = None;
                         s.dirty = true;
                     }
                     need_list = false;
@@ -510,6 +523,7 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
                 }
                 Err(e) => {
                     log::warn!("etcd: listing {prefix} failed, retrying in {backoff:?}: {e}");
+                    set_error(&state, format!("etcd: listing {prefix}: {e}"));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -519,9 +533,15 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
         let from = state.lock().map_or(0, |s| s.revision) + 1;
         let opts = WatchOptions::new().with_prefix().with_start_revision(from);
         let mut stream = match client.watch(prefix.as_str(), Some(opts)).await {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                if let Ok(mut s) = state.lock() {
+                    s.error = None;
+                }
+                stream
+            }
             Err(e) => {
                 log::warn!("etcd: watching {prefix} failed, retrying in {backoff:?}: {e}");
+                set_error(&state, format!("etcd: watching {prefix}: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -567,6 +587,7 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
                 }
                 Err(e) => {
                     log::warn!("etcd: watch on {prefix} lost ({e}): resuming in {backoff:?}");
+                    set_error(&state, format!("etcd: watch on {prefix} lost: {e}"));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     break;

@@ -49,6 +49,8 @@ struct WatchState {
     relist: Option<BTreeMap<String, Lease>>,
     /// The first list has completed: until then the snapshot says nothing.
     listed: bool,
+    /// The watch's last error, until it works again.
+    error: Option<String>,
     dirty: bool,
     reported: BTreeMap<String, String>,
 }
@@ -308,11 +310,15 @@ impl KubeSource {
                     Some(Ok(ev)) => {
                         backoff = std::time::Duration::from_millis(200);
                         if let Ok(mut s) = state.lock() {
+                            s.error = None;
                             s.handle(ev);
                         }
                     }
                     Some(Err(e)) => {
                         log::warn!("kube: watching nodes: {e}; retrying in {backoff:?}");
+                        if let Ok(mut s) = state.lock() {
+                            s.error = Some(format!("kube: watching nodes: {e}"));
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
                     }
@@ -325,6 +331,10 @@ impl KubeSource {
     pub async fn changed(&mut self) -> anyhow::Result<bool> {
         self.start_watch();
         Ok(self.state.lock().map(|s| s.dirty).unwrap_or(true))
+    }
+
+    pub fn degraded(&self) -> Option<String> {
+        self.state.lock().ok().and_then(|s| s.error.clone())
     }
 
     /// The nodes' leases; None until the first list has completed.

@@ -82,6 +82,16 @@ impl LeaseSource {
         }
     }
 
+    /// Why the source cannot be read now (watch or list failing), if so.
+    /// The last complete view stays in force meanwhile.
+    pub fn degraded(&self) -> Option<String> {
+        match self {
+            LeaseSource::File(_) => None,
+            LeaseSource::Etcd(e) => e.degraded(),
+            LeaseSource::Kube(k) => k.degraded(),
+        }
+    }
+
     /// Every lease, or None while the source has not completed its first
     /// list (a watch still starting): then nothing may be reconciled from it,
     /// or an empty view would remove every peer.
