@@ -77,6 +77,11 @@ impl Node {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// The running agent's pid (nsenter execs it in place).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL the agent (no clean-up at all).
     pub fn kill_agent(&mut self) {
         if let Some(mut c) = self.agent.take() {
