@@ -5,6 +5,7 @@ use std::{
     fs,
     io::Write,
     net::Ipv4Addr,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -41,8 +42,10 @@ impl FileSource {
 
     pub fn read_config(&self) -> anyhow::Result<NetConf> {
         let path = self.dir.join("config");
-        let text = fs::read_to_string(&path)
+        let bytes = read_capped(&path, MAX_CONFIG_BYTES)
             .with_context(|| format!("reading net-conf.json from {}", path.display()))?;
+        let text =
+            String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
         NetConf::parse(&text).with_context(|| format!("{}", path.display()))
     }
 
@@ -163,7 +166,7 @@ impl FileSource {
     /// Whether our lease file still says what we wrote.
     pub fn holds(&self, lease: &Lease) -> bool {
         let path = self.subnets_dir().join(lease.subnet.to_key());
-        fs::read(&path)
+        read_capped(&path, MAX_LEASE_BYTES)
             .ok()
             .and_then(|b| Lease::parse(lease.subnet, &b).ok().flatten())
             .is_some_and(|l| l == *lease)
@@ -176,9 +179,16 @@ impl FileSource {
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let target = dir.join(lease.subnet.to_key());
         let tmp = dir.join(format!(".{}.{}", lease.subnet.to_key(), std::process::id()));
+        // Ours alone: a leftover of a crashed run with our pid goes first, and
+        // create_new (O_EXCL) never follows a link someone put in its place.
+        let _ = fs::remove_file(&tmp);
         {
-            let mut f =
-                fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
             f.write_all(lease.to_json(vni).as_bytes())?;
             f.sync_all()?;
         }
@@ -198,9 +208,42 @@ impl FileSource {
     }
 }
 
+/// A lease is a few hundred bytes; net-conf.json a few.
+const MAX_LEASE_BYTES: u64 = 64 * 1024;
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Read a regular file of at most `cap` bytes, never through a symlink and
+/// never blocking on a FIFO or device someone put in the lease directory.
+fn read_capped(path: &Path, cap: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => anyhow::anyhow!("is a symbolic link (not followed)"),
+            _ => anyhow::Error::new(e).context("unreadable"),
+        })?;
+    let meta = f.metadata().context("unreadable")?;
+    if !meta.is_file() {
+        bail!("not a regular file");
+    }
+    if meta.len() > cap {
+        bail!("{} bytes, more than the {cap} a lease may have", meta.len());
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    f.take(cap + 1)
+        .read_to_end(&mut out)
+        .context("unreadable")?;
+    if out.len() as u64 > cap {
+        bail!("grew past {cap} bytes while being read");
+    }
+    Ok(out)
+}
+
 fn read_lease(path: &Path, name: &str) -> anyhow::Result<Option<Lease>> {
     let subnet = Subnet::from_key(name)?;
-    let bytes = fs::read(path).context("unreadable")?;
+    let bytes = read_capped(path, MAX_LEASE_BYTES)?;
     Lease::parse(subnet, &bytes)
 }
 
@@ -276,5 +319,63 @@ mod tests {
         assert!(src.holds(&l));
         assert!(!src.holds(&other));
         fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn only_small_regular_lease_files_are_read() {
+        let d = dir("unsafe");
+        let subnets = d.join("subnets");
+        let good = r#"{"PublicIP":"10.1.5.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:42:8f:11:22:20"}}"#;
+        fs::write(subnets.join("10.244.2.0-24"), good).unwrap();
+        // A symlink to a lease elsewhere: not followed.
+        let outside = d.join("elsewhere");
+        fs::write(&outside, good.replace("10.1.5.12", "10.1.5.13")).unwrap();
+        std::os::unix::fs::symlink(&outside, subnets.join("10.244.3.0-24")).unwrap();
+        // A FIFO: reading it would block the agent forever.
+        let fifo = std::ffi::CString::new(subnets.join("10.244.4.0-24").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        // A directory, and a file far larger than any lease.
+        fs::create_dir(subnets.join("10.244.5.0-24")).unwrap();
+        fs::write(subnets.join("10.244.6.0-24"), vec![b' '; 100_000]).unwrap();
+        let mut src = FileSource::new(&d);
+        let snap = src.read().unwrap();
+        assert_eq!(
+            snap.leases
+                .keys()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.2.0/24"]
+        );
+        let why: BTreeMap<String, String> = src.reported.iter().cloned().collect();
+        assert!(why["10.244.3.0-24"].contains("symbolic link"), "{why:?}");
+        assert!(
+            why["10.244.4.0-24"].contains("not a regular file"),
+            "{why:?}"
+        );
+        assert!(
+            why["10.244.5.0-24"].contains("not a regular file"),
+            "{why:?}"
+        );
+        assert!(why["10.244.6.0-24"].contains("more than"), "{why:?}");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_link_in_place_of_our_temp_file_is_not_written_through() {
+        let d = dir("tmplink");
+        let victim = d.join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        let lease = Lease {
+            subnet: Subnet::from_key("10.244.2.0-24").unwrap(),
+            public_ip: "10.1.5.12".parse().unwrap(),
+            backend: LeaseBackend::HostGw,
+        };
+        let tmp = d
+            .join("subnets")
+            .join(format!(".10.244.2.0-24.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(FileSource::new(&d).write_lease(&lease, 1, false).unwrap());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        let _ = fs::remove_dir_all(&d);
     }
 }
