@@ -169,3 +169,82 @@ fn drift_is_repaired_by_the_periodic_resync() {
     )
     .unwrap();
 }
+
+fn write_peer(lab: &Lab, subnet: &str, ip: &str, mac: &str) {
+    let v = format!(
+        r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    );
+    let dir = lab.lease_dir().join("subnets");
+    let tmp = dir.join(format!(".t-{subnet}"));
+    std::fs::write(&tmp, v).unwrap();
+    std::fs::rename(&tmp, dir.join(subnet)).unwrap();
+}
+
+fn peer_json(lab: &Lab, ip: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.nodes[0].show("peers --json").ok()?).ok()?;
+    v.as_array()?.iter().find(|p| p["public_ip"] == ip).cloned()
+}
+
+/// 1000 add/change/remove cycles of one peer's lease while traffic to
+/// another peer runs: nothing lost to it, nothing stale at the end, and a
+/// node that takes over a departed node's stats slot starts from zero.
+#[test]
+fn a_thousand_lease_cycles_leave_other_peers_and_counters_alone() {
+    if !prereq::ready("lease_cycles") {
+        return;
+    }
+    let mut lab = Lab::new("cycle", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    let dst = lab.nodes[1].pod_ip();
+    wait_reachable(&lab.nodes[0].pod, dst, Duration::from_secs(10)).unwrap();
+    let baseline = state(&lab);
+
+    let bg =
+        flannel_tests::traffic::BackgroundPing::start(&lab.nodes[0].pod, dst, 600, 10).unwrap();
+    let subnets = lab.lease_dir().join("subnets");
+    for i in 0..1000u32 {
+        let mac = format!("02:42:77:00:{:02x}:{:02x}", i >> 8, i & 0xff);
+        write_peer(&lab, "10.244.9.0-24", "10.1.5.99", &mac);
+        write_peer(&lab, "10.244.9.0-24", "10.1.5.98", &mac);
+        std::fs::remove_file(subnets.join("10.244.9.0-24")).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let (sent, received) = bg.finish().unwrap();
+    assert_eq!((sent, received), (600, 600), "{}", lab.logs());
+    within_a_second(&lab, "no stale entry after 1000 cycles", |l| {
+        state(l) == baseline
+    });
+
+    // A peer that gets traffic (to an address behind it; nobody answers)...
+    write_peer(&lab, "10.244.9.0-24", "10.1.5.99", "02:42:77:00:aa:01");
+    within_a_second(&lab, "the churned peer back", |l| {
+        peer_json(l, "10.1.5.99").is_some()
+    });
+    let _ = ping(&lab.nodes[0].pod, "10.244.9.5".parse().unwrap(), 5, 0.02);
+    let old = peer_json(&lab, "10.1.5.99").unwrap();
+    assert!(old["tx_packets"].as_u64().unwrap() >= 5, "{old}");
+    // ...leaves while another arrives, in one pass: the newcomer starts at zero.
+    write_peer(&lab, "10.244.8.0-24", "10.1.5.97", "02:42:77:00:bb:01");
+    std::fs::remove_file(subnets.join("10.244.9.0-24")).unwrap();
+    within_a_second(&lab, "the newcomer in, the leaver out", |l| {
+        peer_json(l, "10.1.5.97").is_some() && peer_json(l, "10.1.5.99").is_none()
+    });
+    let new = peer_json(&lab, "10.1.5.97").unwrap();
+    assert_eq!(new["tx_packets"], 0, "{new}");
+    assert_eq!(new["tx_bytes"], 0, "{new}");
+    // And on a later pass, when the freed slot is reused, too.
+    std::fs::remove_file(subnets.join("10.244.8.0-24")).unwrap();
+    within_a_second(&lab, "the newcomer gone", |l| {
+        peer_json(l, "10.1.5.97").is_none()
+    });
+    write_peer(&lab, "10.244.7.0-24", "10.1.5.96", "02:42:77:00:cc:01");
+    within_a_second(&lab, "a third peer in", |l| {
+        peer_json(l, "10.1.5.96").is_some()
+    });
+    let third = peer_json(&lab, "10.1.5.96").unwrap();
+    assert_eq!(third["tx_packets"], 0, "{third}");
+}
