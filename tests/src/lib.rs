@@ -54,6 +54,14 @@ pub fn sh(cmd: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// One line of `cargo xtask chaos`'s report: a fault and the pings it cost.
+pub fn chaos(fault: &str, sent: u32, received: u32) {
+    eprintln!(
+        "chaos: {fault}: lost {} of {sent} pings",
+        sent.saturating_sub(received)
+    );
+}
+
 /// Poll `f` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(
     what: &str,

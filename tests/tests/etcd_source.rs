@@ -425,6 +425,11 @@ fn etcd_restarts_under_traffic_lose_nothing() {
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let fdb_before = lab.fdb(0);
     let (sent, received) = lab.restarts_under_ping(0, 1).unwrap();
+    flannel_tests::chaos(
+        "agent restarts (SIGKILL, SIGTERM), etcd source",
+        sent,
+        received,
+    );
     assert_eq!(
         (sent, received),
         (400, 400),
@@ -522,6 +527,7 @@ fn etcd_outage_keeps_the_data_path_and_converges() {
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     assert!(http(&lab, 9464, "/metrics").contains("flannel_ebpf_lease_source_up 1"));
     let (sent, received) = bg.finish().unwrap();
+    flannel_tests::chaos("etcd down for 30 s", sent, received);
     assert_eq!((sent, received), (700, 700), "{}", lab.logs());
     wait_reachable(
         &lab.nodes[0].pod,

@@ -24,8 +24,10 @@ fn two_nodes(prefix: &str) -> Lab {
     lab
 }
 
-/// Wait for node 0's log to say `what`, then for the pods to reach each other.
-fn recovers(lab: &mut Lab, what: &str) {
+/// Wait for node 0's log to say `what`, then for the pods to reach each
+/// other; report how long `fault` (just done) cut the traffic.
+fn recovers(lab: &mut Lab, what: &str, fault: &str) {
+    let t0 = std::time::Instant::now();
     wait_for(what, Duration::from_secs(15), || {
         lab.nodes[0].log_text().contains(what).then_some(())
     })
@@ -36,6 +38,7 @@ fn recovers(lab: &mut Lab, what: &str) {
         Duration::from_secs(15),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    eprintln!("chaos: {fault}: traffic back after {:?}", t0.elapsed());
     // Our programs carry it again (encap on the live flannel.1).
     let before = lab.counter(0, "tx_encap");
     assert_eq!(
@@ -54,7 +57,11 @@ fn flannel1_deleted_while_running_is_rebuilt() {
     }
     let mut lab = two_nodes("vdel");
     lab.nodes[0].ns.sh("ip link del flannel.1").unwrap();
-    recovers(&mut lab, "flannel.1 was deleted: running start-up again");
+    recovers(
+        &mut lab,
+        "flannel.1 was deleted: running start-up again",
+        "flannel.1 deleted while running",
+    );
 }
 
 #[test]
@@ -65,7 +72,11 @@ fn pinned_link_removed_while_running_is_rebuilt() {
     let mut lab = two_nodes("pinrm");
     let link = lab.nodes[0].pin_root.join("link_encap");
     std::fs::remove_file(&link).unwrap();
-    recovers(&mut lab, "link_encap is gone");
+    recovers(
+        &mut lab,
+        "link_encap is gone",
+        "encap link unpinned while running",
+    );
     assert!(link.exists());
 }
 
@@ -76,7 +87,11 @@ fn underlay_mtu_change_is_applied() {
     }
     let mut lab = two_nodes("mtu");
     lab.nodes[0].ns.sh("ip link set eth0 mtu 1400").unwrap();
-    recovers(&mut lab, "MTU changed (1500 → 1400)");
+    recovers(
+        &mut lab,
+        "MTU changed (1500 → 1400)",
+        "underlay MTU changed while running",
+    );
     let mtu = lab.nodes[0]
         .ns
         .sh("cat /sys/class/net/flannel.1/mtu")
@@ -115,5 +130,9 @@ fn restart_after_flannel1_was_recreated_attaches_to_the_live_device() {
     ))
     .unwrap();
     lab.spawn_agent(0).unwrap();
-    recovers(&mut lab, "attaching anew");
+    recovers(
+        &mut lab,
+        "attaching anew",
+        "flannel.1 re-created between two runs",
+    );
 }

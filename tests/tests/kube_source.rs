@@ -299,6 +299,11 @@ fn kube_restarts_under_traffic_lose_nothing() {
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let fdb_before = lab.fdb(0);
     let (sent, received) = lab.restarts_under_ping(0, 1).unwrap();
+    flannel_tests::chaos(
+        "agent restarts (SIGKILL, SIGTERM), kube source",
+        sent,
+        received,
+    );
     assert_eq!(
         (sent, received),
         (400, 400),

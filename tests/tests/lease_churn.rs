@@ -214,6 +214,7 @@ fn a_thousand_lease_cycles_leave_other_peers_and_counters_alone() {
         std::thread::sleep(Duration::from_millis(3));
     }
     let (sent, received) = bg.finish().unwrap();
+    flannel_tests::chaos("1000 lease cycles of another peer", sent, received);
     assert_eq!((sent, received), (600, 600), "{}", lab.logs());
     within_a_second(&lab, "no stale entry after 1000 cycles", |l| {
         state(l) == baseline

@@ -32,6 +32,7 @@ fn sigkill_during_a_10ms_ping_loses_nothing() {
     lab.spawn_agent(0).unwrap();
     lab.spawn_agent(1).unwrap();
     let (sent, received) = bg.finish().unwrap();
+    flannel_tests::chaos("agent SIGKILL and restart, file source", sent, received);
     assert_eq!(sent, 400);
     assert_eq!(
         received,

@@ -2,6 +2,7 @@
 //!
 //! The xtask itself builds from a fresh machine (anyhow, clap, libc): it
 //! installs what everything else needs before that is built or run.
+mod chaos;
 mod prereq;
 mod toolchain;
 
@@ -34,6 +35,8 @@ enum Cmd {
     },
     /// Build everything and run a three-node lab in network namespaces, then tear it down.
     Demo,
+    /// Run the fault tests under traffic and print what each fault cost.
+    Chaos,
     /// Measure flannel-ebpf against kernel VXLAN and no encapsulation; results in results/.
     Bench {
         /// Short runs for everyday use (under two minutes once built).
@@ -156,6 +159,10 @@ fn main() -> anyhow::Result<()> {
                 cmd.arg("--segmenting-underlay");
             }
             run(&mut cmd)
+        }
+        Cmd::Chaos => {
+            let agent = build_for_labs(&[])?;
+            chaos::run(&agent)
         }
         Cmd::Demo => {
             let agent = build_for_labs(&[])?;
