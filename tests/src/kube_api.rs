@@ -32,6 +32,8 @@ struct ApiState {
     patches: Vec<(String, Value)>,
     lists: usize,
     watches: usize,
+    /// Every request answered 503 until then (an API server outage).
+    unavailable_until: Option<Instant>,
 }
 
 type Shared = Arc<(Mutex<ApiState>, Condvar)>;
@@ -129,6 +131,14 @@ impl FakeApi {
             // Compacted past every version a client has seen.
             s.oldest_rv = s.rv + 1;
             s.events.clear();
+            s.watch_generation += 1;
+        });
+    }
+
+    /// An outage: open watches end and every request is answered 503 for `d`.
+    pub fn unavailable_for(&self, d: Duration) {
+        self.with(|s| {
+            s.unavailable_until = Some(Instant::now() + d);
             s.watch_generation += 1;
         });
     }
@@ -256,6 +266,23 @@ fn serve(conn: TcpStream, state: Shared, stop: Arc<AtomicBool>) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = BufReader::new(conn);
     while let Some(req) = read_request(&mut r) {
+        let down = {
+            let (m, _) = &*state;
+            let s = m.lock().unwrap_or_else(|p| p.into_inner());
+            s.unavailable_until.is_some_and(|t| Instant::now() < t)
+        };
+        if down {
+            let _ = respond(
+                &mut w,
+                503,
+                &status(
+                    503,
+                    "ServiceUnavailable",
+                    "the API server is down (test outage)",
+                ),
+            );
+            continue;
+        }
         let ok = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/api/v1/nodes")
                 if req

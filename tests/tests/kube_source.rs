@@ -313,3 +313,106 @@ fn kube_restarts_under_traffic_lose_nothing() {
     assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
     assert_eq!(lab.fdb(0), fdb_before);
 }
+
+/// The API server failing for 30 s under traffic: nothing lost or removed,
+/// degraded in /readyz and the metric, and a node added meanwhile (visible
+/// once the API answers again) applied after.
+#[test]
+fn api_server_outage_keeps_the_data_path_and_converges() {
+    if !prereq::ready("kube_outage") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "kubeout",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    let api = FakeApi::start(&lab.nodes[0].ns, 6443).unwrap();
+    api.put_node(node("n1", "10.244.1.0/24", &[]));
+    api.put_node(flannel_node(
+        "n2",
+        "10.244.2.0/24",
+        "02:42:8f:11:22:20",
+        "10.1.5.12",
+    ));
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let netconf = lab.dir.join("net-conf.json");
+    std::fs::write(
+        &netconf,
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+    )
+    .unwrap();
+    lab.nodes[0].agent_args = [
+        "--subnet-mgr",
+        "kube",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "n1",
+        "--net-config-path",
+        &netconf.display().to_string(),
+        "--healthz-port",
+        "10244",
+        "--metrics-port",
+        "9464",
+    ]
+    .map(String::from)
+    .to_vec();
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_stock_device(2, 3).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    lab.wait_fdb_entries(0, 1)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let http =
+        |lab: &Lab, port: u16, path: &str| lab.nodes[0].ns.http_get(port, path).unwrap_or_default();
+    let fdb_before = lab.fdb(0);
+    let bg = flannel_tests::traffic::BackgroundPing::start(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        700,
+        50,
+    )
+    .unwrap();
+    api.unavailable_for(Duration::from_secs(30));
+    wait_for("/readyz to say degraded", Duration::from_secs(15), || {
+        let r = http(&lab, 10244, "/readyz");
+        (r.starts_with("HTTP/1.1 503") && r.contains("lease source degraded")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(http(&lab, 9464, "/metrics").contains("flannel_ebpf_lease_source_up 0"));
+    // A node joins during the outage; the agent sees it once the API is back.
+    api.put_node(flannel_node(
+        "n3",
+        "10.244.3.0/24",
+        "02:42:8f:11:22:30",
+        "10.1.5.13",
+    ));
+    std::thread::sleep(Duration::from_secs(28));
+    assert_eq!(lab.fdb(0), fdb_before, "an entry went during the outage");
+    lab.wait_fdb_entries(0, 2)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for("/readyz to recover", Duration::from_secs(15), || {
+        http(&lab, 10244, "/readyz")
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let (sent, received) = bg.finish().unwrap();
+    flannel_tests::chaos("API server failing for 30 s", sent, received);
+    assert_eq!((sent, received), (700, 700), "{}", lab.logs());
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[2].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+}

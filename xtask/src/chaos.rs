@@ -12,6 +12,7 @@ const FAULT_TESTS: &[&str] = &[
     "sigkill_during_a_10ms_ping_loses_nothing",
     "etcd_restarts_under_traffic_lose_nothing",
     "kube_restarts_under_traffic_lose_nothing",
+    "api_server_outage_keeps_the_data_path_and_converges",
     "etcd_outage_keeps_the_data_path_and_converges",
     "a_thousand_lease_cycles_leave_other_peers_and_counters_alone",
     "flannel1_deleted_while_running_is_rebuilt",

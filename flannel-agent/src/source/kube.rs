@@ -57,6 +57,10 @@ struct WatchState {
 
 pub struct KubeSource {
     nodes: Api<Node>,
+    /// The same API without the client's own retries: the watch has its
+    /// backoff, and an API server answering 503 must show as degraded, not
+    /// vanish into minutes of silent retrying.
+    watch_nodes: Api<Node>,
     opts: KubeOptions,
     state: Arc<Mutex<WatchState>>,
     watching: bool,
@@ -162,9 +166,14 @@ impl KubeSource {
                 "no --kubeconfig given and not running in a pod (in-cluster config unavailable)",
             )?,
         };
+        let mut watch_config = config.clone();
+        watch_config.default_retry = false;
         let client = Client::try_from(config).context("building the Kubernetes client")?;
+        let watch_client =
+            Client::try_from(watch_config).context("building the Kubernetes client")?;
         Ok(KubeSource {
             nodes: Api::all(client),
+            watch_nodes: Api::all(watch_client),
             opts,
             state: Arc::new(Mutex::new(WatchState::default())),
             watching: false,
@@ -298,7 +307,7 @@ impl KubeSource {
             return;
         }
         self.watching = true;
-        let api = self.nodes.clone();
+        let api = self.watch_nodes.clone();
         let state = self.state.clone();
         tokio::spawn(async move {
             // The watcher lists, watches, re-watches when a watch ends and
