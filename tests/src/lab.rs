@@ -561,19 +561,57 @@ impl Drop for Lab {
     }
 }
 
+/// What three restarts under traffic cost (see [`Lab::restarts_under_traffic`]).
+#[derive(Debug)]
+pub struct RestartCost {
+    pub pings_sent: u32,
+    pub pings_received: u32,
+    /// TCP segments the two pods retransmitted.
+    pub retransmits: u64,
+}
+
 impl Lab {
-    /// Restart node `i`'s agent twice during a 10 ms ping (400 of them, 4 s)
-    /// from its pod to node `peer`'s pod: SIGKILL and an immediate new start,
-    /// then SIGTERM and a new start. Returns (sent, received).
-    pub fn restarts_under_ping(&mut self, i: usize, peer: usize) -> anyhow::Result<(u32, u32)> {
+    /// Restart node `i`'s agent three times while its pod pings node
+    /// `peer`'s pod every 10 ms (500 pings) and streams 6.4 MB of TCP to it:
+    /// SIGKILL and an immediate new start, SIGTERM and a new start, and an
+    /// upgrade — SIGTERM and a start whose programs differ from the pinned
+    /// ones (`--log-level debug` keeps the diagnostics in, a new program
+    /// tag), so they are swapped into the pinned links.
+    pub fn restarts_under_traffic(&mut self, i: usize, peer: usize) -> anyhow::Result<RestartCost> {
+        use crate::traffic::{BackgroundPing, BackgroundTcp, tcp_retransmits};
         let dst = self.nodes[peer].pod_ip();
-        let bg = crate::traffic::BackgroundPing::start(&self.nodes[i].pod, dst, 400, 10)?;
+        let retrans = |lab: &Lab| -> anyhow::Result<u64> {
+            Ok(tcp_retransmits(&lab.nodes[i].pod)? + tcp_retransmits(&lab.nodes[peer].pod)?)
+        };
+        let r0 = retrans(self)?;
+        let bg = BackgroundPing::start(&self.nodes[i].pod, dst, 500, 10)?;
+        let tcp = BackgroundTcp::start(
+            &self.nodes[i].pod,
+            &self.nodes[peer].pod,
+            dst,
+            5301,
+            (400, 16 << 10, 10),
+        )?;
         std::thread::sleep(Duration::from_millis(500));
         self.nodes[i].kill_agent();
         self.spawn_agent(i)?;
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1200));
         self.nodes[i].stop_agent()?;
         self.spawn_agent(i)?;
-        bg.finish()
+        std::thread::sleep(Duration::from_millis(1200));
+        self.nodes[i].stop_agent()?;
+        let args = self.nodes[i].agent_args.clone();
+        self.nodes[i]
+            .agent_args
+            .extend(["--log-level".to_string(), "debug".to_string()]);
+        self.spawn_agent(i)?;
+        self.nodes[i].agent_args = args;
+        let (pings_sent, pings_received) = bg.finish()?;
+        tcp.finish()?;
+        Ok(RestartCost {
+            pings_sent,
+            pings_received,
+            retransmits: retrans(self)? - r0,
+        })
     }
 }

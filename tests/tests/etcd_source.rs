@@ -391,7 +391,8 @@ fn etcd_over_tls_with_client_certificates_and_a_password() {
     assert_eq!(ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(), (5, 5));
 }
 
-/// A restart (SIGKILL, then SIGTERM) on the etcd source loses no reply: the
+/// Restarts (SIGKILL, SIGTERM, an upgrade) on the etcd source lose no ping
+/// and retransmit no TCP segment: the
 /// new agent waits for the watch's first list before it touches the tables.
 #[test]
 fn etcd_restarts_under_traffic_lose_nothing() {
@@ -424,16 +425,23 @@ fn etcd_restarts_under_traffic_lose_nothing() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let fdb_before = lab.fdb(0);
-    let (sent, received) = lab.restarts_under_ping(0, 1).unwrap();
+    let cost = lab.restarts_under_traffic(0, 1).unwrap();
     flannel_tests::chaos(
-        "agent restarts (SIGKILL, SIGTERM), etcd source",
-        sent,
-        received,
+        "agent restarts (SIGKILL, SIGTERM, upgrade), etcd source",
+        cost.pings_sent,
+        cost.pings_received,
     );
     assert_eq!(
-        (sent, received),
-        (400, 400),
-        "replies lost across the restarts\n{}",
+        (cost.pings_sent, cost.pings_received, cost.retransmits),
+        (500, 500, 0),
+        "pings lost or TCP segments retransmitted across the restarts\n{}",
+        lab.logs()
+    );
+    assert!(
+        lab.nodes[0]
+            .log_text()
+            .contains("replacing the program in place"),
+        "the upgrade did not swap the programs\n{}",
         lab.logs()
     );
     assert!(lab.nodes[0].agent_running(), "{}", lab.logs());

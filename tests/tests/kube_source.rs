@@ -250,7 +250,8 @@ fn kube_host_gw_nodes_announce_and_route_as_flanneld() {
     );
 }
 
-/// A restart (SIGKILL, then SIGTERM) on the kube source loses no reply: the
+/// Restarts (SIGKILL, SIGTERM, an upgrade) on the kube source lose no ping
+/// and retransmit no TCP segment: the
 /// new agent waits for the node list before it touches the tables.
 #[test]
 fn kube_restarts_under_traffic_lose_nothing() {
@@ -298,16 +299,23 @@ fn kube_restarts_under_traffic_lose_nothing() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let fdb_before = lab.fdb(0);
-    let (sent, received) = lab.restarts_under_ping(0, 1).unwrap();
+    let cost = lab.restarts_under_traffic(0, 1).unwrap();
     flannel_tests::chaos(
-        "agent restarts (SIGKILL, SIGTERM), kube source",
-        sent,
-        received,
+        "agent restarts (SIGKILL, SIGTERM, upgrade), kube source",
+        cost.pings_sent,
+        cost.pings_received,
     );
     assert_eq!(
-        (sent, received),
-        (400, 400),
-        "replies lost across the restarts\n{}",
+        (cost.pings_sent, cost.pings_received, cost.retransmits),
+        (500, 500, 0),
+        "pings lost or TCP segments retransmitted across the restarts\n{}",
+        lab.logs()
+    );
+    assert!(
+        lab.nodes[0]
+            .log_text()
+            .contains("replacing the program in place"),
+        "the upgrade did not swap the programs\n{}",
         lab.logs()
     );
     assert!(lab.nodes[0].agent_running(), "{}", lab.logs());
