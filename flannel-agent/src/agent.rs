@@ -386,6 +386,7 @@ async fn set_up_node(
                 DatapathKind::Ebpf => Some(datapath::lock_pin_root(root)?),
                 DatapathKind::Kernel => None,
             };
+            refuse_vni_change(root, conf.backend.vni, vtep_name)?;
             let mtu = conf
                 .backend
                 .mtu
@@ -443,6 +444,29 @@ async fn set_up_node(
             }
         }
     })
+}
+
+/// A data path pinned for another VNI runs on another device (flannel.<VNI>)
+/// and speaks to peers on that VNI: switching would leave the old device and
+/// its routes behind, and split this node from nodes not yet switched.
+/// Refuse, saying how to do it, rather than half-apply it.
+fn refuse_vni_change(root: &Path, vni: u32, vtep_name: &str) -> anyhow::Result<()> {
+    let Ok(tables) = Tables::open(root) else {
+        return Ok(()); // nothing pinned yet
+    };
+    let pinned = tables.node_config()?;
+    if pinned.ready != 0 && pinned.vni != vni {
+        bail!(
+            "net-conf.json says VNI {vni} ({vtep_name}), but the data path pinned under {} runs VNI {}: \
+             a VNI change needs every node switched together; on this node first run \
+             `flannel-agent uninstall --pin-root {}` and delete flannel.{}, then start again",
+            root.display(),
+            pinned.vni,
+            root.display(),
+            pinned.vni
+        );
+    }
+    Ok(())
 }
 
 /// The decap hook `--decap` asks for on this underlay.

@@ -19,6 +19,7 @@ const FAULT_TESTS: &[&str] = &[
     "pinned_link_removed_while_running_is_rebuilt",
     "underlay_mtu_change_is_applied",
     "restart_after_flannel1_was_recreated_attaches_to_the_live_device",
+    "a_vni_change_is_refused_not_half_applied",
 ];
 
 pub fn run(agent: &Path) -> anyhow::Result<()> {
