@@ -110,3 +110,47 @@ impl Health {
         ("200 OK", "ready\n".into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_when_the_loop_stops_beating() {
+        let h = Health::new(Duration::from_millis(50));
+        assert_eq!(h.healthz().0, "200 OK", "not started yet: alive");
+        h.set_ready();
+        assert_eq!(h.healthz().0, "200 OK");
+        std::thread::sleep(Duration::from_millis(80));
+        let (status, body) = h.healthz();
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(body.contains("control loop stuck"), "{body}");
+        h.beat();
+        assert_eq!(h.healthz().0, "200 OK");
+    }
+
+    #[test]
+    fn readyz_names_what_is_wrong() {
+        let h = Health::new(Duration::from_secs(60));
+        assert!(h.readyz().1.contains("not in place yet"));
+        h.set_ready();
+        assert_eq!(h.readyz().0, "200 OK");
+        h.set_source(Some("etcd: watch lost".into()));
+        assert!(!h.source_up());
+        let (status, body) = h.readyz();
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(
+            body.contains("lease source degraded: etcd: watch lost"),
+            "{body}"
+        );
+        h.set_source(None);
+        h.set_tables(Some("3 table updates failed".into()));
+        assert!(
+            h.readyz()
+                .1
+                .contains("tables cannot be kept: 3 table updates failed")
+        );
+        h.set_tables(None);
+        assert_eq!(h.readyz().0, "200 OK");
+    }
+}

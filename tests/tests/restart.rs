@@ -120,3 +120,35 @@ fn a_second_agent_on_the_same_pin_root_refuses() {
         (5, 5)
     );
 }
+
+/// Restarts (SIGKILL, SIGTERM, an upgrade) on the file source lose no ping
+/// and retransmit no TCP segment.
+#[test]
+fn file_source_restarts_under_traffic_lose_nothing() {
+    if !prereq::ready("file_restarts") {
+        return;
+    }
+    let mut lab = Lab::new("filers", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.wait_fdb_entries(1, 1).unwrap();
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let cost = lab.restarts_under_traffic(0, 1).unwrap();
+    flannel_tests::chaos(
+        "agent restarts (SIGKILL, SIGTERM, upgrade), file source",
+        cost.pings_sent,
+        cost.pings_received,
+    );
+    assert_eq!(
+        (cost.pings_sent, cost.pings_received, cost.retransmits),
+        (500, 500, 0),
+        "{}",
+        lab.logs()
+    );
+}

@@ -10,6 +10,7 @@ use crate::root;
 /// Test-name filters of the fault tests; each prints `chaos: …` lines.
 const FAULT_TESTS: &[&str] = &[
     "sigkill_during_a_10ms_ping_loses_nothing",
+    "file_source_restarts_under_traffic_lose_nothing",
     "etcd_restarts_under_traffic_lose_nothing",
     "kube_restarts_under_traffic_lose_nothing",
     "api_server_outage_keeps_the_data_path_and_converges",
