@@ -101,6 +101,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut source = open_source(&args).await?;
     let conf = source.config().await?;
+    // Before the lease store or the node is written: never two agents on one
+    // node's data path (the second would re-announce our lease and tear
+    // down what the first attached).
+    let _node_lock = match (conf.backend.kind, args.datapath) {
+        (BackendType::Vxlan, DatapathKind::Ebpf) => datapath::lock_pin_root(&args.pins.pin_root)?,
+        _ => datapath::lock_file(&args.subnet_file.with_extension("lock"))?,
+    };
 
     // Only the eBPF data path needs the object; read it before touching the node.
     let object_or_err = match (conf.backend.kind, args.datapath) {
@@ -165,7 +172,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         object_or_err,
     )
     .await?;
-    let (mtu, vtep, _pin_lock) = (setup.mtu, setup.vtep, setup.pin_lock);
+    let (mtu, vtep) = (setup.mtu, setup.vtep);
     let (mut tables, loaded) = setup.ebpf.unzip();
     sysctl::warn_if_not_forwarding();
 
@@ -190,6 +197,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         last: Snapshot::default(),
         skipped: BTreeSet::new(),
+        applied: None,
     };
     state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
     if let Some(loaded) = loaded {
@@ -341,8 +349,6 @@ struct NodeSetup {
     vtep: Option<u32>,
     /// The eBPF data path: its maps, and its programs loaded but not attached yet.
     ebpf: Option<(Tables, datapath::Loaded)>,
-    /// Held for the agent's lifetime: a second agent on this pin root refuses.
-    pin_lock: Option<datapath::PinLock>,
 }
 
 /// Set the node up for its backend: nothing but a check for host-gw; for
@@ -377,15 +383,9 @@ async fn set_up_node(
                 mtu: conf.backend.mtu.unwrap_or(underlay.link.mtu),
                 vtep: None,
                 ebpf: None,
-                pin_lock: None,
             }
         }
         LeaseBackend::Vxlan { vtep_mac } => {
-            // Before anything on the node changes: never two agents on one data path.
-            let pin_lock = match args.datapath {
-                DatapathKind::Ebpf => Some(datapath::lock_pin_root(root)?),
-                DatapathKind::Kernel => None,
-            };
             refuse_vni_change(root, conf.backend.vni, vtep_name)?;
             let mtu = conf
                 .backend
@@ -440,7 +440,6 @@ async fn set_up_node(
                 mtu,
                 vtep: Some(vtep.index),
                 ebpf: tables,
-                pin_lock,
             }
         }
     })
@@ -536,6 +535,9 @@ struct SyncState {
     /// Re-evaluated at every pass: the underlay's routes may have changed.
     direct_routing: bool,
     kernel_fdb: KernelFdb,
+    /// What the previous pass applied (None before the first): a conflicting
+    /// newcomer is skipped, the live lease stays.
+    applied: Option<Desired>,
 }
 
 impl SyncState {
@@ -548,7 +550,21 @@ impl SyncState {
         vtep: Option<u32>,
     ) -> anyhow::Result<()> {
         let changes = log_changes(&self.last, snap);
-        let (mut want, mut skipped) = Desired::from_leases(snap.leases.values(), own);
+        let live = match (&self.applied, tables.as_deref()) {
+            (Some(d), _) => d.clone(),
+            // After a restart, what the pinned maps carry is live.
+            (None, Some(t)) => Desired {
+                fdb: t
+                    .fdb_entries()?
+                    .into_iter()
+                    .map(|(m, (ip, _))| (m, ip))
+                    .collect(),
+                routes: t.route_entries()?,
+                ..Desired::default()
+            },
+            (None, None) => Desired::default(),
+        };
+        let (mut want, mut skipped) = Desired::from_leases(snap.leases.values(), own, &live);
         if own.backend == LeaseBackend::HostGw {
             let routes = nl.main_routes().await?;
             skipped.extend(want.retain_on_link(
@@ -602,6 +618,7 @@ impl SyncState {
             );
         }
         self.last = snap.clone();
+        self.applied = Some(want);
         if !outcome.errors.is_empty() {
             bail!("{} table updates failed", outcome.errors.len());
         }

@@ -1,5 +1,6 @@
 //! Loading the kernel programs, pinning maps and links under one root, and
 //! adopting what an earlier agent pinned.
+use std::os::unix::fs::OpenOptionsExt;
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -145,14 +146,13 @@ pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, Ma
     Ok(out)
 }
 
-/// This agent's hold on a pin root: one agent per data path. Released when
-/// the process exits, however it exits (an flock on the directory).
-pub struct PinLock(#[allow(dead_code)] std::os::fd::OwnedFd);
+/// This agent's hold on a node: one agent per data path. Released when the
+/// process exits, however it exits (an flock).
+pub struct NodeLock(#[allow(dead_code)] std::os::fd::OwnedFd);
 
 /// Take the pin root for this agent, creating it (and mounting bpffs) if
 /// needed; refuse when another agent holds it.
-pub fn lock_pin_root(root: &Path) -> anyhow::Result<PinLock> {
-    use std::os::fd::AsRawFd;
+pub fn lock_pin_root(root: &Path) -> anyhow::Result<NodeLock> {
     crate::bpffs::ensure_mounted(root)?;
     fs::create_dir_all(root).with_context(|| {
         format!(
@@ -162,20 +162,44 @@ pub fn lock_pin_root(root: &Path) -> anyhow::Result<PinLock> {
     })?;
     let dir =
         fs::File::open(root).with_context(|| format!("opening pin root {}", root.display()))?;
+    flock(dir, &format!("pin root {}", root.display()), "--pin-root")
+}
+
+/// The same hold for the data paths without pins (kernel VXLAN, host-gw): a
+/// lock file beside subnet.env.
+pub fn lock_file(path: &Path) -> anyhow::Result<NodeLock> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    flock(
+        file,
+        &format!("lock file {}", path.display()),
+        "--subnet-file",
+    )
+}
+
+fn flock(file: fs::File, what: &str, flag: &str) -> anyhow::Result<NodeLock> {
+    use std::os::fd::AsRawFd;
     // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
             bail!(
-                "another flannel-agent is running with pin root {} on this node; \
-                 stop it first (or give this one another --pin-root)",
-                root.display()
+                "another flannel-agent is running with {what} on this node; \
+                 stop it first (or give this one another {flag})"
             );
         }
-        return Err(e).with_context(|| format!("locking pin root {}", root.display()));
+        return Err(e).with_context(|| format!("locking {what}"));
     }
-    Ok(PinLock(dir.into()))
+    Ok(NodeLock(file.into()))
 }
 
 /// What was attached where, for the start-up report.

@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The tables Flannel would program for a set of peer leases.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
     pub fdb: BTreeMap<Mac, Ipv4Addr>,
     pub arp: BTreeMap<Ipv4Addr, Mac>,
@@ -90,29 +90,46 @@ impl Desired {
     /// reason. One rule for every source: the subnet inside the Network and
     /// overlapping no other lease (nor ours), a public IP a node can have,
     /// the backend ours, the VtepMAC not ours and not another node's.
+    ///
+    /// `live` is what the previous pass applied: where two leases conflict
+    /// (overlapping subnets, one VtepMAC on two nodes), the live one stays
+    /// and only the newcomer is skipped, so a bogus lease never evicts a
+    /// working peer. Where neither is live, both are skipped: which one is
+    /// right cannot be told from here, and either would misroute the other.
     pub fn from_leases<'a>(
         leases: impl IntoIterator<Item = &'a Lease>,
         own: &Own,
+        live: &Desired,
     ) -> (Desired, Vec<(Subnet, String)>) {
         let mut d = Desired::default();
         let mut skipped = Vec::new();
         let leases: Vec<&Lease> = leases.into_iter().collect();
+        let is_live = |s: &Subnet| live.routes.contains_key(s) || live.direct.contains_key(s);
+        // Every node announcing each VtepMAC.
+        let mut mac_nodes: BTreeMap<Mac, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        for l in &leases {
+            if let LeaseBackend::Vxlan { vtep_mac } = l.backend {
+                mac_nodes.entry(vtep_mac).or_default().insert(l.public_ip);
+            }
+        }
         for l in &leases {
             if l.subnet == own.subnet {
                 continue;
             }
-            // Overlapping leases are both left out: which one is right
-            // cannot be told from here, and either would misroute the other.
             let overlap = leases
                 .iter()
                 .map(|o| o.subnet)
                 .chain([own.subnet])
-                .find(|o| *o != l.subnet && o.overlaps(&l.subnet));
+                .filter(|o| *o != l.subnet && o.overlaps(&l.subnet))
+                // A live lease keeps its place against newcomers.
+                .find(|o| *o == own.subnet || !is_live(&l.subnet) || is_live(o));
             let why = if !own.network.contains_subnet(&l.subnet) {
                 Some(format!("subnet is outside the Network {}", own.network))
             } else if let Some(o) = overlap {
                 Some(if o == own.subnet {
                     format!("subnet overlaps this node's subnet {o}")
+                } else if is_live(&o) {
+                    format!("subnet overlaps the live lease {o}")
                 } else {
                     format!("subnet overlaps the lease {o}")
                 })
@@ -131,13 +148,25 @@ impl Desired {
                     own.backend.type_name()
                 ))
             } else if let LeaseBackend::Vxlan { vtep_mac } = l.backend {
+                let others: Vec<String> = mac_nodes
+                    .get(&vtep_mac)
+                    .into_iter()
+                    .flatten()
+                    .filter(|ip| **ip != l.public_ip)
+                    .map(Ipv4Addr::to_string)
+                    .collect();
+                let holder = live.fdb.get(&vtep_mac);
                 if Some(vtep_mac) == own.backend.vtep_mac() {
                     Some(format!("VtepMAC {vtep_mac} is this node's"))
+                } else if others.is_empty() || holder == Some(&l.public_ip) {
+                    None
+                } else if let Some(ip) = holder {
+                    Some(format!("VtepMAC {vtep_mac} is already used by node {ip}"))
                 } else {
-                    d.fdb
-                        .get(&vtep_mac)
-                        .filter(|ip| **ip != l.public_ip)
-                        .map(|ip| format!("VtepMAC {vtep_mac} is already used by node {ip}"))
+                    Some(format!(
+                        "VtepMAC {vtep_mac} is also announced by node {}",
+                        others.join(", ")
+                    ))
                 }
             } else {
                 None
@@ -471,7 +500,7 @@ mod tests {
             lease("10.244.2.0-24", "10.1.8.10", "02:42:8f:11:22:20"),
             lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30"),
         ];
-        let (d, skipped) = Desired::from_leases(&leases, &own());
+        let (d, skipped) = Desired::from_leases(&leases, &own(), &Desired::default());
         assert!(skipped.is_empty());
         assert_eq!(d.routes.len(), 2);
         assert_eq!(
@@ -494,7 +523,7 @@ mod tests {
             lease("10.244.2.0-24", "10.1.5.20", "02:42:8f:11:22:20"),
             lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30"),
         ];
-        let (d, _) = Desired::from_leases(&leases, &own());
+        let (d, _) = Desired::from_leases(&leases, &own(), &Desired::default());
         let d = d.with_direct_routing(|ip| ip.octets()[2] == 5);
         assert_eq!(d.direct.len(), 1);
         assert_eq!(
@@ -524,7 +553,7 @@ mod tests {
             hostgw("10.244.3.0-24", "10.1.9.10"),
             lease("10.244.4.0-24", "10.1.5.40", "02:42:8f:11:22:40"),
         ];
-        let (mut d, mut skipped) = Desired::from_leases(&leases, &own);
+        let (mut d, mut skipped) = Desired::from_leases(&leases, &own, &Desired::default());
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].1.contains("BackendType vxlan"), "{skipped:?}");
         skipped.extend(d.retain_on_link(|ip| ip.octets()[2] == 5, "eth0"));
@@ -550,7 +579,7 @@ mod tests {
             lease("10.244.2.0-24", "10.1.8.10", "02:42:8f:11:22:20"),
             lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30"),
         ];
-        let (d, _) = Desired::from_leases(&leases, &own());
+        let (d, _) = Desired::from_leases(&leases, &own(), &Desired::default());
         // 10.1.9.10 already has slot 0; the new node gets the lowest free one.
         let fdb = BTreeMap::from([(
             "02:42:8f:11:22:30".parse().unwrap(),
@@ -565,7 +594,7 @@ mod tests {
     fn a_departing_nodes_slot_is_not_reused_in_the_same_pass() {
         // 10.1.8.10 leaves (slot 0 still in the FDB), 10.1.9.10 arrives.
         let leases = [lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30")];
-        let (d, _) = Desired::from_leases(&leases, &own());
+        let (d, _) = Desired::from_leases(&leases, &own(), &Desired::default());
         let fdb = BTreeMap::from([(
             "02:42:8f:11:22:20".parse().unwrap(),
             ("10.1.8.10".parse().unwrap(), 0),
@@ -590,7 +619,7 @@ mod tests {
             lease("10.244.8.0-24", "224.0.0.5", "02:42:8f:11:22:25"),
             lease("10.244.9.0-24", "10.1.8.19", "02:42:8f:11:22:26"),
         ];
-        let (d, skipped) = Desired::from_leases(&leases, &own());
+        let (d, skipped) = Desired::from_leases(&leases, &own(), &Desired::default());
         let why: BTreeMap<String, String> = skipped
             .iter()
             .map(|(s, w)| (s.to_string(), w.clone()))
@@ -617,10 +646,43 @@ mod tests {
             lease("10.244.6.0-24", "10.1.9.10", "02:42:8f:11:22:60"),
             lease("10.244.7.0-24", "10.1.9.11", "02:42:8f:11:22:60"),
         ];
-        let (d, skipped) = Desired::from_leases(&leases, &own());
-        assert_eq!(d.routes.len(), 1, "{skipped:?}");
-        assert_eq!(skipped.len(), 4);
+        let (d, skipped) = Desired::from_leases(&leases, &own(), &Desired::default());
+        // Two nodes announcing one VtepMAC, neither live: both are left out.
+        assert!(d.routes.is_empty(), "{skipped:?}");
+        assert_eq!(skipped.len(), 5);
         assert!(skipped[0].1.contains("outside"));
-        assert!(skipped[3].1.contains("already used"));
+        assert!(skipped[1].1.contains("is this node's"));
+        assert!(
+            skipped[2]
+                .1
+                .contains("VtepMAC 02:42:8f:11:22:10 is this node's")
+        );
+        assert!(skipped[3].1.contains("also announced by node 10.1.9.11"));
+        assert!(skipped[4].1.contains("also announced by node 10.1.9.10"));
+    }
+
+    #[test]
+    fn a_newcomer_never_evicts_a_live_peer() {
+        let live_peer = lease("10.244.4.0-24", "10.1.9.10", "02:42:8f:11:22:40");
+        let (live, skipped) = Desired::from_leases([&live_peer], &own(), &Desired::default());
+        assert!(skipped.is_empty());
+        let leases = [
+            live_peer,
+            // A /25 inside the live /24, and a second node claiming its VtepMAC.
+            lease("10.244.4.128-25", "10.1.9.11", "02:42:8f:11:22:41"),
+            lease("10.244.5.0-24", "10.1.9.12", "02:42:8f:11:22:40"),
+        ];
+        let (d, skipped) = Desired::from_leases(&leases, &own(), &live);
+        assert_eq!(d, live, "{skipped:?}");
+        let why: BTreeMap<String, String> = skipped
+            .iter()
+            .map(|(s, w)| (s.to_string(), w.clone()))
+            .collect();
+        assert!(why["10.244.4.128/25"].contains("overlaps the live lease 10.244.4.0/24"));
+        assert!(
+            why["10.244.5.0/24"]
+                .contains("VtepMAC 02:42:8f:11:22:40 is already used by node 10.1.9.10")
+        );
+        assert_eq!(why.len(), 2);
     }
 }

@@ -417,6 +417,30 @@ fn api_server_outage_keeps_the_data_path_and_converges() {
     let (sent, received) = bg.finish().unwrap();
     flannel_tests::chaos("API server failing for 30 s", sent, received);
     assert_eq!((sent, received), (700, 700), "{}", lab.logs());
+    // An outage in which no node changes: the resumed watch yields nothing,
+    // and the agent must still see that the API server is back.
+    api.unavailable_for(Duration::from_secs(8));
+    wait_for(
+        "/readyz to say degraded again",
+        Duration::from_secs(15),
+        || {
+            http(&lab, 10244, "/readyz")
+                .starts_with("HTTP/1.1 503")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for(
+        "/readyz to recover after a quiet outage",
+        Duration::from_secs(20),
+        || {
+            http(&lab, 10244, "/readyz")
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(http(&lab, 9464, "/metrics").contains("flannel_ebpf_lease_source_up 1"));
     wait_reachable(
         &lab.nodes[0].pod,
         lab.nodes[2].pod_ip(),

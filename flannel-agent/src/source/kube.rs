@@ -312,10 +312,28 @@ impl KubeSource {
         tokio::spawn(async move {
             // The watcher lists, watches, re-watches when a watch ends and
             // re-lists on 410 Gone; it retries errors with backoff.
-            let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+            let mut stream = watcher::watcher(api.clone(), watcher::Config::default()).boxed();
             let mut backoff = std::time::Duration::from_millis(200);
             loop {
-                match stream.next().await {
+                // A watch resumed after an outage yields nothing until a node
+                // changes: while degraded, a one-item list every second says
+                // whether the API server answers again.
+                let degraded = state.lock().map(|s| s.error.is_some()).unwrap_or(false);
+                let next = if degraded {
+                    tokio::select! {
+                        next = stream.next() => next,
+                        back = api_answers(&api) => {
+                            if back && let Ok(mut s) = state.lock() {
+                                log::info!("kube: the API server answers again");
+                                s.error = None;
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    stream.next().await
+                };
+                match next {
                     Some(Ok(ev)) => {
                         backoff = std::time::Duration::from_millis(200);
                         if let Ok(mut s) = state.lock() {
@@ -361,6 +379,14 @@ impl KubeSource {
             leases: s.by_node.values().map(|l| (l.subnet, *l)).collect(),
         }))
     }
+}
+
+/// Whether the API server lists nodes again, asked after a pause.
+async fn api_answers(api: &Api<Node>) -> bool {
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    api.list(&kube::api::ListParams::default().limit(1))
+        .await
+        .is_ok()
 }
 
 impl WatchState {
