@@ -18,7 +18,14 @@ pub fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    // Created exclusively (O_EXCL): a link put in the temp file's place is
+    // never written through.
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
@@ -57,6 +64,19 @@ mod tests {
         let path = dir.join("subnet.env");
         write(&path, &text).unwrap();
         assert_eq!(previous_subnet(&path).unwrap().to_string(), "10.244.1.0/24");
+        fs::remove_dir_all(dir).unwrap();
+    }
+    #[test]
+    fn a_link_in_place_of_the_temp_file_is_not_written_through() {
+        let dir = std::env::temp_dir().join(format!("subnet-env-link-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        let path = dir.join("subnet.env");
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
+        write(&path, "FLANNEL_MTU=1450\n").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "FLANNEL_MTU=1450\n");
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -174,3 +174,63 @@ fn a_vni_change_is_refused_not_half_applied() {
     );
     std::fs::write(&config, before).unwrap();
 }
+
+/// The node's underlay address changes under the running agent: it starts
+/// up again on the new address, and its lease moves with it (same subnet,
+/// new PublicIP) instead of being orphaned for a new subnet.
+#[test]
+fn underlay_address_change_moves_the_lease() {
+    if !prereq::ready("addr_change") {
+        return;
+    }
+    let mut lab = two_nodes("addrch");
+    let subnet = lab.nodes[0].subnet.clone().unwrap();
+    let n = &lab.nodes[0].ns;
+    // The new address first (kept when the old one goes), as a DHCP renewal would.
+    n.sh("sysctl -qw net.ipv4.conf.eth0.promote_secondaries=1")
+        .unwrap();
+    n.sh("ip addr add 10.1.5.31/24 dev eth0").unwrap();
+    n.sh("ip addr del 10.1.5.11/24 dev eth0").unwrap();
+    let key = subnet.replace('/', "-");
+    let t0 = std::time::Instant::now();
+    wait_for(
+        "the lease to carry the new address",
+        Duration::from_secs(15),
+        || {
+            std::fs::read_to_string(lab.lease_dir().join("subnets").join(&key))
+                .ok()
+                .filter(|v| v.contains(r#""PublicIP":"10.1.5.31""#))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // Node 2 sends to the new address.
+    wait_for(
+        "node 2's FDB to name 10.1.5.31",
+        Duration::from_secs(10),
+        || {
+            lab.fdb(1)
+                .iter()
+                .any(|(_, ip)| ip == "10.1.5.31")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    recovers(
+        &mut lab,
+        "the public IP 10.1.5.11 is no longer on the underlay eth0",
+        "underlay address changed while running",
+    );
+    eprintln!(
+        "chaos: address change: lease moved after {:?}",
+        t0.elapsed()
+    );
+    let leases = std::fs::read_dir(lab.lease_dir().join("subnets"))
+        .unwrap()
+        .count();
+    assert_eq!(leases, 2, "a lease was orphaned\n{}", lab.logs());
+    assert!(
+        lab.nodes[0].log_text().contains("moves with it"),
+        "{}",
+        lab.logs()
+    );
+}

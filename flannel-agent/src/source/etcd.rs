@@ -208,13 +208,28 @@ impl EtcdSource {
         self.vni = conf.backend.vni;
         let (_, all) = self.list().await?;
         // Ours: any key holding our PublicIP, a reservation ({"PublicIP":…} without TTL) included.
-        let mine = all.iter().find_map(|l| {
+        let by_ip = all.iter().find_map(|l| {
             let subnet = Subnet::from_key(&l.name).ok()?;
             (l.public_ip == Some(public_ip)
                 && conf.network.contains_subnet(&subnet)
                 && subnet.prefix_len() == conf.subnet_len)
                 .then_some((subnet, l.lease_id))
         });
+        // After our address changed: the lease of our last subnet.env with our VtepMAC.
+        let moved = || {
+            all.iter().find_map(|l| {
+                let parsed = l.parsed.as_ref().ok()?.as_ref()?;
+                super::is_own_lease(parsed, conf, public_ip, backend, previous).then(|| {
+                    log::warn!(
+                        "this node's address changed from {} to {public_ip}: lease {} moves with it",
+                        parsed.public_ip,
+                        parsed.subnet
+                    );
+                    (parsed.subnet, l.lease_id)
+                })
+            })
+        };
+        let mine = by_ip.or_else(moved);
         if let Some((subnet, lease_id)) = mine {
             let lease = Lease {
                 subnet,

@@ -52,6 +52,13 @@ impl FileSource {
     fn scan(&self) -> anyhow::Result<BTreeMap<String, (Option<SystemTime>, u64)>> {
         let dir = self.subnets_dir();
         let mut out = BTreeMap::new();
+        // The leases' directory itself must not lead elsewhere either.
+        if fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "{} is a symbolic link: lease files are read only from a real directory",
+                dir.display()
+            );
+        }
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -123,13 +130,31 @@ impl FileSource {
             .keys()
             .filter_map(|k| Subnet::from_key(k).ok())
             .collect();
-        let mine = snap.leases.values().find(|l| {
-            l.public_ip == public_ip
-                && conf.network.contains_subnet(&l.subnet)
-                && l.subnet.prefix_len() == conf.subnet_len
-        });
+        let mine = snap
+            .leases
+            .values()
+            .find(|l| {
+                l.public_ip == public_ip
+                    && super::is_own_lease(l, conf, public_ip, backend, previous)
+            })
+            .or_else(|| {
+                snap.leases
+                    .values()
+                    .find(|l| super::is_own_lease(l, conf, public_ip, backend, previous))
+            });
         if let Some(l) = mine {
-            let lease = Lease { backend, ..*l };
+            if l.public_ip != public_ip {
+                log::warn!(
+                    "this node's address changed from {} to {public_ip}: lease {} moves with it",
+                    l.public_ip,
+                    l.subnet
+                );
+            }
+            let lease = Lease {
+                backend,
+                public_ip,
+                ..*l
+            };
             if *l != lease {
                 self.write_lease(&lease, conf.backend.vni, true)?;
             }
@@ -376,6 +401,52 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &tmp).unwrap();
         assert!(FileSource::new(&d).write_lease(&lease, 1, false).unwrap());
         assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        let _ = fs::remove_dir_all(&d);
+    }
+    #[test]
+    fn a_symlinked_leases_directory_is_refused() {
+        let d = dir("dirlink");
+        let real = d.join("real");
+        fs::create_dir(&real).unwrap();
+        fs::remove_dir_all(d.join("subnets")).unwrap();
+        std::os::unix::fs::symlink(&real, d.join("subnets")).unwrap();
+        let err = FileSource::new(&d).read().err().unwrap();
+        assert!(format!("{err:#}").contains("is a symbolic link"), "{err:#}");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn our_lease_moves_with_a_changed_address() {
+        let d = dir("moved");
+        fs::write(
+            d.join("config"),
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let mut src = FileSource::new(&d);
+        let conf = src.read_config().unwrap();
+        let backend = LeaseBackend::Vxlan {
+            vtep_mac: crate::mac::Mac::stable_from(b"ours"),
+        };
+        let first = src
+            .acquire(&conf, "10.1.5.11".parse().unwrap(), backend, None)
+            .unwrap();
+        // New address, same VtepMAC and last subnet.env: the same subnet, re-keyed.
+        let again = src
+            .acquire(&conf, "10.1.5.31".parse().unwrap(), backend, Some(first))
+            .unwrap();
+        assert_eq!(again, first);
+        let snap = src.read().unwrap();
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(snap.leases[&first].public_ip.to_string(), "10.1.5.31");
+        // Another node's VtepMAC does not take it over.
+        let other = LeaseBackend::Vxlan {
+            vtep_mac: crate::mac::Mac::stable_from(b"other"),
+        };
+        let theirs = src
+            .acquire(&conf, "10.1.5.40".parse().unwrap(), other, Some(first))
+            .unwrap();
+        assert_ne!(theirs, first);
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -12,6 +12,25 @@ use crate::{
     subnet::Subnet,
 };
 
+/// Whether `l` is this node's own lease, for every source alike: it holds
+/// our public IP, or (after the node's address changed) it is the subnet of
+/// our last subnet.env announced with our VtepMAC. Re-keying it keeps the
+/// pods' subnet instead of orphaning the lease and taking a new one.
+pub fn is_own_lease(
+    l: &Lease,
+    conf: &NetConf,
+    public_ip: Ipv4Addr,
+    backend: LeaseBackend,
+    previous: Option<Subnet>,
+) -> bool {
+    let moved = previous == Some(l.subnet)
+        && backend.vtep_mac().is_some()
+        && l.backend.vtep_mac() == backend.vtep_mac();
+    (l.public_ip == public_ip || moved)
+        && conf.network.contains_subnet(&l.subnet)
+        && l.subnet.prefix_len() == conf.subnet_len
+}
+
 /// The lease sources behind one interface.
 pub enum LeaseSource {
     File(file::FileSource),
