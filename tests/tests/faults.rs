@@ -234,3 +234,47 @@ fn underlay_address_change_moves_the_lease() {
         lab.logs()
     );
 }
+
+/// net-conf.json's Port and MTU changed between runs (every node together):
+/// flannel.1 is re-created on the new port, the programs follow it (the
+/// pinned config), subnet.env carries the new MTU, and pods talk again.
+#[test]
+fn a_port_and_mtu_change_is_applied_whole() {
+    if !prereq::ready("port_change") {
+        return;
+    }
+    let mut lab = two_nodes("portch");
+    lab.nodes[0].stop_agent().unwrap();
+    lab.nodes[1].stop_agent().unwrap();
+    let config = lab.lease_dir().join("config");
+    let before = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        before.replace(r#""Type":"vxlan""#, r#""Type":"vxlan","Port":4789,"MTU":1400"#),
+    )
+    .unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    for i in 0..2 {
+        let n = &lab.nodes[i];
+        let link = n.ns.sh("ip -d link show flannel.1").unwrap();
+        assert!(link.contains("dstport 4789") && link.contains("mtu 1400"), "{link}");
+        let env = std::fs::read_to_string(&n.subnet_file).unwrap();
+        assert!(env.contains("FLANNEL_MTU=1400"), "{env}");
+    }
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let (tx, rx) = (lab.counter(0, "tx_encap"), lab.counter(1, "rx_decap"));
+    assert_eq!(
+        ping(&lab.nodes[0].pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+    // Sent by our encap to the new port and taken by the peer's decap there.
+    assert!(lab.counter(0, "tx_encap") >= tx + 5, "{}", lab.logs());
+    assert!(lab.counter(1, "rx_decap") >= rx + 5, "{}", lab.logs());
+    std::fs::write(&config, before).unwrap();
+}

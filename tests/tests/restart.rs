@@ -85,6 +85,22 @@ fn a_second_agent_on_the_same_pin_root_refuses() {
         })
     };
     let links_before = pinned_links();
+    let lease_dir = lab.lease_dir().join("subnets");
+    let leases = || -> Vec<(String, String)> {
+        let mut v: Vec<_> = std::fs::read_dir(&lease_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(e.path()).unwrap_or_default())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let leases_before = leases();
+    let bg =
+        flannel_tests::traffic::BackgroundPing::start(&lab.nodes[0].pod, dst, 200, 10).unwrap();
 
     let n = &lab.nodes[0];
     let out = std::process::Command::new("timeout")
@@ -115,10 +131,16 @@ fn a_second_agent_on_the_same_pin_root_refuses() {
         links_before,
         "the second agent changed the links"
     );
+    // It refused before writing anything: no lease, no subnet.env.
     assert_eq!(
-        flannel_tests::traffic::ping(&lab.nodes[0].pod, dst, 5, 0.05).unwrap(),
-        (5, 5)
+        leases(),
+        leases_before,
+        "the second agent wrote the lease store"
     );
+    assert!(!lab.dir.join("second.env").exists());
+    let (sent, received) = bg.finish().unwrap();
+    flannel_tests::chaos("a second agent on the node", sent, received);
+    assert_eq!((sent, received), (200, 200), "{}", lab.logs());
 }
 
 /// Restarts (SIGKILL, SIGTERM, an upgrade) on the file source lose no ping

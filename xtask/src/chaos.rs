@@ -21,6 +21,8 @@ const FAULT_TESTS: &[&str] = &[
     "underlay_mtu_change_is_applied",
     "restart_after_flannel1_was_recreated_attaches_to_the_live_device",
     "a_vni_change_is_refused_not_half_applied",
+    "underlay_address_change_moves_the_lease",
+    "a_second_agent_on_the_same_pin_root_refuses",
 ];
 
 pub fn run(agent: &Path) -> anyhow::Result<()> {
