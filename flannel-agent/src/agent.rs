@@ -386,7 +386,7 @@ async fn set_up_node(
             }
         }
         LeaseBackend::Vxlan { vtep_mac } => {
-            refuse_vni_change(root, conf.backend.vni, vtep_name)?;
+            refuse_vni_change(nl, root, conf.backend.vni, vtep_name).await?;
             let mtu = conf
                 .backend
                 .mtu
@@ -449,21 +449,43 @@ async fn set_up_node(
 /// and speaks to peers on that VNI: switching would leave the old device and
 /// its routes behind, and split this node from nodes not yet switched.
 /// Refuse, saying how to do it, rather than half-apply it.
-fn refuse_vni_change(root: &Path, vni: u32, vtep_name: &str) -> anyhow::Result<()> {
-    let Ok(tables) = Tables::open(root) else {
-        return Ok(()); // nothing pinned yet
-    };
-    let pinned = tables.node_config()?;
-    if pinned.ready != 0 && pinned.vni != vni {
-        bail!(
-            "net-conf.json says VNI {vni} ({vtep_name}), but the data path pinned under {} runs VNI {}: \
-             a VNI change needs every node switched together; on this node first run \
-             `flannel-agent uninstall --pin-root {}` and delete flannel.{}, then start again",
-            root.display(),
-            pinned.vni,
-            root.display(),
-            pinned.vni
-        );
+async fn refuse_vni_change(
+    nl: &Netlink,
+    root: &Path,
+    vni: u32,
+    vtep_name: &str,
+) -> anyhow::Result<()> {
+    if let Ok(tables) = Tables::open(root) {
+        let pinned = tables.node_config()?;
+        if pinned.ready != 0 && pinned.vni != vni {
+            bail!(
+                "net-conf.json says VNI {vni} ({vtep_name}), but the data path pinned under {} runs VNI {}: \
+                 a VNI change needs every node switched together; on this node first run \
+                 `flannel-agent uninstall --pin-root {}` and delete flannel.{}, then start again",
+                root.display(),
+                pinned.vni,
+                root.display(),
+                pinned.vni
+            );
+        }
+    }
+    // Either data path: a VTEP of another VNI left by an earlier run would
+    // keep its routes and its socket (half the change applied).
+    for l in nl.links().await? {
+        if let Some((old, _)) = l.vxlan
+            && old != vni
+            && l.name != vtep_name
+            && l.name.starts_with("flannel.")
+        {
+            bail!(
+                "net-conf.json says VNI {vni} ({vtep_name}), but {} (VNI {old}) from an earlier run remains: \
+                 a VNI change needs every node switched together; on this node first run \
+                 `flannel-agent uninstall --pin-root {}` and `ip link del {}`, then start again",
+                l.name,
+                root.display(),
+                l.name
+            );
+        }
     }
     Ok(())
 }

@@ -250,7 +250,10 @@ fn a_port_and_mtu_change_is_applied_whole() {
     let before = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        before.replace(r#""Type":"vxlan""#, r#""Type":"vxlan","Port":4789,"MTU":1400"#),
+        before.replace(
+            r#""Type":"vxlan""#,
+            r#""Type":"vxlan","Port":4789,"MTU":1400"#,
+        ),
     )
     .unwrap();
     lab.start_agent(0).unwrap();
@@ -258,7 +261,10 @@ fn a_port_and_mtu_change_is_applied_whole() {
     for i in 0..2 {
         let n = &lab.nodes[i];
         let link = n.ns.sh("ip -d link show flannel.1").unwrap();
-        assert!(link.contains("dstport 4789") && link.contains("mtu 1400"), "{link}");
+        assert!(
+            link.contains("dstport 4789") && link.contains("mtu 1400"),
+            "{link}"
+        );
         let env = std::fs::read_to_string(&n.subnet_file).unwrap();
         assert!(env.contains("FLANNEL_MTU=1400"), "{env}");
     }
@@ -276,5 +282,47 @@ fn a_port_and_mtu_change_is_applied_whole() {
     // Sent by our encap to the new port and taken by the peer's decap there.
     assert!(lab.counter(0, "tx_encap") >= tx + 5, "{}", lab.logs());
     assert!(lab.counter(1, "rx_decap") >= rx + 5, "{}", lab.logs());
+    std::fs::write(&config, before).unwrap();
+}
+
+/// The same refusal on the kernel data path, where nothing is pinned: the
+/// old flannel.1 is what would be left half-applied.
+#[test]
+fn a_vni_change_on_the_kernel_data_path_is_refused() {
+    if !prereq::ready("vni_change_kernel") {
+        return;
+    }
+    let mut lab = Lab::new("vnik", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    lab.nodes[0].agent_args = ["--datapath", "kernel"].map(String::from).to_vec();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    wait_reachable(
+        &lab.nodes[0].pod,
+        lab.nodes[1].pod_ip(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    lab.nodes[0].stop_agent().unwrap();
+    let config = lab.lease_dir().join("config");
+    let before = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        before.replace(r#""Type":"vxlan""#, r#""Type":"vxlan","VNI":2"#),
+    )
+    .unwrap();
+    lab.spawn_agent(0).unwrap();
+    wait_for("the agent to refuse", Duration::from_secs(10), || {
+        (!lab.nodes[0].agent_running()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let log = lab.nodes[0].log_text();
+    assert!(
+        log.contains("net-conf.json says VNI 2 (flannel.2), but flannel.1 (VNI 1) from an earlier run remains"),
+        "{log}"
+    );
+    assert!(
+        lab.nodes[0].ns.sh("ip link show flannel.2").is_err(),
+        "flannel.2 was created"
+    );
     std::fs::write(&config, before).unwrap();
 }
