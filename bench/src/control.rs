@@ -105,7 +105,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
             let mut out = Vec::new();
             for &n in counts {
                 let leases: Vec<Lease> = (1..=n).map(peer).collect::<anyhow::Result<_>>()?;
-                let (want, _) = Desired::from_leases(&leases, &own);
+                let (want, _) = Desired::from_leases(&leases, &own, &Desired::default());
                 let t = Instant::now();
                 let o = apply(
                     &want,
