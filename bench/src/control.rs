@@ -92,6 +92,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 underlay_ifindex: ul.index,
                 vtep_ifindex: vtep.index,
                 ready: 1,
+                ..NodeConfig::default()
             };
             datapath::install(
                 &root,

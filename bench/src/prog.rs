@@ -90,6 +90,10 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             underlay_ifindex: ifindex,
             vtep_ifindex: 1,
             ready: 1,
+            // The membership checks run as on a node (Network 10.244.0.0/16).
+            network: [10, 244, 0, 0],
+            network_mask: [255, 255, 0, 0],
+            flags: 0,
         };
         let fd = |name: &str| {
             ebpf.map(name)
@@ -100,6 +104,9 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
         let fdb = FdbValue {
             node_ip: REMOTE_IP.octets(),
             peer_slot: 0,
+            // The fixture's decap frame carries the segment from 10.244.1.10.
+            subnet: [10, 244, 1, 0],
+            subnet_mask: [255, 255, 255, 0],
         };
         flannel_agent::bpf_sys::update(fd("FDB")?, &FdbKey::new(REMOTE_VTEP), &fdb)?;
         let segment = tcp_segment(1400);

@@ -430,6 +430,14 @@ async fn set_up_node(
                         underlay_ifindex: underlay.link.index,
                         vtep_ifindex: vtep.index,
                         ready: 1,
+                        network: conf.network.addr().octets(),
+                        network_mask: conf.network.netmask().octets(),
+                        // DirectRouting peers send pod traffic unencapsulated.
+                        flags: if conf.backend.direct_routing {
+                            flannel_ebpf_common::NODE_NATIVE_POD_SOURCES
+                        } else {
+                            0
+                        },
                     };
                     let loaded =
                         datapath::load(root, &object?, node, log::max_level()).map_err(no_ebpf)?;

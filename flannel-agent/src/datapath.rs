@@ -256,7 +256,16 @@ pub fn load(
         if path.exists() {
             let info = MapInfo::from_pin(&path)
                 .with_context(|| format!("opening pinned map {}", path.display()))?;
-            check_map(spec, &info, &path)?;
+            // Another version's layout (an upgrade): every map is derived
+            // from the leases and the config, so a new one is made and
+            // filled before the programs that read it are swapped in; the
+            // running programs keep the old one until then. Only counters
+            // start again from zero.
+            if let Err(e) = check_map(spec, &info, &path) {
+                log::warn!("{e:#}: replacing it with this version's map");
+                fs::remove_file(&path)
+                    .with_context(|| format!("removing the old map pin {}", path.display()))?;
+            }
         }
     }
     let mut loader = EbpfLoader::new();

@@ -40,6 +40,14 @@ pub struct Own {
 }
 
 impl Desired {
+    /// Each VtepMAC's pod subnet (its lease): the inner sources it may use.
+    pub fn subnet_by_mac(&self) -> BTreeMap<Mac, Subnet> {
+        self.routes
+            .iter()
+            .filter_map(|(subnet, vtep)| Some((*self.arp.get(vtep)?, *subnet)))
+            .collect()
+    }
+
     /// DirectRouting: peers whose public IP is on-link get `<subnet> via
     /// <PublicIP>` on the underlay and no VXLAN entries; the others keep them.
     pub fn with_direct_routing(mut self, onlink: impl Fn(Ipv4Addr) -> bool) -> Desired {
@@ -209,6 +217,7 @@ fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
 #[derive(Default)]
 struct MapView {
     fdb: BTreeMap<Mac, (Ipv4Addr, u32)>,
+    fdb_values: BTreeMap<Mac, flannel_ebpf_common::FdbValue>,
     arp: BTreeMap<Ipv4Addr, Mac>,
     routes: BTreeMap<Subnet, Ipv4Addr>,
 }
@@ -286,11 +295,18 @@ pub async fn apply(
     };
     let mut out = Outcome::default();
     let view = match tables.as_deref() {
-        Some(t) => MapView {
-            fdb: t.fdb_entries()?,
-            arp: t.arp_entries()?,
-            routes: t.route_entries()?,
-        },
+        Some(t) => {
+            let values = t.fdb_values()?;
+            MapView {
+                fdb: values
+                    .iter()
+                    .map(|(m, v)| (*m, (Ipv4Addr::from(v.node_ip), v.peer_slot)))
+                    .collect(),
+                fdb_values: values,
+                arp: t.arp_entries()?,
+                routes: t.route_entries()?,
+            }
+        }
         None => MapView::default(),
     };
     let (fdb, arp, routes) = (&view.fdb, &view.arp, &view.routes);
@@ -306,14 +322,16 @@ pub async fn apply(
     // 1. FDB map: what the datapath reads, first. Each node keeps its stats slot.
     if let Some(t) = tables.as_deref_mut() {
         let slots = assign_slots(want, fdb);
+        let subnets = want.subnet_by_mac();
         for (mac, ip) in &want.fdb {
             let slot = slots[ip];
-            if fdb.get(mac) != Some(&(*ip, slot)) {
+            let v = Tables::fdb_value(*ip, slot, subnets.get(mac).copied());
+            if view.fdb_values.get(mac) != Some(&v) {
                 if !fdb.values().any(|(i, s)| *s == slot && i == ip) {
                     // A slot new to this node: it must not inherit another node's counts.
                     out.record(t.reset_peer(slot));
                 }
-                out.record(t.set_fdb(*mac, *ip, slot));
+                out.record(t.set_fdb(*mac, v));
             }
         }
     }

@@ -41,6 +41,11 @@ impl Subnet {
         Ipv4Addr::from(u32::from(self.addr) & Self::mask(self.len))
     }
 
+    /// The netmask, as an address (`255.255.255.0` for a /24).
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(Self::mask(self.prefix_len()))
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & Self::mask(self.len) == u32::from(self.addr)
     }

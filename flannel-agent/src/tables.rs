@@ -96,11 +96,29 @@ impl Tables {
         Ok(out)
     }
 
-    pub fn set_fdb(&mut self, mac: Mac, node_ip: Ipv4Addr, peer_slot: u32) -> anyhow::Result<()> {
-        let v = FdbValue {
+    /// The FDB map as the datapath reads it, every field.
+    pub fn fdb_values(&self) -> anyhow::Result<BTreeMap<Mac, FdbValue>> {
+        Ok(self
+            .fdb
+            .entries()
+            .context("reading the FDB map")?
+            .into_iter()
+            .map(|(k, v)| (Mac(k.vtep_mac), v))
+            .collect())
+    }
+
+    /// The FDB entry of the node at `node_ip`, whose pods are in `subnet`.
+    pub fn fdb_value(node_ip: Ipv4Addr, peer_slot: u32, subnet: Option<Subnet>) -> FdbValue {
+        FdbValue {
             node_ip: node_ip.octets(),
             peer_slot,
-        };
+            subnet: subnet.map_or([0; 4], |s| s.addr().octets()),
+            subnet_mask: subnet.map_or([0; 4], |s| s.netmask().octets()),
+        }
+    }
+
+    pub fn set_fdb(&mut self, mac: Mac, v: FdbValue) -> anyhow::Result<()> {
+        let node_ip = Ipv4Addr::from(v.node_ip);
         self.fdb
             .set(&FdbKey::new(mac.0), &v)
             .with_context(|| format!("FDB map: {mac} → {node_ip}"))

@@ -51,6 +51,24 @@ pub struct NodeConfig {
     pub vtep_ifindex: u32,
     /// Non-zero once the agent has filled this entry; programs pass everything before.
     pub ready: u32,
+    /// The cluster Network (net-conf.json `Network`) and its mask: a frame
+    /// from the underlay with a source in it is a spoofed pod (unless
+    /// [`NODE_NATIVE_POD_SOURCES`]), and a member's inner source in it must
+    /// be in that member's own subnet.
+    pub network: [u8; 4],
+    pub network_mask: [u8; 4],
+    /// `NODE_*` bits.
+    pub flags: u32,
+}
+
+/// [`NodeConfig::flags`]: pod sources arrive unencapsulated from the
+/// underlay legitimately (DirectRouting peers route pod traffic natively).
+pub const NODE_NATIVE_POD_SOURCES: u32 = 1;
+
+/// `(addr & mask) == net`, all in network byte order.
+#[inline(always)]
+pub fn in_prefix(addr: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
+    (u32::from_ne_bytes(addr) & u32::from_ne_bytes(mask)) == u32::from_ne_bytes(net)
 }
 
 /// Key of the ROUTE mirror (LPM trie): remote pod subnet.
@@ -104,6 +122,10 @@ pub struct FdbValue {
     pub node_ip: [u8; 4],
     /// This node's slot in PEER_STATS, assigned by the agent.
     pub peer_slot: u32,
+    /// The node's pod subnet (its lease) and mask: the inner sources it may
+    /// send from, so a member cannot speak for another node's pods.
+    pub subnet: [u8; 4],
+    pub subnet_mask: [u8; 4],
 }
 
 /// Per remote node traffic, one per-CPU slot per node (indexed by
@@ -182,7 +204,9 @@ counters! {
     /// Ingress drop: inner destination MAC is not our VtepMAC.
     RxDropBadInnerDst = 12, "rx_drop_bad_inner_dst";
     /// Ingress pass: outer IPv4 is a fragment; the kernel reassembles and its
-    /// VXLAN device decapsulates.
+    /// VXLAN device decapsulates. The first fragment passes only after the
+    /// checks a whole frame gets (it carries the headers); the others cannot
+    /// be reassembled without it.
     RxPassFragment = 13, "rx_pass_fragment";
     /// Ingress pass: outer IPv4 header is garbled (bad version/IHL/length); the
     /// kernel's IP layer judges it.
@@ -197,6 +221,16 @@ counters! {
     /// Ingress pass (TC decap): a member's GSO aggregate, left to the
     /// kernel's VXLAN device, which resets its tunnel offload state.
     RxPassGso = 18, "rx_pass_gso";
+    /// Ingress drop: a member's inner packet has a source in the cluster
+    /// Network outside that member's subnet (it speaks for other pods).
+    RxDropSpoofedInner = 19, "rx_drop_spoofed_inner_source";
+    /// Ingress drop: a plain (not VXLAN) packet on the underlay with a pod
+    /// source; pods of other nodes reach us only through the overlay.
+    RxDropPodSourceOnUnderlay = 20, "rx_drop_pod_source_on_underlay";
+    /// Ingress drop: the first fragment of a datagram to our VXLAN port
+    /// too short to hold the headers the checks read (RFC 1858's tiny
+    /// fragment); a real path never fragments that early.
+    RxDropTinyFragment = 21, "rx_drop_tiny_fragment";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;

@@ -1,8 +1,8 @@
 //! Ingress on the underlay (XDP): VXLAN for our VNI and port, from a node in
 //! the FDB, loses its outer headers here and enters the stack as a plain
 //! frame on the underlay; the kernel then routes it to cni0. VXLAN to our
-//! port that fails a check is dropped and counted; everything else passes
-//! untouched.
+//! port that fails a check is dropped and counted, and so is a plain packet
+//! with a pod source; everything else passes untouched.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
@@ -13,8 +13,8 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
     maps::{config, count},
-    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
-    rx::{self, Overlay, Verdict},
+    packet::{ETH_LEN, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
+    rx::{self, Outer, Overlay, Verdict},
 };
 
 #[xdp(frags)]
@@ -33,22 +33,36 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_PASS;
     };
     let eth = unsafe { &*eth };
-    if be16(&eth.proto) != ETH_P_IPV4 {
+    // Here (before the kernel strips it) an 802.1p priority tag can still be
+    // in front of the IPv4 header: such frames get the same checks.
+    let tag = ptr_at::<[u8; 4]>(start, end, ETH_LEN).map(|t| unsafe { *t });
+    let Some(l2) = rx::l2_len(be16(&eth.proto), tag) else {
         return XDP_PASS;
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_LEN) else {
+    };
+    let ip = if l2 == ETH_LEN {
+        ptr_at::<Ipv4Hdr>(start, end, ETH_LEN)
+    } else {
+        ptr_at::<Ipv4Hdr>(start, end, ETH_LEN + 4)
+    };
+    let Some(ip) = ip else {
         count(Counter::RxPassMalformed, frame_len);
         return XDP_PASS;
     };
     let ip = unsafe { &*ip };
-    let Some(l4) = rx::udp_offset(ip, cfg, frame_len) else {
-        return XDP_PASS;
+    let (ihl, first_fragment) = match rx::outer(ip, cfg, frame_len) {
+        Outer::Udp {
+            ihl,
+            first_fragment,
+        } => (ihl, first_fragment),
+        Outer::Pass => return XDP_PASS,
+        Outer::Drop => return XDP_DROP,
     };
-    let ihl = l4 - ETH_LEN;
-    // IP options are legal: the UDP header starts after them. Past the
-    // variable-length IPv4 header, bytes are copied with bpf_xdp_load_bytes so
+    let l4 = l2 + ihl;
+    // The common frame (untagged, no IP options) is read in place at
+    // constant offsets; any other is copied out with bpf_xdp_load_bytes so
     // the verifier never has to track a variable packet offset.
-    let Some(dport) = udp_dport(ctx, start, end, l4, ihl) else {
+    let plain = l2 == ETH_LEN && ihl == IPV4_LEN;
+    let Some(dport) = udp_dport(ctx, start, end, l4, plain) else {
         count(Counter::RxPassMalformed, frame_len);
         return XDP_PASS;
     };
@@ -56,18 +70,16 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_PASS;
     }
     // From here on the frame claims to be ours: it is delivered or dropped.
-    let vx_off = l4 + UDP_LEN;
-    let inner_off = vx_off + VXLAN_LEN;
-    let overlay = if (frame_len as usize) < inner_off + ETH_LEN + IPV4_LEN {
-        None
+    let overlay = if rx::holds_overlay(l4, frame_len) {
+        read_overlay(ctx, start, end, l4 + UDP_LEN, plain)
     } else {
-        read_overlay(ctx, start, end, vx_off, ihl)
+        None
     };
-    let Some(overlay) = overlay else {
-        count(Counter::RxDropTruncated, frame_len);
-        return XDP_DROP;
+    let verdict = match overlay {
+        Some(ov) => rx::overlay(ctx, &ov, ip.saddr, frame_len, first_fragment, cfg),
+        None => rx::truncated(first_fragment, frame_len),
     };
-    let slot = match rx::overlay(ctx, &overlay, ip.saddr, frame_len, cfg) {
+    let slot = match verdict {
         Verdict::Decap { slot } => slot,
         Verdict::Drop => return XDP_DROP,
         Verdict::Pass => return XDP_PASS,
@@ -77,8 +89,9 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     let mut macs = [0u8; 12];
     macs[0..6].copy_from_slice(&eth.dst);
     macs[6..12].copy_from_slice(&eth.src);
+    let inner_off = rx::inner_offset(l4);
     let inner_len = frame_len - inner_off as u32;
-    if !write_inner_macs(ctx, start, end, inner_off, ihl, &mut macs)
+    if !write_inner_macs(ctx, start, end, inner_off, plain, &mut macs)
         || unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0
     {
         count(Counter::RxDropAdjust, frame_len);
@@ -103,25 +116,24 @@ fn load<T>(ctx: &XdpContext, off: usize) -> Option<T> {
     (rc == 0).then(|| unsafe { v.assume_init() })
 }
 
-/// Without IP options (the common case) headers sit at constant offsets and
-/// are read in place; with options they are copied out with a helper, so the
-/// verifier never tracks a variable packet offset.
-const VX_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+/// Offsets of the plain frame's headers.
+const PLAIN_L4: usize = ETH_LEN + IPV4_LEN;
+const PLAIN_VX: usize = PLAIN_L4 + UDP_LEN;
 
 #[inline(always)]
-fn udp_dport(ctx: &XdpContext, start: usize, end: usize, l4: usize, ihl: usize) -> Option<u16> {
-    if ihl == IPV4_LEN {
-        ptr_at::<UdpHdr>(start, end, ETH_LEN + IPV4_LEN).map(|u| be16(unsafe { &(*u).dport }))
+fn udp_dport(ctx: &XdpContext, start: usize, end: usize, l4: usize, plain: bool) -> Option<u16> {
+    if plain {
+        ptr_at::<UdpHdr>(start, end, PLAIN_L4).map(|u| be16(unsafe { &(*u).dport }))
     } else {
         load::<UdpHdr>(ctx, l4).map(|u| be16(&u.dport))
     }
 }
 
 #[inline(always)]
-fn read_overlay(ctx: &XdpContext, start: usize, end: usize, vx_off: usize, ihl: usize) -> Option<Overlay> {
-    if ihl == IPV4_LEN {
+fn read_overlay(ctx: &XdpContext, start: usize, end: usize, vx_off: usize, plain: bool) -> Option<Overlay> {
+    if plain {
         // SAFETY: bounds checked by ptr_at; Overlay is plain bytes (align 1).
-        ptr_at::<Overlay>(start, end, VX_OFF).map(|p| unsafe { core::ptr::read(p) })
+        ptr_at::<Overlay>(start, end, PLAIN_VX).map(|p| unsafe { core::ptr::read(p) })
     } else {
         load::<Overlay>(ctx, vx_off)
     }
@@ -133,11 +145,11 @@ fn write_inner_macs(
     start: usize,
     end: usize,
     inner_off: usize,
-    ihl: usize,
+    plain: bool,
     macs: &mut [u8; 12],
 ) -> bool {
-    if ihl == IPV4_LEN {
-        match ptr_at::<[u8; 12]>(start, end, VX_OFF + VXLAN_LEN) {
+    if plain {
+        match ptr_at::<[u8; 12]>(start, end, PLAIN_VX + VXLAN_LEN) {
             Some(p) => {
                 // SAFETY: bounds checked by ptr_at.
                 unsafe { *p = *macs };

@@ -3,7 +3,11 @@
 //! so every TCP segment would cross it at MTU size; at TC the peer keeps
 //! sending large segments. Same checks and counters as the XDP program.
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::generated::bpf_csum_level,
     macros::classifier,
     programs::TcContext,
 };
@@ -11,8 +15,8 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
     maps::{config, count},
-    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16},
-    rx::{self, Overlay, Verdict},
+    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, Ipv4Hdr, UDP_LEN, UdpHdr, be16},
+    rx::{self, Outer, Overlay, Verdict},
 };
 
 #[classifier]
@@ -38,9 +42,15 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         count(Counter::RxPassMalformed, frame_len);
         return TC_ACT_OK;
     };
-    let Some(l4) = rx::udp_offset(&ip, cfg, frame_len) else {
-        return TC_ACT_OK;
+    let (ihl, first_fragment) = match rx::outer(&ip, cfg, frame_len) {
+        Outer::Udp {
+            ihl,
+            first_fragment,
+        } => (ihl, first_fragment),
+        Outer::Pass => return TC_ACT_OK,
+        Outer::Drop => return TC_ACT_SHOT,
     };
+    let l4 = ETH_LEN + ihl;
     let Ok(udp) = ctx.load::<UdpHdr>(l4) else {
         count(Counter::RxPassMalformed, frame_len);
         return TC_ACT_OK;
@@ -49,17 +59,17 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         return TC_ACT_OK;
     }
     // From here on the frame claims to be ours: it is delivered or dropped.
-    let inner_off = l4 + UDP_LEN + VXLAN_LEN;
-    let overlay = if (frame_len as usize) < inner_off + ETH_LEN + IPV4_LEN {
-        None
-    } else {
+    let inner_off = rx::inner_offset(l4);
+    let overlay = if rx::holds_overlay(l4, frame_len) {
         ctx.load::<Overlay>(l4 + UDP_LEN).ok()
+    } else {
+        None
     };
-    let Some(overlay) = overlay else {
-        count(Counter::RxDropTruncated, frame_len);
-        return TC_ACT_SHOT;
+    let verdict = match overlay {
+        Some(ov) => rx::overlay(ctx, &ov, ip.saddr, frame_len, first_fragment, cfg),
+        None => rx::truncated(first_fragment, frame_len),
     };
-    let slot = match rx::overlay(ctx, &overlay, ip.saddr, frame_len, cfg) {
+    let slot = match verdict {
         Verdict::Decap { slot } => slot,
         Verdict::Drop => return TC_ACT_SHOT,
         Verdict::Pass => return TC_ACT_OK,
@@ -84,6 +94,10 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         count(Counter::RxDropAdjust, frame_len);
         return TC_ACT_SHOT;
     }
+    // A checksum the NIC verified for the outer UDP header says nothing of
+    // the inner packet's: take one level off (none left means the stack
+    // verifies the inner checksums itself).
+    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
     rx::delivered(slot, frame_len - inner_off as u32);
     TC_ACT_OK
 }

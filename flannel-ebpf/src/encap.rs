@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use flannel_ebpf_common::{Counter, NodeConfig, VXLAN_OVERHEAD};
+use flannel_ebpf_common::{Counter, FdbValue, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
@@ -74,7 +74,12 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let inner_dst = eth.dst;
     let inner_src = eth.src;
     let inner_tos = ip.tos;
-    let Some((node_ip, slot)) = fdb_lookup(inner_dst) else {
+    let Some(FdbValue {
+        node_ip,
+        peer_slot: slot,
+        ..
+    }) = fdb_lookup(inner_dst)
+    else {
         // Diagnostics only at debug level: the verifier prunes them otherwise.
         debug!(ctx, "encap: no FDB entry for VtepMAC {:mac}, left to the kernel", inner_dst);
         count(Counter::TxFallbackNoFdb, ctx.len());

@@ -47,11 +47,10 @@ pub fn count(counter: Counter, bytes: u32) {
     }
 }
 
-/// The node behind a VtepMAC: (public IP, stats slot).
+/// The node behind a VtepMAC: public IP, stats slot, pod subnet.
 #[inline(always)]
-pub fn fdb_lookup(mac: [u8; 6]) -> Option<([u8; 4], u32)> {
-    FDB.get_ptr(FdbKey::new(mac))
-        .map(|v| unsafe { ((*v).node_ip, (*v).peer_slot) })
+pub fn fdb_lookup(mac: [u8; 6]) -> Option<FdbValue> {
+    FDB.get_ptr(FdbKey::new(mac)).map(|v| unsafe { *v })
 }
 
 /// This CPU's stats slot of a peer.

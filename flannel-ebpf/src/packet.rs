@@ -45,11 +45,6 @@ pub struct Ipv4Hdr {
 }
 
 impl Ipv4Hdr {
-    /// More-fragments set or a non-zero offset.
-    #[inline(always)]
-    pub fn is_fragment(&self) -> bool {
-        be16(&self.frag_off) & 0x3fff != 0
-    }
 }
 
 #[repr(C)]

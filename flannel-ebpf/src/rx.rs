@@ -1,71 +1,75 @@
-//! The checks a VXLAN frame for this node must pass, whichever hook sees it
-//! first on the underlay (XDP, or TC ingress where XDP would cost more).
+//! The checks a frame from the underlay must pass, whichever hook sees it
+//! first (XDP, or TC ingress where XDP would cost more). Every verdict a
+//! check gives is counted here, once.
 use aya_ebpf::{EbpfContext, helpers::generated::bpf_ktime_get_coarse_ns};
 use aya_log_ebpf::debug;
-use flannel_ebpf_common::{Counter, NodeConfig};
+use flannel_ebpf_common::{Counter, NODE_NATIVE_POD_SOURCES, NodeConfig, in_prefix};
 
 use crate::{
     maps::{count, fdb_lookup, peer},
-    packet::{
-        ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16,
-    },
+    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
 };
 
 /// What the outer IPv4 header says about a frame.
-enum Outer {
-    /// Not UDP to our public IP: not ours to judge.
-    Other,
-    /// Garbled version, IHL or length: the kernel's IP layer judges it.
-    Malformed,
-    /// A fragment: only the kernel can reassemble; its VXLAN device decaps.
-    Fragment,
-    /// Unfragmented UDP to our public IP, the UDP header `ihl` bytes in.
-    Udp { ihl: usize },
+pub enum Outer {
+    /// Not UDP to our public IP, a garbled header (the kernel's IP layer
+    /// judges it), or a later fragment: passes untouched.
+    Pass,
+    /// A pod source on the underlay: dropped (counted).
+    Drop,
+    /// UDP to our public IP, the UDP header `ihl` bytes into the IP header;
+    /// `first_fragment`: more fragments follow, so only the checks apply.
+    Udp { ihl: usize, first_fragment: bool },
 }
 
-/// Where the UDP header starts when `ip` is an unfragmented UDP packet to
-/// our public IP; None (the frame passes) otherwise, garbled headers and
-/// fragments counted.
+/// Classify the outer IPv4 header of a frame from the underlay.
 #[inline(always)]
-pub fn udp_offset(ip: &Ipv4Hdr, cfg: &NodeConfig, frame_len: u32) -> Option<usize> {
-    match outer(ip, cfg) {
-        Outer::Udp { ihl } => Some(ETH_LEN + ihl),
-        Outer::Other => None,
-        Outer::Malformed => {
-            count(Counter::RxPassMalformed, frame_len);
-            None
-        }
-        Outer::Fragment => {
-            count(Counter::RxPassFragment, frame_len);
-            None
-        }
+pub fn outer(ip: &Ipv4Hdr, cfg: &NodeConfig, frame_len: u32) -> Outer {
+    // Pods of other nodes reach ours only through the overlay: a plain
+    // packet from the underlay with a pod source is spoofed (this is what a
+    // strict rp_filter would have caught; decapsulated packets never pass
+    // this hook again). A zero mask means no Network was configured.
+    if cfg.flags & NODE_NATIVE_POD_SOURCES == 0
+        && cfg.network_mask != [0; 4]
+        && in_prefix(ip.saddr, cfg.network, cfg.network_mask)
+    {
+        count(Counter::RxDropPodSourceOnUnderlay, frame_len);
+        return Outer::Drop;
     }
-}
-
-#[inline(always)]
-fn outer(ip: &Ipv4Hdr, cfg: &NodeConfig) -> Outer {
     if ip.proto != IPPROTO_UDP {
-        return Outer::Other;
+        return Outer::Pass;
     }
     let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
     if ip.ver_ihl >> 4 != 4 || ihl < IPV4_LEN || (be16(&ip.tot_len) as usize) < ihl + UDP_LEN {
-        return Outer::Malformed;
+        count(Counter::RxPassMalformed, frame_len);
+        return Outer::Pass;
     }
     if ip.daddr != cfg.public_ip {
-        return Outer::Other;
+        return Outer::Pass;
     }
-    if ip.is_fragment() {
-        return Outer::Fragment;
+    let frag = be16(&ip.frag_off);
+    if frag & 0x1fff != 0 {
+        // A later fragment: useless to the kernel without the first one,
+        // which gets every check below.
+        count(Counter::RxPassFragment, frame_len);
+        return Outer::Pass;
     }
-    Outer::Udp { ihl }
+    Outer::Udp {
+        ihl,
+        first_fragment: frag & 0x2000 != 0,
+    }
 }
 
-/// VXLAN header and inner Ethernet header, read together.
+/// VXLAN header, inner Ethernet header and inner IPv4 header, read together.
 #[repr(C)]
 pub struct Overlay {
     pub vx: VxlanHdr,
     pub inner: EthHdr,
+    pub inner_ip: Ipv4Hdr,
 }
+
+/// Bytes from the VXLAN header to the end of the inner IPv4 header.
+pub const OVERLAY_LEN: usize = core::mem::size_of::<Overlay>();
 
 /// The verdict on a frame to our VXLAN port.
 pub enum Verdict {
@@ -73,19 +77,36 @@ pub enum Verdict {
     Decap { slot: u32 },
     /// Fails a check: drop it (counted).
     Drop,
-    /// A member's non-IPv4 frame: the kernel's VXLAN device gets it (counted).
+    /// Passes every check but is not ours to strip (a member's non-IPv4
+    /// frame, a first fragment): the kernel's VXLAN device gets it (counted).
     Pass,
 }
 
+/// A frame to our port too short for the headers the checks read.
+#[inline(always)]
+pub fn truncated(first_fragment: bool, frame_len: u32) -> Verdict {
+    count(
+        if first_fragment {
+            Counter::RxDropTinyFragment
+        } else {
+            Counter::RxDropTruncated
+        },
+        frame_len,
+    );
+    Verdict::Drop
+}
+
 /// VNI, flags, membership (the inner source is a VtepMAC known for exactly
-/// this outer source; the kernel's VXLAN accepts anyone) and inner
-/// destination. Drops and passes are counted here.
+/// this outer source; the kernel's VXLAN accepts anyone), inner destination,
+/// and the inner source (inside the cluster Network only the member's own
+/// subnet). Drops and passes are counted here.
 #[inline(always)]
 pub fn overlay<C: EbpfContext>(
     ctx: &C,
     ov: &Overlay,
     saddr: [u8; 4],
     frame_len: u32,
+    first_fragment: bool,
     cfg: &NodeConfig,
 ) -> Verdict {
     let (vx, inner) = (&ov.vx, &ov.inner);
@@ -100,26 +121,58 @@ pub fn overlay<C: EbpfContext>(
         count(Counter::RxDropBadVni, frame_len);
         return Verdict::Drop;
     }
-    let slot = match fdb_lookup(inner.src) {
-        Some((node_ip, slot)) if node_ip == saddr => slot,
+    let member = match fdb_lookup(inner.src) {
+        Some(v) if v.node_ip == saddr => v,
         _ => {
             debug!(ctx, "decap: drop, non-member {:i} (inner source {:mac})", saddr, inner.src);
             count(Counter::RxDropNonMember, frame_len);
             return Verdict::Drop;
         }
     };
+    let slot = member.peer_slot;
     if inner.dst != cfg.vtep_mac {
-        count(Counter::RxDropBadInnerDst, frame_len);
-        if let Some(p) = peer(slot) {
-            p.rx_drops += 1;
-        }
-        return Verdict::Drop;
+        return member_drop(Counter::RxDropBadInnerDst, slot, frame_len);
     }
     if be16(&inner.proto) != ETH_P_IPV4 {
         count(Counter::RxPassInnerNotIpv4, frame_len);
         return Verdict::Pass;
     }
+    let src = ov.inner_ip.saddr;
+    if cfg.network_mask != [0; 4]
+        && in_prefix(src, cfg.network, cfg.network_mask)
+        && !in_prefix(src, member.subnet, member.subnet_mask)
+    {
+        debug!(ctx, "decap: drop, {:i} sent a packet from {:i}", saddr, src);
+        return member_drop(Counter::RxDropSpoofedInner, slot, frame_len);
+    }
+    if first_fragment {
+        // Checked whole; only the kernel can reassemble it.
+        count(Counter::RxPassFragment, frame_len);
+        return Verdict::Pass;
+    }
     Verdict::Decap { slot }
+}
+
+/// A member's frame that fails a check: counted for the node and the peer.
+#[inline(always)]
+fn member_drop(c: Counter, slot: u32, frame_len: u32) -> Verdict {
+    count(c, frame_len);
+    if let Some(p) = peer(slot) {
+        p.rx_drops += 1;
+    }
+    Verdict::Drop
+}
+
+/// Offset of the inner Ethernet header for a UDP header at `l4`.
+#[inline(always)]
+pub const fn inner_offset(l4: usize) -> usize {
+    l4 + UDP_LEN + core::mem::size_of::<VxlanHdr>()
+}
+
+/// Whether `frame_len` bytes reach the end of the inner IPv4 header.
+#[inline(always)]
+pub fn holds_overlay(l4: usize, frame_len: u32) -> bool {
+    frame_len as usize >= l4 + UDP_LEN + OVERLAY_LEN
 }
 
 /// Count a decapsulated frame, for the node and for its peer.
@@ -139,3 +192,21 @@ pub fn from_peer(slot: u32, inner_len: u32) {
         p.last_rx_ns = unsafe { bpf_ktime_get_coarse_ns() };
     }
 }
+
+/// Ethernet header length in front of the IPv4 header, with an 802.1Q
+/// priority tag (VLAN 0) allowed; None when the frame is not IPv4 (or is a
+/// real VLAN's, which is not ours to judge).
+#[inline(always)]
+pub fn l2_len(proto: u16, tag: Option<[u8; 4]>) -> Option<usize> {
+    match proto {
+        ETH_P_IPV4 => Some(ETH_LEN),
+        ETH_P_8021Q => {
+            let t = tag?;
+            let vid = u16::from_be_bytes([t[0], t[1]]) & 0x0fff;
+            (vid == 0 && u16::from_be_bytes([t[2], t[3]]) == ETH_P_IPV4).then_some(ETH_LEN + 4)
+        }
+        _ => None,
+    }
+}
+
+pub const ETH_P_8021Q: u16 = 0x8100;

@@ -86,6 +86,9 @@ fn load(b: &Bench) -> Ebpf {
         underlay_ifindex: b.underlay_ifindex,
         vtep_ifindex: 1,
         ready: 1,
+        network: [10, 244, 0, 0],
+        network_mask: [255, 255, 0, 0],
+        flags: 0,
     };
     update(map_fd(&ebpf, "CONFIG"), &0u32, &cfg).unwrap();
     set_fdb(&ebpf, REMOTE_IP.octets());
@@ -107,6 +110,8 @@ fn set_fdb(ebpf: &Ebpf, node_ip: [u8; 4]) {
     let v = FdbValue {
         node_ip,
         peer_slot: 3,
+        subnet: [10, 244, 2, 0],
+        subnet_mask: [255, 255, 255, 0],
     };
     update(map_fd(ebpf, "FDB"), &FdbKey::new(REMOTE_VTEP), &v).unwrap();
 }
@@ -309,6 +314,9 @@ struct Vx {
     inner_dst: [u8; 6],
     inner_src: [u8; 6],
     inner_proto: u16,
+    inner_src_ip: Ipv4Addr,
+    /// An 802.1Q tag (TCI) in front of the outer IPv4 header.
+    vlan: Option<u16>,
 }
 
 impl Default for Vx {
@@ -323,6 +331,8 @@ impl Default for Vx {
             inner_dst: LOCAL_VTEP,
             inner_src: REMOTE_VTEP,
             inner_proto: 0x0800,
+            inner_src_ip: Ipv4Addr::new(10, 244, 2, 10),
+            vlan: None,
         }
     }
 }
@@ -332,14 +342,13 @@ type Case = (&'static str, Vec<u8>, Verdict, Option<Counter>);
 const OUR_UNDERLAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
 
 fn inner_ip() -> Vec<u8> {
+    inner_ip_from(Ipv4Addr::new(10, 244, 2, 10))
+}
+
+/// An ICMP echo to our pod 10.244.1.10 from `src`.
+fn inner_ip_from(src: Ipv4Addr) -> Vec<u8> {
     let icmp = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
-    ipv4(
-        Ipv4Addr::new(10, 244, 2, 10),
-        Ipv4Addr::new(10, 244, 1, 10),
-        1,
-        0,
-        &icmp,
-    )
+    ipv4(src, Ipv4Addr::new(10, 244, 1, 10), 1, 0, &icmp)
 }
 
 impl Vx {
@@ -348,7 +357,7 @@ impl Vx {
             self.inner_dst,
             self.inner_src,
             self.inner_proto,
-            &inner_ip(),
+            &inner_ip_from(self.inner_src_ip),
         );
         let mut vxlan = self.flags.to_vec();
         vxlan.extend_from_slice(&(self.vni << 8).to_be_bytes());
@@ -370,7 +379,15 @@ impl Vx {
         ip[10..12].copy_from_slice(&[0, 0]);
         let c = csum(&ip[..20 + self.ihl_options.len()]);
         ip[10..12].copy_from_slice(&c.to_be_bytes());
-        eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &ip)
+        match self.vlan {
+            None => eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &ip),
+            Some(tci) => {
+                let mut tagged = tci.to_be_bytes().to_vec();
+                tagged.extend_from_slice(&[0x08, 0x00]);
+                tagged.extend_from_slice(&ip);
+                eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x8100, &tagged)
+            }
+        }
     }
 }
 
@@ -394,13 +411,40 @@ fn decap_delivers_member_vxlan_to_the_stack() {
             };
             let out = run_decap(&mut ebpf, hook, &opts.frame());
             assert_eq!(out, (Pass, expect.clone()), "{hook:?} with IP options");
-            assert_eq!(counter(&ebpf, Counter::RxDecap), 2, "{hook:?}");
-            let p = peer3(&ebpf);
-            assert_eq!(
-                (p.rx_packets, p.rx_bytes),
-                (2, 2 * (expect.len() as u64)),
-                "{hook:?}"
+            // A source outside the cluster Network is the member's to forward.
+            let outside = Ipv4Addr::new(192, 168, 7, 7);
+            let routed = Vx {
+                inner_src_ip: outside,
+                ..Vx::default()
+            };
+            let out = run_decap(&mut ebpf, hook, &routed.frame());
+            let expect_routed = eth(
+                OUR_UNDERLAY_MAC,
+                UNDERLAY_PEER_MAC,
+                0x0800,
+                &inner_ip_from(outside),
             );
+            assert_eq!(
+                out,
+                (Pass, expect_routed),
+                "{hook:?} from outside the Network"
+            );
+            let mut n = 3;
+            if let Hook::Xdp = hook {
+                // A priority-tagged (VLAN 0) frame: checked and decapsulated,
+                // the tag gone with the outer headers. (At TC the kernel has
+                // already removed it.)
+                let tagged = Vx {
+                    vlan: Some(0x6000),
+                    ..Vx::default()
+                };
+                let out = run_decap(&mut ebpf, hook, &tagged.frame());
+                assert_eq!(out, (Pass, expect.clone()), "{hook:?} VLAN 0");
+                n += 1;
+            }
+            assert_eq!(counter(&ebpf, Counter::RxDecap), n, "{hook:?}");
+            let p = peer3(&ebpf);
+            assert_eq!((p.rx_packets, p.rx_drops), (n, 0), "{hook:?}");
             assert!(p.last_rx_ns > 0);
         }
     })
@@ -536,6 +580,97 @@ fn bad_frames(ebpf: &mut Ebpf, hook: Hook) {
                 Some(Counter::RxPassFragment),
             ),
             (
+                "later fragment",
+                Vx {
+                    frag: [0x20, 0x10],
+                    ..Vx::default()
+                }
+                .frame(),
+                Pass,
+                Some(Counter::RxPassFragment),
+            ),
+            (
+                "first fragment from a non-member",
+                Vx {
+                    frag: [0x20, 0x00],
+                    src_ip: Ipv4Addr::new(10, 9, 0, 99),
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropNonMember),
+            ),
+            (
+                "first fragment speaking for another node's pod",
+                Vx {
+                    frag: [0x20, 0x00],
+                    inner_src_ip: Ipv4Addr::new(10, 244, 3, 10),
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropSpoofedInner),
+            ),
+            (
+                "first fragment too short for the inner headers",
+                Vx {
+                    frag: [0x20, 0x00],
+                    ..Vx::default()
+                }
+                .frame()[..14 + 20 + 8 + 8 + 14]
+                    .to_vec(),
+                Drop,
+                Some(Counter::RxDropTinyFragment),
+            ),
+            (
+                "a member speaking for another node's pod",
+                Vx {
+                    inner_src_ip: Ipv4Addr::new(10, 244, 3, 10),
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropSpoofedInner),
+            ),
+            (
+                "a member speaking for one of our pods",
+                Vx {
+                    inner_src_ip: Ipv4Addr::new(10, 244, 1, 99),
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropSpoofedInner),
+            ),
+            (
+                "plain packet from the underlay with a pod source",
+                eth(
+                    OUR_UNDERLAY_MAC,
+                    UNDERLAY_PEER_MAC,
+                    0x0800,
+                    &ipv4(
+                        Ipv4Addr::new(10, 244, 2, 10),
+                        Ipv4Addr::new(10, 244, 1, 10),
+                        6,
+                        0,
+                        &[0u8; 20],
+                    ),
+                ),
+                Drop,
+                Some(Counter::RxDropPodSourceOnUnderlay),
+            ),
+            (
+                "a real VLAN's frame",
+                Vx {
+                    vlan: Some(5),
+                    src_ip: Ipv4Addr::new(10, 9, 0, 99),
+                    ..Vx::default()
+                }
+                .frame(),
+                Pass,
+                None,
+            ),
+            (
                 "inner ARP from a member",
                 Vx {
                     inner_proto: 0x0806,
@@ -556,6 +691,21 @@ fn bad_frames(ebpf: &mut Ebpf, hook: Hook) {
                 None,
             ),
         ];
+        let mut cases = cases;
+        if let Hook::Xdp = hook {
+            // Only XDP sees the priority tag; at TC the kernel removed it.
+            cases.push((
+                "priority-tagged (VLAN 0) frame from a non-member",
+                Vx {
+                    vlan: Some(0),
+                    src_ip: Ipv4Addr::new(10, 9, 0, 99),
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropNonMember),
+            ));
+        }
         for (what, frame, verdict, ctr) in cases {
             let before = ctr.map(|c| counter(ebpf, c));
             let (rc, out) = run_decap(ebpf, hook, &frame);
