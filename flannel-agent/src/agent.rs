@@ -198,7 +198,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         last: Snapshot::default(),
         skipped: BTreeSet::new(),
         applied: None,
+        guard: (tables.is_some() && args.membership_guard).then(|| {
+            crate::guard::Guard::new(crate::guard::Spec {
+                port: conf.backend.port,
+                public_ip,
+                underlay: underlay.link.name.clone(),
+                network: conf.network,
+            })
+        }),
     };
+    if tables.is_none() || !args.membership_guard {
+        crate::guard::remove();
+    }
     state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB.
@@ -568,6 +579,8 @@ struct SyncState {
     /// What the previous pass applied (None before the first): a conflicting
     /// newcomer is skipped, the live lease stays.
     applied: Option<Desired>,
+    /// The nftables guard of the kernel's VXLAN socket (eBPF data path).
+    guard: Option<crate::guard::Guard>,
 }
 
 impl SyncState {
@@ -640,6 +653,13 @@ impl SyncState {
             }
         }
         let outcome = outcome?;
+        if let Some(g) = &mut self.guard {
+            // Members are the nodes in the FDB: the ones we take VXLAN from.
+            g.set_members(want.fdb.values().copied().collect())
+                .context(
+                    "the membership guard (nftables; --membership-guard=false to go without)",
+                )?;
+        }
         if outcome.changes > 0 {
             log::debug!(
                 "reconciled {} entries in {:?}",

@@ -208,6 +208,18 @@ pub struct RunArgs {
         env = "FLANNELD_MASQ_BACKEND"
     )]
     pub masq_backend: crate::masq::MasqBackend,
+    /// The nftables guard around flannel.1's socket (eBPF data path): VXLAN
+    /// the programs do not decapsulate reaches it only from members, to our
+    /// public IP, through the underlay; pods cannot send to members' VXLAN
+    /// port. `--membership-guard=false` leaves the kernel's socket open to
+    /// anyone, as stock Flannel does.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        env = "FLANNELD_MEMBERSHIP_GUARD"
+    )]
+    pub membership_guard: bool,
     #[command(flatten)]
     pub pins: PinArgs,
     /// The compiled kernel programs; default: next to the binary, then the build tree.

@@ -39,6 +39,7 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
     }
     datapath::uninstall(root)?;
     crate::masq::remove_all();
+    crate::guard::remove();
     log::info!(
         "removed every pinned object under {} and the ip-masq rules",
         root.display()

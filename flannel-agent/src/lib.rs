@@ -4,6 +4,7 @@ pub mod bpf_sys;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;
+pub mod guard;
 pub mod handback;
 pub mod health;
 pub mod http;

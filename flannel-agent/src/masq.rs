@@ -21,7 +21,7 @@ pub enum MasqBackend {
 
 pub const NFT_TABLE: &str = "flannel-ipv4";
 
-fn pipe(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+pub(crate) fn pipe(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
     let mut child = Command::new(cmd)
         .args(args)
         .stdin(Stdio::piped())

@@ -239,3 +239,85 @@ mod tests {
         assert_eq!(super::parse_ping(t).unwrap(), (5, 4));
     }
 }
+
+/// Put raw Ethernet frames on `ifname` inside `ns` (AF_PACKET): traffic no
+/// socket of a well-behaved host would send.
+pub fn inject(ns: &Netns, ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()> {
+    let ifindex: i32 = ns
+        .sh(&format!("cat /sys/class/net/{ifname}/ifindex"))?
+        .trim()
+        .parse()?;
+    ns.run(|| -> anyhow::Result<()> {
+        // SAFETY: plain socket calls on a descriptor this function owns.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex;
+            addr.sll_halen = 6;
+            let mut res = Ok(());
+            for f in frames {
+                addr.sll_addr[..6].copy_from_slice(&f[..6]);
+                let n = libc::sendto(
+                    fd,
+                    f.as_ptr() as *const _,
+                    f.len(),
+                    0,
+                    &addr as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if n < 0 {
+                    res = Err(std::io::Error::last_os_error().into());
+                    break;
+                }
+            }
+            libc::close(fd);
+            res
+        }
+    })?
+}
+
+/// Datagrams a UDP socket in `ns` receives on `port` for `window`.
+pub struct UdpSink {
+    handle: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl UdpSink {
+    pub fn start(ns: &Netns, port: u16, window: Duration) -> anyhow::Result<UdpSink> {
+        let path = format!("/run/netns/{}", ns.name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let sock = crate::netns::enter(&path)
+                .and_then(|_| Ok(std::net::UdpSocket::bind(("0.0.0.0", port))?));
+            let sock = match sock {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return Vec::new();
+                }
+            };
+            let end = std::time::Instant::now() + window;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+                let _ = sock.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+                if let Ok(n) = sock.recv(&mut buf) {
+                    got.push(buf[..n].to_vec());
+                }
+            }
+            got
+        });
+        rx.recv()??;
+        Ok(UdpSink { handle })
+    }
+
+    pub fn finish(self) -> Vec<Vec<u8>> {
+        self.handle.join().unwrap_or_default()
+    }
+}

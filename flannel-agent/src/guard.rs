@@ -1,0 +1,183 @@
+//! The membership guard around the kernel's VXLAN socket.
+//!
+//! flannel.1's socket listens on 0.0.0.0:<port> and decapsulates whatever
+//! reaches it; our programs check what they see on the underlay, but some
+//! VXLAN reaches the socket without being decapsulated by them: reassembled
+//! fragments, GSO aggregates, a member's non-IPv4 frames (all checked by the
+//! programs first), and frames our hook never sees (to another local
+//! address, from another interface, from a pod on this node). One nftables
+//! table closes those paths: VXLAN reaches the socket only to our public IP,
+//! through the underlay, from a member. A second rule stops pods from
+//! sending to the VXLAN port of a member: with --ip-masq such a datagram
+//! would leave with this node's address and pass as overlay traffic.
+//! Each write is one `nft -f` transaction, so there is no unguarded moment.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::Context;
+
+use crate::{masq::pipe, subnet::Subnet};
+
+pub const TABLE: &str = "flannel-ebpf-guard";
+
+/// The named counters, one per reason, as `nft list counters` shows them.
+pub const COUNTERS: &[(&str, &str)] = &[
+    ("vxlan_not_to_public_ip", "VXLAN to another local address"),
+    (
+        "vxlan_not_via_underlay",
+        "VXLAN arriving on another interface",
+    ),
+    (
+        "vxlan_from_non_member",
+        "VXLAN from a host that is not a member",
+    ),
+    (
+        "pod_to_vxlan_port",
+        "a pod sending to a member's VXLAN port",
+    ),
+];
+
+/// What the guard protects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub port: u16,
+    pub public_ip: Ipv4Addr,
+    pub underlay: String,
+    pub network: Subnet,
+}
+
+/// The guard as installed: re-written whole at start-up, its member set
+/// after that.
+pub struct Guard {
+    spec: Spec,
+    members: Option<BTreeSet<Ipv4Addr>>,
+}
+
+fn elements(members: &BTreeSet<Ipv4Addr>) -> String {
+    members
+        .iter()
+        .map(Ipv4Addr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The whole table, replacing any earlier one in the same transaction.
+pub fn script(spec: &Spec, members: &BTreeSet<Ipv4Addr>) -> String {
+    let Spec {
+        port,
+        public_ip,
+        underlay,
+        network,
+    } = spec;
+    let mut s = format!(
+        "table ip {TABLE} {{}}\n\
+         delete table ip {TABLE}\n\
+         table ip {TABLE} {{\n\
+         \tset members {{ type ipv4_addr; }}\n"
+    );
+    for (name, _) in COUNTERS {
+        s.push_str(&format!("\tcounter {name} {{}}\n"));
+    }
+    s.push_str(&format!(
+        "\tchain input {{\n\
+         \t\ttype filter hook input priority filter - 10; policy accept;\n\
+         \t\tudp dport {port} ip daddr != {public_ip} counter name vxlan_not_to_public_ip drop\n\
+         \t\tudp dport {port} iifname != \"{underlay}\" counter name vxlan_not_via_underlay drop\n\
+         \t\tudp dport {port} ip saddr != @members counter name vxlan_from_non_member drop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter - 10; policy accept;\n\
+         \t\tip saddr {network} ip daddr @members udp dport {port} counter name pod_to_vxlan_port drop\n\
+         \t}}\n\
+         }}\n"
+    ));
+    if !members.is_empty() {
+        s.push_str(&format!(
+            "add element ip {TABLE} members {{ {} }}\n",
+            elements(members)
+        ));
+    }
+    s
+}
+
+impl Guard {
+    pub fn new(spec: Spec) -> Guard {
+        Guard {
+            spec,
+            members: None,
+        }
+    }
+
+    /// Make the member set `members`: the first call (re)installs the whole
+    /// table, later ones only change the set, and only when it changed.
+    pub fn set_members(&mut self, members: BTreeSet<Ipv4Addr>) -> anyhow::Result<()> {
+        if self.members.as_ref() == Some(&members) {
+            return Ok(());
+        }
+        let script = match &self.members {
+            None => script(&self.spec, &members),
+            Some(_) => {
+                let mut s = format!("flush set ip {TABLE} members\n");
+                if !members.is_empty() {
+                    s.push_str(&format!(
+                        "add element ip {TABLE} members {{ {} }}\n",
+                        elements(&members)
+                    ));
+                }
+                s
+            }
+        };
+        pipe("nft", &["-f", "-"], &script)
+            .with_context(|| format!("writing the nftables table {TABLE}"))?;
+        if self.members.is_none() {
+            log::info!(
+                "guard: VXLAN to port {} is taken only to {} via {} from the {} members (nftables table {TABLE})",
+                self.spec.port,
+                self.spec.public_ip,
+                self.spec.underlay,
+                members.len()
+            );
+        }
+        self.members = Some(members);
+        Ok(())
+    }
+}
+
+/// Remove the table (uninstall, or a data path that has no use for it).
+pub fn remove() {
+    let _ = pipe(
+        "nft",
+        &["-f", "-"],
+        &format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_takes_vxlan_only_from_members_to_our_address() {
+        let spec = Spec {
+            port: 8472,
+            public_ip: "10.1.5.11".parse().unwrap(),
+            underlay: "eth0".into(),
+            network: "10.244.0.0/16".parse().unwrap(),
+        };
+        let members = BTreeSet::from(["10.1.5.12".parse().unwrap(), "10.1.5.13".parse().unwrap()]);
+        let s = script(&spec, &members);
+        assert!(s.contains(
+            "udp dport 8472 ip daddr != 10.1.5.11 counter name vxlan_not_to_public_ip drop"
+        ));
+        assert!(s.contains(
+            "udp dport 8472 iifname != \"eth0\" counter name vxlan_not_via_underlay drop"
+        ));
+        assert!(s.contains(
+            "udp dport 8472 ip saddr != @members counter name vxlan_from_non_member drop"
+        ));
+        assert!(s.contains("ip saddr 10.244.0.0/16 ip daddr @members udp dport 8472 counter name pod_to_vxlan_port drop"));
+        assert!(
+            s.ends_with("add element ip flannel-ebpf-guard members { 10.1.5.12, 10.1.5.13 }\n")
+        );
+        assert!(!script(&spec, &BTreeSet::new()).contains("add element"));
+    }
+}
