@@ -231,15 +231,6 @@ pub fn tcp_retransmits(ns: &Netns) -> anyhow::Result<u64> {
         .context("no RetransSegs in /proc/net/snmp")
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_ping_summary() {
-        let t = "--- x ping statistics ---\n5 packets transmitted, 4 received, 20% packet loss, time 4005ms\n";
-        assert_eq!(super::parse_ping(t).unwrap(), (5, 4));
-    }
-}
-
 /// Put raw Ethernet frames on `ifname` inside `ns` (AF_PACKET): traffic no
 /// socket of a well-behaved host would send.
 pub fn inject(ns: &Netns, ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()> {
@@ -319,5 +310,14 @@ impl UdpSink {
 
     pub fn finish(self) -> Vec<Vec<u8>> {
         self.handle.join().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_ping_summary() {
+        let t = "--- x ping statistics ---\n5 packets transmitted, 4 received, 20% packet loss, time 4005ms\n";
+        assert_eq!(super::parse_ping(t).unwrap(), (5, 4));
     }
 }
