@@ -398,6 +398,9 @@ async fn set_up_node(
         }
         LeaseBackend::Vxlan { vtep_mac } => {
             refuse_vni_change(nl, root, conf.backend.vni, vtep_name).await?;
+            if args.datapath == DatapathKind::Ebpf {
+                crate::xfrm::refuse_if_covered(conf.backend.port)?;
+            }
             let mtu = conf
                 .backend
                 .mtu

@@ -160,9 +160,18 @@ pub fn lock_pin_root(root: &Path) -> anyhow::Result<NodeLock> {
             root.display()
         )
     })?;
+    restrict_to_root(root)?;
     let dir =
         fs::File::open(root).with_context(|| format!("opening pin root {}", root.display()))?;
     flock(dir, &format!("pin root {}", root.display()), "--pin-root")
+}
+
+/// The pin root is root's alone (0700): with its maps, anyone could rewrite
+/// who is a member. The pins themselves are made 0600 by the kernel.
+fn restrict_to_root(root: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making pin root {} root-only", root.display()))
 }
 
 /// The same hold for the data paths without pins (kernel VXLAN, host-gw): a

@@ -23,3 +23,4 @@ pub mod sysctl;
 pub mod tables;
 pub mod underlay;
 pub mod watchdog;
+pub mod xfrm;

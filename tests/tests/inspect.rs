@@ -46,6 +46,17 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
     lab.wait_fdb_entries(0, 2).unwrap();
     let n = &lab.nodes[0];
 
+    // The pinned maps and links are root's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&n.pin_root), 0o700, "pin root");
+        for e in std::fs::read_dir(&n.pin_root).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+
     // The three tables, in iproute2's shapes.
     assert_eq!(
         n.show("routes").unwrap(),

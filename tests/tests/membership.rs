@@ -332,3 +332,36 @@ fn only_members_get_in() {
     assert!(d("vxlan_not_via_underlay") >= 1, "{delta:?}");
     assert!(d("pod_to_vxlan_port") >= 1, "{delta:?}");
 }
+
+/// The eBPF data path sends and takes VXLAN around xfrm: where an IPsec
+/// policy could select its port it refuses to start; an unrelated policy
+/// does not stop it.
+#[test]
+fn ipsec_policies_on_the_vxlan_port_are_refused() {
+    if !prereq::ready("xfrm") {
+        return;
+    }
+    let mut lab = Lab::new("xfrm", Topology::Switched, &[Kind::Ebpf]).unwrap();
+    let n = &lab.nodes[0].ns;
+    n.sh("ip xfrm policy add src 10.1.5.0/24 dst 10.1.5.0/24 proto tcp dport 22 dir out action block")
+        .unwrap();
+    lab.start_agent(0)
+        .unwrap_or_else(|e| panic!("an unrelated policy stopped the agent: {e}"));
+    lab.nodes[0].stop_agent().unwrap();
+    let n = &lab.nodes[0].ns;
+    n.sh("ip xfrm policy add src 10.1.5.0/24 dst 10.1.5.0/24 proto udp dport 8472 dir out action block")
+        .unwrap();
+    lab.spawn_agent(0).unwrap();
+    flannel_tests::wait_for("the agent to refuse", Duration::from_secs(10), || {
+        (!lab.nodes[0].agent_running()).then_some(())
+    })
+    .unwrap();
+    let log = lab.nodes[0].log_text();
+    assert!(
+        log.contains("IPsec (xfrm) policy on this node can select udp/8472")
+            && log.contains("--datapath kernel"),
+        "{log}"
+    );
+    let n = &lab.nodes[0].ns;
+    let _ = n.sh("ip xfrm policy flush");
+}
