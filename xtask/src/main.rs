@@ -37,6 +37,13 @@ enum Cmd {
     Demo,
     /// Run the fault tests under traffic and print what each fault cost.
     Chaos,
+    /// Generated frames through every program (BPF_PROG_TEST_RUN), each
+    /// verdict checked against the reference model; prints the figures.
+    Fuzz {
+        /// Frames per program.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: usize,
+    },
     /// Measure flannel-ebpf against kernel VXLAN and no encapsulation; results in results/.
     Bench {
         /// Short runs for everyday use (under two minutes once built).
@@ -159,6 +166,23 @@ fn main() -> anyhow::Result<()> {
                 cmd.arg("--segmenting-underlay");
             }
             run(&mut cmd)
+        }
+        Cmd::Fuzz { frames } => {
+            build_for_labs(&[])?;
+            println!("xtask: {frames} generated frames through each program");
+            run(Command::new("cargo")
+                .current_dir(root())
+                .env("FLANNEL_FUZZ_FRAMES", frames.to_string())
+                .env("CI", "true")
+                .args([
+                    "test",
+                    "--locked",
+                    "-p",
+                    "flannel-tests",
+                    "--test",
+                    "prog_fuzz",
+                ])
+                .args(["--", "--nocapture"]))
         }
         Cmd::Chaos => {
             let agent = build_for_labs(&[])?;
