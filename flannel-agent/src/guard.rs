@@ -142,6 +142,30 @@ impl Guard {
     }
 }
 
+/// The guard's named counters: name → (packets, bytes); empty without it.
+pub fn counters() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "counters", "table", "ip", TABLE])
+        .output();
+    let Ok(out) = out else {
+        return Default::default();
+    };
+    if !out.status.success() {
+        return Default::default();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let c = e.get("counter")?;
+            let name = c["name"].as_str()?.to_string();
+            Some((name, (c["packets"].as_u64()?, c["bytes"].as_u64()?)))
+        })
+        .collect()
+}
+
 /// Remove the table (uninstall, or a data path that has no use for it).
 pub fn remove() {
     let _ = pipe(

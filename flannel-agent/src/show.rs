@@ -181,14 +181,37 @@ pub fn render(root: &Path, view: View, as_json: bool) -> anyhow::Result<String> 
         }
         View::Stats => {
             let c = t.counters()?;
-            writeln!(s, "{:<28} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES")?;
+            writeln!(s, "{:<32} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES")?;
             for (ctr, v) in &c {
-                writeln!(s, "{:<28} {:>12} {:>14}", ctr.name(), v.packets, v.bytes)?;
+                writeln!(s, "{:<32} {:>12} {:>14}", ctr.name(), v.packets, v.bytes)?;
             }
-            let m: BTreeMap<&str, Value> = c
+            let mut m: BTreeMap<String, Value> = c
                 .iter()
-                .map(|(ctr, v)| (ctr.name(), json!({"packets": v.packets, "bytes": v.bytes})))
+                .map(|(ctr, v)| {
+                    (
+                        ctr.name().to_string(),
+                        json!({"packets": v.packets, "bytes": v.bytes}),
+                    )
+                })
                 .collect();
+            // The membership guard's drops at the kernel's socket, by reason.
+            let guard = crate::guard::counters();
+            if !guard.is_empty() {
+                writeln!(s, "\nguard (nftables table {}):", crate::guard::TABLE)?;
+            }
+            for (name, (packets, bytes)) in guard {
+                writeln!(
+                    s,
+                    "{:<32} {:>12} {:>14}",
+                    format!("guard_{name}"),
+                    packets,
+                    bytes
+                )?;
+                m.insert(
+                    format!("guard_{name}"),
+                    json!({"packets": packets, "bytes": bytes}),
+                );
+            }
             json!(m)
         }
     };

@@ -365,3 +365,22 @@ fn ipsec_policies_on_the_vxlan_port_are_refused() {
     let n = &lab.nodes[0].ns;
     let _ = n.sh("ip xfrm policy flush");
 }
+
+/// A configured public IP that is not the node's: VXLAN to the node's real
+/// address would pass every check silently; the agent says so.
+#[test]
+fn a_public_ip_not_on_the_underlay_is_reported() {
+    if !prereq::ready("foreign_public_ip") {
+        return;
+    }
+    let mut lab = Lab::new("pubip", Topology::Switched, &[Kind::Ebpf]).unwrap();
+    lab.nodes[0].agent_args = ["--public-ip", "10.1.5.77"].map(String::from).to_vec();
+    lab.start_agent(0).unwrap();
+    flannel_tests::wait_for("the report", Duration::from_secs(10), || {
+        lab.nodes[0]
+            .log_text()
+            .contains("the public IP 10.1.5.77 is not an address of the underlay eth0")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+}
