@@ -236,10 +236,13 @@ fn a_thousand_lease_cycles_leave_other_peers_and_counters_alone() {
         std::fs::remove_file(subnets.join("10.244.9.0-24")).unwrap();
         std::thread::sleep(pause);
     }
-    // The agent applied the churn, not a sample of it (3000 changes written).
+    // The agent applied the churn, not a sample of it: of the 3000 states
+    // written, a 200 ms poll would see under 100; a busy 2-core machine
+    // running other labs still applies several hundred.
     let applied = changes(&lab) - changes_before;
+    eprintln!("{applied} of 3000 lease changes applied");
     assert!(
-        applied >= 1000,
+        applied >= 300,
         "only {applied} lease changes applied\n{}",
         lab.logs()
     );
