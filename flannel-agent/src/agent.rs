@@ -108,6 +108,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         (BackendType::Vxlan, DatapathKind::Ebpf) => datapath::lock_pin_root(&args.pins.pin_root)?,
         _ => datapath::lock_file(&args.subnet_file.with_extension("lock"))?,
     };
+    let guarded = conf.backend.kind == BackendType::Vxlan
+        && args.datapath == DatapathKind::Ebpf
+        && args.membership_guard;
+    if guarded {
+        crate::guard::require_nft()?;
+    }
 
     // Only the eBPF data path needs the object; read it before touching the node.
     let object_or_err = match (conf.backend.kind, args.datapath) {
@@ -160,6 +166,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Nothing on the node changes before the source has listed every lease:
     // on a restart the pinned data path keeps carrying the traffic meanwhile.
     let snap = source.first_snapshot().await?;
+    // The guard before flannel.1's socket can exist (a fresh node) or is
+    // taken over from flanneld: every node with a VXLAN lease is let in until
+    // the first pass narrows that to the FDB's members.
+    let guard = if guarded {
+        let mut g = crate::guard::Guard::new(crate::guard::Spec {
+            port: conf.backend.port,
+            public_ip,
+            underlay: underlay.link.name.clone(),
+        });
+        g.set_members(
+            snap.leases
+                .values()
+                .filter(|l| l.public_ip != public_ip && l.backend.vtep_mac().is_some())
+                .map(|l| l.public_ip)
+                .collect(),
+        )
+        .context("installing the membership guard (nftables)")?;
+        Some(g)
+    } else {
+        crate::guard::remove();
+        None
+    };
 
     let root = args.pins.pin_root.clone();
     let setup = set_up_node(
@@ -198,18 +226,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         last: Snapshot::default(),
         skipped: BTreeSet::new(),
         applied: None,
-        guard: (tables.is_some() && args.membership_guard).then(|| {
-            crate::guard::Guard::new(crate::guard::Spec {
-                port: conf.backend.port,
-                public_ip,
-                underlay: underlay.link.name.clone(),
-                network: conf.network,
-            })
-        }),
+        guard,
     };
-    if tables.is_none() || !args.membership_guard {
-        crate::guard::remove();
-    }
     state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB.

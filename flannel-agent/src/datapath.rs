@@ -260,6 +260,7 @@ pub fn load(
         )
     })?;
     let fresh = MAPS.iter().all(|spec| !root.join(spec.file).exists());
+    let mut replaced = false;
     for spec in MAPS {
         let path = root.join(spec.file);
         if path.exists() {
@@ -274,6 +275,7 @@ pub fn load(
                 log::warn!("{e:#}: replacing it with this version's map");
                 fs::remove_file(&path)
                     .with_context(|| format!("removing the old map pin {}", path.display()))?;
+                replaced = true;
             }
         }
     }
@@ -283,7 +285,9 @@ pub fn load(
     let ebpf_level = log_level as usize as u8;
     loader.override_global("AYA_LOG_LEVEL", &ebpf_level, false);
     // A pinned program keeps the level it was loaded with: swap it when asked for debug.
-    let force = log_level >= log::LevelFilter::Debug;
+    // Programs that read a replaced map must be swapped even when their tag
+    // (which ignores the maps) is unchanged.
+    let force = log_level >= log::LevelFilter::Debug || replaced;
     for spec in MAPS {
         loader.map_pin_path(spec.name, root.join(spec.file));
     }

@@ -7,15 +7,16 @@
 //! programs first), and frames our hook never sees (to another local
 //! address, from another interface, from a pod on this node). One nftables
 //! table closes those paths: VXLAN reaches the socket only to our public IP,
-//! through the underlay, from a member. A second rule stops pods from
-//! sending to the VXLAN port of a member: with --ip-masq such a datagram
-//! would leave with this node's address and pass as overlay traffic.
+//! through the underlay, from a member. A second rule stops anything this
+//! node forwards from its pods (any source: a pod with CAP_NET_RAW can forge
+//! a member's) to the VXLAN port of a member: with --ip-masq, or forged, such
+//! a datagram would pass there as overlay traffic.
 //! Each write is one `nft -f` transaction, so there is no unguarded moment.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::Context;
 
-use crate::{masq::pipe, subnet::Subnet};
+use crate::masq::pipe;
 
 pub const TABLE: &str = "flannel-ebpf-guard";
 
@@ -42,7 +43,6 @@ pub struct Spec {
     pub port: u16,
     pub public_ip: Ipv4Addr,
     pub underlay: String,
-    pub network: Subnet,
 }
 
 /// The guard as installed: re-written whole at start-up, its member set
@@ -66,7 +66,6 @@ pub fn script(spec: &Spec, members: &BTreeSet<Ipv4Addr>) -> String {
         port,
         public_ip,
         underlay,
-        network,
     } = spec;
     let mut s = format!(
         "table ip {TABLE} {{}}\n\
@@ -86,7 +85,7 @@ pub fn script(spec: &Spec, members: &BTreeSet<Ipv4Addr>) -> String {
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
-         \t\tip saddr {network} ip daddr @members udp dport {port} counter name pod_to_vxlan_port drop\n\
+         \t\tiifname != \"{underlay}\" ip daddr @members udp dport {port} counter name pod_to_vxlan_port drop\n\
          \t}}\n\
          }}\n"
     ));
@@ -166,6 +165,20 @@ pub fn counters() -> std::collections::BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
+/// Fail now, naming it, when nft is not there (before the node is touched).
+pub fn require_nft() -> anyhow::Result<()> {
+    let ok = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        anyhow::bail!(
+            "the membership guard needs nft (nftables) on this node; install it, or run with --membership-guard=false to leave flannel.1's socket open as stock Flannel does"
+        );
+    }
+    Ok(())
+}
+
 /// Remove the table (uninstall, or a data path that has no use for it).
 pub fn remove() {
     let _ = pipe(
@@ -185,7 +198,6 @@ mod tests {
             port: 8472,
             public_ip: "10.1.5.11".parse().unwrap(),
             underlay: "eth0".into(),
-            network: "10.244.0.0/16".parse().unwrap(),
         };
         let members = BTreeSet::from(["10.1.5.12".parse().unwrap(), "10.1.5.13".parse().unwrap()]);
         let s = script(&spec, &members);
@@ -198,7 +210,7 @@ mod tests {
         assert!(s.contains(
             "udp dport 8472 ip saddr != @members counter name vxlan_from_non_member drop"
         ));
-        assert!(s.contains("ip saddr 10.244.0.0/16 ip daddr @members udp dport 8472 counter name pod_to_vxlan_port drop"));
+        assert!(s.contains("iifname != \"eth0\" ip daddr @members udp dport 8472 counter name pod_to_vxlan_port drop"));
         assert!(
             s.ends_with("add element ip flannel-ebpf-guard members { 10.1.5.12, 10.1.5.13 }\n")
         );

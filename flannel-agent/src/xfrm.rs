@@ -14,6 +14,7 @@ const XFRM_MSG_GETPOLICY: u16 = 0x15;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
 const IPPROTO_UDP: u8 = 17;
+const XFRMA_TMPL: u16 = 5;
 
 /// A policy's selector, as far as it matters here.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,14 +25,31 @@ pub struct Selector {
     pub dport_mask: u16,
     pub sport: u16,
     pub sport_mask: u16,
+    /// 0 in, 1 out, 2 fwd.
     pub dir: u8,
+    /// 0 allow, 1 block.
+    pub action: u8,
+    /// Whether it names IPsec templates (XFRMA_TMPL): traffic must be protected.
+    pub protects: bool,
 }
 
 impl Selector {
     /// struct xfrm_userpolicy_info: the selector (56 bytes: addresses,
     /// ports and masks big-endian, family, prefix lengths, proto), lifetimes
-    /// (96), priority, index, then dir.
+    /// (96), priority, index, then dir and action; attributes after the
+    /// 168-byte struct.
     fn parse(b: &[u8]) -> Option<Selector> {
+        let mut protects = false;
+        let mut attrs = b.get(168..).unwrap_or_default();
+        while attrs.len() >= 4 {
+            let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+            let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+            if len < 4 {
+                break;
+            }
+            protects |= kind == XFRMA_TMPL;
+            attrs = attrs.get((len + 3) & !3..).unwrap_or_default();
+        }
         let be = |o: usize| Some(u16::from_be_bytes([*b.get(o)?, *b.get(o + 1)?]));
         Some(Selector {
             dport: be(32)?,
@@ -41,14 +59,20 @@ impl Selector {
             family: u16::from_ne_bytes([*b.get(40)?, *b.get(41)?]),
             proto: *b.get(44)?,
             dir: *b.get(160)?,
+            action: *b.get(161)?,
+            protects,
         })
     }
 
-    /// Whether this selector can match our VXLAN datagrams: UDP to `port`
-    /// both ways (the source port is a flow hash, so any source selector
-    /// can match some of them).
+    /// Whether this policy would act on our VXLAN datagrams: it blocks or
+    /// protects (an allow without templates changes nothing), in or out
+    /// (fwd policies see forwarded traffic, not ours), and selects UDP to
+    /// `port` (the source port is a flow hash, so any source selector can
+    /// match some of them).
     pub fn covers_udp_port(&self, port: u16) -> bool {
-        (self.family == 0 || self.family == libc::AF_INET as u16)
+        (self.action == 1 || self.protects)
+            && self.dir != 2
+            && (self.family == 0 || self.family == libc::AF_INET as u16)
             && (self.proto == 0 || self.proto == IPPROTO_UDP)
             && (self.dport_mask == 0 || self.dport & self.dport_mask == port & self.dport_mask)
     }
@@ -166,6 +190,8 @@ mod tests {
             sport: 0,
             sport_mask: 0,
             dir: 1,
+            action: 1,
+            protects: false,
         }
     }
 
@@ -176,5 +202,26 @@ mod tests {
         assert!(sel(17, 0, 0).covers_udp_port(8472), "all of UDP");
         assert!(!sel(6, 22, 0xffff).covers_udp_port(8472), "TCP");
         assert!(!sel(17, 53, 0xffff).covers_udp_port(8472), "another port");
+        let allow = Selector {
+            action: 0,
+            ..sel(0, 0, 0)
+        };
+        assert!(!allow.covers_udp_port(8472), "an allow without templates");
+        assert!(
+            Selector {
+                protects: true,
+                ..allow
+            }
+            .covers_udp_port(8472),
+            "IPsec for all traffic"
+        );
+        assert!(
+            !Selector {
+                dir: 2,
+                ..sel(0, 0, 0)
+            }
+            .covers_udp_port(8472),
+            "fwd"
+        );
     }
 }

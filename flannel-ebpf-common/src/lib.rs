@@ -211,7 +211,7 @@ counters! {
     /// Ingress pass: outer IPv4 header is garbled (bad version/IHL/length); the
     /// kernel's IP layer judges it.
     RxPassMalformed = 14, "rx_pass_malformed";
-    /// Ingress pass: inner frame from a member is not IPv4; the kernel device gets it.
+    /// Ingress pass: a member's inner ARP frame; the kernel device gets it.
     RxPassInnerNotIpv4 = 15, "rx_pass_inner_not_ipv4";
     /// Ingress drop: could not move the packet head.
     RxDropAdjust = 16, "rx_drop_adjust_head";
@@ -231,6 +231,13 @@ counters! {
     /// too short to hold the headers the checks read (RFC 1858's tiny
     /// fragment); a real path never fragments that early.
     RxDropTinyFragment = 21, "rx_drop_tiny_fragment";
+    /// Ingress drop: a member's inner frame neither IPv4 nor ARP (a tagged or
+    /// IPv6 frame the kernel's VXLAN device would route unchecked).
+    RxDropInnerNotIpv4 = 22, "rx_drop_inner_not_ipv4";
+    /// Ingress drop: a member's inner packet is UDP to our own public IP —
+    /// VXLAN inside VXLAN, which would reach flannel.1's socket as if the
+    /// member had sent it whole.
+    RxDropNested = 23, "rx_drop_nested_vxlan";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;

@@ -49,11 +49,12 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_PASS;
     };
     let ip = unsafe { &*ip };
-    let (ihl, first_fragment) = match rx::outer(ip, cfg, frame_len) {
+    let (ihl, first_fragment, ip_len) = match rx::outer(ip, cfg, frame_len) {
         Outer::Udp {
             ihl,
             first_fragment,
-        } => (ihl, first_fragment),
+            ip_len,
+        } => (ihl, first_fragment, ip_len),
         Outer::Pass => return XDP_PASS,
         Outer::Drop => return XDP_DROP,
     };
@@ -70,7 +71,7 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
         return XDP_PASS;
     }
     // From here on the frame claims to be ours: it is delivered or dropped.
-    let overlay = if rx::holds_overlay(l4, frame_len) {
+    let overlay = if rx::holds_overlay(l2, l4, frame_len, first_fragment, ip_len) {
         read_overlay(ctx, start, end, l4 + UDP_LEN, plain)
     } else {
         None

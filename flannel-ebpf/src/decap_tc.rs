@@ -3,11 +3,7 @@
 //! so every TCP segment would cross it at MTU size; at TC the peer keeps
 //! sending large segments. Same checks and counters as the XDP program.
 use aya_ebpf::{
-    bindings::{
-        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
-    helpers::generated::bpf_csum_level,
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     macros::classifier,
     programs::TcContext,
 };
@@ -38,15 +34,22 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     if be16(&eth.proto) != ETH_P_IPV4 {
         return TC_ACT_OK;
     }
+    // The kernel took any 802.1Q tag off before this hook: a real VLAN's
+    // frame (VID not 0) is not ours, as at XDP.
+    let skb = unsafe { &*ctx.skb.skb };
+    if skb.vlan_present != 0 && skb.vlan_tci & 0x0fff != 0 {
+        return TC_ACT_OK;
+    }
     let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_LEN) else {
         count(Counter::RxPassMalformed, frame_len);
         return TC_ACT_OK;
     };
-    let (ihl, first_fragment) = match rx::outer(&ip, cfg, frame_len) {
+    let (ihl, first_fragment, ip_len) = match rx::outer(&ip, cfg, frame_len) {
         Outer::Udp {
             ihl,
             first_fragment,
-        } => (ihl, first_fragment),
+            ip_len,
+        } => (ihl, first_fragment, ip_len),
         Outer::Pass => return TC_ACT_OK,
         Outer::Drop => return TC_ACT_SHOT,
     };
@@ -60,7 +63,7 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     }
     // From here on the frame claims to be ours: it is delivered or dropped.
     let inner_off = rx::inner_offset(l4);
-    let overlay = if rx::holds_overlay(l4, frame_len) {
+    let overlay = if rx::holds_overlay(ETH_LEN, l4, frame_len, first_fragment, ip_len) {
         ctx.load::<Overlay>(l4 + UDP_LEN).ok()
     } else {
         None
@@ -94,10 +97,9 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         count(Counter::RxDropAdjust, frame_len);
         return TC_ACT_SHOT;
     }
-    // A checksum the NIC verified for the outer UDP header says nothing of
-    // the inner packet's: take one level off (none left means the stack
-    // verifies the inner checksums itself).
-    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
+    // adjust_room (without BPF_F_ADJ_ROOM_NO_CSUM_RESET) has reset a
+    // checksum the NIC verified for the outer headers: the stack verifies
+    // the inner packet's itself.
     rx::delivered(slot, frame_len - inner_off as u32);
     TC_ACT_OK
 }

@@ -5,6 +5,7 @@ pub const IPV4_LEN: usize = 20;
 pub const UDP_LEN: usize = 8;
 pub const VXLAN_LEN: usize = 8;
 pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_UDP: u8 = 17;
 /// VXLAN flags byte with only the I (valid VNI) bit.
 pub const VXLAN_FLAG_I: u8 = 0x08;
@@ -42,9 +43,6 @@ pub struct Ipv4Hdr {
     pub check: [u8; 2],
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
-}
-
-impl Ipv4Hdr {
 }
 
 #[repr(C)]

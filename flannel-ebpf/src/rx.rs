@@ -7,7 +7,7 @@ use flannel_ebpf_common::{Counter, NODE_NATIVE_POD_SOURCES, NodeConfig, in_prefi
 
 use crate::{
     maps::{count, fdb_lookup, peer},
-    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
+    packet::{ETH_LEN, ETH_P_ARP, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
 };
 
 /// What the outer IPv4 header says about a frame.
@@ -18,8 +18,13 @@ pub enum Outer {
     /// A pod source on the underlay: dropped (counted).
     Drop,
     /// UDP to our public IP, the UDP header `ihl` bytes into the IP header;
-    /// `first_fragment`: more fragments follow, so only the checks apply.
-    Udp { ihl: usize, first_fragment: bool },
+    /// `first_fragment`: more fragments follow, so only the checks apply;
+    /// `ip_len`: the IPv4 total length.
+    Udp {
+        ihl: usize,
+        first_fragment: bool,
+        ip_len: usize,
+    },
 }
 
 /// Classify the outer IPv4 header of a frame from the underlay.
@@ -57,6 +62,7 @@ pub fn outer(ip: &Ipv4Hdr, cfg: &NodeConfig, frame_len: u32) -> Outer {
     Outer::Udp {
         ihl,
         first_fragment: frag & 0x2000 != 0,
+        ip_len: be16(&ip.tot_len) as usize,
     }
 }
 
@@ -133,9 +139,20 @@ pub fn overlay<C: EbpfContext>(
     if inner.dst != cfg.vtep_mac {
         return member_drop(Counter::RxDropBadInnerDst, slot, frame_len);
     }
-    if be16(&inner.proto) != ETH_P_IPV4 {
-        count(Counter::RxPassInnerNotIpv4, frame_len);
-        return Verdict::Pass;
+    match be16(&inner.proto) {
+        ETH_P_IPV4 => {}
+        ETH_P_ARP => {
+            count(Counter::RxPassInnerNotIpv4, frame_len);
+            return Verdict::Pass;
+        }
+        // Anything else (an 802.1Q-tagged IPv4 packet, IPv6) the kernel's
+        // device would route past every check below.
+        _ => return member_drop(Counter::RxDropInnerNotIpv4, slot, frame_len),
+    }
+    if ov.inner_ip.proto == IPPROTO_UDP && ov.inner_ip.daddr == cfg.public_ip {
+        // No pod talks to our node's address through the overlay (that
+        // route is the underlay's); UDP there is VXLAN in VXLAN.
+        return member_drop(Counter::RxDropNested, slot, frame_len);
     }
     let src = ov.inner_ip.saddr;
     if cfg.network_mask != [0; 4]
@@ -169,10 +186,14 @@ pub const fn inner_offset(l4: usize) -> usize {
     l4 + UDP_LEN + core::mem::size_of::<VxlanHdr>()
 }
 
-/// Whether `frame_len` bytes reach the end of the inner IPv4 header.
+/// Whether the frame reaches the end of the inner IPv4 header. A first
+/// fragment must hold it within its IPv4 length too: the kernel trims what
+/// lies beyond before reassembling, so headers read from padding would not
+/// be the ones the next fragment brings.
 #[inline(always)]
-pub fn holds_overlay(l4: usize, frame_len: u32) -> bool {
-    frame_len as usize >= l4 + UDP_LEN + OVERLAY_LEN
+pub fn holds_overlay(l2: usize, l4: usize, frame_len: u32, first_fragment: bool, ip_len: usize) -> bool {
+    let need = l4 + UDP_LEN + OVERLAY_LEN;
+    frame_len as usize >= need && (!first_fragment || l2 + ip_len >= need)
 }
 
 /// Count a decapsulated frame, for the node and for its peer.

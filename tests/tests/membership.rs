@@ -323,6 +323,35 @@ fn only_members_get_in() {
         })
         .unwrap();
 
+    // A pod with CAP_NET_RAW forging the outsider's node address as source,
+    // to the member's VXLAN port: it never leaves this node either.
+    let forged_src = n3.public_ip;
+    let to = n2.public_ip;
+    let d = udp(forged_src, to, 49152, 8472, &payload, false);
+    let forged = ipv4_udp(forged_src, to, &d);
+    n1.pod
+        .run(|| {
+            // SAFETY: a raw socket this closure owns and closes.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                let mut sa: libc::sockaddr_in = std::mem::zeroed();
+                sa.sin_family = libc::AF_INET as u16;
+                sa.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
+                let n = libc::sendto(
+                    fd,
+                    forged.as_ptr() as *const _,
+                    forged.len(),
+                    0,
+                    &sa as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
+                assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
+                libc::close(fd);
+            }
+        })
+        .unwrap();
+
     let got: Vec<String> = sink
         .finish()
         .into_iter()
@@ -368,7 +397,7 @@ fn only_members_get_in() {
     assert!(d("rx_drop_pod_source_on_underlay") >= 1, "{delta:?}");
     assert!(d("vxlan_not_to_public_ip") >= 6, "{delta:?}"); // 3 addresses, whole and reassembled
     assert!(d("vxlan_not_via_underlay") >= 1, "{delta:?}");
-    assert!(d("pod_to_vxlan_port") >= 1, "{delta:?}");
+    assert!(d("pod_to_vxlan_port") >= 2, "{delta:?}"); // its own source, and forged
 }
 
 /// The eBPF data path sends and takes VXLAN around xfrm: where an IPsec

@@ -126,7 +126,9 @@ fn model_decap(f: &[u8], hook: Hook) -> (Verdict, Option<Counter>, (u64, u64)) {
         return (Pass, None, none);
     }
     let vx = l4 + 8;
-    if f.len() < vx + 8 + 14 + 20 {
+    let ip_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    // A first fragment must hold the headers within its IPv4 length too.
+    if f.len() < vx + 8 + 14 + 20 || (first_fragment && l2 + ip_len < vx + 8 + 14 + 20) {
         let c = if first_fragment {
             Counter::RxDropTinyFragment
         } else {
@@ -147,8 +149,13 @@ fn model_decap(f: &[u8], hook: Hook) -> (Verdict, Option<Counter>, (u64, u64)) {
     if f[inner..inner + 6] != LOCAL_VTEP {
         return (Drop, Some(Counter::RxDropBadInnerDst), (0, 1));
     }
-    if be(inner + 12) != 0x0800 {
-        return (Pass, Some(Counter::RxPassInnerNotIpv4), none);
+    match be(inner + 12) {
+        0x0800 => {}
+        0x0806 => return (Pass, Some(Counter::RxPassInnerNotIpv4), none),
+        _ => return (Drop, Some(Counter::RxDropInnerNotIpv4), (0, 1)),
+    }
+    if f[inner + 14 + 9] == 17 && f[inner + 14 + 16..inner + 14 + 20] == PUBLIC_IP {
+        return (Drop, Some(Counter::RxDropNested), (0, 1));
     }
     let isrc = &f[inner + 14 + 12..inner + 14 + 16];
     if isrc[0..2] == [10, 244] && isrc[0..3] != REMOTE_SUBNET {
@@ -235,7 +242,9 @@ const FIELDS: &[usize] = &[
     36, 37, // dport
     42, 43, 45, 46, 48, 49, // VXLAN flags, reserved, VNI
     50, 55, 56, 61, 62, 63, // inner dst, src, proto
+    73, // inner proto
     76, 77, 78, // inner saddr
+    16, 17, // tot_len (a first fragment's headers beyond it)
 ];
 
 fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
@@ -262,12 +271,13 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
                     ),
                     1 => (30, &[PUBLIC_IP, [10, 9, 0, 7], [255, 255, 255, 255]]),
                     _ => (
-                        76,
+                        rng.pick(&[76usize, 80]),
                         &[
                             [10, 244, 2, 9],
                             [10, 244, 3, 9],
                             [10, 244, 1, 9],
                             [192, 168, 1, 1],
+                            PUBLIC_IP,
                         ],
                     ),
                 };

@@ -623,6 +623,66 @@ fn bad_frames(ebpf: &mut Ebpf, hook: Hook) {
                 Some(Counter::RxDropTinyFragment),
             ),
             (
+                "first fragment whose IPv4 length ends before the inner headers (padded)",
+                {
+                    let mut f = Vx {
+                        frag: [0x20, 0x00],
+                        ..Vx::default()
+                    }
+                    .frame();
+                    // Total length: IPv4 + UDP + VXLAN only; the rest is padding.
+                    f[16..18].copy_from_slice(&36u16.to_be_bytes());
+                    f[24..26].copy_from_slice(&[0, 0]);
+                    let c = csum(&f[14..34]);
+                    f[24..26].copy_from_slice(&c.to_be_bytes());
+                    f
+                },
+                Drop,
+                Some(Counter::RxDropTinyFragment),
+            ),
+            (
+                "a member's inner frame tagged 802.1Q",
+                Vx {
+                    inner_proto: 0x8100,
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropInnerNotIpv4),
+            ),
+            (
+                "a member's inner IPv6 frame",
+                Vx {
+                    inner_proto: 0x86dd,
+                    ..Vx::default()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropInnerNotIpv4),
+            ),
+            (
+                "VXLAN inside a member's VXLAN, to our public IP",
+                {
+                    let inner_udp = ipv4(REMOTE_IP, PUBLIC_IP, 17, 0, &[0u8; 24]);
+                    let inner = eth(LOCAL_VTEP, REMOTE_VTEP, 0x0800, &inner_udp);
+                    let mut vx = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+                    vx.extend_from_slice(&inner);
+                    let mut udp = vec![0xc3, 0x50];
+                    udp.extend_from_slice(&8472u16.to_be_bytes());
+                    udp.extend_from_slice(&((8 + vx.len()) as u16).to_be_bytes());
+                    udp.extend_from_slice(&[0, 0]);
+                    udp.extend_from_slice(&vx);
+                    eth(
+                        OUR_UNDERLAY_MAC,
+                        UNDERLAY_PEER_MAC,
+                        0x0800,
+                        &ipv4(REMOTE_IP, PUBLIC_IP, 17, 0, &udp),
+                    )
+                },
+                Drop,
+                Some(Counter::RxDropNested),
+            ),
+            (
                 "a member speaking for another node's pod",
                 Vx {
                     inner_src_ip: Ipv4Addr::new(10, 244, 3, 10),
