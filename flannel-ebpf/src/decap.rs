@@ -76,11 +76,7 @@ fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
     } else {
         None
     };
-    let verdict = match overlay {
-        Some(ov) => rx::overlay(ctx, &ov, ip.saddr, frame_len, first_fragment, cfg),
-        None => rx::truncated(first_fragment, frame_len),
-    };
-    let slot = match verdict {
+    let slot = match rx::overlay(ctx, overlay.as_ref(), ip.saddr, frame_len, first_fragment, cfg) {
         Verdict::Decap { slot } => slot,
         Verdict::Drop => return XDP_DROP,
         Verdict::Pass => return XDP_PASS,

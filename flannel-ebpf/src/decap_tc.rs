@@ -68,11 +68,7 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     } else {
         None
     };
-    let verdict = match overlay {
-        Some(ov) => rx::overlay(ctx, &ov, ip.saddr, frame_len, first_fragment, cfg),
-        None => rx::truncated(first_fragment, frame_len),
-    };
-    let slot = match verdict {
+    let slot = match rx::overlay(ctx, overlay.as_ref(), ip.saddr, frame_len, first_fragment, cfg) {
         Verdict::Decap { slot } => slot,
         Verdict::Drop => return TC_ACT_SHOT,
         Verdict::Pass => return TC_ACT_OK,

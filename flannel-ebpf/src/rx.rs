@@ -90,7 +90,7 @@ pub enum Verdict {
 
 /// A frame to our port too short for the headers the checks read.
 #[inline(always)]
-pub fn truncated(first_fragment: bool, frame_len: u32) -> Verdict {
+fn truncated(first_fragment: bool, frame_len: u32) -> Verdict {
     count(
         if first_fragment {
             Counter::RxDropTinyFragment
@@ -102,19 +102,23 @@ pub fn truncated(first_fragment: bool, frame_len: u32) -> Verdict {
     Verdict::Drop
 }
 
-/// VNI, flags, membership (the inner source is a VtepMAC known for exactly
+/// The verdict on a frame to our port: its headers' length, then VNI, flags, membership (the inner source is a VtepMAC known for exactly
 /// this outer source; the kernel's VXLAN accepts anyone), inner destination,
 /// and the inner source (inside the cluster Network only the member's own
 /// subnet). Drops and passes are counted here.
 #[inline(always)]
 pub fn overlay<C: EbpfContext>(
     ctx: &C,
-    ov: &Overlay,
+    ov: Option<&Overlay>,
     saddr: [u8; 4],
     frame_len: u32,
     first_fragment: bool,
     cfg: &NodeConfig,
 ) -> Verdict {
+    // None: the frame is too short for the headers read here.
+    let Some(ov) = ov else {
+        return truncated(first_fragment, frame_len);
+    };
     let (vx, inner) = (&ov.vx, &ov.inner);
     // Diagnostics only at debug level: the verifier prunes them otherwise.
     if !vx.flags_valid() {

@@ -6,6 +6,7 @@ pub mod kube_api;
 pub mod lab;
 pub mod netns;
 pub mod prereq;
+pub mod progs;
 pub mod traffic;
 
 use std::{

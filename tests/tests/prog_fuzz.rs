@@ -12,25 +12,21 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use flannel_agent::bpf_sys::{fd_of, lookup_per_cpu, update};
-use flannel_ebpf_common::{
-    Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
-    PeerStats,
-};
+use flannel_agent::bpf_sys::lookup_per_cpu;
+use flannel_ebpf_common::{Counter, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PeerStats};
 use flannel_tests::{
     frames::{csum, eth, ipv4},
-    netns::Netns,
-    object_path, prereq,
+    prereq,
+    progs::{
+        self, Bench, LOCAL_VTEP, REMOTE_SLOT, REMOTE_VTEP, UNDERLAY_PEER_MAC, bench, load, map_fd,
+    },
 };
 
-const LOCAL_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x10];
-const REMOTE_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x20];
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const PEER_MAC: [u8; 6] = UNDERLAY_PEER_MAC;
 const OUR_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
-const PUBLIC_IP: [u8; 4] = [10, 9, 0, 1];
-const REMOTE_IP: [u8; 4] = [10, 9, 0, 2];
+const PUBLIC_IP: [u8; 4] = progs::PUBLIC_IP.octets();
+const REMOTE_IP: [u8; 4] = progs::REMOTE_IP.octets();
 const REMOTE_SUBNET: [u8; 3] = [10, 244, 2];
-const SLOT: u32 = 3;
 
 /// xorshift64*: fixed seed, the same frames every run.
 struct Rng(u64);
@@ -314,85 +310,16 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
     }
 }
 
-struct Setup {
-    ns: Netns,
-    underlay_ifindex: u32,
-}
-
-fn setup(name: &str) -> Setup {
-    let ns = Netns::new(name).unwrap();
-    ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
-    ns.sh("ip link add ul0 type veth peer name ul1").unwrap();
-    ns.sh("ip addr add 10.9.0.1/24 dev ul0").unwrap();
-    ns.sh("ip link set ul0 up").unwrap();
-    ns.sh("ip link set ul1 up").unwrap();
-    ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")
-        .unwrap();
-    let idx = ns.sh("cat /sys/class/net/ul0/ifindex").unwrap();
-    Setup {
-        ns,
-        underlay_ifindex: idx.trim().parse().unwrap(),
-    }
-}
-
-fn load(s: &Setup) -> Ebpf {
-    let mut ebpf = Ebpf::load_file(object_path()).expect("loading the object");
-    let cfg = NodeConfig {
-        public_ip: PUBLIC_IP,
-        vni: 1,
-        port: 8472,
-        src_port_min: 32768,
-        src_port_max: 61000,
-        vtep_mac: LOCAL_VTEP,
-        underlay_ifindex: s.underlay_ifindex,
-        vtep_ifindex: 1,
-        ready: 1,
-        network: [10, 244, 0, 0],
-        network_mask: [255, 255, 0, 0],
-        flags: 0,
-    };
-    update(fd_of(ebpf.map("CONFIG").unwrap()).unwrap(), &0u32, &cfg).unwrap();
-    let v = FdbValue {
-        node_ip: REMOTE_IP,
-        peer_slot: SLOT,
-        subnet: [10, 244, 2, 0],
-        subnet_mask: [255, 255, 255, 0],
-    };
-    update(
-        fd_of(ebpf.map("FDB").unwrap()).unwrap(),
-        &FdbKey::new(REMOTE_VTEP),
-        &v,
-    )
-    .unwrap();
-    let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).unwrap().try_into().unwrap();
-    p.load().unwrap();
-    let p: &mut Xdp = ebpf.program_mut(PROG_DECAP).unwrap().try_into().unwrap();
-    p.load().unwrap();
-    let p: &mut SchedClassifier = ebpf.program_mut(PROG_DECAP_TC).unwrap().try_into().unwrap();
-    p.load().unwrap();
-    ebpf
-}
-
 fn counters(ebpf: &Ebpf) -> BTreeMap<&'static str, u64> {
-    let fd = fd_of(ebpf.map("COUNTERS").unwrap()).unwrap();
     Counter::ALL
         .iter()
-        .map(|c| {
-            let n = lookup_per_cpu::<u32, CounterValue>(fd, &(*c as u32))
-                .unwrap()
-                .unwrap()
-                .iter()
-                .map(|v| v.packets)
-                .sum();
-            (c.name(), n)
-        })
+        .map(|c| (c.name(), progs::counter(ebpf, *c)))
         .filter(|(_, n)| *n > 0)
         .collect()
 }
 
 fn peer(ebpf: &Ebpf) -> (u64, u64) {
-    let fd = fd_of(ebpf.map("PEER_STATS").unwrap()).unwrap();
-    lookup_per_cpu::<u32, PeerStats>(fd, &SLOT)
+    lookup_per_cpu::<u32, PeerStats>(map_fd(ebpf, "PEER_STATS"), &REMOTE_SLOT)
         .unwrap()
         .unwrap()
         .iter()
@@ -431,7 +358,7 @@ fn decap_frame(rng: &mut Rng, hook: Hook) -> Vec<u8> {
     f
 }
 
-fn fuzz_decap(s: &Setup, hook: Hook, n: usize, seed: u64) {
+fn fuzz_decap(s: &Bench, hook: Hook, n: usize, seed: u64) {
     let mut ebpf = load(s);
     let (name, xdp, pass, drop) = match hook {
         Hook::Xdp => (PROG_DECAP, true, 2, 1),
@@ -496,7 +423,7 @@ fn fuzz_decap(s: &Setup, hook: Hook, n: usize, seed: u64) {
     );
 }
 
-fn fuzz_encap(s: &Setup, n: usize, seed: u64) {
+fn fuzz_encap(s: &Bench, n: usize, seed: u64) {
     let mut ebpf = load(s);
     let mut rng = Rng(seed);
     let mut want: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -572,7 +499,7 @@ fn generated_frames_match_the_reference_model() {
         return;
     }
     let n = frames_per_program();
-    let s = setup("ptr-fuzz");
+    let s = bench("ptr-fuzz");
     s.ns.run(|| {
         fuzz_encap(&s, n, 0x5eed_0001);
         fuzz_decap(&s, Hook::Xdp, n, 0x5eed_0002);

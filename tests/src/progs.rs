@@ -1,0 +1,104 @@
+//! The kernel programs loaded for BPF_PROG_TEST_RUN, with the maps of one
+//! node that has one member: the fixture both in-kernel test files share.
+use std::{net::Ipv4Addr, os::fd::BorrowedFd};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, Xdp},
+};
+use flannel_agent::bpf_sys::{fd_of, lookup_per_cpu, update};
+use flannel_ebpf_common::{
+    Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+};
+
+use crate::{netns::Netns, object_path};
+
+/// This node's VtepMAC, and the member's.
+pub const LOCAL_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x10];
+pub const REMOTE_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x20];
+/// The member's underlay MAC (the resolved neighbour 10.9.0.2).
+pub const UNDERLAY_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
+/// The member's stats slot; its pods are 10.244.2.0/24, the Network 10.244.0.0/16.
+pub const REMOTE_SLOT: u32 = 3;
+
+/// A namespace with an underlay veth 10.9.0.1/24 and a resolved neighbour
+/// 10.9.0.2, so the encap program's route lookup has something to find.
+pub struct Bench {
+    pub ns: Netns,
+    pub underlay_ifindex: u32,
+    pub underlay_mac: [u8; 6],
+}
+
+pub fn bench(name: &str) -> Bench {
+    let ns = Netns::new(name).unwrap();
+    // bpf_fib_lookup only answers for interfaces that forward, as on any Kubernetes node.
+    ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+    ns.sh("ip link add ul0 type veth peer name ul1").unwrap();
+    ns.sh("ip addr add 10.9.0.1/24 dev ul0").unwrap();
+    ns.sh("ip link set ul0 up").unwrap();
+    ns.sh("ip link set ul1 up").unwrap();
+    ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")
+        .unwrap();
+    let idx = ns.sh("cat /sys/class/net/ul0/ifindex").unwrap();
+    let mac = ns.sh("cat /sys/class/net/ul0/address").unwrap();
+    Bench {
+        ns,
+        underlay_ifindex: idx.trim().parse().unwrap(),
+        underlay_mac: crate::frames::mac(&mac),
+    }
+}
+
+pub fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> BorrowedFd<'a> {
+    fd_of(ebpf.map(name).unwrap()).unwrap()
+}
+
+/// The member's FDB entry (slot 3, pods 10.244.2.0/24) pointing at `node_ip`.
+pub fn set_fdb(ebpf: &Ebpf, node_ip: [u8; 4]) {
+    let v = FdbValue {
+        node_ip,
+        peer_slot: REMOTE_SLOT,
+        subnet: [10, 244, 2, 0],
+        subnet_mask: [255, 255, 255, 0],
+    };
+    update(map_fd(ebpf, "FDB"), &FdbKey::new(REMOTE_VTEP), &v).unwrap();
+}
+
+/// The object with this node's config and the member, every program loaded.
+pub fn load(b: &Bench) -> Ebpf {
+    let mut ebpf = Ebpf::load_file(object_path()).expect("loading the object");
+    let cfg = NodeConfig {
+        public_ip: PUBLIC_IP.octets(),
+        vni: 1,
+        port: 8472,
+        src_port_min: 32768,
+        src_port_max: 61000,
+        vtep_mac: LOCAL_VTEP,
+        underlay_ifindex: b.underlay_ifindex,
+        vtep_ifindex: 1,
+        ready: 1,
+        network: [10, 244, 0, 0],
+        network_mask: [255, 255, 0, 0],
+        flags: 0,
+    };
+    update(map_fd(&ebpf, "CONFIG"), &0u32, &cfg).unwrap();
+    set_fdb(&ebpf, REMOTE_IP.octets());
+    let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    let p: &mut Xdp = ebpf.program_mut(PROG_DECAP).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    let p: &mut SchedClassifier = ebpf.program_mut(PROG_DECAP_TC).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    ebpf
+}
+
+/// A datapath counter's packets, summed over CPUs.
+pub fn counter(ebpf: &Ebpf, c: Counter) -> u64 {
+    lookup_per_cpu::<u32, CounterValue>(map_fd(ebpf, "COUNTERS"), &(c as u32))
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|v| v.packets)
+        .sum()
+}
