@@ -317,6 +317,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tokio::time::sleep(poll) => {}
+            _ = crate::source::woken() => {}
         }
         health.beat();
         let source_down = source.degraded();

@@ -533,6 +533,7 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
                         s.error = None;
                         s.dirty = true;
                     }
+                    super::wake();
                     need_list = false;
                     backoff = Duration::from_millis(500);
                 }
@@ -594,6 +595,11 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
                     }
                     if let Some(h) = resp.header() {
                         s.revision = s.revision.max(h.revision());
+                    }
+                    let changed = s.dirty;
+                    drop(s);
+                    if changed {
+                        super::wake();
                     }
                 }
                 Ok(None) => {

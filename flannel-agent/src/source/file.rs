@@ -25,6 +25,8 @@ pub struct FileSource {
     fingerprint: BTreeMap<String, (Option<SystemTime>, u64)>,
     /// Bad files already reported, so a poll loop does not repeat itself.
     reported: BTreeSet<(String, String)>,
+    /// inotify on the leases directory, once it exists.
+    watching: bool,
 }
 
 impl FileSource {
@@ -33,7 +35,44 @@ impl FileSource {
             dir: dir.to_path_buf(),
             fingerprint: BTreeMap::new(),
             reported: BTreeSet::new(),
+            watching: false,
         }
+    }
+
+    /// Wake the control loop whenever an entry of the leases directory is
+    /// created, written, moved or removed (the poll stays as the fallback).
+    fn watch(&mut self) {
+        if self.watching {
+            return;
+        }
+        let Ok(dir) = std::ffi::CString::new(self.subnets_dir().as_os_str().as_encoded_bytes())
+        else {
+            return;
+        };
+        // SAFETY: plain inotify calls; the descriptor is owned by the thread below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return;
+        }
+        let mask = libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_ATTRIB;
+        // SAFETY: fd is ours, dir a valid C string.
+        if unsafe { libc::inotify_add_watch(fd, dir.as_ptr(), mask) } < 0 {
+            unsafe { libc::close(fd) };
+            return; // not there yet: try again at the next poll
+        }
+        self.watching = true;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // SAFETY: reads into a buffer of its length from our descriptor.
+            while unsafe { libc::read(fd, buf.as_mut_ptr() as *mut _, buf.len()) } > 0 {
+                super::wake();
+            }
+        });
     }
 
     fn subnets_dir(&self) -> PathBuf {
@@ -83,7 +122,8 @@ impl FileSource {
     }
 
     /// Whether any lease file appeared, vanished or changed since the last `read`.
-    pub fn changed(&self) -> anyhow::Result<bool> {
+    pub fn changed(&mut self) -> anyhow::Result<bool> {
+        self.watch();
         Ok(self.scan()? != self.fingerprint)
     }
 

@@ -336,9 +336,13 @@ impl KubeSource {
                 match next {
                     Some(Ok(ev)) => {
                         backoff = std::time::Duration::from_millis(200);
-                        if let Ok(mut s) = state.lock() {
+                        let changed = state.lock().is_ok_and(|mut s| {
                             s.error = None;
                             s.handle(ev);
+                            s.dirty
+                        });
+                        if changed {
+                            super::wake();
                         }
                     }
                     Some(Err(e)) => {

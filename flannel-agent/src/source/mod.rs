@@ -12,6 +12,20 @@ use crate::{
     subnet::Subnet,
 };
 
+/// Sources push: whoever sees the leases change (a watch, inotify) wakes
+/// the control loop here, so a change is applied when it is reported, not
+/// at the next poll. A permit is kept when nobody waits: no wake is lost.
+static LEASES_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+pub fn wake() {
+    LEASES_CHANGED.notify_one();
+}
+
+/// Until a source reports a change.
+pub async fn woken() {
+    LEASES_CHANGED.notified().await
+}
+
 /// Whether `l` is this node's own lease, for every source alike: it holds
 /// our public IP, or (after the node's address changed) it is the subnet of
 /// our last subnet.env announced with our VtepMAC. Re-keying it keeps the
