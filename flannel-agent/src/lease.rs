@@ -82,15 +82,37 @@ impl Lease {
     pub fn parse(subnet: Subnet, value: &[u8]) -> anyhow::Result<Option<Lease>> {
         let attrs: LeaseAttrs =
             serde_json::from_slice(value).context("lease is not Flannel's lease JSON")?;
-        let vxlan = match attrs.backend_type.as_str() {
-            "vxlan" => true,
-            "host-gw" => false,
-            _ => return Ok(None),
-        };
-        let public_ip = parse_public_ip(&attrs.public_ip)?;
+        Lease::from_parts(
+            subnet,
+            &attrs.backend_type,
+            &attrs.public_ip,
+            attrs.backend_data,
+        )
+    }
+
+    /// Whether a lease of this BackendType is one we can route to (others —
+    /// udp, wireguard, … — peers ignore, as flanneld does).
+    pub fn speaks(backend_type: &str) -> bool {
+        matches!(backend_type, "vxlan" | "host-gw")
+    }
+
+    /// The one lease rule of every source, from a lease's parts (the etcd
+    /// and file JSON's fields, or a Node's annotations): BackendType,
+    /// PublicIP and BackendData. Ok(None) for a backend we do not speak.
+    pub fn from_parts(
+        subnet: Subnet,
+        backend_type: &str,
+        public_ip: &str,
+        backend_data: Option<serde_json::Value>,
+    ) -> anyhow::Result<Option<Lease>> {
+        if !Lease::speaks(backend_type) {
+            return Ok(None);
+        }
+        let vxlan = backend_type == "vxlan";
+        let public_ip = parse_public_ip(public_ip)?;
         let backend = if vxlan {
-            let data = attrs
-                .backend_data
+            let data = backend_data
+                .filter(|d| !d.is_null())
                 .context("BackendData is missing for a vxlan lease")?;
             LeaseBackend::Vxlan {
                 vtep_mac: vxlan_vtep_mac(data)?,

@@ -95,34 +95,19 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
     if annotation(node, KUBE_SUBNET_MANAGER) != Some("true") {
         return Ok(None);
     }
-    let vxlan = match annotation(node, BACKEND_TYPE) {
-        Some("vxlan") => true,
-        Some("host-gw") => false,
-        _ => return Ok(None),
+    let Some(backend_type) = annotation(node, BACKEND_TYPE).filter(|t| Lease::speaks(t)) else {
+        return Ok(None);
     };
     let subnet = pod_cidr(node)?;
-    let backend = if vxlan {
-        let data = annotation(node, BACKEND_DATA).context("backend-data annotation missing")?;
-        let vtep_mac = serde_json::from_str(data)
-            .map_err(anyhow::Error::from)
-            .and_then(crate::lease::vxlan_vtep_mac)
-            .with_context(|| format!("backend-data {data:?}"))?;
-        LeaseBackend::Vxlan { vtep_mac }
-    } else {
-        LeaseBackend::HostGw
-    };
+    let data = annotation(node, BACKEND_DATA)
+        .map(|d| serde_json::from_str(d).with_context(|| format!("backend-data {d:?} is not JSON")))
+        .transpose()?;
     // Peers use the overwrite when a node has one, as flanneld does.
     let ip = annotation(node, PUBLIC_IP_OVERWRITE)
         .or(annotation(node, PUBLIC_IP))
         .context("public-ip annotation missing")?;
-    let public_ip: Ipv4Addr = ip
-        .parse()
-        .with_context(|| format!("public-ip {ip:?} is not an IPv4 address"))?;
-    Ok(Some(Lease {
-        subnet,
-        public_ip,
-        backend,
-    }))
+    // The same rule as a lease in etcd or a file.
+    Lease::from_parts(subnet, backend_type, ip, data)
 }
 
 /// RFC 3339 UTC, seconds precision, for condition timestamps.
@@ -523,6 +508,15 @@ mod tests {
                 node_lease(&node(&bad, Some("10.244.1.0/24"))).unwrap_err()
             )
             .contains("backend-data")
+        );
+        // The same PublicIP rule as etcd and file leases.
+        let mut unspecified = GOOD.to_vec();
+        unspecified.retain(|(k, _)| *k != PUBLIC_IP);
+        unspecified.push((PUBLIC_IP, "0.0.0.0"));
+        let err = node_lease(&node(&unspecified, Some("10.244.1.0/24"))).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot be a node address"),
+            "{err:#}"
         );
         let err = node_lease(&node(GOOD, None)).unwrap_err();
         assert!(format!("{err:#}").contains("pod cidr not assigned"));
