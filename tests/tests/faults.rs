@@ -137,14 +137,10 @@ fn restart_after_flannel1_was_recreated_attaches_to_the_live_device() {
     );
 }
 
-/// A VNI change in net-conf.json while a data path is pinned for the old
-/// one: refused at start with the way to do it, the old path left running.
-#[test]
-fn a_vni_change_is_refused_not_half_applied() {
-    if !prereq::ready("vni_change") {
-        return;
-    }
-    let mut lab = two_nodes("vni");
+/// Restart node 0's agent with net-conf.json saying VNI 2; wait for it to
+/// refuse, and check it created no flannel.2. Returns its log, and the
+/// config's path and old text to put back.
+fn restart_with_vni_2(lab: &mut Lab) -> (String, std::path::PathBuf, String) {
     lab.nodes[0].stop_agent().unwrap();
     let config = lab.lease_dir().join("config");
     let before = std::fs::read_to_string(&config).unwrap();
@@ -158,15 +154,26 @@ fn a_vni_change_is_refused_not_half_applied() {
         (!lab.nodes[0].agent_running()).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let log = lab.nodes[0].log_text();
+    assert!(
+        lab.nodes[0].ns.sh("ip link show flannel.2").is_err(),
+        "flannel.2 was created"
+    );
+    (lab.nodes[0].log_text(), config, before)
+}
+
+/// A VNI change in net-conf.json while a data path is pinned for the old
+/// one: refused at start with the way to do it, the old path left running.
+#[test]
+fn a_vni_change_is_refused_not_half_applied() {
+    if !prereq::ready("vni_change") {
+        return;
+    }
+    let mut lab = two_nodes("vni");
+    let (log, config, before) = restart_with_vni_2(&mut lab);
     assert!(
         log.contains("net-conf.json says VNI 2 (flannel.2), but the data path pinned under")
             && log.contains("flannel-agent uninstall"),
         "{log}"
-    );
-    assert!(
-        lab.nodes[0].ns.sh("ip link show flannel.2").is_err(),
-        "flannel.2 was created"
     );
     assert_eq!(
         ping(&lab.nodes[0].pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
@@ -302,27 +309,10 @@ fn a_vni_change_on_the_kernel_data_path_is_refused() {
         Duration::from_secs(10),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    lab.nodes[0].stop_agent().unwrap();
-    let config = lab.lease_dir().join("config");
-    let before = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        before.replace(r#""Type":"vxlan""#, r#""Type":"vxlan","VNI":2"#),
-    )
-    .unwrap();
-    lab.spawn_agent(0).unwrap();
-    wait_for("the agent to refuse", Duration::from_secs(10), || {
-        (!lab.nodes[0].agent_running()).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let log = lab.nodes[0].log_text();
+    let (log, config, before) = restart_with_vni_2(&mut lab);
     assert!(
         log.contains("net-conf.json says VNI 2 (flannel.2), but flannel.1 (VNI 1) from an earlier run remains"),
         "{log}"
-    );
-    assert!(
-        lab.nodes[0].ns.sh("ip link show flannel.2").is_err(),
-        "flannel.2 was created"
     );
     std::fs::write(&config, before).unwrap();
 }
