@@ -5,34 +5,20 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Context;
-use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
-use flannel_ebpf_common::{FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use flannel_ebpf_common::{PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP};
 use flannel_tests::{
     frames::{eth, ipv4},
-    netns::Netns,
-    object_path,
+    progs::{self, LOCAL_VTEP, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC},
 };
 
-const LOCAL_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x10];
-const REMOTE_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x20];
-const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
-const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
-
-fn tcp_segment(payload: usize) -> Vec<u8> {
+/// A TCP segment of `payload` bytes from `src` to `dst` (pods).
+fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     let mut tcp = vec![
         0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0,
     ];
     tcp.resize(20 + payload, 0xab);
-    ipv4(
-        Ipv4Addr::new(10, 244, 1, 10),
-        Ipv4Addr::new(10, 244, 2, 10),
-        6,
-        0,
-        &tcp,
-    )
+    ipv4(src, dst, 6, 0, &tcp)
 }
 
 fn vxlan_frame(inner: &[u8]) -> Vec<u8> {
@@ -69,58 +55,59 @@ where
     Ok(total as f64 / n as f64)
 }
 
+/// One run of `prog` on `frame` must return `rc` and `len` bytes.
+fn expect<P>(prog: &mut P, frame: &[u8], rc: u32, len: usize, what: &str) -> anyhow::Result<()>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 128];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    })?;
+    anyhow::ensure!(
+        (r.return_value, r.data_size_out as usize) == (rc, len),
+        "{what}: the benchmark frame got ({}, {} bytes), not ({rc}, {len} bytes)",
+        r.return_value,
+        r.data_size_out
+    );
+    Ok(())
+}
+
 pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    let ns = Netns::new("bench-prog")?;
-    ns.sh("sysctl -qw net.ipv4.ip_forward=1")?;
-    ns.sh("ip link add ul0 type veth peer name ul1")?;
-    ns.sh("ip addr add 10.9.0.1/24 dev ul0")?;
-    ns.sh("ip link set ul0 up")?;
-    ns.sh("ip link set ul1 up")?;
-    ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")?;
-    let ifindex: u32 = ns.sh("cat /sys/class/net/ul0/ifindex")?.trim().parse()?;
-    ns.run(|| -> anyhow::Result<Vec<(&'static str, f64)>> {
-        let mut ebpf = Ebpf::load_file(object_path()).context("loading the object")?;
-        let cfg = NodeConfig {
-            public_ip: PUBLIC_IP.octets(),
-            vni: 1,
-            port: 8472,
-            src_port_min: 32768,
-            src_port_max: 61000,
-            vtep_mac: LOCAL_VTEP,
-            underlay_ifindex: ifindex,
-            vtep_ifindex: 1,
-            ready: 1,
-            // The membership checks run as on a node (Network 10.244.0.0/16).
-            network: [10, 244, 0, 0],
-            network_mask: [255, 255, 0, 0],
-            flags: 0,
-        };
-        let fd = |name: &str| {
-            ebpf.map(name)
-                .and_then(flannel_agent::bpf_sys::fd_of)
-                .with_context(|| format!("the object's {name} map"))
-        };
-        flannel_agent::bpf_sys::update(fd("CONFIG")?, &0u32, &cfg)?;
-        let fdb = FdbValue {
-            node_ip: REMOTE_IP.octets(),
-            peer_slot: 0,
-            // The fixture's decap frame carries the segment from 10.244.1.10.
-            subnet: [10, 244, 1, 0],
-            subnet_mask: [255, 255, 255, 0],
-        };
-        flannel_agent::bpf_sys::update(fd("FDB")?, &FdbKey::new(REMOTE_VTEP), &fdb)?;
-        let segment = tcp_segment(1400);
-        let encap_in = eth(REMOTE_VTEP, LOCAL_VTEP, 0x0800, &segment);
-        let decap_in = vxlan_frame(&segment);
-        let other = eth([2, 0xaa, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 0x0800, &segment);
+    // The in-kernel tests' fixture: this node (10.244.1.0/24) and one
+    // member (10.244.2.0/24), the membership checks on as on a node.
+    let b = progs::bench("bench-prog");
+    b.ns.run(|| -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let mut ebpf = progs::load(&b);
+        let (ours, theirs) = (Ipv4Addr::new(10, 244, 1, 10), Ipv4Addr::new(10, 244, 2, 10));
+        let encap_in = eth(
+            REMOTE_VTEP,
+            LOCAL_VTEP,
+            0x0800,
+            &tcp_segment(ours, theirs, 1400),
+        );
+        let decap_in = vxlan_frame(&tcp_segment(theirs, ours, 1400));
+        // Plain traffic from the member's node itself: not ours to judge.
+        let other = eth(
+            [2, 0xaa, 0, 0, 0, 1],
+            UNDERLAY_PEER_MAC,
+            0x0800,
+            &tcp_segment(REMOTE_IP, PUBLIC_IP, 1400),
+        );
         let mut out = vec![0u8; 4096];
 
         let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP).context("encap")?.try_into()?;
-        p.load()?;
+        // Each case must take the path it names (a frame the checks drop
+        // would time the drop): encapsulated and redirected, decapsulated
+        // (50 bytes shorter), passed unchanged.
+        expect(p, &encap_in, 7, encap_in.len() + 50, "encap")?;
         let encap = per_call_ns(p, &encap_in, &mut out, n)?;
 
         let x: &mut Xdp = ebpf.program_mut(PROG_DECAP).context("decap")?.try_into()?;
-        x.load()?;
+        expect(x, &decap_in, 2, decap_in.len() - 50, "XDP decap")?;
+        expect(x, &other, 2, other.len(), "XDP pass-through")?;
         let decap = per_call_ns(x, &decap_in, &mut out, n)?;
         let pass_run = x.test_run(TestRunOptions {
             data_in: Some(&other),
@@ -134,7 +121,7 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             .program_mut(PROG_DECAP_TC)
             .context("TC decap")?
             .try_into()?;
-        t.load()?;
+        expect(t, &decap_in, 0, decap_in.len() - 50, "TC decap")?;
         let tc_decap = per_call_ns(t, &decap_in, &mut out, n)?;
         Ok(vec![
             ("TC encap, 1400-byte TCP segment", encap),
@@ -143,4 +130,17 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             ("TC decap (veth underlays), VXLAN frame", tc_decap),
         ])
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_benchmark_frames_take_the_paths_they_time() {
+        if !flannel_tests::prereq::ready("bench_prog") {
+            return;
+        }
+        let c = super::costs(200).unwrap();
+        assert_eq!(c.len(), 4);
+        assert!(c.iter().all(|(_, ns)| *ns > 0.0), "{c:?}");
+    }
 }
