@@ -271,6 +271,38 @@ pub fn inject(ns: &Netns, ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()
     })?
 }
 
+/// Send `bytes` to `dst` from a raw IPv4 socket of `protocol` in `ns`:
+/// with IPPROTO_RAW `bytes` is the whole IPv4 packet (any source), otherwise
+/// the transport header and payload as written (a broken checksum stays).
+pub fn send_raw(ns: &Netns, protocol: i32, dst: Ipv4Addr, bytes: &[u8]) -> anyhow::Result<()> {
+    ns.run(|| -> anyhow::Result<()> {
+        // SAFETY: a raw socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error()).context("raw socket");
+            }
+            let mut to: libc::sockaddr_in = std::mem::zeroed();
+            to.sin_family = libc::AF_INET as u16;
+            to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+            let n = libc::sendto(
+                fd,
+                bytes.as_ptr() as *const _,
+                bytes.len(),
+                0,
+                &to as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n < 0 {
+                return Err(err).context("sendto");
+            }
+            Ok(())
+        }
+    })?
+}
+
 /// Datagrams a UDP socket in `ns` receives on `port` for `window`.
 pub struct UdpSink {
     handle: std::thread::JoinHandle<Vec<Vec<u8>>>,

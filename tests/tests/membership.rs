@@ -8,33 +8,59 @@ use flannel_tests::{
     frames::{eth, fragments, ipv4_udp, mac, udp, vxlan},
     lab::{Kind, Lab, Node, Topology},
     prereq,
-    traffic::{UdpSink, inject, wait_reachable},
+    traffic::{UdpSink, inject, send_raw, wait_reachable},
 };
 
 const PORT: u16 = 5555;
 
-/// A named guard counter on node `n` (nftables table flannel-ebpf-guard).
+/// A named guard counter on node `n`, as `show stats` reads it.
 fn guard_counter(n: &Node, name: &str) -> u64 {
-    let out =
-        n.ns.sh("nft -j list counters table ip flannel-ebpf-guard")
-            .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.get("counter"))
-        .find(|c| c["name"] == name)
-        .and_then(|c| c["packets"].as_u64())
-        .unwrap_or(0)
+    n.ns.run(flannel_agent::guard::counters)
+        .unwrap_or_default()
+        .get(name)
+        .map_or(0, |(packets, _)| *packets)
 }
 
 struct Sender<'a> {
     node: &'a Node,
     vtep_mac: [u8; 6],
+    /// Its eth0's MAC, the source of what it puts on the underlay.
+    ul_mac: [u8; 6],
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
+    fn new(node: &'a Node, vtep_mac: [u8; 6]) -> Sender<'a> {
+        let ul_mac = mac(&node.ns.sh("cat /sys/class/net/eth0/address").unwrap());
+        Sender {
+            node,
+            vtep_mac,
+            ul_mac,
+        }
+    }
+
+    /// An IPv4 packet on the underlay to `dst_mac` (priority-tagged with `vlan0`).
+    fn frame(&self, dst_mac: [u8; 6], ip: &[u8], vlan0: bool) -> Vec<u8> {
+        if !vlan0 {
+            return eth(dst_mac, self.ul_mac, 0x0800, ip);
+        }
+        let mut tagged = vec![0x00, 0x00, 0x08, 0x00];
+        tagged.extend_from_slice(ip);
+        eth(dst_mac, self.ul_mac, 0x8100, &tagged)
+    }
+
+    /// `inner` in VXLAN to `dst`, as one frame.
+    fn whole(&self, dst_mac: [u8; 6], dst: Ipv4Addr, inner: &[u8]) -> Vec<Vec<u8>> {
+        vec![self.frame(dst_mac, &self.outer(dst, inner), false)]
+    }
+
+    /// `inner` in VXLAN to `dst`, in IPv4 fragments of 256 bytes.
+    fn fragmented(&self, dst_mac: [u8; 6], dst: Ipv4Addr, inner: &[u8]) -> Vec<Vec<u8>> {
+        fragments(&self.outer(dst, inner), 256)
+            .iter()
+            .map(|f| self.frame(dst_mac, f, false))
+            .collect()
+    }
+
     /// The inner frame: a UDP datagram to our pod, tagged `what`.
     fn inner(
         &self,
@@ -90,14 +116,8 @@ fn only_members_get_in() {
     let n1_mac = mac(&n1.ns.sh("cat /sys/class/net/eth0/address").unwrap());
     let n1_vtep = mac(n1.vtep_mac.as_deref().unwrap());
     let cni0 = Ipv4Addr::from(u32::from(n1.subnet_base()) + 1);
-    let member = Sender {
-        node: n2,
-        vtep_mac: mac(n2.vtep_mac.as_deref().unwrap()),
-    };
-    let outsider = Sender {
-        node: n3,
-        vtep_mac: mac(n3.vtep_mac.as_deref().unwrap()),
-    };
+    let member = Sender::new(n2, mac(n2.vtep_mac.as_deref().unwrap()));
+    let outsider = Sender::new(n3, mac(n3.vtep_mac.as_deref().unwrap()));
 
     let counters = |what: &[&str]| -> Vec<u64> {
         what.iter()
@@ -122,62 +142,33 @@ fn only_members_get_in() {
     let before = counters(&watched);
     let sink = UdpSink::start(&n1.pod, PORT, Duration::from_secs(4)).unwrap();
 
-    let l2 = |from: &Sender, dst_mac: [u8; 6], ip: Vec<u8>| {
-        let src = mac(&from.node.ns.sh("cat /sys/class/net/eth0/address").unwrap());
-        eth(dst_mac, src, 0x0800, &ip)
-    };
-    let l2_vlan0 = |from: &Sender, dst_mac: [u8; 6], ip: Vec<u8>| {
-        let src = mac(&from.node.ns.sh("cat /sys/class/net/eth0/address").unwrap());
-        let mut tagged = vec![0x00, 0x00, 0x08, 0x00];
-        tagged.extend_from_slice(&ip);
-        eth(dst_mac, src, 0x8100, &tagged)
-    };
     let pub_ip = n1.public_ip;
     let m_src = n2.pod_ip();
     let o_src = n3.pod_ip();
     let big = "x".repeat(600);
-    let mut bad: Vec<(&str, Vec<Vec<u8>>)> = Vec::new();
-    let mut good: Vec<(&str, Vec<Vec<u8>>)> = Vec::new();
+    let to_n1 = |from: &Sender, src: Ipv4Addr, tag: &str, bad_sum: bool| {
+        from.inner(n1, n1_vtep, src, tag, bad_sum)
+    };
+    // (sender, frames); what arrives is told by the tag in the payload.
+    let mut cases: Vec<(&Sender, Vec<Vec<u8>>)> = Vec::new();
     // The member's own traffic, whole and fragmented: it arrives.
-    let tag = "member whole";
-    good.push((
-        tag,
-        vec![l2(
-            &member,
+    cases.push((
+        &member,
+        member.whole(
             n1_mac,
-            member.outer(pub_ip, &member.inner(n1, n1_vtep, m_src, tag, false)),
-        )],
+            pub_ip,
+            &to_n1(&member, m_src, "member whole", false),
+        ),
     ));
-    let tag_f = format!("member fragmented {big}");
-    let pkt = member.outer(pub_ip, &member.inner(n1, n1_vtep, m_src, &tag_f, false));
-    good.push((
-        "member fragmented",
-        fragments(&pkt, 256)
-            .into_iter()
-            .map(|f| l2(&member, n1_mac, f))
-            .collect(),
+    let tag = format!("member fragmented {big}");
+    cases.push((
+        &member,
+        member.fragmented(n1_mac, pub_ip, &to_n1(&member, m_src, &tag, false)),
     ));
-    // The outsider, whole and fragmented, to our public IP.
-    let t = "outsider whole";
-    bad.push((
-        t,
-        vec![l2(
-            &outsider,
-            n1_mac,
-            outsider.outer(pub_ip, &outsider.inner(n1, n1_vtep, o_src, t, false)),
-        )],
-    ));
-    let t = format!("outsider fragmented {big}");
-    let pkt = outsider.outer(pub_ip, &outsider.inner(n1, n1_vtep, o_src, &t, false));
-    bad.push((
-        "outsider fragmented",
-        fragments(&pkt, 256)
-            .into_iter()
-            .map(|f| l2(&outsider, n1_mac, f))
-            .collect(),
-    ));
-    // To every other local address: a secondary IP, cni0's, the broadcast.
+    // The outsider, whole and fragmented, to our public IP and to every
+    // other local address: a secondary IP, cni0's, the broadcast.
     for (t, dst, dmac) in [
+        ("outsider", pub_ip, n1_mac),
         (
             "outsider to a secondary address",
             Ipv4Addr::new(10, 1, 5, 111),
@@ -190,93 +181,53 @@ fn only_members_get_in() {
             [0xff; 6],
         ),
     ] {
-        bad.push((
-            t,
-            vec![l2(
-                &outsider,
-                dmac,
-                outsider.outer(dst, &outsider.inner(n1, n1_vtep, o_src, t, false)),
-            )],
+        cases.push((
+            &outsider,
+            outsider.whole(dmac, dst, &to_n1(&outsider, o_src, t, false)),
         ));
         let tf = format!("{t} fragmented {big}");
-        let pkt = outsider.outer(dst, &outsider.inner(n1, n1_vtep, o_src, &tf, false));
-        bad.push((
-            t,
-            fragments(&pkt, 256)
-                .into_iter()
-                .map(|f| l2(&outsider, dmac, f))
-                .collect(),
+        cases.push((
+            &outsider,
+            outsider.fragmented(dmac, dst, &to_n1(&outsider, o_src, &tf, false)),
         ));
     }
     // Priority-tagged (VLAN 0).
-    let t = "outsider VLAN 0";
-    bad.push((
-        t,
-        vec![l2_vlan0(
-            &outsider,
-            n1_mac,
-            outsider.outer(pub_ip, &outsider.inner(n1, n1_vtep, o_src, t, false)),
-        )],
-    ));
+    let vx = outsider.outer(pub_ip, &to_n1(&outsider, o_src, "outsider VLAN 0", false));
+    cases.push((&outsider, vec![outsider.frame(n1_mac, &vx, true)]));
     // The outsider claiming to be the member (its VtepMAC, from its own address).
+    let forged = Sender::new(n3, member.vtep_mac);
     let t = "outsider with the member's VtepMAC";
-    let forged = Sender {
-        node: n3,
-        vtep_mac: member.vtep_mac,
-    };
-    bad.push((
-        t,
-        vec![l2(
-            &outsider,
-            n1_mac,
-            forged.outer(pub_ip, &forged.inner(n1, n1_vtep, m_src, t, false)),
-        )],
+    cases.push((
+        &outsider,
+        forged.whole(n1_mac, pub_ip, &to_n1(&forged, m_src, t, false)),
     ));
     // The member speaking for another node's pod, whole and fragmented.
     let t = "member spoofing another node's pod";
-    bad.push((
-        t,
-        vec![l2(
-            &member,
-            n1_mac,
-            member.outer(pub_ip, &member.inner(n1, n1_vtep, o_src, t, false)),
-        )],
+    cases.push((
+        &member,
+        member.whole(n1_mac, pub_ip, &to_n1(&member, o_src, t, false)),
     ));
     let tf = format!("{t} fragmented {big}");
-    let pkt = member.outer(pub_ip, &member.inner(n1, n1_vtep, o_src, &tf, false));
-    bad.push((
-        t,
-        fragments(&pkt, 256)
-            .into_iter()
-            .map(|f| l2(&member, n1_mac, f))
-            .collect(),
+    cases.push((
+        &member,
+        member.fragmented(n1_mac, pub_ip, &to_n1(&member, o_src, &tf, false)),
     ));
     // A member's inner datagram with a broken checksum.
     let t = "member, inner checksum broken";
-    bad.push((
-        t,
-        vec![l2(
-            &member,
-            n1_mac,
-            member.outer(pub_ip, &member.inner(n1, n1_vtep, m_src, t, true)),
-        )],
+    cases.push((
+        &member,
+        member.whole(n1_mac, pub_ip, &to_n1(&member, m_src, t, true)),
     ));
     // Spoofed on the underlay: a plain datagram claiming the member's pod as source.
     let t = "plain packet claiming a pod source";
     let d = udp(m_src, n1.pod_ip(), 40000, PORT, t.as_bytes(), false);
-    bad.push((
-        t,
-        vec![l2(&outsider, n1_mac, ipv4_udp(m_src, n1.pod_ip(), &d))],
+    cases.push((
+        &outsider,
+        vec![outsider.frame(n1_mac, &ipv4_udp(m_src, n1.pod_ip(), &d), false)],
     ));
 
-    for (_, frames) in bad.iter().chain(good.iter()) {
-        let from = if frames[0][6..12] == mac(&n2.ns.sh("cat /sys/class/net/eth0/address").unwrap())
-        {
-            n2
-        } else {
-            n3
-        };
-        inject(&from.ns, "eth0", frames).unwrap();
+    for (from, frames) in &cases {
+        inject(&from.node.ns, "eth0", frames).unwrap();
     }
     // From a pod on n1 itself: VXLAN to its own node's address (never
     // crosses the underlay hook), and to the member's VXLAN port.
@@ -294,63 +245,25 @@ fn only_members_get_in() {
     // checksum (a raw socket does not fix it) must not be taken for verified
     // after our decapsulation; the same with a right checksum arrives.
     let n1_pod_ip = n1.pod_ip();
-    n2.pod
-        .run(|| {
-            // SAFETY: a raw socket this closure owns and closes.
-            unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP);
-                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-                let mut to: libc::sockaddr_in = std::mem::zeroed();
-                to.sin_family = libc::AF_INET as u16;
-                to.sin_addr.s_addr = u32::from_ne_bytes(n1_pod_ip.octets());
-                for (tag, bad) in [
-                    ("member pod, checksum broken", true),
-                    ("member pod via the kernel", false),
-                ] {
-                    let d = udp(m_src, n1_pod_ip, 40001, PORT, tag.as_bytes(), bad);
-                    let n = libc::sendto(
-                        fd,
-                        d.as_ptr() as *const _,
-                        d.len(),
-                        0,
-                        &to as *const _ as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in>() as u32,
-                    );
-                    assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-            }
-        })
-        .unwrap();
+    for (tag, bad) in [
+        ("member pod, checksum broken", true),
+        ("member pod via the kernel", false),
+    ] {
+        let d = udp(m_src, n1_pod_ip, 40001, PORT, tag.as_bytes(), bad);
+        send_raw(&n2.pod, libc::IPPROTO_UDP, n1_pod_ip, &d).unwrap();
+    }
 
     // A pod with CAP_NET_RAW forging the outsider's node address as source,
     // to the member's VXLAN port: it never leaves this node either.
-    let forged_src = n3.public_ip;
-    let to = n2.public_ip;
+    let (forged_src, to) = (n3.public_ip, n2.public_ip);
     let d = udp(forged_src, to, 49152, 8472, &payload, false);
-    let forged = ipv4_udp(forged_src, to, &d);
-    n1.pod
-        .run(|| {
-            // SAFETY: a raw socket this closure owns and closes.
-            unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-                let mut sa: libc::sockaddr_in = std::mem::zeroed();
-                sa.sin_family = libc::AF_INET as u16;
-                sa.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
-                let n = libc::sendto(
-                    fd,
-                    forged.as_ptr() as *const _,
-                    forged.len(),
-                    0,
-                    &sa as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_in>() as u32,
-                );
-                assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
-                libc::close(fd);
-            }
-        })
-        .unwrap();
+    send_raw(
+        &n1.pod,
+        libc::IPPROTO_RAW,
+        to,
+        &ipv4_udp(forged_src, to, &d),
+    )
+    .unwrap();
 
     let got: Vec<String> = sink
         .finish()
