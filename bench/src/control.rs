@@ -1,7 +1,9 @@
-//! Control plane: time to apply N leases (maps + kernel routes and
-//! neighbours) against programming the same tables the way flanneld does
-//! (one neighbour, one FDB entry, one route per node, each waited for); and
-//! the agent's peak RSS with 5000 leases.
+//! Control plane: time to classify and apply N leases (maps, and the kernel
+//! side: one Network route, or per-node routes and neighbours) against
+//! programming the same tables the way flanneld does (one neighbour, one FDB
+//! entry, one route per node, each waited for); one lease change against
+//! 5000; and the release agent's cold start (applied after listing, peak
+//! RSS) from the file source and from a real etcd.
 use std::{
     net::Ipv4Addr,
     path::Path,
@@ -15,7 +17,10 @@ use flannel_agent::{
     lease::{Lease, LeaseBackend},
     mac::Mac,
     netlink::{Netlink, VtepSpec},
-    reconcile::{Desired, KernelFdb, Own, apply},
+    reconcile::{
+        Desired, KernelFdb, KernelRoutes, Mode, NodeWriter, Own, Scope, Vtep, apply, execute,
+        network_gateway, observe, plan,
+    },
     subnet::Subnet,
     tables::Tables,
 };
@@ -23,7 +28,7 @@ use flannel_ebpf_common::NodeConfig;
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
     netns::Netns,
-    sh, wait_for,
+    wait_for,
 };
 
 const NETWORK: &str = "10.0.0.0/8";
@@ -45,8 +50,20 @@ fn peer_mac(i: usize) -> Mac {
     Mac([0x02, 0x42, 0x10, hi, lo, 0x01])
 }
 
-/// (N, flannel-ebpf ms, flannel-style netlink ms) for each N.
-pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize, f64, f64)>> {
+/// What [`apply_times`] measured.
+pub struct ApplyTimes {
+    /// (N, flannel-ebpf ms with one kernel route, with per-node routes,
+    /// flanneld-style netlink ms) for each N.
+    pub rows: Vec<(usize, f64, f64, f64)>,
+    /// One lease changed (a new VtepMAC) with [`CHANGE_BASE`] applied:
+    /// classify, observe, plan, apply, in ms, one sample per change.
+    pub change_ms: Vec<f64>,
+}
+
+pub const CHANGE_BASE: usize = 5000;
+const CHANGES: usize = 40;
+
+pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<ApplyTimes> {
     let ns = Netns::new("bench-cp")?;
     ns.sh("ip link add ul0 type veth peer name ul1")?;
     ns.sh("ip addr add 10.255.0.1/24 dev ul0")?;
@@ -54,7 +71,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
     ns.sh("ip link set ul1 up")?;
     let root = Path::new("/sys/fs/bpf/flannel-bench-cp").to_path_buf();
     let _ = datapath::uninstall(&root);
-    let res = ns.run(|| -> anyhow::Result<Vec<(usize, f64, f64)>> {
+    let res = ns.run(|| -> anyhow::Result<ApplyTimes> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -103,31 +120,50 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 log::LevelFilter::Info,
             )?;
             let mut tables = Tables::open(&root)?;
+            let scope = Scope {
+                network: own.network,
+                vtep: Some(Vtep {
+                    index: vtep.index,
+                    mac: own_mac,
+                    gateway: network_gateway(own.network, own.subnet),
+                }),
+                underlay_index: ul.index,
+            };
+            let mode = |routes| Mode {
+                routes,
+                fdb: KernelFdb::Remove,
+                direct: true,
+            };
             let mut out = Vec::new();
+            let mut change_ms = Vec::new();
             for &n in counts {
                 let leases: Vec<Lease> = (1..=n).map(peer).collect::<anyhow::Result<_>>()?;
-                let (want, _) = Desired::from_leases(&leases, &own, &Desired::default());
-                let t = Instant::now();
-                let o = apply(
-                    &want,
-                    Some(&mut tables),
-                    &nl,
-                    Some(vtep.index),
-                    &own,
-                    KernelFdb::Remove,
-                )
-                .await?;
-                let ours = t.elapsed().as_secs_f64() * 1e3;
-                anyhow::ensure!(o.errors.is_empty(), "apply failed: {:?}", o.errors.first());
-                apply(
-                    &Desired::default(),
-                    Some(&mut tables),
-                    &nl,
-                    Some(vtep.index),
-                    &own,
-                    KernelFdb::Remove,
-                )
-                .await?;
+                let mut timed = Vec::new();
+                for routes in [KernelRoutes::Network, KernelRoutes::PerNode] {
+                    // Classification and apply, as one pass of the agent after the source listed.
+                    let t = Instant::now();
+                    let (want, _) = Desired::from_leases(&leases, &own, &Desired::default());
+                    let o = apply(&want, Some(&mut tables), &nl, &scope, &mode(routes)).await?;
+                    timed.push(t.elapsed().as_secs_f64() * 1e3);
+                    anyhow::ensure!(o.errors.is_empty(), "apply failed: {:?}", o.errors.first());
+                    if n == CHANGE_BASE && routes == KernelRoutes::Network {
+                        change_ms =
+                            one_change(&leases, &own, &mut tables, &nl, &scope, o.target).await?;
+                    }
+                    let o = apply(
+                        &Desired::default(),
+                        Some(&mut tables),
+                        &nl,
+                        &scope,
+                        &mode(routes),
+                    )
+                    .await?;
+                    anyhow::ensure!(
+                        o.errors.is_empty(),
+                        "clearing failed: {:?}",
+                        o.errors.first()
+                    );
+                }
 
                 // flanneld's way: per node a neighbour, an FDB entry and a route, in turn.
                 let kv = nl
@@ -144,47 +180,150 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<Vec<(usize
                 }
                 let flannel = t.elapsed().as_secs_f64() * 1e3;
                 nl.delete_link(kv.index).await?;
-                out.push((n, ours, flannel));
+                out.push((n, timed[0], timed[1], flannel));
             }
-            Ok(out)
+            Ok(ApplyTimes {
+                rows: out,
+                change_ms,
+            })
         })
     })?;
     let _ = datapath::uninstall(&root);
     res
 }
 
-/// End to end with the release agent: N lease files present at start →
-/// seconds until all N routes are in, and the agent's peak RSS (MiB).
-pub fn agent_rss(agent: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
-    let lab = Lab::new("bench-rss", Topology::Switched, &[Kind::Ebpf])?;
-    std::fs::write(
-        lab.lease_dir().join("config"),
-        format!(r#"{{"Network":"{NETWORK}","SubnetMin":"10.255.1.0","SubnetMax":"10.255.200.0"}}"#),
-    )?;
-    for i in 1..=n {
-        let l = peer(i)?;
-        std::fs::write(
-            lab.lease_dir().join("subnets").join(l.subnet.to_key()),
-            l.to_json(1),
-        )?;
+/// One lease after another gets a new VtepMAC, each applied as the agent's
+/// pass does it between resyncs: classify all leases, observe the kernel
+/// (the maps as the previous pass left them), plan, apply.
+async fn one_change(
+    leases: &[Lease],
+    own: &Own,
+    tables: &mut Tables,
+    nl: &Netlink,
+    scope: &Scope,
+    mut known: Option<flannel_agent::reconcile::MapView>,
+) -> anyhow::Result<Vec<f64>> {
+    let mode = Mode {
+        routes: KernelRoutes::Network,
+        fdb: KernelFdb::Remove,
+        direct: true,
+    };
+    let mut leases = leases.to_vec();
+    let mut live = Desired::default();
+    let mut out = Vec::new();
+    for i in 0..CHANGES {
+        let k = (i * 97) % leases.len();
+        leases[k].backend = LeaseBackend::Vxlan {
+            vtep_mac: Mac([0x02, 0x43, (i >> 8) as u8, i as u8, (k >> 8) as u8, k as u8]),
+        };
+        let t = Instant::now();
+        let (want, _) = Desired::from_leases(&leases, own, &live);
+        let seen = observe(Some(&*tables), known.take(), nl, scope).await?;
+        let p = plan(&want, &seen, scope, &mode);
+        let changed = p.len();
+        let o = execute(
+            p,
+            &mut NodeWriter {
+                tables: Some(&mut *tables),
+                nl,
+            },
+        )
+        .await;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(o.errors.is_empty(), "apply failed: {:?}", o.errors.first());
+        // A new VtepMAC: FDB and ARP written, the route rewritten, the old FDB entry gone.
+        anyhow::ensure!(changed == 4, "one changed lease planned {changed} writes");
+        known = o.target;
+        live = want;
     }
-    let leases = lab.lease_dir();
+    Ok(out)
+}
+
+/// Where the cold-start leases are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    File,
+    Etcd,
+}
+
+/// What the release agent reported from a cold start with N leases.
+pub struct ColdStart {
+    /// From the listed snapshot to all tables applied (the agent's own log line).
+    pub applied_ms: f64,
+    /// From starting the process to that line (source listing included).
+    pub total_secs: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// End to end with the release agent: N leases present at start → the
+/// agent's "tables applied" line, and its peak RSS.
+pub fn cold_start(agent: &Path, n: usize, store: Store) -> anyhow::Result<ColdStart> {
+    let lab = Lab::new(
+        if store == Store::File {
+            "bench-cold"
+        } else {
+            "bench-coldetcd"
+        },
+        Topology::Switched,
+        &[Kind::Ebpf],
+    )?;
+    let config =
+        format!(r#"{{"Network":"{NETWORK}","SubnetMin":"10.255.1.0","SubnetMax":"10.255.200.0"}}"#);
+    let leases: Vec<Lease> = (1..=n).map(peer).collect::<anyhow::Result<_>>()?;
     let node = &lab.nodes[0];
+    let mut source_args: Vec<String> = Vec::new();
+    let _etcd = match store {
+        Store::File => {
+            std::fs::write(lab.lease_dir().join("config"), &config)?;
+            for l in &leases {
+                std::fs::write(
+                    lab.lease_dir().join("subnets").join(l.subnet.to_key()),
+                    l.to_json(1),
+                )?;
+            }
+            source_args.extend(["--subnet-mgr".into(), "file".into(), "--subnet-dir".into()]);
+            source_args.push(lab.lease_dir().display().to_string());
+            None
+        }
+        Store::Etcd => {
+            let etcd = flannel_tests::etcd::Etcd::start(&node.ns, 2479)?;
+            etcd.client(&node.ns, async |c| {
+                c.put("/coreos.com/network/config", config.as_str(), None)
+                    .await?;
+                // etcd's default limit is 128 operations per transaction.
+                for chunk in leases.chunks(128) {
+                    let ops: Vec<etcd_client::TxnOp> = chunk
+                        .iter()
+                        .map(|l| {
+                            etcd_client::TxnOp::put(
+                                format!("/coreos.com/network/subnets/{}", l.subnet.to_key()),
+                                l.to_json(1),
+                                None,
+                            )
+                        })
+                        .collect();
+                    c.txn(etcd_client::Txn::new().and_then(ops)).await?;
+                }
+                Ok(())
+            })?;
+            source_args.extend([
+                "--subnet-mgr".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                etcd.endpoint(),
+            ]);
+            Some(etcd)
+        }
+    };
+    let log_path = std::env::temp_dir().join(format!("flannel-bench-cold-{n}.log"));
+    let log = std::fs::File::create(&log_path)?;
     let t = Instant::now();
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", node.ns.name))
         .arg(agent)
-        .args([
-            "run",
-            "--subnet-mgr",
-            "file",
-            "--iface",
-            "eth0",
-            "--log-level",
-            "warn",
-            "--subnet-dir",
-        ])
-        .arg(&leases)
+        .arg("run")
+        .args(&source_args)
+        .args(["--iface", "eth0", "--log-level", "info"])
         .arg("--subnet-file")
         .arg(&node.subnet_file)
         .arg("--pin-root")
@@ -192,19 +331,21 @@ pub fn agent_rss(agent: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
         .arg("--bpf-object")
         .arg(flannel_tests::object_path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .context("starting the release agent")?;
     let pid = child.id();
-    let ns = node.ns.name.clone();
-    let done = wait_for(&format!("{n} routes"), Duration::from_secs(120), || {
-        let c = sh(&format!(
-            "ip -n {ns} -4 route show dev flannel.1 2>/dev/null | wc -l"
-        ))
-        .ok()?;
-        (c.trim().parse::<usize>().ok()? >= n).then_some(())
-    });
-    let secs = t.elapsed().as_secs_f64();
+    let applied = wait_for(
+        &format!("{n} leases applied"),
+        Duration::from_secs(120),
+        || {
+            let text = std::fs::read_to_string(&log_path).ok()?;
+            let line = text.lines().find(|l| l.contains("tables applied in"))?;
+            let ms = line.split("tables applied in ").nth(1)?.split(' ').next()?;
+            ms.parse::<f64>().ok()
+        },
+    );
+    let total_secs = t.elapsed().as_secs_f64();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kb: f64 = status
         .lines()
@@ -212,8 +353,16 @@ pub fn agent_rss(agent: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
+    let routes = node.show("routes").map(|r| r.lines().count());
     let _ = child.kill();
     let _ = child.wait();
-    done?;
-    Ok((secs, hwm_kb / 1024.0))
+    let applied_ms =
+        applied.with_context(|| std::fs::read_to_string(&log_path).unwrap_or_default())?;
+    let routes = routes?;
+    anyhow::ensure!(routes == n, "the route map holds {routes} of {n} leases");
+    Ok(ColdStart {
+        applied_ms,
+        total_secs,
+        peak_rss_mib: hwm_kb / 1024.0,
+    })
 }

@@ -30,6 +30,13 @@ impl Samples {
     }
 }
 
+/// (median, min, max) of samples.
+pub fn median_spread(v: &[f64]) -> (f64, f64, f64) {
+    let s = Samples(v.to_vec());
+    let (lo, hi) = s.spread();
+    (s.median(), lo, hi)
+}
+
 pub struct Metric {
     pub name: &'static str,
     pub unit: &'static str,

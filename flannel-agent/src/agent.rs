@@ -18,7 +18,9 @@ use crate::{
     metrics::{self, AgentMetrics},
     netconf::BackendType,
     netlink::{Netlink, VtepSpec, check_ifname},
-    reconcile::{Desired, KernelFdb, Own, apply},
+    reconcile::{
+        self, Desired, KernelFdb, KernelRoutes, MapView, Mode, Own, Scope, Vtep, network_gateway,
+    },
     source::{
         LeaseSource, Snapshot,
         etcd::{EtcdOptions, EtcdSource},
@@ -213,24 +215,54 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         underlay_name: underlay.link.name.clone(),
     };
     let metrics = Arc::new(Mutex::new(AgentMetrics::default()));
+    let on_vtep = if args.per_node_routes || loaded.is_none() {
+        KernelRoutes::PerNode
+    } else {
+        KernelRoutes::Network
+    };
     let mut state = SyncState {
         metrics: metrics.clone(),
         direct_routing: conf.backend.direct_routing,
         // Until the programs are attached the kernel may still carry the
-        // traffic (a takeover of flanneld's flannel.1): keep its FDB.
-        kernel_fdb: if loaded.is_some() {
-            KernelFdb::Keep
-        } else {
-            KernelFdb::Program
+        // traffic (a takeover of flanneld's flannel.1): keep its FDB, and on
+        // the one-route path its routes and neighbours too.
+        mode: match (&loaded, on_vtep) {
+            (None, _) => Mode {
+                routes: KernelRoutes::PerNode,
+                fdb: KernelFdb::Program,
+                direct: true,
+            },
+            (Some(_), KernelRoutes::PerNode) => Mode {
+                routes: KernelRoutes::PerNode,
+                fdb: KernelFdb::Keep,
+                direct: true,
+            },
+            (Some(_), _) => Mode {
+                routes: KernelRoutes::Untouched,
+                fdb: KernelFdb::Keep,
+                direct: true,
+            },
+        },
+        scope: Scope {
+            network: conf.network,
+            vtep: vtep.zip(backend.vtep_mac()).map(|(index, mac)| Vtep {
+                index,
+                mac,
+                gateway: network_gateway(conf.network, subnet),
+            }),
+            underlay_index: underlay.link.index,
         },
         last: Snapshot::default(),
         skipped: BTreeSet::new(),
         applied: None,
+        maps: None,
         guard,
     };
-    state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
+    let first = Instant::now();
+    state.sync(&snap, &own, tables.as_mut(), &nl, false).await?;
     if let Some(loaded) = loaded {
-        // The maps hold every peer now: attach, then drop the kernel's FDB.
+        // The maps hold every peer now: attach, then drop the kernel's FDB
+        // (and, on the one-route path, its per-node routes and neighbours).
         let attached = loaded
             .attach(
                 &vtep_name,
@@ -243,9 +275,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         log::info!("attached {}", attached.encap);
         log::info!("attached {}", attached.decap);
-        state.kernel_fdb = KernelFdb::Remove;
-        state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await?;
+        state.mode = Mode {
+            routes: on_vtep,
+            fdb: KernelFdb::Remove,
+            direct: true,
+        };
+        state.sync(&snap, &own, tables.as_mut(), &nl, false).await?;
     }
+    log::info!(
+        "{} leases listed, tables applied in {:.1} ms{}",
+        snap.leases.len(),
+        first.elapsed().as_secs_f64() * 1e3,
+        match state.mode.routes {
+            KernelRoutes::Network => format!(
+                "; kernel: one route {} via {} dev {vtep_name} (per-node routes: --per-node-routes)",
+                conf.network,
+                network_gateway(conf.network, subnet)
+            ),
+            _ => String::new(),
+        }
+    );
 
     // Rules before subnet.env: once the CNI plugin can start pods, their
     // traffic is masqueraded.
@@ -355,7 +404,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        match state.sync(&snap, &own, tables.as_mut(), &nl, vtep).await {
+        match state.sync(&snap, &own, tables.as_mut(), &nl, due).await {
             Ok(()) => health.set_tables(None),
             Err(e) => {
                 log::warn!("reconcile failed, retrying at the next resync: {e:#}");
@@ -597,49 +646,46 @@ struct SyncState {
     metrics: Arc<Mutex<AgentMetrics>>,
     /// Re-evaluated at every pass: the underlay's routes may have changed.
     direct_routing: bool,
-    kernel_fdb: KernelFdb,
+    mode: Mode,
+    scope: Scope,
     /// What the previous pass applied (None before the first): a conflicting
     /// newcomer is skipped, the live lease stays.
     applied: Option<Desired>,
+    /// The maps as the previous pass left them, when all its writes
+    /// succeeded: passes between resyncs do not read them back.
+    maps: Option<MapView>,
     /// The nftables guard of the kernel's VXLAN socket (eBPF data path).
     guard: Option<crate::guard::Guard>,
 }
 
 impl SyncState {
+    /// One pass: observe the maps and kernel once, classify the leases,
+    /// plan the difference, apply it.
     async fn sync(
         &mut self,
         snap: &Snapshot,
         own: &Own,
         tables: Option<&mut Tables>,
         nl: &Netlink,
-        vtep: Option<u32>,
+        resync: bool,
     ) -> anyhow::Result<()> {
         let changes = log_changes(&self.last, snap);
-        let live = match (&self.applied, tables.as_deref()) {
+        let started = Instant::now();
+        // A resync reads the maps back, in case anything else wrote them.
+        let known = if resync { None } else { self.maps.take() };
+        let seen = reconcile::observe(tables.as_deref(), known, nl, &self.scope).await?;
+        let live = match (&self.applied, &seen.maps) {
             (Some(d), _) => d.clone(),
             // After a restart, what the pinned maps carry is live.
-            (None, Some(t)) => Desired {
-                fdb: t
-                    .fdb_entries()?
-                    .into_iter()
-                    .map(|(m, (ip, _))| (m, ip))
-                    .collect(),
-                routes: t.route_entries()?,
-                ..Desired::default()
-            },
+            (None, Some(m)) => MapView::desired(m),
             (None, None) => Desired::default(),
         };
         let (mut want, mut skipped) = Desired::from_leases(snap.leases.values(), own, &live);
+        let onlink = |ip| crate::netlink::onlink(&seen.main_routes, own.underlay_index, ip);
         if own.backend == LeaseBackend::HostGw {
-            let routes = nl.main_routes().await?;
-            skipped.extend(want.retain_on_link(
-                |ip| crate::netlink::onlink(&routes, own.underlay_index, ip),
-                &own.underlay_name,
-            ));
+            skipped.extend(want.retain_on_link(onlink, &own.underlay_name));
         } else if self.direct_routing {
-            let routes = nl.main_routes().await?;
-            want = want
-                .with_direct_routing(|ip| crate::netlink::onlink(&routes, own.underlay_index, ip));
+            want = want.with_direct_routing(onlink);
         }
         let n_skipped = skipped.len() as i64;
         let skipped: BTreeSet<String> = skipped
@@ -651,8 +697,8 @@ impl SyncState {
             log::error!("{line}");
         }
         self.skipped = skipped;
-        let started = Instant::now();
-        let outcome = apply(&want, tables, nl, vtep, own, self.kernel_fdb).await;
+        let outcome =
+            reconcile::apply_observed(&want, &seen, tables, nl, &self.scope, &self.mode).await;
         if let Ok(m) = self.metrics.lock() {
             m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             let errors = outcome.as_ref().map_or(1, |o| o.errors.len() as u64);
@@ -674,7 +720,8 @@ impl SyncState {
                     .inc_by(n);
             }
         }
-        let outcome = outcome?;
+        let mut outcome = outcome?;
+        self.maps = outcome.target.take();
         if let Some(g) = &mut self.guard {
             // Members are the nodes in the FDB: the ones we take VXLAN from.
             g.set_members(want.fdb.values().copied().collect())

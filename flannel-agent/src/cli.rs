@@ -220,6 +220,22 @@ pub struct RunArgs {
         env = "FLANNELD_MEMBERSHIP_GUARD"
     )]
     pub membership_guard: bool,
+    /// eBPF data path: program a kernel route and neighbour per remote node
+    /// on flannel.1, as stock Flannel does, so `ip route` lists every node.
+    /// Off by default: the kernel then holds one route for the Network (via
+    /// one gateway neighbour) whatever the cluster's size, and the encap
+    /// program finds each node in the route map. `show routes|arp|fdb` prints
+    /// Flannel's three views either way. The kernel data path and
+    /// DirectRouting peers always get per-node routes.
+    #[arg(
+        long,
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        env = "FLANNELD_PER_NODE_ROUTES"
+    )]
+    pub per_node_routes: bool,
     #[command(flatten)]
     pub pins: PinArgs,
     /// The compiled kernel programs; default: next to the binary, then the build tree.

@@ -1,11 +1,18 @@
 //! `flannel-agent uninstall`: give the node back to the kernel's VXLAN data
-//! path without a gap — the kernel FDB entries are written from the FDB map
-//! while the programs still carry the traffic, then the links (detaching the
-//! programs) and the maps are removed. Routes and neighbours are Flannel's
-//! already and stay.
-use std::path::Path;
+//! path without a gap — flanneld's per-node entries (neighbour, FDB entry,
+//! route) are written from the maps while the programs still carry the
+//! traffic, the one Network route is removed once they are in, then the
+//! links (detaching the programs) and the maps are removed.
+use std::{net::Ipv4Addr, path::Path};
 
-use crate::{datapath, netlink::Netlink, tables::Tables};
+use crate::{
+    datapath,
+    mac::Mac,
+    netlink::Netlink,
+    reconcile::{self, KernelFdb, KernelRoutes, MapView, Mode, Scope, Vtep},
+    subnet::Subnet,
+    tables::Tables,
+};
 
 pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
     match Tables::open(root) {
@@ -25,13 +32,37 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
                 datapath::uninstall(root)?;
                 return Ok(());
             };
-            let fdb = t.fdb_entries()?;
-            for (mac, (ip, _)) in &fdb {
-                nl.replace_fdb(vtep.index, *mac, *ip).await?;
+            let network = Subnet::new(
+                Ipv4Addr::from(cfg.network),
+                u32::from(Ipv4Addr::from(cfg.network_mask)).count_ones() as u8,
+            )?;
+            let scope = Scope {
+                network,
+                vtep: Some(Vtep {
+                    index: vtep.index,
+                    mac: Mac(cfg.vtep_mac),
+                    gateway: network.addr(),
+                }),
+                underlay_index: cfg.underlay_ifindex,
+            };
+            // flanneld's tables from the maps; DirectRouting routes stay as they are.
+            let want = MapView::read(&t)?.desired();
+            let mode = Mode {
+                routes: KernelRoutes::PerNode,
+                fdb: KernelFdb::Program,
+                direct: false,
+            };
+            // Kernel writes only: the maps carry the traffic until the end.
+            let out = reconcile::apply(&want, None, &nl, &scope, &mode).await?;
+            if let Some(e) = out.errors.first() {
+                anyhow::bail!(
+                    "handing the peers back failed ({} errors, first: {e}); the programs stay attached, run uninstall again",
+                    out.errors.len()
+                );
             }
             log::info!(
-                "handed {} peers back to the kernel data path on {} (bridge fdb … self permanent)",
-                fdb.len(),
+                "handed {} peers back to the kernel data path on {} (per node: ip route, ip neigh, bridge fdb … self permanent)",
+                want.fdb.len(),
                 vtep.name
             );
         }

@@ -48,6 +48,31 @@ pub struct KernelRoute {
     message: RouteMessage,
 }
 
+#[cfg(test)]
+impl KernelRoute {
+    /// A route as a dump would return it, for planning tests.
+    pub fn synthetic(dst: Subnet, gateway: Option<Ipv4Addr>) -> KernelRoute {
+        KernelRoute {
+            dst,
+            gateway,
+            message: RouteMessage::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl KernelNeigh {
+    /// A permanent neighbour as a dump would return it, for planning tests.
+    pub fn synthetic(ip: Ipv4Addr, mac: Mac) -> KernelNeigh {
+        KernelNeigh {
+            ip,
+            mac: Some(mac),
+            permanent: true,
+            message: Default::default(),
+        }
+    }
+}
+
 /// A kernel neighbour on flannel.1: `<ip> lladdr <mac> nud …`.
 #[derive(Clone, Debug)]
 pub struct KernelNeigh {

@@ -6,7 +6,7 @@ use anyhow::Context;
 use aya::maps::MapData;
 use flannel_ebpf_common::{
     ArpKey, ArpValue, Counter, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG, MAP_COUNTERS,
-    MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, NodeConfig, PeerStats, RouteValue,
+    MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig, PeerStats, RouteValue,
 };
 
 use crate::{bpf_sys::TypedMap, datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
@@ -28,6 +28,17 @@ impl RouteKey {
             prefix_len: s.prefix_len() as u32,
             addr: s.addr().octets(),
         }
+    }
+}
+
+/// A map update refused because the map is full (hash maps say E2BIG, the
+/// LPM trie ENOSPC): say which map and its size, not just the errno.
+fn full(e: std::io::Error, map: &str) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::E2BIG) | Some(libc::ENOSPC) => anyhow::anyhow!(
+            "the {map} map is full ({MAX_NODES} entries, one per remote node): this cluster has more nodes than flannel-ebpf's maps hold"
+        ),
+        _ => anyhow::Error::new(e),
     }
 }
 
@@ -87,13 +98,38 @@ impl Tables {
     }
 
     pub fn route_entries(&self) -> anyhow::Result<BTreeMap<Subnet, Ipv4Addr>> {
+        Ok(self
+            .route_values()?
+            .into_iter()
+            .map(|(s, v)| (s, Ipv4Addr::from(v.vtep_addr)))
+            .collect())
+    }
+
+    /// The route map as the datapath reads it, every field.
+    pub fn route_values(&self) -> anyhow::Result<BTreeMap<Subnet, RouteValue>> {
         let mut out = BTreeMap::new();
         for (k, v) in self.route.entries().context("reading the route map")? {
             let subnet = Subnet::new(Ipv4Addr::from(k.addr), k.prefix_len as u8)
                 .context("route map holds a key with host bits set")?;
-            out.insert(subnet, Ipv4Addr::from(v.vtep_addr));
+            out.insert(subnet, v);
         }
         Ok(out)
+    }
+
+    /// The route entry of a remote subnet: its VTEP address, VtepMAC, node and stats slot.
+    pub fn route_value(
+        dst: Subnet,
+        vtep_mac: Mac,
+        node_ip: Ipv4Addr,
+        peer_slot: u32,
+    ) -> RouteValue {
+        RouteValue {
+            vtep_addr: dst.vtep_addr().octets(),
+            vtep_mac: vtep_mac.0,
+            _pad: [0; 2],
+            node_ip: node_ip.octets(),
+            peer_slot,
+        }
     }
 
     /// The FDB map as the datapath reads it, every field.
@@ -121,6 +157,7 @@ impl Tables {
         let node_ip = Ipv4Addr::from(v.node_ip);
         self.fdb
             .set(&FdbKey::new(mac.0), &v)
+            .map_err(|e| full(e, MAP_FDB))
             .with_context(|| format!("FDB map: {mac} → {node_ip}"))
     }
 
@@ -170,6 +207,7 @@ impl Tables {
                 },
                 &v,
             )
+            .map_err(|e| full(e, MAP_ARP))
             .with_context(|| format!("ARP map: {vtep} → {mac}"))
     }
 
@@ -182,14 +220,11 @@ impl Tables {
             .with_context(|| format!("ARP map: deleting {vtep}"))
     }
 
-    pub fn set_route(&mut self, dst: Subnet, vtep: Ipv4Addr) -> anyhow::Result<()> {
+    pub fn set_route(&mut self, dst: Subnet, v: RouteValue) -> anyhow::Result<()> {
+        let vtep = Ipv4Addr::from(v.vtep_addr);
         self.route
-            .set(
-                &RouteKey::of(dst),
-                &RouteValue {
-                    vtep_addr: vtep.octets(),
-                },
-            )
+            .set(&RouteKey::of(dst), &v)
+            .map_err(|e| full(e, MAP_ROUTE))
             .with_context(|| format!("route map: {dst} → {vtep}"))
     }
 

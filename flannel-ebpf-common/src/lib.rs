@@ -25,8 +25,11 @@ pub const PROG_DECAP: &str = "flannel_decap";
 /// The decap program for TC ingress (veth underlays; `--decap tc`).
 pub const PROG_DECAP_TC: &str = "flannel_decap_tc";
 
-/// Sizes of the mirror tables: a node per remote Flannel lease.
-pub const MAX_NODES: u32 = 16384;
+/// Sizes of the mirror tables: a node per remote Flannel lease. 65 536 holds
+/// a 50 000-node cluster with room; the hash maps preallocate (about 6 MiB of
+/// kernel memory at this size on 2 CPUs, most of it per-CPU stats), the LPM
+/// trie allocates per entry.
+pub const MAX_NODES: u32 = 65536;
 
 /// The one entry of the CONFIG array: what the datapath needs to know about
 /// this node. Written by the agent before any program is attached.
@@ -72,11 +75,21 @@ pub fn in_prefix(addr: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
 }
 
 /// Key of the ROUTE mirror (LPM trie): remote pod subnet.
-/// Value: the remote VTEP address (`<subnet>.0`), as `ip route … via <subnet>.0`.
+/// Value: the remote VTEP address (`<subnet>.0`), as `ip route … via <subnet>.0`,
+/// and with it everything the encapsulation needs for that subnet, so the hot
+/// path resolves an inner destination with this one lookup (no kernel route
+/// or neighbour per node).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RouteValue {
     pub vtep_addr: [u8; 4],
+    /// The remote VtepMAC (the ARP view of `vtep_addr`).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The remote node's public IP (the FDB view of `vtep_mac`).
+    pub node_ip: [u8; 4],
+    /// The node's slot in PEER_STATS.
+    pub peer_slot: u32,
 }
 
 /// Key of the ARP mirror: a remote VTEP address.
@@ -182,7 +195,8 @@ counters! {
     RxDecap = 1, "rx_decap";
     /// Egress fallback: not an IPv4 frame (ARP, IPv6): left to the kernel device.
     TxFallbackNotIpv4 = 2, "tx_fallback_not_ipv4";
-    /// Egress fallback: destination VtepMAC not in the FDB map.
+    /// Egress fallback: the inner destination is in no ROUTE entry and its
+    /// VtepMAC (from a kernel neighbour) is not in the FDB map.
     TxFallbackNoFdb = 3, "tx_fallback_no_fdb";
     /// Egress fallback: no outer route to the remote node's public IP.
     TxFallbackNoRoute = 4, "tx_fallback_no_route";

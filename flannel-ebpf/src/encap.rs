@@ -1,9 +1,12 @@
-//! Egress on flannel.1 (TCX): the kernel has routed the packet `via <subnet>.0
-//! dev flannel.1 onlink` and filled the inner Ethernet header from its
-//! neighbour entry (dst = remote VtepMAC, src = our VtepMAC), exactly the inner
-//! frame Flannel puts on the wire. We push outer Ethernet/IPv4/UDP/VXLAN and
-//! redirect to the underlay. Anything we cannot handle goes on, unchanged, to
-//! the kernel's VXLAN device.
+//! Egress on flannel.1 (TCX): the kernel has routed the packet to flannel.1,
+//! by the one route for the cluster Network or by stock Flannel's per-node
+//! `via <subnet>.0 onlink` route. The remote VTEP comes from the ROUTE map by
+//! the inner destination address (one lookup: VtepMAC, node IP, stats slot),
+//! so the kernel needs no per-node route or neighbour; a destination in no
+//! ROUTE entry falls back to the FDB by the inner destination MAC a kernel
+//! neighbour put there. We push outer Ethernet/IPv4/UDP/VXLAN, with the inner
+//! Ethernet header Flannel puts on the wire, and redirect to the underlay.
+//! Anything we cannot handle goes on, unchanged, to the kernel's VXLAN device.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
@@ -19,11 +22,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use flannel_ebpf_common::{Counter, FdbValue, NodeConfig, VXLAN_OVERHEAD};
+use flannel_ebpf_common::{Counter, FdbValue, NodeConfig, RouteValue, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
-    maps::{config, count, fdb_lookup, keep_mirrors, peer},
+    maps::{config, count, fdb_lookup, keep_mirrors, peer, route_lookup},
     packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, VXLAN_FLAG_I, be16, ptr_at},
 };
 
@@ -71,19 +74,28 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         count(Counter::TxFallbackNotIpv4, ctx.len());
         return TC_ACT_OK;
     }
-    let inner_dst = eth.dst;
     let inner_src = eth.src;
     let inner_tos = ip.tos;
-    let Some(FdbValue {
-        node_ip,
-        peer_slot: slot,
-        ..
-    }) = fdb_lookup(inner_dst)
-    else {
-        // Diagnostics only at debug level: the verifier prunes them otherwise.
-        debug!(ctx, "encap: no FDB entry for VtepMAC {:mac}, left to the kernel", inner_dst);
-        count(Counter::TxFallbackNoFdb, ctx.len());
-        return TC_ACT_OK;
+    let (inner_dst, node_ip, slot) = match route_lookup(ip.daddr) {
+        Some(RouteValue {
+            vtep_mac,
+            node_ip,
+            peer_slot,
+            ..
+        }) => (vtep_mac, node_ip, peer_slot),
+        None => {
+            let mac = eth.dst;
+            let Some(FdbValue {
+                node_ip, peer_slot, ..
+            }) = fdb_lookup(mac)
+            else {
+                // Diagnostics only at debug level: the verifier prunes them otherwise.
+                debug!(ctx, "encap: no route or FDB entry for VtepMAC {:mac}, left to the kernel", mac);
+                count(Counter::TxFallbackNoFdb, ctx.len());
+                return TC_ACT_OK;
+            };
+            (mac, node_ip, peer_slot)
+        }
     };
     // Route the outer packet before touching the inner one, so a failure
     // leaves the packet as the kernel path expects it.

@@ -1,6 +1,6 @@
 //! The pinned maps. BTF-described so `bpftool map dump` prints field names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use flannel_ebpf_common::{
@@ -11,7 +11,8 @@ use flannel_ebpf_common::{
 #[btf_map]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
-/// Mirror of `ip route … via <vtep> dev flannel.1 onlink`: remote subnet → VTEP address.
+/// Mirror of `ip route … via <vtep> dev flannel.1 onlink`: remote subnet → VTEP
+/// address, with the VtepMAC and node behind it. What egress reads.
 #[btf_map]
 pub static ROUTE: LpmTrie<[u8; 4], RouteValue, { MAX_NODES as usize }> = LpmTrie::new();
 
@@ -20,7 +21,7 @@ pub static ROUTE: LpmTrie<[u8; 4], RouteValue, { MAX_NODES as usize }> = LpmTrie
 pub static ARP: HashMap<ArpKey, ArpValue, { MAX_NODES as usize }> = HashMap::new();
 
 /// Mirror of `bridge fdb … dev flannel.1 dst <ip>`: VtepMAC → node public IP.
-/// The only table the per-packet path reads.
+/// What ingress reads (by the inner source MAC).
 #[btf_map]
 pub static FDB: HashMap<FdbKey, FdbValue, { MAX_NODES as usize }> = HashMap::new();
 
@@ -53,6 +54,12 @@ pub fn fdb_lookup(mac: [u8; 6]) -> Option<FdbValue> {
     FDB.get_ptr(FdbKey::new(mac)).map(|v| unsafe { *v })
 }
 
+/// The remote subnet holding `addr`, and the node behind it.
+#[inline(always)]
+pub fn route_lookup(addr: [u8; 4]) -> Option<RouteValue> {
+    ROUTE.get(&Key::new(32, addr)).copied()
+}
+
 /// This CPU's stats slot of a peer.
 #[inline(always)]
 pub fn peer(slot: u32) -> Option<&'static mut PeerStats> {
@@ -60,10 +67,9 @@ pub fn peer(slot: u32) -> Option<&'static mut PeerStats> {
     PEER_STATS.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
 }
 
-// ROUTE and ARP are only written by the agent; keep them referenced so they
-// stay in the object.
+// ARP is only written by the agent (for `show arp` and bpftool); keep it
+// referenced so it stays in the object.
 #[inline(always)]
 pub fn keep_mirrors() {
-    let _ = &ROUTE;
     let _ = &ARP;
 }

@@ -16,6 +16,8 @@ use anyhow::{Context, bail};
 use crate::{agent_path, netns::Netns, object_path, sh, wait_for};
 
 pub const NETWORK: &str = "10.244.0.0/16";
+/// The one kernel route of the eBPF data path on flannel.1 for [`NETWORK`].
+pub const NETWORK_ROUTE: &str = "10.244.0.0/16 via 10.244.0.0 onlink";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
@@ -109,6 +111,36 @@ impl Node {
             agent_path().display(),
             self.pin_root.display()
         ))
+    }
+
+    /// The route map as `show routes` prints it: Flannel's `ip route` view of
+    /// flannel.1, one line per remote subnet (empty if nothing is pinned).
+    pub fn overlay_routes(&self) -> String {
+        self.show("routes").unwrap_or_default()
+    }
+
+    /// flannel.1 as the kernel holds it: (`ip -4 route`, `ip -4 neigh`).
+    pub fn vtep_kernel_tables(&self) -> (String, String) {
+        (
+            self.ns
+                .sh("ip -4 route show dev flannel.1")
+                .unwrap_or_default(),
+            self.ns
+                .sh("ip -4 neigh show dev flannel.1")
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Whether the kernel holds the eBPF path's constant flannel.1 tables:
+    /// one route for the Network via one gateway neighbour (our VtepMAC).
+    pub fn has_one_kernel_route(&self) -> bool {
+        let (r, n) = self.vtep_kernel_tables();
+        let mac = self
+            .ns
+            .sh("cat /sys/class/net/flannel.1/address")
+            .unwrap_or_default();
+        r.trim() == NETWORK_ROUTE
+            && n.trim() == format!("10.244.0.0 lladdr {} PERMANENT", mac.trim())
     }
 
     /// Dump a pinned map as JSON with bpftool.

@@ -9,6 +9,7 @@ use aya::{
 use flannel_agent::bpf_sys::{fd_of, lookup_per_cpu, update};
 use flannel_ebpf_common::{
     Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+    RouteValue,
 };
 
 use crate::{netns::Netns, object_path};
@@ -63,6 +64,23 @@ pub fn set_fdb(ebpf: &Ebpf, node_ip: [u8; 4]) {
         subnet_mask: [255, 255, 255, 0],
     };
     update(map_fd(ebpf, "FDB"), &FdbKey::new(REMOTE_VTEP), &v).unwrap();
+}
+
+/// A ROUTE entry `subnet/len` → the member (its VtepMAC, `node_ip`, slot 3),
+/// as the agent writes it for the one-route kernel side.
+pub fn set_route(ebpf: &Ebpf, subnet: [u8; 4], len: u32, node_ip: [u8; 4]) {
+    let key = flannel_agent::tables::RouteKey {
+        prefix_len: len,
+        addr: subnet,
+    };
+    let v = RouteValue {
+        vtep_addr: subnet,
+        vtep_mac: REMOTE_VTEP,
+        _pad: [0; 2],
+        node_ip,
+        peer_slot: REMOTE_SLOT,
+    };
+    update(map_fd(ebpf, "ROUTE"), &key, &v).unwrap();
 }
 
 /// The object with this node's config and the member, every program loaded.

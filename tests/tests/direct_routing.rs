@@ -46,12 +46,13 @@ fn on_link_peers_are_routed_directly_and_re_evaluated() {
         .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}: {}\n{}", n.ns.sh("ip -4 route").unwrap(), lab.logs()));
+    // No VXLAN route for on-link peers; the kernel keeps only the Network route.
     assert!(
-        n.ns.sh("ip -4 route show dev flannel.1")
-            .unwrap()
-            .trim()
-            .is_empty()
+        n.overlay_routes().trim().is_empty(),
+        "{}",
+        n.overlay_routes()
     );
+    assert!(n.has_one_kernel_route(), "{:?}", n.vtep_kernel_tables());
     assert!(lab.fdb(0).is_empty(), "no VXLAN entries for on-link peers");
     let tx = lab.counter(0, "tx_encap");
     for i in [1, 2] {
@@ -72,7 +73,7 @@ fn on_link_peers_are_routed_directly_and_re_evaluated() {
     n.ns.sh("ip route add 10.1.5.13/32 via 10.1.5.12 dev eth0")
         .unwrap();
     wait_for("node 3 to move to VXLAN", Duration::from_secs(5), || {
-        let r = n.ns.sh("ip -4 route show dev flannel.1").ok()?;
+        let r = n.overlay_routes();
         (r.contains("10.244.3.0/24 via 10.244.3.0") && lab.fdb(0).len() == 1).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}: {}\n{}", n.ns.sh("ip -4 route").unwrap(), lab.logs()));

@@ -9,7 +9,7 @@ use std::{
 
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
-    prereq, sh, wait_for,
+    prereq, wait_for,
 };
 
 const PEERS: usize = 5000;
@@ -48,10 +48,9 @@ fn idle_connections_and_scrapes_do_not_stall_the_control_loop() {
         .map(String::from)
         .to_vec();
     lab.start_agent(0).unwrap();
-    let ns = lab.nodes[0].ns.name.clone();
     wait_for("5000 routes", Duration::from_secs(60), || {
-        let n = sh(&format!("ip -n {ns} -4 route show dev flannel.1 | wc -l")).ok()?;
-        (n.trim().parse::<usize>().ok()? >= PEERS).then_some(())
+        let n = lab.nodes[0].overlay_routes().lines().count();
+        (n >= PEERS).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let pid = lab.nodes[0].agent_pid().unwrap();
@@ -102,12 +101,13 @@ fn idle_connections_and_scrapes_do_not_stall_the_control_loop() {
             .collect();
         std::thread::sleep(Duration::from_millis(500));
         let (k, v) = lease(PEERS + 1);
+        let node = &lab.nodes[0];
         let t = Instant::now();
         std::fs::write(dir.join("subnets").join(&k), v).unwrap();
         wait_for("the new lease's route", Duration::from_secs(5), || {
-            sh(&format!("ip -n {ns} -4 route show 10.19.137.0/24"))
-                .ok()
-                .filter(|r| r.contains("flannel.1"))
+            node.overlay_routes()
+                .contains("10.19.137.0/24 via")
+                .then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
         let took = t.elapsed();

@@ -125,10 +125,7 @@ fn leases_from_etcd_as_flanneld_writes_them() {
     lab.program_stock_peers().unwrap();
     lab.wait_fdb_entries(0, 2)
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let routes = lab.nodes[0]
-        .ns
-        .sh("ip -4 route show dev flannel.1")
-        .unwrap();
+    let routes = lab.nodes[0].overlay_routes();
     assert!(
         routes.contains("10.244.2.0/24 via 10.244.2.0")
             && routes.contains("10.244.3.0/24 via 10.244.3.0"),
@@ -167,10 +164,7 @@ fn leases_from_etcd_as_flanneld_writes_them() {
         || (lab.fdb(0).len() == 1).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let routes = lab.nodes[0]
-        .ns
-        .sh("ip -4 route show dev flannel.1")
-        .unwrap();
+    let routes = lab.nodes[0].overlay_routes();
     assert!(!routes.contains("10.244.3.0"), "{routes}");
 
     // Our own lease deleted by someone else: said loudly, and written back.
@@ -250,10 +244,7 @@ fn etcd_restart_and_compaction_mid_watch_converge() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", lab.fdb(0), lab.logs()));
-    let routes = lab.nodes[0]
-        .ns
-        .sh("ip -4 route show dev flannel.1")
-        .unwrap();
+    let routes = lab.nodes[0].overlay_routes();
     assert!(
         routes.contains("10.244.3.0/24") && !routes.contains("10.244.2.0"),
         "{routes}"

@@ -177,10 +177,7 @@ fn kube_nodes_are_leases_and_we_announce_ourselves() {
         lab.fdb(0).is_empty().then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let routes = lab.nodes[0]
-        .ns
-        .sh("ip -4 route show dev flannel.1")
-        .unwrap();
+    let routes = lab.nodes[0].overlay_routes();
     assert!(routes.trim().is_empty(), "stale routes: {routes}");
 }
 

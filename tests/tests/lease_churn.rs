@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use flannel_tests::{
-    lab::{Kind, Lab, Topology},
-    prereq,
+    lab::{Kind, Lab, NETWORK, Topology},
+    prereq, sh,
     traffic::{ping, wait_reachable},
     wait_for,
 };
@@ -13,8 +13,7 @@ use flannel_tests::{
 /// Everything node 0 holds about peers: maps and kernel tables on flannel.1.
 fn state(lab: &Lab) -> (Vec<(String, String)>, usize, usize, String, String) {
     let n = &lab.nodes[0];
-    let routes = n.ns.sh("ip -4 route show dev flannel.1").unwrap();
-    let neigh = n.ns.sh("ip -4 neigh show dev flannel.1").unwrap();
+    let (routes, neigh) = n.vtep_kernel_tables();
     (
         lab.fdb(0),
         lab.map_len(0, "arp"),
@@ -79,13 +78,13 @@ fn lease_added_changed_removed_while_traffic_runs() {
         let fdb = l.fdb(0);
         fdb.iter().any(|(m, _)| *m == new_mac) && !fdb.iter().any(|(m, _)| *m == old_mac)
     });
-    let neigh = lab.nodes[a]
-        .ns
-        .sh("ip -4 neigh show dev flannel.1")
-        .unwrap();
+    let arp = lab.nodes[a].show("arp").unwrap();
+    assert!(arp.contains(&new_mac) && !arp.contains(&old_mac), "{arp}");
+    // However the peers change, the kernel's tables do not.
     assert!(
-        neigh.contains(&new_mac) && !neigh.contains(&old_mac),
-        "{neigh}"
+        lab.nodes[a].has_one_kernel_route(),
+        "{:?}",
+        lab.nodes[a].vtep_kernel_tables()
     );
     assert_eq!(
         ping(&lab.nodes[a].pod, lab.nodes[1].pod_ip(), 5, 0.05).unwrap(),
@@ -132,6 +131,8 @@ fn lease_added_changed_removed_while_traffic_runs() {
     assert_eq!((fdb.len(), arp, route), (1, 1, 1), "{fdb:?}");
     assert!(!routes.contains(&gone), "stale kernel route: {routes}");
     assert!(!neigh.contains(&new_mac), "stale kernel neighbour: {neigh}");
+    assert!(!lab.nodes[0].overlay_routes().contains(&gone));
+    assert!(lab.nodes[0].has_one_kernel_route(), "{routes}{neigh}");
     assert!(!fdb.iter().any(|(m, _)| *m == new_mac || *m == old_mac));
     // The remaining peer still works.
     assert_eq!(
@@ -151,17 +152,23 @@ fn drift_is_repaired_by_the_periodic_resync() {
     lab.program_stock_peers().unwrap();
     lab.wait_fdb_entries(0, 1).unwrap();
     let subnet = lab.nodes[1].subnet.clone().unwrap();
-    // Someone deletes the route by hand.
-    lab.nodes[0]
-        .ns
-        .sh(&format!("ip route del {subnet}"))
-        .unwrap();
-    // Resync runs every 10 s by default.
-    wait_for("the route to come back", Duration::from_secs(15), || {
-        let r = lab.nodes[0].ns.sh("ip -4 route show dev flannel.1").ok()?;
-        r.contains(&subnet).then_some(())
+    // Someone deletes the kernel's Network route, and the peer's entry in
+    // the route map, by hand.
+    let n = &lab.nodes[0];
+    n.ns.sh(&format!("ip route del {NETWORK}")).unwrap();
+    let addr: Vec<String> = subnet.split(['.', '/']).take(4).map(String::from).collect();
+    sh(&format!(
+        "bpftool map delete pinned {}/route key 24 0 0 0 {}",
+        n.pin_root.display(),
+        addr.join(" ")
+    ))
+    .unwrap();
+    assert!(!n.overlay_routes().contains(&subnet));
+    // Resync runs every 10 s by default, and reads the maps back.
+    wait_for("the routes to come back", Duration::from_secs(15), || {
+        (n.overlay_routes().contains(&subnet) && n.has_one_kernel_route()).then_some(())
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", n.vtep_kernel_tables(), lab.logs()));
     wait_reachable(
         &lab.nodes[0].pod,
         lab.nodes[1].pod_ip(),

@@ -13,7 +13,7 @@ use flannel_tests::{
     prereq,
     progs::{
         LOCAL_VTEP, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC, bench, counter, load,
-        map_fd, set_fdb,
+        map_fd, set_fdb, set_route,
     },
 };
 
@@ -212,6 +212,45 @@ fn encap_falls_back_to_the_kernel_unchanged() {
         assert_eq!((rc, out.len()), (TC_ACT_REDIRECT, frame.len() + 50));
         assert_eq!(counter(&ebpf, Counter::TxRedirectNeigh), 1);
         assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
+    })
+    .unwrap();
+}
+
+#[test]
+fn encap_resolves_the_vtep_from_the_route_map_by_destination() {
+    if !prereq::ready("encap_route_map") {
+        return;
+    }
+    let b = bench("ptr-encrt");
+    b.ns.run(|| {
+        let mut ebpf = load(&b);
+        // The one kernel route for the Network gives every frame our own
+        // VtepMAC as destination: only the ROUTE map says where it goes.
+        let mut frame = inner_frame(0);
+        frame[0..6].copy_from_slice(&LOCAL_VTEP);
+        assert_eq!(run_tc(&mut ebpf, &frame), (TC_ACT_OK, frame.clone()));
+        assert_eq!(counter(&ebpf, Counter::TxFallbackNoFdb), 1);
+        // The route map wins over the FDB entry of the frame's MAC, too.
+        set_fdb(&ebpf, [192, 0, 2, 7]);
+        set_route(&ebpf, [10, 244, 2, 0], 24, REMOTE_IP.octets());
+        let (rc, out) = run_tc(&mut ebpf, &frame);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(
+            out[30..34],
+            REMOTE_IP.octets(),
+            "outer destination from the route map"
+        );
+        assert_eq!(out[0..6], UNDERLAY_PEER_MAC);
+        // Inner Ethernet as Flannel puts it on the wire: the remote VtepMAC.
+        assert_eq!(out[50..56], REMOTE_VTEP);
+        assert_eq!(out[56..], frame[6..]);
+        assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
+        assert_eq!(peer3(&ebpf).tx_packets, 1);
+        // A destination in no lease: left to the kernel, unchanged.
+        let mut stray = frame.clone();
+        stray[30..34].copy_from_slice(&[10, 244, 7, 10]);
+        assert_eq!(run_tc(&mut ebpf, &stray), (TC_ACT_OK, stray.clone()));
+        assert_eq!(counter(&ebpf, Counter::TxFallbackNoFdb), 2);
     })
     .unwrap();
 }

@@ -162,6 +162,26 @@ fn live_takeover_from_stock_flannel_and_back_lose_nothing() {
         || (!kernel_fdb(&lab, 0).contains("dst 10.1.5.12")).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e}: {}", kernel_fdb(&lab, 0)));
+    // flanneld's per-node route and neighbour gave way to the one Network
+    // route: the kernel's tables no longer grow with the cluster.
+    let vtep_tables = |lab: &Lab| {
+        let n = &lab.nodes[0];
+        (
+            n.ns.sh("ip -4 route show dev flannel.1").unwrap(),
+            n.ns.sh("ip -4 neigh show dev flannel.1").unwrap(),
+        )
+    };
+    wait_for(
+        "one kernel route on flannel.1",
+        Duration::from_secs(5),
+        || {
+            let (r, n) = vtep_tables(&lab);
+            (r.trim() == "10.244.0.0/16 via 10.244.0.0 onlink"
+                && n.trim() == "10.244.0.0 lladdr 02:42:8f:11:22:10 PERMANENT")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", vtep_tables(&lab)));
     std::thread::sleep(Duration::from_millis(1500));
     let carried = lab.counter(0, "tx_encap");
     assert!(carried > 50, "our programs carried only {carried} packets");
@@ -217,6 +237,18 @@ fn live_takeover_from_stock_flannel_and_back_lose_nothing() {
     // Nothing of ours is left; the kernel data path has its FDB entry back.
     assert!(!root.exists(), "pins left under {}", root.display());
     assert!(kernel_fdb(&lab, 0).contains("02:42:8f:11:22:20 dst 10.1.5.12 self permanent"));
+    // flanneld's per-node route and neighbour are back, the Network route gone.
+    let (routes, neigh) = vtep_tables(&lab);
+    assert_eq!(
+        routes.trim(),
+        "10.244.2.0/24 via 10.244.2.0 onlink",
+        "{routes}"
+    );
+    assert_eq!(
+        neigh.trim(),
+        "10.244.2.0 lladdr 02:42:8f:11:22:20 PERMANENT",
+        "{neigh}"
+    );
     assert!(
         !lab.nodes[0]
             .ns

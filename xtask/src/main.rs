@@ -53,6 +53,11 @@ enum Cmd {
         /// MTU-sized frames on the "wire" as with real NICs (results/bench-segmenting.*).
         #[arg(long)]
         segmenting_underlay: bool,
+        /// Only the control plane: apply times, one lease change, the agent's
+        /// cold start with 5000 and 50 000 leases (file, etcd) and its RSS
+        /// (results/control-plane.*).
+        #[arg(long)]
+        control_plane: bool,
     },
 }
 
@@ -140,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             quick,
             segmenting_underlay,
+            control_plane,
         } => {
             let agent = build_for_labs(&[prereq::BENCH])?;
             let root = root();
@@ -164,6 +170,9 @@ fn main() -> anyhow::Result<()> {
             }
             if segmenting_underlay {
                 cmd.arg("--segmenting-underlay");
+            }
+            if control_plane {
+                cmd.arg("--control-plane");
             }
             run(&mut cmd)
         }

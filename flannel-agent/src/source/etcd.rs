@@ -48,7 +48,7 @@ struct WatchState {
     /// The watch's last error, until it works again.
     error: Option<String>,
     dirty: bool,
-    reported: BTreeMap<String, String>,
+    reported: super::Reported,
 }
 
 /// Our own lease in etcd.
@@ -145,14 +145,10 @@ impl EtcdSource {
     /// Every lease key and its parsed lease (or why it is unusable), plus the etcd lease id.
     async fn list(&mut self) -> anyhow::Result<(i64, Vec<ListedLease>)> {
         let prefix = subnets_prefix(&self.opts.prefix);
-        let resp = self
-            .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        let (rev, kvs) = list_prefix(&mut self.client, &prefix)
             .await
             .with_context(|| format!("listing {prefix} in etcd"))?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        let out = resp
-            .kvs()
+        let out = kvs
             .iter()
             .map(|kv| {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -257,18 +253,11 @@ impl EtcdSource {
             log::info!("reusing {what} {} (PublicIP {public_ip})", lease.subnet);
             return Ok(lease.subnet);
         }
-        let taken: BTreeSet<String> = all.iter().map(|l| l.name.clone()).collect();
-        let mut free: Vec<Subnet> = conf
-            .leasable()
-            .filter(|s| !taken.contains(&s.to_key()))
+        let taken: BTreeSet<Subnet> = all
+            .iter()
+            .filter_map(|l| Subnet::from_key(&l.name).ok())
             .collect();
-        shuffle(&mut free, public_ip);
-        let mut candidates: Vec<Subnet> = previous
-            .into_iter()
-            .filter(|s| conf.is_leasable(s) && !taken.contains(&s.to_key()))
-            .collect();
-        candidates.extend(free);
-        for subnet in candidates {
+        for subnet in super::lease_candidates(conf, previous, &taken, Some(public_ip)) {
             let lease = Lease {
                 subnet,
                 public_ip,
@@ -449,26 +438,12 @@ fn parse(name: &str, value: &[u8]) -> anyhow::Result<Option<Lease>> {
     Lease::parse(subnet, value)
 }
 
-/// flanneld picks a random free subnet; a small xorshift keeps us dependency-free.
-fn shuffle(v: &mut [Subnet], seed: Ipv4Addr) {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut x = t ^ (u32::from(seed) as u64) << 17 ^ std::process::id() as u64 | 1;
-    for i in (1..v.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-}
-
 impl WatchState {
     fn apply(&mut self, name: &str, value: Option<&[u8]>) {
         match value {
             None => {
                 self.keys.remove(name);
-                self.reported.remove(name);
+                self.reported.clear(name);
                 if let Ok(s) = Subnet::from_key(name) {
                     self.leases.remove(&s);
                 }
@@ -478,7 +453,7 @@ impl WatchState {
                 let subnet = Subnet::from_key(name).ok();
                 match parse(name, v) {
                     Ok(Some(l)) => {
-                        self.reported.remove(name);
+                        self.reported.clear(name);
                         self.leases.insert(l.subnet, l);
                     }
                     other => {
@@ -487,9 +462,8 @@ impl WatchState {
                         }
                         if let Err(e) = other {
                             let why = format!("{e:#}");
-                            if self.reported.get(name) != Some(&why) {
+                            if self.reported.report(name, &why) {
                                 log::warn!("skipping etcd lease {name}: {why}");
-                                self.reported.insert(name.to_string(), why);
                             }
                         }
                     }
@@ -506,6 +480,51 @@ fn set_error(state: &Mutex<WatchState>, why: String) {
     }
 }
 
+/// Keys listed per request: a 50 000-node cluster's leases (~8 MB) exceed
+/// the 4 MB a gRPC response may carry, so the listing is paged.
+const LIST_PAGE: i64 = 2000;
+
+/// Every key under `prefix` at one revision (the first page's), paged.
+async fn list_prefix(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(i64, Vec<etcd_client::KeyValue>), etcd_client::Error> {
+    let mut end = prefix.as_bytes().to_vec();
+    // The range end of a prefix: its last byte plus one ('/' → '0').
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    let mut from = prefix.as_bytes().to_vec();
+    let mut rev = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if rev != 0 {
+            opts = opts.with_revision(rev);
+        }
+        let mut resp = client.get(from.clone(), Some(opts)).await?;
+        if rev == 0 {
+            rev = resp.header().map_or(0, |h| h.revision());
+        }
+        let more = resp.more();
+        let kvs = resp.take_kvs();
+        match kvs.last() {
+            // The next page starts just after the last key of this one.
+            Some(kv) if more => {
+                from = kv.key().to_vec();
+                from.push(0);
+            }
+            _ => {
+                out.extend(kvs);
+                return Ok((rev, out));
+            }
+        }
+        out.extend(kvs);
+    }
+}
+
 /// List, then watch from the next revision. A lost connection resumes the
 /// watch from the last revision seen; a compacted revision (or anything else
 /// the watch cannot resume from) re-lists, so leases that vanished meanwhile go.
@@ -514,16 +533,12 @@ async fn watch_loop(mut client: Client, prefix: String, state: Arc<Mutex<WatchSt
     let mut backoff = Duration::from_millis(500);
     loop {
         if need_list {
-            match client
-                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                .await
-            {
-                Ok(resp) => {
-                    let rev = resp.header().map_or(0, |h| h.revision());
+            match list_prefix(&mut client, &prefix).await {
+                Ok((rev, kvs)) => {
                     if let Ok(mut s) = state.lock() {
                         s.leases.clear();
                         s.keys.clear();
-                        for kv in resp.kvs() {
+                        for kv in &kvs {
                             let key = String::from_utf8_lossy(kv.key()).into_owned();
                             let name = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
                             s.apply(&name, Some(kv.value()));

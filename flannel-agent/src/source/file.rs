@@ -24,7 +24,7 @@ pub struct FileSource {
     /// (name, mtime, len) of every lease file at the last read: a cheap change test.
     fingerprint: BTreeMap<String, (Option<SystemTime>, u64)>,
     /// Bad files already reported, so a poll loop does not repeat itself.
-    reported: BTreeSet<(String, String)>,
+    reported: super::Reported,
     /// inotify on the leases directory, once it exists.
     watching: bool,
 }
@@ -34,7 +34,7 @@ impl FileSource {
         FileSource {
             dir: dir.to_path_buf(),
             fingerprint: BTreeMap::new(),
-            reported: BTreeSet::new(),
+            reported: super::Reported::default(),
             watching: false,
         }
     }
@@ -131,24 +131,23 @@ impl FileSource {
     pub fn read(&mut self) -> anyhow::Result<Snapshot> {
         let scan = self.scan()?;
         let mut snap = Snapshot::default();
-        let mut bad = BTreeSet::new();
         for name in scan.keys() {
             let path = self.subnets_dir().join(name);
             match read_lease(&path, name) {
                 Ok(Some(l)) => {
+                    self.reported.clear(name);
                     snap.leases.insert(l.subnet, l);
                 }
-                Ok(None) => {}
+                Ok(None) => self.reported.clear(name),
                 Err(e) => {
                     let reason = format!("{e:#}");
-                    if !self.reported.contains(&(name.clone(), reason.clone())) {
+                    if self.reported.report(name, &reason) {
                         log::warn!("skipping lease file {}: {reason}", path.display());
                     }
-                    bad.insert((name.clone(), reason));
                 }
             }
         }
-        self.reported = bad;
+        self.reported.retain(|name| scan.contains_key(name));
         self.fingerprint = scan;
         Ok(snap)
     }
@@ -201,15 +200,7 @@ impl FileSource {
             log::info!("reusing lease {} (PublicIP {public_ip})", l.subnet);
             return Ok(l.subnet);
         }
-        let mut candidates: Vec<Subnet> = previous
-            .into_iter()
-            .filter(|s| conf.is_leasable(s))
-            .collect();
-        candidates.extend(conf.leasable());
-        for subnet in candidates {
-            if taken.contains(&subnet) {
-                continue;
-            }
+        for subnet in super::lease_candidates(conf, previous, &taken, None) {
             let lease = Lease {
                 subnet,
                 public_ip,
@@ -411,7 +402,11 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["10.244.2.0/24"]
         );
-        let why: BTreeMap<String, String> = src.reported.iter().cloned().collect();
+        let why: BTreeMap<String, String> = src
+            .reported
+            .entries()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         assert!(why["10.244.3.0-24"].contains("symbolic link"), "{why:?}");
         assert!(
             why["10.244.4.0-24"].contains("not a regular file"),

@@ -52,7 +52,7 @@ struct WatchState {
     /// The watch's last error, until it works again.
     error: Option<String>,
     dirty: bool,
-    reported: BTreeMap<String, String>,
+    reported: super::Reported,
 }
 
 pub struct KubeSource {
@@ -383,15 +383,14 @@ impl WatchState {
         let name = node.metadata.name.clone()?;
         match node_lease(node) {
             Ok(Some(l)) => {
-                self.reported.remove(&name);
+                self.reported.clear(&name);
                 Some((name, l))
             }
             Ok(None) => None,
             Err(e) => {
                 let why = format!("{e:#}");
-                if self.reported.get(&name) != Some(&why) {
+                if self.reported.report(&name, &why) {
                     log::warn!("skipping node {name}: {why}");
-                    self.reported.insert(name, why);
                 }
                 None
             }
@@ -426,7 +425,7 @@ impl WatchState {
             Event::Delete(node) => {
                 if let Some(name) = node.metadata.name.as_ref() {
                     self.by_node.remove(name);
-                    self.reported.remove(name);
+                    self.reported.clear(name);
                 }
                 self.dirty = true;
             }

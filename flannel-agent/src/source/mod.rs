@@ -4,7 +4,10 @@ pub mod etcd;
 pub mod file;
 pub mod kube;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use crate::{
     lease::{Lease, LeaseBackend},
@@ -43,6 +46,74 @@ pub fn is_own_lease(
     (l.public_ip == public_ip || moved)
         && conf.network.contains_subnet(&l.subnet)
         && l.subnet.prefix_len() == conf.subnet_len
+}
+
+/// The subnets a new lease may take, in the order to try them, for every
+/// lease store: the previous subnet.env's subnet if still leasable and free,
+/// then every free leasable subnet — lowest first, or shuffled when
+/// `shuffle_seed` is given (flanneld's etcd registry picks at random, so
+/// nodes starting together do not race for one subnet). The store then
+/// creates the first it can, create-if-absent.
+pub fn lease_candidates(
+    conf: &NetConf,
+    previous: Option<Subnet>,
+    taken: &BTreeSet<Subnet>,
+    shuffle_seed: Option<Ipv4Addr>,
+) -> Vec<Subnet> {
+    let mut free: Vec<Subnet> = conf.leasable().filter(|s| !taken.contains(s)).collect();
+    if let Some(seed) = shuffle_seed {
+        shuffle(&mut free, seed);
+    }
+    let first = previous.filter(|s| conf.is_leasable(s) && !taken.contains(s));
+    first
+        .into_iter()
+        .chain(free.into_iter().filter(|s| Some(*s) != first))
+        .collect()
+}
+
+/// A small xorshift, seeded by time, address and pid: dependency-free.
+fn shuffle(v: &mut [Subnet], seed: Ipv4Addr) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = t ^ (u32::from(seed) as u64) << 17 ^ std::process::id() as u64 | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Unusable entries of a lease store (a file, a key, a node), each reported
+/// once per reason: a poll or a watch that sees the same bad lease again
+/// stays quiet, and says it again only if the reason changes.
+#[derive(Debug, Default)]
+pub struct Reported(BTreeMap<String, String>);
+
+impl Reported {
+    /// Record why `key` is unusable; true if that was not already said.
+    pub fn report(&mut self, key: &str, why: &str) -> bool {
+        if self.0.get(key).map(String::as_str) == Some(why) {
+            return false;
+        }
+        self.0.insert(key.to_string(), why.to_string());
+        true
+    }
+
+    /// `key` is fine now (or gone): a new problem with it is reported again.
+    pub fn clear(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+
+    /// Forget every key not in `present`.
+    pub fn retain(&mut self, present: impl Fn(&str) -> bool) {
+        self.0.retain(|k, _| present(k));
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
 }
 
 /// The lease sources behind one interface.
@@ -237,4 +308,54 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
         log::info!("lease removed subnet={s}");
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf() -> NetConf {
+        NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.5.0"}"#,
+        )
+        .unwrap()
+    }
+
+    fn s(x: &str) -> Subnet {
+        x.parse().unwrap()
+    }
+
+    #[test]
+    fn candidates_put_the_previous_subnet_first_and_skip_taken_ones() {
+        let taken = BTreeSet::from([s("10.244.1.0/24"), s("10.244.3.0/24")]);
+        let c = lease_candidates(&conf(), Some(s("10.244.4.0/24")), &taken, None);
+        assert_eq!(
+            c,
+            ["10.244.4.0/24", "10.244.2.0/24", "10.244.5.0/24"].map(s)
+        );
+        // A taken or out-of-range previous subnet is not tried first.
+        let c = lease_candidates(&conf(), Some(s("10.244.3.0/24")), &taken, None);
+        assert_eq!(c[0], s("10.244.2.0/24"));
+        let c = lease_candidates(&conf(), Some(s("10.244.9.0/24")), &taken, None);
+        assert_eq!(c.len(), 3);
+        // Shuffled: the same free subnets, none taken.
+        let mut c = lease_candidates(&conf(), None, &taken, Some(Ipv4Addr::new(10, 1, 5, 11)));
+        c.sort();
+        assert_eq!(
+            c,
+            ["10.244.2.0/24", "10.244.4.0/24", "10.244.5.0/24"].map(s)
+        );
+    }
+
+    #[test]
+    fn a_bad_lease_is_reported_once_per_reason() {
+        let mut r = Reported::default();
+        assert!(r.report("10.244.2.0-24", "bad JSON"));
+        assert!(!r.report("10.244.2.0-24", "bad JSON"));
+        assert!(r.report("10.244.2.0-24", "bad VtepMAC"));
+        r.clear("10.244.2.0-24");
+        assert!(r.report("10.244.2.0-24", "bad VtepMAC"));
+        r.retain(|k| k != "10.244.2.0-24");
+        assert_eq!(r.entries().count(), 0);
+    }
 }

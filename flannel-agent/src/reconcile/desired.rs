@@ -1,8 +1,6 @@
-//! Leases → desired tables → diff against the maps and kernel tables → apply.
-//!
-//! Order keeps every packet on a whole entry: on add the FDB entry (what the
-//! datapath reads), then the neighbour, then the route last; on delete the
-//! route first, then the neighbour, then the FDB entry.
+//! Leases classified once: each peer lease becomes VXLAN entries (Flannel's
+//! route, ARP and FDB views), a direct route (DirectRouting, host-gw), or a
+//! skip with the reason.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -11,9 +9,7 @@ use std::{
 use crate::{
     lease::{Lease, LeaseBackend},
     mac::Mac,
-    netlink::Netlink,
     subnet::Subnet,
-    tables::Tables,
 };
 
 /// The tables Flannel would program for a set of peer leases.
@@ -58,13 +54,22 @@ impl Desired {
                 direct.insert(*subnet, *ip);
             }
         }
+        // VTEPs per VtepMAC: its FDB entry goes with the last one.
+        let mut vteps: BTreeMap<Mac, usize> = BTreeMap::new();
+        for mac in self.arp.values() {
+            *vteps.entry(*mac).or_default() += 1;
+        }
         for (subnet, ip) in &direct {
             if let Some(vtep) = self.routes.remove(subnet)
                 && let Some(mac) = self.arp.remove(&vtep)
-                && self.fdb.get(&mac) == Some(ip)
-                && !self.arp.values().any(|m| *m == mac)
             {
-                self.fdb.remove(&mac);
+                let left = vteps.get_mut(&mac).map_or(0, |n| {
+                    *n -= 1;
+                    *n
+                });
+                if self.fdb.get(&mac) == Some(ip) && left == 0 {
+                    self.fdb.remove(&mac);
+                }
             }
         }
         self.direct = direct;
@@ -113,6 +118,7 @@ impl Desired {
         let mut skipped = Vec::new();
         let leases: Vec<&Lease> = leases.into_iter().collect();
         let is_live = |s: &Subnet| live.routes.contains_key(s) || live.direct.contains_key(s);
+        let index = SubnetIndex::new(leases.iter().map(|l| l.subnet).chain([own.subnet]));
         // Every node announcing each VtepMAC.
         let mut mac_nodes: BTreeMap<Mac, BTreeSet<Ipv4Addr>> = BTreeMap::new();
         for l in &leases {
@@ -124,11 +130,8 @@ impl Desired {
             if l.subnet == own.subnet {
                 continue;
             }
-            let overlap = leases
-                .iter()
-                .map(|o| o.subnet)
-                .chain([own.subnet])
-                .filter(|o| *o != l.subnet && o.overlaps(&l.subnet))
+            let overlap = index
+                .overlapping(&l.subnet)
                 // A live lease keeps its place against newcomers.
                 .find(|o| *o == own.subnet || !is_live(&l.subnet) || is_live(o));
             let why = if !own.network.contains_subnet(&l.subnet) {
@@ -198,6 +201,50 @@ impl Desired {
     }
 }
 
+/// Subnets sorted by address, so the ones overlapping a subnet are found
+/// without comparing every pair (50 000 leases are 2.5e9 pairs): CIDR blocks
+/// overlap only when one contains the other, so they are the subnet's at
+/// most 32 ancestors and its descendants, a range of the order.
+struct SubnetIndex {
+    subnets: BTreeSet<(u32, u8)>,
+    /// The prefix lengths present (a cluster has one or two): the only
+    /// lengths an ancestor can have.
+    lens: BTreeSet<u8>,
+}
+
+impl SubnetIndex {
+    fn new(subnets: impl IntoIterator<Item = Subnet>) -> SubnetIndex {
+        let subnets: BTreeSet<(u32, u8)> = subnets
+            .into_iter()
+            .map(|s| (u32::from(s.addr()), s.prefix_len()))
+            .collect();
+        let lens = subnets.iter().map(|(_, l)| *l).collect();
+        SubnetIndex { subnets, lens }
+    }
+
+    /// Every other subnet overlapping `s`: the ones containing it, widest
+    /// first, then the ones inside it, in address order.
+    fn overlapping(&self, s: &Subnet) -> impl Iterator<Item = Subnet> + '_ {
+        let (addr, len) = (u32::from(s.addr()), s.prefix_len());
+        let end = addr | !u32::from(s.netmask());
+        let ancestors = self.lens.range(..len).filter_map(move |&p| {
+            let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+            let key = (addr & mask, p);
+            self.subnets.contains(&key).then_some(key)
+        });
+        // A /32 has none (and its range would start after its end).
+        let descendants = (len < 32)
+            .then(|| self.subnets.range((addr, len + 1)..=(end, 32)))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |(_, l)| *l > len);
+        ancestors
+            .chain(descendants)
+            .filter_map(|(a, l)| Subnet::new(Ipv4Addr::from(a), l).ok())
+    }
+}
+
 /// Why no node can have `ip` as its public (underlay) address.
 fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
     if ip.is_unspecified() {
@@ -213,259 +260,18 @@ fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// The map side of the tables, empty for the kernel data path.
-#[derive(Default)]
-struct MapView {
-    fdb: BTreeMap<Mac, (Ipv4Addr, u32)>,
-    fdb_values: BTreeMap<Mac, flannel_ebpf_common::FdbValue>,
-    arp: BTreeMap<Ipv4Addr, Mac>,
-    routes: BTreeMap<Subnet, Ipv4Addr>,
-}
-
-/// What one reconcile pass did.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub changes: usize,
-    pub errors: Vec<String>,
-}
-
-/// Netlink requests in flight at once: the kernel answers them in order on one
-/// socket, so a phase costs one round trip per batch, not per entry.
-const NETLINK_PIPELINE: usize = 256;
-
-impl Outcome {
-    /// Run one phase's kernel updates, many in flight, and record each result.
-    async fn record_all<F: std::future::Future<Output = anyhow::Result<()>>>(
-        &mut self,
-        updates: Vec<F>,
-    ) {
-        use futures::StreamExt;
-        let results: Vec<_> = futures::stream::iter(updates)
-            .buffer_unordered(NETLINK_PIPELINE)
-            .collect()
-            .await;
-        for r in results {
-            self.record(r);
-        }
-    }
-
-    fn record(&mut self, what: anyhow::Result<()>) {
-        match what {
-            Ok(()) => self.changes += 1,
-            Err(e) => {
-                log::warn!("{e:#}");
-                self.errors.push(format!("{e:#}"));
-            }
-        }
-    }
-}
-
-/// What to do with kernel FDB entries on flannel.1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelFdb {
-    /// `--datapath kernel`: the kernel's FDB is the data path; program it.
-    Program,
-    /// The eBPF programs are attached and read the FDB map: kernel entries
-    /// (flanneld's leftovers) are stale, remove them.
-    Remove,
-    /// The eBPF maps are being filled before the programs attach: the kernel
-    /// still carries the traffic (a takeover), leave its entries alone.
-    Keep,
-}
-
-/// Bring the tables to `want`: the maps when given (the eBPF data path), the
-/// neighbours and routes on flannel.1, and the kernel FDB as `kernel_fdb`
-/// says. Without a VTEP device (host-gw) only the routes on the underlay are
-/// kept.
-pub async fn apply(
-    want: &Desired,
-    mut tables: Option<&mut Tables>,
-    nl: &Netlink,
-    vtep: Option<u32>,
-    own: &Own,
-    kernel_fdb: KernelFdb,
-) -> anyhow::Result<Outcome> {
-    let Some(vtep_index) = vtep else {
-        if !(want.fdb.is_empty() && want.arp.is_empty() && want.routes.is_empty()) {
-            anyhow::bail!("VXLAN entries are wanted but this node has no VTEP device");
-        }
-        let mut out = Outcome::default();
-        apply_direct(want, nl, own, &mut out).await?;
-        return Ok(out);
-    };
-    let mut out = Outcome::default();
-    let view = match tables.as_deref() {
-        Some(t) => {
-            let values = t.fdb_values()?;
-            MapView {
-                fdb: values
-                    .iter()
-                    .map(|(m, v)| (*m, (Ipv4Addr::from(v.node_ip), v.peer_slot)))
-                    .collect(),
-                fdb_values: values,
-                arp: t.arp_entries()?,
-                routes: t.route_entries()?,
-            }
-        }
-        None => MapView::default(),
-    };
-    let (fdb, arp, routes) = (&view.fdb, &view.arp, &view.routes);
-    let kfdb = nl.fdb_entries(vtep_index).await?;
-    let kroutes: Vec<_> = nl
-        .routes_via(vtep_index)
-        .await?
-        .into_iter()
-        .filter(|r| own.network.contains_subnet(&r.dst))
-        .collect();
-    let kneigh = nl.neighbours(vtep_index).await?;
-
-    // 1. FDB map: what the datapath reads, first. Each node keeps its stats slot.
-    if let Some(t) = tables.as_deref_mut() {
-        let slots = assign_slots(want, fdb);
-        let subnets = want.subnet_by_mac();
-        for (mac, ip) in &want.fdb {
-            let slot = slots[ip];
-            let v = Tables::fdb_value(*ip, slot, subnets.get(mac).copied());
-            if view.fdb_values.get(mac) != Some(&v) {
-                if !fdb.values().any(|(i, s)| *s == slot && i == ip) {
-                    // A slot new to this node: it must not inherit another node's counts.
-                    out.record(t.reset_peer(slot));
-                }
-                out.record(t.set_fdb(*mac, v));
-            }
-        }
-    }
-    // 2. ARP: map and kernel neighbour.
-    let have_neigh: BTreeMap<Ipv4Addr, (Option<Mac>, bool)> = kneigh
-        .iter()
-        .map(|n| (n.ip, (n.mac, n.permanent)))
-        .collect();
-    let mut neigh_adds = Vec::new();
-    for (vtep, mac) in &want.arp {
-        if let Some(t) = tables.as_deref_mut()
-            && arp.get(vtep) != Some(mac)
-        {
-            out.record(t.set_arp(*vtep, *mac));
-        }
-        if have_neigh.get(vtep) != Some(&(Some(*mac), true)) {
-            neigh_adds.push(nl.replace_neighbour(vtep_index, *vtep, *mac));
-        }
-    }
-    out.record_all(neigh_adds).await;
-    // 2b. Kernel FDB, only for the kernel data path (after the neighbour, as flanneld).
-    if kernel_fdb == KernelFdb::Program {
-        let fdb_adds: Vec<_> = want
-            .fdb
-            .iter()
-            .filter(|(mac, ip)| !kfdb.iter().any(|k| k.mac == **mac && k.dst == **ip))
-            .map(|(mac, ip)| nl.replace_fdb(vtep_index, *mac, *ip))
-            .collect();
-        out.record_all(fdb_adds).await;
-    }
-    // 3. Routes, last on add.
-    let have_route: BTreeMap<Subnet, Option<Ipv4Addr>> =
-        kroutes.iter().map(|r| (r.dst, r.gateway)).collect();
-    let mut route_adds = Vec::new();
-    for (dst, vtep) in &want.routes {
-        if let Some(t) = tables.as_deref_mut()
-            && routes.get(dst) != Some(vtep)
-        {
-            out.record(t.set_route(*dst, *vtep));
-        }
-        if have_route.get(dst) != Some(&Some(*vtep)) {
-            route_adds.push(nl.replace_route(vtep_index, *dst, *vtep));
-        }
-    }
-    out.record_all(route_adds).await;
-    // 3b. DirectRouting routes on the underlay (replacing a VXLAN route for the same subnet).
-    apply_direct(want, nl, own, &mut out).await?;
-    // 4. Stale routes, first on delete: kernel, then map.
-    let route_dels: Vec<_> = kroutes
-        .iter()
-        .filter(|r| want.routes.get(&r.dst) != r.gateway.as_ref())
-        .map(|r| nl.delete_route(r))
-        .collect();
-    out.record_all(route_dels).await;
-    if let Some(t) = tables.as_deref_mut() {
-        for dst in routes.keys().filter(|d| !want.routes.contains_key(d)) {
-            out.record(t.del_route(*dst));
-        }
-    }
-    // 5. Stale neighbours: any on flannel.1 we do not want (flanneld leftovers too).
-    let neigh_dels: Vec<_> = kneigh
-        .iter()
-        .filter(|n| !want.arp.contains_key(&n.ip))
-        .map(|n| nl.delete_neighbour(n))
-        .collect();
-    out.record_all(neigh_dels).await;
-    if let Some(t) = tables.as_deref_mut() {
-        for vtep in arp.keys().filter(|v| !want.arp.contains_key(v)) {
-            out.record(t.del_arp(*vtep));
-        }
-    }
-    // 6. Stale FDB entries, last: map entries of vanished nodes; kernel entries
-    // as `kernel_fdb` says.
-    if let Some(t) = tables {
-        let stale_fdb: BTreeSet<_> = fdb.keys().filter(|m| !want.fdb.contains_key(m)).collect();
-        for mac in stale_fdb {
-            out.record(t.del_fdb(*mac));
-        }
-    }
-    let kfdb_dels: Vec<_> = kfdb
-        .iter()
-        .filter(|k| match kernel_fdb {
-            KernelFdb::Program => want.fdb.get(&k.mac) != Some(&k.dst),
-            KernelFdb::Remove => true,
-            KernelFdb::Keep => false,
-        })
-        .map(|k| nl.delete_fdb(k))
-        .collect();
-    out.record_all(kfdb_dels).await;
-    Ok(out)
-}
-
-/// Routes to peers' public IPs on the underlay (DirectRouting, host-gw): add
-/// or replace what is wanted, then remove what is not.
-async fn apply_direct(
-    want: &Desired,
-    nl: &Netlink,
-    own: &Own,
-    out: &mut Outcome,
-) -> anyhow::Result<()> {
-    let kdirect: Vec<_> = nl
-        .routes_via(own.underlay_index)
-        .await?
-        .into_iter()
-        .filter(|r| own.network.contains_subnet(&r.dst))
-        .collect();
-    let direct_adds: Vec<_> = want
-        .direct
-        .iter()
-        .filter(|(dst, gw)| {
-            !kdirect
-                .iter()
-                .any(|r| r.dst == **dst && r.gateway == Some(**gw))
-        })
-        .map(|(dst, gw)| nl.replace_route(own.underlay_index, *dst, *gw))
-        .collect();
-    out.record_all(direct_adds).await;
-    let direct_dels: Vec<_> = kdirect
-        .iter()
-        .filter(|r| want.direct.get(&r.dst) != r.gateway.as_ref())
-        .map(|r| nl.delete_route(r))
-        .collect();
-    out.record_all(direct_dels).await;
-    Ok(())
-}
-
 /// A PEER_STATS slot per node IP: the one it has, else the lowest free. A
 /// slot still named by an FDB entry that goes in this pass is not free yet
 /// (the departing node's packets may still count into it until its entry is
 /// deleted); it is reused, zeroed, in a later pass.
-fn assign_slots(want: &Desired, fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>) -> BTreeMap<Ipv4Addr, u32> {
+pub fn assign_slots(
+    want: &Desired,
+    fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>,
+) -> BTreeMap<Ipv4Addr, u32> {
     let mut slots: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    let wanted: BTreeSet<&Ipv4Addr> = want.fdb.values().collect();
     for (ip, slot) in fdb.values() {
-        if want.fdb.values().any(|w| w == ip) {
+        if wanted.contains(ip) {
             slots.entry(*ip).or_insert(*slot);
         }
     }
@@ -508,6 +314,35 @@ mod tests {
             },
             underlay_index: 2,
             underlay_name: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn the_index_finds_every_overlap_and_nothing_else() {
+        let subnets: Vec<Subnet> = [
+            "10.0.0.0/8",
+            "10.244.0.0/16",
+            "10.244.1.0/24",
+            "10.244.1.128/25",
+            "10.244.2.0/24",
+            "10.245.0.0/24",
+            "10.244.1.7/32",
+            "11.0.0.0/24",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let index = SubnetIndex::new(subnets.iter().copied());
+        for s in &subnets {
+            let mut got: Vec<Subnet> = index.overlapping(s).collect();
+            let mut want: Vec<Subnet> = subnets
+                .iter()
+                .filter(|o| *o != s && o.overlaps(s))
+                .copied()
+                .collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "overlaps of {s}");
         }
     }
 

@@ -1,0 +1,452 @@
+//! One pass as plan → observe → apply: what the maps and the kernel hold is
+//! read once ([`Observed`]), the difference from the wanted tables is
+//! planned as ordered phases of writes ([`plan`]), and the phases are applied
+//! in order (`apply`).
+//!
+//! The order keeps every packet on a whole entry: on add the FDB entry (what
+//! decapsulation reads), then the ARP view and neighbours, then routes last
+//! (the route map entry carries everything encapsulation needs, so it is
+//! whole once written); on delete routes first, then neighbours, then FDB
+//! entries.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use flannel_ebpf_common::{FdbValue, RouteValue};
+
+use super::desired::{Desired, assign_slots};
+use crate::{
+    mac::Mac,
+    netlink::{KernelFdb as KernelFdbEntry, KernelNeigh, KernelRoute},
+    subnet::Subnet,
+    tables::Tables,
+};
+
+/// What the kernel's routing tables carry for the overlay on flannel.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelRoutes {
+    /// One route for the whole Network via one gateway neighbour: the encap
+    /// program resolves each remote VTEP from the route map, so the kernel's
+    /// tables stay the same size whatever the cluster's (the default of the
+    /// eBPF data path).
+    Network,
+    /// Flannel's own: per remote node a route `via <subnet>.0 onlink` and a
+    /// permanent neighbour (`--datapath kernel`, `--per-node-routes`).
+    PerNode,
+    /// Leave routes and neighbours on flannel.1 as they are: the maps are
+    /// being filled before the programs attach, and whatever carries the
+    /// traffic now (flanneld's entries, or ours from the previous run) stays.
+    Untouched,
+}
+
+/// What to do with kernel FDB entries on flannel.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFdb {
+    /// `--datapath kernel` (and hand-back): the kernel's FDB is the data
+    /// path; program it.
+    Program,
+    /// The eBPF programs are attached and read the FDB map: kernel entries
+    /// (flanneld's leftovers) are stale, remove them.
+    Remove,
+    /// The eBPF maps are being filled before the programs attach: the kernel
+    /// still carries the traffic (a takeover), leave its entries alone.
+    Keep,
+}
+
+/// How a pass treats each table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mode {
+    pub routes: KernelRoutes,
+    pub fdb: KernelFdb,
+    /// Keep DirectRouting/host-gw routes on the underlay to `want.direct`
+    /// (off for hand-back, which leaves them to whoever comes next).
+    pub direct: bool,
+}
+
+/// The node's devices a pass writes to.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope {
+    /// Routes inside the Network are ours; nothing outside it is touched.
+    pub network: Subnet,
+    /// flannel.1 (none with host-gw).
+    pub vtep: Option<Vtep>,
+    pub underlay_index: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Vtep {
+    pub index: u32,
+    pub mac: Mac,
+    /// The gateway of the one Network route ([`KernelRoutes::Network`]).
+    pub gateway: Ipv4Addr,
+}
+
+/// The one Network route's gateway: the Network's own address, or its last
+/// one when our lease holds the first (an onlink gateway may not be local).
+/// Its neighbour only lets the kernel hand packets to flannel.1; which VTEP a
+/// packet goes to is the route map's answer, by destination address.
+pub fn network_gateway(network: Subnet, own: Subnet) -> Ipv4Addr {
+    if own.contains(network.addr()) {
+        Ipv4Addr::from(u32::from(network.addr()) | !u32::from(network.netmask()))
+    } else {
+        network.addr()
+    }
+}
+
+/// The maps as read at the start of a pass.
+#[derive(Clone, Debug, Default)]
+pub struct MapView {
+    pub fdb: BTreeMap<Mac, FdbValue>,
+    pub arp: BTreeMap<Ipv4Addr, Mac>,
+    pub routes: BTreeMap<Subnet, RouteValue>,
+}
+
+impl MapView {
+    pub fn read(t: &Tables) -> anyhow::Result<MapView> {
+        Ok(MapView {
+            fdb: t.fdb_values()?,
+            arp: t.arp_entries()?,
+            routes: t.route_values()?,
+        })
+    }
+
+    /// What these maps carry, as the tables they mirror.
+    pub fn desired(&self) -> Desired {
+        Desired {
+            fdb: self
+                .fdb
+                .iter()
+                .map(|(m, v)| (*m, Ipv4Addr::from(v.node_ip)))
+                .collect(),
+            arp: self.arp.clone(),
+            routes: self
+                .routes
+                .iter()
+                .map(|(s, v)| (*s, Ipv4Addr::from(v.vtep_addr)))
+                .collect(),
+            direct: BTreeMap::new(),
+        }
+    }
+}
+
+/// Everything a pass compares against, read once.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// None on the kernel data path and with host-gw.
+    pub maps: Option<MapView>,
+    /// Every IPv4 route of the main table with its output device (also what
+    /// DirectRouting and host-gw judge on-link peers by).
+    pub main_routes: Vec<(Option<u32>, KernelRoute)>,
+    pub neighbours: Vec<KernelNeigh>,
+    pub fdb: Vec<KernelFdbEntry>,
+}
+
+impl Observed {
+    /// Routes inside the Network out of device `index`.
+    fn routes_via(&self, index: u32, network: &Subnet) -> impl Iterator<Item = &KernelRoute> {
+        self.main_routes
+            .iter()
+            .filter(move |(oif, r)| *oif == Some(index) && network.contains_subnet(&r.dst))
+            .map(|(_, r)| r)
+    }
+}
+
+/// One write. Map writes are syscalls; kernel writes are netlink requests.
+#[derive(Clone, Debug)]
+pub enum Op {
+    ResetPeer(u32),
+    SetFdb(Mac, FdbValue),
+    SetArp(Ipv4Addr, Mac),
+    SetRoute(Subnet, RouteValue),
+    DelRoute(Subnet),
+    DelArp(Ipv4Addr),
+    DelFdb(Mac),
+    Neighbour { dev: u32, ip: Ipv4Addr, mac: Mac },
+    KernelFdb { dev: u32, mac: Mac, dst: Ipv4Addr },
+    Route { dev: u32, dst: Subnet, gw: Ipv4Addr },
+    DelKernelRoute(KernelRoute),
+    DelNeighbour(KernelNeigh),
+    DelKernelFdb(KernelFdbEntry),
+}
+
+impl Op {
+    pub fn is_map(&self) -> bool {
+        matches!(
+            self,
+            Op::ResetPeer(_)
+                | Op::SetFdb(..)
+                | Op::SetArp(..)
+                | Op::SetRoute(..)
+                | Op::DelRoute(_)
+                | Op::DelArp(_)
+                | Op::DelFdb(_)
+        )
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::ResetPeer(s) => write!(f, "map peer_stats reset {s}"),
+            Op::SetFdb(m, v) => write!(f, "map fdb {m} → {}", Ipv4Addr::from(v.node_ip)),
+            Op::SetArp(ip, m) => write!(f, "map arp {ip} → {m}"),
+            Op::SetRoute(s, v) => write!(
+                f,
+                "map route {s} → {} {} {}",
+                Ipv4Addr::from(v.vtep_addr),
+                Mac(v.vtep_mac),
+                Ipv4Addr::from(v.node_ip)
+            ),
+            Op::DelRoute(s) => write!(f, "map route del {s}"),
+            Op::DelArp(ip) => write!(f, "map arp del {ip}"),
+            Op::DelFdb(m) => write!(f, "map fdb del {m}"),
+            Op::Neighbour { dev, ip, mac } => {
+                write!(f, "ip neigh replace {ip} lladdr {mac} dev #{dev}")
+            }
+            Op::KernelFdb { dev, mac, dst } => {
+                write!(f, "bridge fdb replace {mac} dev #{dev} dst {dst}")
+            }
+            Op::Route { dev, dst, gw } => write!(f, "ip route replace {dst} via {gw} dev #{dev}"),
+            Op::DelKernelRoute(r) => write!(f, "ip route del {}", r.dst),
+            Op::DelNeighbour(n) => write!(f, "ip neigh del {}", n.ip),
+            Op::DelKernelFdb(e) => write!(f, "bridge fdb del {} dst {}", e.mac, e.dst),
+        }
+    }
+}
+
+/// Phases in order; the writes of one phase are independent of each other
+/// (kernel ones may be in flight together).
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub phases: Vec<(&'static str, Vec<Op>)>,
+    /// The maps once every write has succeeded (None without maps), so the
+    /// next pass need not read them back.
+    pub target: Option<MapView>,
+}
+
+impl Plan {
+    pub fn len(&self) -> usize {
+        self.phases.iter().map(|(_, ops)| ops.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn phase(&mut self, name: &'static str, ops: Vec<Op>) {
+        if !ops.is_empty() {
+            self.phases.push((name, ops));
+        }
+    }
+}
+
+/// The writes that bring `seen` to `want`.
+pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan {
+    let mut p = Plan::default();
+    let no_maps = MapView::default();
+    let maps = seen.maps.as_ref();
+    let have = maps.unwrap_or(&no_maps);
+    let network = &scope.network;
+
+    // Each node keeps its stats slot; a slot new to a node is zeroed first.
+    let have_slots: BTreeMap<Mac, (Ipv4Addr, u32)> = have
+        .fdb
+        .iter()
+        .map(|(m, v)| (*m, (Ipv4Addr::from(v.node_ip), v.peer_slot)))
+        .collect();
+    let slots = assign_slots(want, &have_slots);
+    let held: BTreeSet<(Ipv4Addr, u32)> = have_slots.values().copied().collect();
+    let subnets = want.subnet_by_mac();
+
+    // Kernel entries on flannel.1 this mode wants: (dst → gateway), (ip → mac).
+    let (k_routes, k_neigh): (BTreeMap<Subnet, Ipv4Addr>, BTreeMap<Ipv4Addr, Mac>) =
+        match (mode.routes, scope.vtep) {
+            (KernelRoutes::PerNode, Some(_)) => (want.routes.clone(), want.arp.clone()),
+            (KernelRoutes::Network, Some(v)) => (
+                BTreeMap::from([(*network, v.gateway)]),
+                BTreeMap::from([(v.gateway, v.mac)]),
+            ),
+            _ => (BTreeMap::new(), BTreeMap::new()),
+        };
+    let touch_vtep = mode.routes != KernelRoutes::Untouched;
+
+    let mut target = MapView::default();
+
+    // 1. FDB map.
+    let mut ops = Vec::new();
+    if maps.is_some() {
+        for (mac, ip) in &want.fdb {
+            let slot = slots[ip];
+            let v = Tables::fdb_value(*ip, slot, subnets.get(mac).copied());
+            target.fdb.insert(*mac, v);
+            if have.fdb.get(mac) != Some(&v) {
+                if !held.contains(&(*ip, slot)) {
+                    ops.push(Op::ResetPeer(slot));
+                }
+                ops.push(Op::SetFdb(*mac, v));
+            }
+        }
+    }
+    p.phase("fdb map", ops);
+
+    // 2. ARP map and neighbours on flannel.1.
+    let mut ops = Vec::new();
+    if maps.is_some() {
+        for (vtep, mac) in &want.arp {
+            if have.arp.get(vtep) != Some(mac) {
+                ops.push(Op::SetArp(*vtep, *mac));
+            }
+        }
+        target.arp = want.arp.clone();
+    }
+    if let Some(v) = scope.vtep {
+        let have_neigh: BTreeMap<Ipv4Addr, (Option<Mac>, bool)> = seen
+            .neighbours
+            .iter()
+            .map(|n| (n.ip, (n.mac, n.permanent)))
+            .collect();
+        for (ip, mac) in &k_neigh {
+            if have_neigh.get(ip) != Some(&(Some(*mac), true)) {
+                ops.push(Op::Neighbour {
+                    dev: v.index,
+                    ip: *ip,
+                    mac: *mac,
+                });
+            }
+        }
+    }
+    p.phase("arp", ops);
+
+    // 3. Kernel FDB, only for the kernel data path (after the neighbour, as flanneld).
+    let mut ops = Vec::new();
+    if let (Some(v), KernelFdb::Program) = (scope.vtep, mode.fdb) {
+        let have: BTreeSet<(Mac, Ipv4Addr)> = seen.fdb.iter().map(|k| (k.mac, k.dst)).collect();
+        for (mac, ip) in &want.fdb {
+            if !have.contains(&(*mac, *ip)) {
+                ops.push(Op::KernelFdb {
+                    dev: v.index,
+                    mac: *mac,
+                    dst: *ip,
+                });
+            }
+        }
+    }
+    p.phase("kernel fdb", ops);
+
+    // 4. Routes, last on add: the route map, flannel.1's routes, direct routes.
+    let mut ops = Vec::new();
+    if maps.is_some() {
+        for (dst, vtep) in &want.routes {
+            let Some(mac) = want.arp.get(vtep) else {
+                continue;
+            };
+            let Some(ip) = want.fdb.get(mac) else {
+                continue;
+            };
+            let v = Tables::route_value(*dst, *mac, *ip, slots[ip]);
+            target.routes.insert(*dst, v);
+            if have.routes.get(dst) != Some(&v) {
+                ops.push(Op::SetRoute(*dst, v));
+            }
+        }
+    }
+    if let Some(v) = scope.vtep {
+        let have: BTreeSet<(Subnet, Option<Ipv4Addr>)> = seen
+            .routes_via(v.index, network)
+            .map(|r| (r.dst, r.gateway))
+            .collect();
+        for (dst, gw) in &k_routes {
+            if !have.contains(&(*dst, Some(*gw))) {
+                ops.push(Op::Route {
+                    dev: v.index,
+                    dst: *dst,
+                    gw: *gw,
+                });
+            }
+        }
+    }
+    if mode.direct {
+        let have: BTreeSet<(Subnet, Option<Ipv4Addr>)> = seen
+            .routes_via(scope.underlay_index, network)
+            .map(|r| (r.dst, r.gateway))
+            .collect();
+        for (dst, gw) in &want.direct {
+            if !have.contains(&(*dst, Some(*gw))) {
+                ops.push(Op::Route {
+                    dev: scope.underlay_index,
+                    dst: *dst,
+                    gw: *gw,
+                });
+            }
+        }
+    }
+    p.phase("routes", ops);
+
+    // 5. Stale routes, first on delete: the kernel's, then the map's.
+    let mut ops = Vec::new();
+    if let Some(v) = scope.vtep.filter(|_| touch_vtep) {
+        for r in seen.routes_via(v.index, network) {
+            if k_routes.get(&r.dst) != r.gateway.as_ref() {
+                ops.push(Op::DelKernelRoute(r.clone()));
+            }
+        }
+    }
+    if mode.direct {
+        for r in seen.routes_via(scope.underlay_index, network) {
+            if want.direct.get(&r.dst) != r.gateway.as_ref() {
+                ops.push(Op::DelKernelRoute(r.clone()));
+            }
+        }
+    }
+    p.phase("stale kernel routes", ops);
+    let ops = have
+        .routes
+        .keys()
+        .filter(|d| !want.routes.contains_key(d))
+        .map(|d| Op::DelRoute(*d))
+        .collect();
+    p.phase("stale route map", ops);
+
+    // 6. Stale neighbours: any on flannel.1 this mode does not want (flanneld's too).
+    let mut ops: Vec<Op> = have
+        .arp
+        .keys()
+        .filter(|v| !want.arp.contains_key(v))
+        .map(|v| Op::DelArp(*v))
+        .collect();
+    if touch_vtep && scope.vtep.is_some() {
+        ops.extend(
+            seen.neighbours
+                .iter()
+                .filter(|n| !k_neigh.contains_key(&n.ip))
+                .map(|n| Op::DelNeighbour(n.clone())),
+        );
+    }
+    p.phase("stale arp", ops);
+
+    // 7. Stale FDB entries, last: map entries of vanished nodes; kernel
+    // entries as the mode says.
+    let mut ops: Vec<Op> = have
+        .fdb
+        .keys()
+        .filter(|m| !want.fdb.contains_key(m))
+        .map(|m| Op::DelFdb(*m))
+        .collect();
+    if scope.vtep.is_some() {
+        ops.extend(
+            seen.fdb
+                .iter()
+                .filter(|k| match mode.fdb {
+                    KernelFdb::Program => want.fdb.get(&k.mac) != Some(&k.dst),
+                    KernelFdb::Remove => true,
+                    KernelFdb::Keep => false,
+                })
+                .map(|k| Op::DelKernelFdb(k.clone())),
+        );
+    }
+    p.phase("stale fdb", ops);
+    p.target = maps.map(|_| target);
+    p
+}
