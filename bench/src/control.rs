@@ -218,11 +218,18 @@ async fn one_change(
         };
         let t = Instant::now();
         let (want, _) = Desired::from_leases(&leases, own, &live);
+        let t1 = t.elapsed();
         let seen = observe(Some(&*tables), known.take(), nl, scope).await?;
+        let t2 = t.elapsed();
         let p = plan(&want, &seen, scope, &mode);
+        let t3 = t.elapsed();
+        if std::env::var_os("FLANNEL_BENCH_STAGES").is_some() {
+            eprintln!("classify {t1:?} observe {:?} plan {:?}", t2 - t1, t3 - t2);
+        }
         let changed = p.len();
         let o = execute(
             p,
+            seen.maps,
             &mut NodeWriter {
                 tables: Some(&mut *tables),
                 nl,

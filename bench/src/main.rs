@@ -38,6 +38,9 @@ struct Args {
     /// Only the control plane (no traffic): results/control-plane.{md,json}.
     #[arg(long)]
     control_plane: bool,
+    /// With --control-plane: the in-process apply times only (no agent cold starts).
+    #[arg(long, hide = true)]
+    apply_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -254,11 +257,16 @@ fn control_plane(
     println!("bench: control plane (N = {counts:?})");
     let times = control::apply_times(counts, object)?;
     let mut cold = Vec::new();
-    for (n, store) in [
-        (5000, control::Store::File),
-        (50_000, control::Store::File),
-        (50_000, control::Store::Etcd),
-    ] {
+    let stores: &[(usize, control::Store)] = if args.apply_only {
+        &[]
+    } else {
+        &[
+            (5000, control::Store::File),
+            (50_000, control::Store::File),
+            (50_000, control::Store::Etcd),
+        ]
+    };
+    for &(n, store) in stores {
         println!("bench: release agent cold start, {n} leases in {store:?}");
         cold.push((n, store, control::cold_start(&args.agent, n, store)?));
     }

@@ -260,9 +260,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let first = Instant::now();
     state.sync(&snap, &own, tables.as_mut(), &nl, false).await?;
+    let mut took = vec![("first pass", first.elapsed())];
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB
         // (and, on the one-route path, its per-node routes and neighbours).
+        let t = Instant::now();
         let attached = loaded
             .attach(
                 &vtep_name,
@@ -275,17 +277,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         log::info!("attached {}", attached.encap);
         log::info!("attached {}", attached.decap);
+        took.push(("attach", t.elapsed()));
         state.mode = Mode {
             routes: on_vtep,
             fdb: KernelFdb::Remove,
             direct: true,
         };
+        let t = Instant::now();
         state.sync(&snap, &own, tables.as_mut(), &nl, false).await?;
+        took.push(("kernel pass", t.elapsed()));
     }
     log::info!(
-        "{} leases listed, tables applied in {:.1} ms{}",
+        "{} leases listed, tables applied in {:.1} ms ({}){}",
         snap.leases.len(),
         first.elapsed().as_secs_f64() * 1e3,
+        took.iter()
+            .map(|(what, d)| format!("{what} {:.1} ms", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", "),
         match state.mode.routes {
             KernelRoutes::Network => format!(
                 "; kernel: one route {} via {} dev {vtep_name} (per-node routes: --per-node-routes)",
@@ -674,13 +683,17 @@ impl SyncState {
         // A resync reads the maps back, in case anything else wrote them.
         let known = if resync { None } else { self.maps.take() };
         let seen = reconcile::observe(tables.as_deref(), known, nl, &self.scope).await?;
+        let from_maps;
         let live = match (&self.applied, &seen.maps) {
-            (Some(d), _) => d.clone(),
+            (Some(d), _) => d,
             // After a restart, what the pinned maps carry is live.
-            (None, Some(m)) => MapView::desired(m),
-            (None, None) => Desired::default(),
+            (None, Some(m)) => {
+                from_maps = MapView::desired(m);
+                &from_maps
+            }
+            (None, None) => &Desired::default(),
         };
-        let (mut want, mut skipped) = Desired::from_leases(snap.leases.values(), own, &live);
+        let (mut want, mut skipped) = Desired::from_leases(snap.leases.values(), own, live);
         let onlink = |ip| crate::netlink::onlink(&seen.main_routes, own.underlay_index, ip);
         if own.backend == LeaseBackend::HostGw {
             skipped.extend(want.retain_on_link(onlink, &own.underlay_name));
@@ -698,7 +711,7 @@ impl SyncState {
         }
         self.skipped = skipped;
         let outcome =
-            reconcile::apply_observed(&want, &seen, tables, nl, &self.scope, &self.mode).await;
+            reconcile::apply_observed(&want, seen, tables, nl, &self.scope, &self.mode).await;
         if let Ok(m) = self.metrics.lock() {
             m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             let errors = outcome.as_ref().map_or(1, |o| o.errors.len() as u64);
@@ -722,7 +735,8 @@ impl SyncState {
         }
         let mut outcome = outcome?;
         self.maps = outcome.target.take();
-        if let Some(g) = &mut self.guard {
+        let fdb_changed = self.applied.as_ref().is_none_or(|a| a.fdb != want.fdb);
+        if let Some(g) = self.guard.as_mut().filter(|_| fdb_changed) {
             // Members are the nodes in the FDB: the ones we take VXLAN from.
             g.set_members(want.fdb.values().copied().collect())
                 .context(

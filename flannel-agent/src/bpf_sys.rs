@@ -30,6 +30,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The element commands' part of `union bpf_attr`; the kernel zero-fills
 /// the rest of the union when the size passed is smaller.
@@ -178,6 +179,16 @@ impl<K: Pod, V: Pod> TypedMap<K, V> {
     pub fn set_per_cpu(&self, key: &K, value: &V) -> io::Result<()> {
         update_per_cpu(self.fd(), key, value)
     }
+
+    /// Many [`Self::set`]s in one call; `Err((done, e))` as [`update_batch`].
+    pub fn set_many(&self, keys: &[K], values: &[V]) -> Result<(), (usize, io::Error)> {
+        update_batch(self.fd(), keys, values)
+    }
+
+    /// Many [`Self::set_per_cpu`]s of one value in one call.
+    pub fn set_many_per_cpu(&self, keys: &[K], value: &V) -> Result<(), (usize, io::Error)> {
+        update_batch_per_cpu(self.fd(), keys, value)
+    }
 }
 
 /// One element of the map behind `fd`.
@@ -236,6 +247,92 @@ pub fn update_per_cpu<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) ->
         unsafe { ptr::write_unaligned(buf.as_mut_ptr().add(c * stride).cast::<V>(), *value) };
     }
     sys_bpf(BPF_MAP_UPDATE_ELEM, fd, addr(key), addr(buf.as_ptr()), 0)
+}
+
+/// `union bpf_attr`'s batch part (BPF_MAP_*_BATCH).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    /// In: elements given; out: elements done.
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Insert or replace `keys[i]` → the value bytes `values[i * stride..]` in
+/// one call: a few thousand entries cost one syscall, not one each. On an
+/// error, `Err((done, e))`: the first `done` elements are written, the rest
+/// not (the kernel stops at the first failure). Maps without batch support
+/// fail with EINVAL or ENOTSUPP and `done` 0.
+fn update_batch_raw<K: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[u8],
+) -> Result<(), (usize, io::Error)> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: addr(keys.as_ptr()),
+        values: addr(values.as_ptr()),
+        count: keys.len() as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    let attr_ptr = std::hint::black_box(ptr::from_mut(&mut attr));
+    // SAFETY: attr points to a live BatchAttr; keys and values hold `count`
+    // elements of the map's key and value sizes (callers guarantee).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            attr_ptr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: the kernel wrote count back into the live attr.
+        let done = unsafe { ptr::read_volatile(&raw const (*attr_ptr).count) } as usize;
+        return Err((done.min(keys.len()), e));
+    }
+    Ok(())
+}
+
+/// [`update`] for many elements at once (see [`update_batch_raw`]).
+pub fn update_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    let n = keys.len().min(values.len());
+    // SAFETY: V is Pod: its bytes may be viewed as a slice.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), n * size_of::<V>()) };
+    update_batch_raw(fd, &keys[..n], bytes)
+}
+
+/// [`update_per_cpu`] for many keys at once, every CPU's value `value`.
+pub fn update_batch_per_cpu<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    value: &V,
+) -> Result<(), (usize, io::Error)> {
+    let cpus = possible_cpus().map_err(|e| (0, e))?;
+    let stride = size_of::<V>().next_multiple_of(8);
+    let mut buf = vec![0u8; stride * cpus * keys.len()];
+    for i in 0..cpus * keys.len() {
+        // SAFETY: in bounds; unaligned write of a Pod value.
+        unsafe { ptr::write_unaligned(buf.as_mut_ptr().add(i * stride).cast::<V>(), *value) };
+    }
+    update_batch_raw(fd, keys, &buf)
 }
 
 /// The interface the TCX or XDP link pinned at `path` is attached to; 0 once

@@ -42,6 +42,23 @@ fn full(e: std::io::Error, map: &str) -> anyhow::Error {
     }
 }
 
+/// Write `items` with one batch call, then one by one whatever the batch did
+/// not do (a map without batch support, or the element it stopped at, which
+/// then gets its own error).
+fn batched<T>(
+    items: &[T],
+    batch: impl FnOnce(&[T]) -> Result<(), (usize, std::io::Error)>,
+    one: impl FnMut(&T) -> anyhow::Result<()>,
+) -> Vec<anyhow::Result<()>> {
+    let done = match batch(items) {
+        Ok(()) => items.len(),
+        Err((done, _)) => done,
+    };
+    let mut out: Vec<anyhow::Result<()>> = (0..done).map(|_| Ok(())).collect();
+    out.extend(items[done..].iter().map(one));
+    out
+}
+
 pub struct Tables {
     pub config: TypedMap<u32, NodeConfig>,
     pub route: TypedMap<RouteKey, RouteValue>,
@@ -153,7 +170,7 @@ impl Tables {
         }
     }
 
-    pub fn set_fdb(&mut self, mac: Mac, v: FdbValue) -> anyhow::Result<()> {
+    pub fn set_fdb(&self, mac: Mac, v: FdbValue) -> anyhow::Result<()> {
         let node_ip = Ipv4Addr::from(v.node_ip);
         self.fdb
             .set(&FdbKey::new(mac.0), &v)
@@ -161,8 +178,61 @@ impl Tables {
             .with_context(|| format!("FDB map: {mac} → {node_ip}"))
     }
 
+    /// [`Self::reset_peer`] for many slots, in one call where the kernel can.
+    pub fn reset_peers(&self, slots: &[u32]) -> Vec<anyhow::Result<()>> {
+        batched(
+            slots,
+            |s| self.peer_stats.set_many_per_cpu(s, &PeerStats::default()),
+            |slot| self.reset_peer(*slot),
+        )
+    }
+
+    /// [`Self::set_fdb`] for many entries, in one call where the kernel can.
+    pub fn set_fdbs(&self, entries: &[(Mac, FdbValue)]) -> Vec<anyhow::Result<()>> {
+        let keys: Vec<FdbKey> = entries.iter().map(|(m, _)| FdbKey::new(m.0)).collect();
+        let values: Vec<FdbValue> = entries.iter().map(|(_, v)| *v).collect();
+        batched(
+            entries,
+            |_| self.fdb.set_many(&keys, &values),
+            |(m, v)| self.set_fdb(*m, *v),
+        )
+    }
+
+    /// [`Self::set_arp`] for many entries, in one call where the kernel can.
+    pub fn set_arps(&self, entries: &[(Ipv4Addr, Mac)]) -> Vec<anyhow::Result<()>> {
+        let keys: Vec<ArpKey> = entries
+            .iter()
+            .map(|(ip, _)| ArpKey {
+                vtep_addr: ip.octets(),
+            })
+            .collect();
+        let values: Vec<ArpValue> = entries
+            .iter()
+            .map(|(_, m)| ArpValue {
+                vtep_mac: m.0,
+                _pad: [0; 2],
+            })
+            .collect();
+        batched(
+            entries,
+            |_| self.arp.set_many(&keys, &values),
+            |(ip, m)| self.set_arp(*ip, *m),
+        )
+    }
+
+    /// [`Self::set_route`] for many entries, in one call where the kernel can.
+    pub fn set_routes(&self, entries: &[(Subnet, RouteValue)]) -> Vec<anyhow::Result<()>> {
+        let keys: Vec<RouteKey> = entries.iter().map(|(s, _)| RouteKey::of(*s)).collect();
+        let values: Vec<RouteValue> = entries.iter().map(|(_, v)| *v).collect();
+        batched(
+            entries,
+            |_| self.route.set_many(&keys, &values),
+            |(s, v)| self.set_route(*s, *v),
+        )
+    }
+
     /// Zero a peer's stats slot before it is given to a node.
-    pub fn reset_peer(&mut self, slot: u32) -> anyhow::Result<()> {
+    pub fn reset_peer(&self, slot: u32) -> anyhow::Result<()> {
         self.peer_stats
             .set_per_cpu(&slot, &PeerStats::default())
             .with_context(|| format!("resetting peer stats slot {slot}"))
@@ -195,7 +265,7 @@ impl Tables {
             .with_context(|| format!("FDB map: deleting {mac}"))
     }
 
-    pub fn set_arp(&mut self, vtep: Ipv4Addr, mac: Mac) -> anyhow::Result<()> {
+    pub fn set_arp(&self, vtep: Ipv4Addr, mac: Mac) -> anyhow::Result<()> {
         let v = ArpValue {
             vtep_mac: mac.0,
             _pad: [0; 2],
@@ -220,7 +290,7 @@ impl Tables {
             .with_context(|| format!("ARP map: deleting {vtep}"))
     }
 
-    pub fn set_route(&mut self, dst: Subnet, v: RouteValue) -> anyhow::Result<()> {
+    pub fn set_route(&self, dst: Subnet, v: RouteValue) -> anyhow::Result<()> {
         let vtep = Ipv4Addr::from(v.vtep_addr);
         self.route
             .set(&RouteKey::of(dst), &v)

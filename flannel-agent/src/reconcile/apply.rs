@@ -40,6 +40,11 @@ pub async fn observe(
 pub trait Writer {
     /// One map write (a syscall; made in plan order).
     fn map(&mut self, op: &Op) -> anyhow::Result<()>;
+    /// A phase's map writes, one result per op in `ops`' order. They are
+    /// independent, so a writer may group them (batch syscalls).
+    fn maps(&mut self, ops: &[Op]) -> Vec<anyhow::Result<()>> {
+        ops.iter().map(|op| self.map(op)).collect()
+    }
     /// A phase's kernel writes: independent, so they may be in flight together.
     fn kernel(&mut self, ops: &[Op]) -> impl Future<Output = Vec<anyhow::Result<()>>>;
 }
@@ -68,15 +73,22 @@ impl Outcome {
 /// Apply `plan` phase by phase. A failed write is logged and counted, and the
 /// rest goes on (the next pass retries it); a phase never starts before the
 /// previous one has finished.
-pub async fn execute(plan: Plan, w: &mut impl Writer) -> Outcome {
+///
+/// `view` is what the maps held when the plan was made; it comes back in
+/// [`Outcome::target`] with every write applied, if all succeeded.
+pub async fn execute(plan: Plan, view: Option<MapView>, w: &mut impl Writer) -> Outcome {
     let mut out = Outcome {
-        target: plan.target,
+        target: view,
         ..Outcome::default()
     };
     for (_, ops) in plan.phases {
         let (maps, kernel): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(Op::is_map);
-        for op in &maps {
-            let r = w.map(op);
+        for (op, r) in maps.iter().zip(w.maps(&maps)) {
+            if r.is_ok()
+                && let Some(v) = out.target.as_mut()
+            {
+                v.apply(op);
+            }
             out.record(r);
         }
         if !kernel.is_empty() {
@@ -117,6 +129,66 @@ impl Writer for NodeWriter<'_> {
             Op::DelFdb(mac) => t.del_fdb(*mac),
             other => anyhow::bail!("{other} is not a map write"),
         }
+    }
+
+    fn maps(&mut self, ops: &[Op]) -> Vec<anyhow::Result<()>> {
+        let Some(t) = self.tables.as_deref_mut() else {
+            return ops.iter().map(|op| self.map(op)).collect();
+        };
+        // Same-kind writes in one batch each: resets before the FDB entries
+        // naming their slots (the order the plan gives them in).
+        let mut results: Vec<Option<anyhow::Result<()>>> = ops.iter().map(|_| None).collect();
+        let pick = |f: &dyn Fn(&Op) -> bool| -> Vec<usize> {
+            (0..ops.len()).filter(|i| f(&ops[*i])).collect()
+        };
+        let resets = pick(&|o| matches!(o, Op::ResetPeer(_)));
+        let slots: Vec<u32> = resets
+            .iter()
+            .filter_map(|i| match &ops[*i] {
+                Op::ResetPeer(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        for (i, r) in resets.iter().zip(t.reset_peers(&slots)) {
+            results[*i] = Some(r);
+        }
+        let fdbs = pick(&|o| matches!(o, Op::SetFdb(..)));
+        let entries: Vec<_> = fdbs
+            .iter()
+            .filter_map(|i| match &ops[*i] {
+                Op::SetFdb(m, v) => Some((*m, *v)),
+                _ => None,
+            })
+            .collect();
+        for (i, r) in fdbs.iter().zip(t.set_fdbs(&entries)) {
+            results[*i] = Some(r);
+        }
+        let arps = pick(&|o| matches!(o, Op::SetArp(..)));
+        let entries: Vec<_> = arps
+            .iter()
+            .filter_map(|i| match &ops[*i] {
+                Op::SetArp(ip, m) => Some((*ip, *m)),
+                _ => None,
+            })
+            .collect();
+        for (i, r) in arps.iter().zip(t.set_arps(&entries)) {
+            results[*i] = Some(r);
+        }
+        let routes = pick(&|o| matches!(o, Op::SetRoute(..)));
+        let entries: Vec<_> = routes
+            .iter()
+            .filter_map(|i| match &ops[*i] {
+                Op::SetRoute(s, v) => Some((*s, *v)),
+                _ => None,
+            })
+            .collect();
+        for (i, r) in routes.iter().zip(t.set_routes(&entries)) {
+            results[*i] = Some(r);
+        }
+        ops.iter()
+            .zip(results)
+            .map(|(op, r)| r.unwrap_or_else(|| self.map(op)))
+            .collect()
     }
 
     async fn kernel(&mut self, ops: &[Op]) -> Vec<anyhow::Result<()>> {

@@ -2,7 +2,7 @@
 //! route, ARP and FDB views), a direct route (DirectRouting, host-gw), or a
 //! skip with the reason.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
 };
 
@@ -37,11 +37,23 @@ pub struct Own {
 
 impl Desired {
     /// Each VtepMAC's pod subnet (its lease): the inner sources it may use.
-    pub fn subnet_by_mac(&self) -> BTreeMap<Mac, Subnet> {
-        self.routes
-            .iter()
-            .filter_map(|(subnet, vtep)| Some((*self.arp.get(vtep)?, *subnet)))
-            .collect()
+    pub fn subnet_by_mac(&self) -> HashMap<Mac, Subnet> {
+        // Routes and ARP entries are both in VTEP-address order (a VTEP is
+        // its subnet's first address): walk them together, no lookups.
+        let mut arp = self.arp.iter().peekable();
+        let mut out = HashMap::with_capacity(self.routes.len());
+        for (subnet, vtep) in &self.routes {
+            while arp.next_if(|(a, _)| *a < vtep).is_some() {}
+            let mac = match arp.peek() {
+                Some((a, m)) if *a == vtep => **m,
+                _ => match self.arp.get(vtep) {
+                    Some(m) => *m,
+                    None => continue,
+                },
+            };
+            out.insert(mac, *subnet);
+        }
+        out
     }
 
     /// DirectRouting: peers whose public IP is on-link get `<subnet> via
@@ -114,18 +126,26 @@ impl Desired {
         own: &Own,
         live: &Desired,
     ) -> (Desired, Vec<(Subnet, String)>) {
-        let mut d = Desired::default();
+        // Collected as lists and built into maps at the end: sorted bulk
+        // builds, not one tree insert per entry.
+        let (mut fdb, mut arp, mut routes, mut direct) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut skipped = Vec::new();
         let leases: Vec<&Lease> = leases.into_iter().collect();
         let is_live = |s: &Subnet| live.routes.contains_key(s) || live.direct.contains_key(s);
         let index = SubnetIndex::new(leases.iter().map(|l| l.subnet).chain([own.subnet]));
-        // Every node announcing each VtepMAC.
-        let mut mac_nodes: BTreeMap<Mac, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-        for l in &leases {
-            if let LeaseBackend::Vxlan { vtep_mac } = l.backend {
-                mac_nodes.entry(vtep_mac).or_default().insert(l.public_ip);
-            }
-        }
+        // Every (VtepMAC, node) announced, sorted: a MAC's nodes are a range.
+        let mut mac_nodes: Vec<(Mac, Ipv4Addr)> = leases
+            .iter()
+            .filter_map(|l| l.backend.vtep_mac().map(|m| (m, l.public_ip)))
+            .collect();
+        mac_nodes.sort_unstable();
+        mac_nodes.dedup();
+        let nodes_of = |mac: Mac| {
+            let from = mac_nodes.partition_point(|(m, _)| *m < mac);
+            let to = mac_nodes.partition_point(|(m, _)| *m <= mac);
+            mac_nodes[from..to].iter().map(|(_, ip)| *ip)
+        };
         for l in &leases {
             if l.subnet == own.subnet {
                 continue;
@@ -159,14 +179,14 @@ impl Desired {
                     own.backend.type_name()
                 ))
             } else if let LeaseBackend::Vxlan { vtep_mac } = l.backend {
-                let others: Vec<String> = mac_nodes
-                    .get(&vtep_mac)
-                    .into_iter()
-                    .flatten()
-                    .filter(|ip| **ip != l.public_ip)
-                    .map(Ipv4Addr::to_string)
+                let others: Vec<String> = nodes_of(vtep_mac)
+                    .filter(|ip| *ip != l.public_ip)
+                    .map(|ip| ip.to_string())
                     .collect();
-                let holder = live.fdb.get(&vtep_mac);
+                // Who holds the MAC now matters only when it is contested.
+                let holder = (!others.is_empty())
+                    .then(|| live.fdb.get(&vtep_mac))
+                    .flatten();
                 if Some(vtep_mac) == own.backend.vtep_mac() {
                     Some(format!("VtepMAC {vtep_mac} is this node's"))
                 } else if others.is_empty() || holder == Some(&l.public_ip) {
@@ -188,15 +208,19 @@ impl Desired {
             }
             match l.backend {
                 LeaseBackend::Vxlan { vtep_mac } => {
-                    d.fdb.insert(vtep_mac, l.public_ip);
-                    d.arp.insert(l.subnet.vtep_addr(), vtep_mac);
-                    d.routes.insert(l.subnet, l.subnet.vtep_addr());
+                    fdb.push((vtep_mac, l.public_ip));
+                    arp.push((l.subnet.vtep_addr(), vtep_mac));
+                    routes.push((l.subnet, l.subnet.vtep_addr()));
                 }
-                LeaseBackend::HostGw => {
-                    d.direct.insert(l.subnet, l.public_ip);
-                }
+                LeaseBackend::HostGw => direct.push((l.subnet, l.public_ip)),
             }
         }
+        let d = Desired {
+            fdb: fdb.into_iter().collect(),
+            arp: arp.into_iter().collect(),
+            routes: routes.into_iter().collect(),
+            direct: direct.into_iter().collect(),
+        };
         (d, skipped)
     }
 }
@@ -266,16 +290,16 @@ fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
 /// deleted); it is reused, zeroed, in a later pass.
 pub fn assign_slots(
     want: &Desired,
-    fdb: &BTreeMap<Mac, (Ipv4Addr, u32)>,
-) -> BTreeMap<Ipv4Addr, u32> {
-    let mut slots: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-    let wanted: BTreeSet<&Ipv4Addr> = want.fdb.values().collect();
-    for (ip, slot) in fdb.values() {
-        if wanted.contains(ip) {
-            slots.entry(*ip).or_insert(*slot);
+    held: impl Iterator<Item = (Ipv4Addr, u32)> + Clone,
+) -> HashMap<Ipv4Addr, u32> {
+    let mut slots: HashMap<Ipv4Addr, u32> = HashMap::with_capacity(want.fdb.len());
+    let wanted: HashSet<&Ipv4Addr> = want.fdb.values().collect();
+    for (ip, slot) in held.clone() {
+        if wanted.contains(&ip) {
+            slots.entry(ip).or_insert(slot);
         }
     }
-    let mut used: BTreeSet<u32> = fdb.values().map(|(_, s)| *s).collect();
+    let mut used: HashSet<u32> = held.map(|(_, s)| s).collect();
     let mut next = 0u32;
     for ip in want.fdb.values() {
         if slots.contains_key(ip) {
@@ -434,11 +458,11 @@ mod tests {
         ];
         let (d, _) = Desired::from_leases(&leases, &own(), &Desired::default());
         // 10.1.9.10 already has slot 0; the new node gets the lowest free one.
-        let fdb = BTreeMap::from([(
+        let fdb = BTreeMap::<Mac, (Ipv4Addr, u32)>::from([(
             "02:42:8f:11:22:30".parse().unwrap(),
             ("10.1.9.10".parse().unwrap(), 0),
         )]);
-        let slots = assign_slots(&d, &fdb);
+        let slots = assign_slots(&d, fdb.values().copied());
         assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 0);
         assert_eq!(slots[&"10.1.8.10".parse::<Ipv4Addr>().unwrap()], 1);
     }
@@ -448,14 +472,14 @@ mod tests {
         // 10.1.8.10 leaves (slot 0 still in the FDB), 10.1.9.10 arrives.
         let leases = [lease("10.244.3.0-24", "10.1.9.10", "02:42:8f:11:22:30")];
         let (d, _) = Desired::from_leases(&leases, &own(), &Desired::default());
-        let fdb = BTreeMap::from([(
+        let fdb = BTreeMap::<Mac, (Ipv4Addr, u32)>::from([(
             "02:42:8f:11:22:20".parse().unwrap(),
             ("10.1.8.10".parse().unwrap(), 0),
         )]);
-        let slots = assign_slots(&d, &fdb);
+        let slots = assign_slots(&d, fdb.values().copied());
         assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 1);
         // Next pass: slot 0 is free again.
-        let slots = assign_slots(&d, &BTreeMap::new());
+        let slots = assign_slots(&d, std::iter::empty());
         assert_eq!(slots[&"10.1.9.10".parse::<Ipv4Addr>().unwrap()], 0);
     }
 

@@ -22,13 +22,13 @@ pub async fn apply(
     mode: &Mode,
 ) -> anyhow::Result<Outcome> {
     let seen = observe(tables.as_deref(), None, nl, scope).await?;
-    apply_observed(want, &seen, tables, nl, scope, mode).await
+    apply_observed(want, seen, tables, nl, scope, mode).await
 }
 
 /// Plan against what was observed at the start of the pass, and apply.
 pub async fn apply_observed(
     want: &Desired,
-    seen: &Observed,
+    mut seen: Observed,
     tables: Option<&mut Tables>,
     nl: &Netlink,
     scope: &Scope,
@@ -39,8 +39,8 @@ pub async fn apply_observed(
     {
         anyhow::bail!("VXLAN entries are wanted but this node has no VTEP device");
     }
-    let p = plan(want, seen, scope, mode);
-    Ok(execute(p, &mut NodeWriter { tables, nl }).await)
+    let p = plan(want, &seen, scope, mode);
+    Ok(execute(p, seen.maps.take(), &mut NodeWriter { tables, nl }).await)
 }
 
 #[cfg(test)]
@@ -124,7 +124,7 @@ mod tests {
 
     async fn record(want: &Desired, seen: &Observed, mode: Mode) -> Vec<String> {
         let mut r = Recorder::default();
-        let out = execute(plan(want, seen, &scope(), &mode), &mut r).await;
+        let out = execute(plan(want, seen, &scope(), &mode), None, &mut r).await;
         assert!(out.errors.is_empty());
         r.0
     }
@@ -190,6 +190,25 @@ mod tests {
             mac("02:42:8f:11:22:10"),
         )];
         assert!(plan(&w, &seen, &scope(), &NETWORK_MODE).is_empty());
+        // The view a pass hands to the next (its writes applied to what it
+        // observed) is what the maps then hold: nothing is planned again.
+        let before = maps_seen();
+        let mut r = Recorder::default();
+        let out = execute(
+            plan(&w, &before, &scope(), &NETWORK_MODE),
+            before.maps.clone(),
+            &mut r,
+        )
+        .await;
+        let target = out.target.expect("all writes succeeded");
+        assert_eq!(
+            (&target.fdb, &target.arp, &target.routes),
+            (
+                &seen.maps.as_ref().unwrap().fdb,
+                &seen.maps.as_ref().unwrap().arp,
+                &seen.maps.as_ref().unwrap().routes
+            )
+        );
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 //! whole once written); on delete routes first, then neighbours, then FDB
 //! entries.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt,
     net::Ipv4Addr,
 };
@@ -110,6 +110,31 @@ impl MapView {
             arp: t.arp_entries()?,
             routes: t.route_values()?,
         })
+    }
+
+    /// The view after `op` succeeded (map writes only; others change nothing).
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::SetFdb(m, v) => {
+                self.fdb.insert(*m, *v);
+            }
+            Op::SetArp(ip, m) => {
+                self.arp.insert(*ip, *m);
+            }
+            Op::SetRoute(s, v) => {
+                self.routes.insert(*s, *v);
+            }
+            Op::DelRoute(s) => {
+                self.routes.remove(s);
+            }
+            Op::DelArp(ip) => {
+                self.arp.remove(ip);
+            }
+            Op::DelFdb(m) => {
+                self.fdb.remove(m);
+            }
+            _ => {}
+        }
     }
 
     /// What these maps carry, as the tables they mirror.
@@ -221,9 +246,6 @@ impl fmt::Display for Op {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub phases: Vec<(&'static str, Vec<Op>)>,
-    /// The maps once every write has succeeded (None without maps), so the
-    /// next pass need not read them back.
-    pub target: Option<MapView>,
 }
 
 impl Plan {
@@ -242,6 +264,29 @@ impl Plan {
     }
 }
 
+/// Two sorted maps walked together, each key once with its value on either
+/// side: a diff in one ordered pass instead of a lookup per entry.
+pub(crate) fn join<'a, K: Ord, A, B>(
+    a: &'a BTreeMap<K, A>,
+    b: &'a BTreeMap<K, B>,
+) -> impl Iterator<Item = (&'a K, Option<&'a A>, Option<&'a B>)> {
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some((ka, _)), Some((kb, _))) => match ka.cmp(kb) {
+            std::cmp::Ordering::Less => a.next().map(|(k, v)| (k, Some(v), None)),
+            std::cmp::Ordering::Greater => b.next().map(|(k, v)| (k, None, Some(v))),
+            std::cmp::Ordering::Equal => {
+                let (k, va) = a.next()?;
+                let (_, vb) = b.next()?;
+                Some((k, Some(va), Some(vb)))
+            }
+        },
+        (Some(_), None) => a.next().map(|(k, v)| (k, Some(v), None)),
+        (None, Some(_)) => b.next().map(|(k, v)| (k, None, Some(v))),
+        (None, None) => None,
+    })
+}
+
 /// The writes that bring `seen` to `want`.
 pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan {
     let mut p = Plan::default();
@@ -251,13 +296,12 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
     let network = &scope.network;
 
     // Each node keeps its stats slot; a slot new to a node is zeroed first.
-    let have_slots: BTreeMap<Mac, (Ipv4Addr, u32)> = have
+    let held: HashSet<(Ipv4Addr, u32)> = have
         .fdb
-        .iter()
-        .map(|(m, v)| (*m, (Ipv4Addr::from(v.node_ip), v.peer_slot)))
+        .values()
+        .map(|v| (Ipv4Addr::from(v.node_ip), v.peer_slot))
         .collect();
-    let slots = assign_slots(want, &have_slots);
-    let held: BTreeSet<(Ipv4Addr, u32)> = have_slots.values().copied().collect();
+    let slots = assign_slots(want, held.iter().copied());
     let subnets = want.subnet_by_mac();
 
     // Kernel entries on flannel.1 this mode wants: (dst → gateway), (ip → mac).
@@ -272,16 +316,21 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
         };
     let touch_vtep = mode.routes != KernelRoutes::Untouched;
 
-    let mut target = MapView::default();
+    // Map entries that go, found by the same ordered walks, deleted in the
+    // later phases.
+    let (mut stale_fdb, mut stale_arp, mut stale_routes) = (Vec::new(), Vec::new(), Vec::new());
 
     // 1. FDB map.
     let mut ops = Vec::new();
     if maps.is_some() {
-        for (mac, ip) in &want.fdb {
+        for (mac, want_ip, have_v) in join(&want.fdb, &have.fdb) {
+            let Some(ip) = want_ip else {
+                stale_fdb.push(Op::DelFdb(*mac));
+                continue;
+            };
             let slot = slots[ip];
             let v = Tables::fdb_value(*ip, slot, subnets.get(mac).copied());
-            target.fdb.insert(*mac, v);
-            if have.fdb.get(mac) != Some(&v) {
+            if have_v != Some(&v) {
                 if !held.contains(&(*ip, slot)) {
                     ops.push(Op::ResetPeer(slot));
                 }
@@ -294,12 +343,13 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
     // 2. ARP map and neighbours on flannel.1.
     let mut ops = Vec::new();
     if maps.is_some() {
-        for (vtep, mac) in &want.arp {
-            if have.arp.get(vtep) != Some(mac) {
-                ops.push(Op::SetArp(*vtep, *mac));
+        for (vtep, want_mac, have_mac) in join(&want.arp, &have.arp) {
+            match want_mac {
+                None => stale_arp.push(Op::DelArp(*vtep)),
+                Some(mac) if have_mac != Some(mac) => ops.push(Op::SetArp(*vtep, *mac)),
+                Some(_) => {}
             }
         }
-        target.arp = want.arp.clone();
     }
     if let Some(v) = scope.vtep {
         let have_neigh: BTreeMap<Ipv4Addr, (Option<Mac>, bool)> = seen
@@ -338,7 +388,11 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
     // 4. Routes, last on add: the route map, flannel.1's routes, direct routes.
     let mut ops = Vec::new();
     if maps.is_some() {
-        for (dst, vtep) in &want.routes {
+        for (dst, want_vtep, have_v) in join(&want.routes, &have.routes) {
+            let Some(vtep) = want_vtep else {
+                stale_routes.push(Op::DelRoute(*dst));
+                continue;
+            };
             let Some(mac) = want.arp.get(vtep) else {
                 continue;
             };
@@ -346,8 +400,7 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
                 continue;
             };
             let v = Tables::route_value(*dst, *mac, *ip, slots[ip]);
-            target.routes.insert(*dst, v);
-            if have.routes.get(dst) != Some(&v) {
+            if have_v != Some(&v) {
                 ops.push(Op::SetRoute(*dst, v));
             }
         }
@@ -401,21 +454,10 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
         }
     }
     p.phase("stale kernel routes", ops);
-    let ops = have
-        .routes
-        .keys()
-        .filter(|d| !want.routes.contains_key(d))
-        .map(|d| Op::DelRoute(*d))
-        .collect();
-    p.phase("stale route map", ops);
+    p.phase("stale route map", stale_routes);
 
     // 6. Stale neighbours: any on flannel.1 this mode does not want (flanneld's too).
-    let mut ops: Vec<Op> = have
-        .arp
-        .keys()
-        .filter(|v| !want.arp.contains_key(v))
-        .map(|v| Op::DelArp(*v))
-        .collect();
+    let mut ops = stale_arp;
     if touch_vtep && scope.vtep.is_some() {
         ops.extend(
             seen.neighbours
@@ -428,12 +470,7 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
 
     // 7. Stale FDB entries, last: map entries of vanished nodes; kernel
     // entries as the mode says.
-    let mut ops: Vec<Op> = have
-        .fdb
-        .keys()
-        .filter(|m| !want.fdb.contains_key(m))
-        .map(|m| Op::DelFdb(*m))
-        .collect();
+    let mut ops = stale_fdb;
     if scope.vtep.is_some() {
         ops.extend(
             seen.fdb
@@ -447,6 +484,5 @@ pub fn plan(want: &Desired, seen: &Observed, scope: &Scope, mode: &Mode) -> Plan
         );
     }
     p.phase("stale fdb", ops);
-    p.target = maps.map(|_| target);
     p
 }

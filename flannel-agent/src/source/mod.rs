@@ -275,17 +275,24 @@ fn backend_kv(b: &LeaseBackend) -> String {
 /// One log line per lease change, saying what changed.
 pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
     let mut c = Changes::default();
-    for (s, l) in &new.leases {
-        match old.leases.get(s) {
-            None => {
+    // The first listing is summed up by the agent; each lease at debug.
+    let level = if old.leases.is_empty() {
+        log::Level::Debug
+    } else {
+        log::Level::Info
+    };
+    for (s, o, l) in crate::reconcile::plan::join(&old.leases, &new.leases) {
+        match (o, l) {
+            (None, Some(l)) => {
                 c.added += 1;
-                log::info!(
+                log::log!(
+                    level,
                     "lease added subnet={s} public_ip={} {}",
                     l.public_ip,
                     backend_kv(&l.backend)
                 )
             }
-            Some(o) if o != l => {
+            (Some(o), Some(l)) if o != l => {
                 c.changed += 1;
                 let mut what = Vec::new();
                 if o.public_ip != l.public_ip {
@@ -300,12 +307,12 @@ pub fn log_changes(old: &Snapshot, new: &Snapshot) -> Changes {
                 }
                 log::info!("lease changed subnet={s} {}", what.join(" "));
             }
+            (Some(_), None) => {
+                c.removed += 1;
+                log::info!("lease removed subnet={s}");
+            }
             _ => {}
         }
-    }
-    for s in old.leases.keys().filter(|s| !new.leases.contains_key(s)) {
-        c.removed += 1;
-        log::info!("lease removed subnet={s}");
     }
     c
 }
