@@ -530,8 +530,11 @@ async fn set_up_node(
                             0
                         },
                     };
-                    let loaded =
+                    let mut loaded =
                         datapath::load(root, &object?, node, log::max_level()).map_err(no_ebpf)?;
+                    loaded
+                        .verify(decap_hook(args.decap, &underlay.link))
+                        .map_err(no_ebpf)?;
                     Some((Tables::open(root)?, loaded))
                 }
             };

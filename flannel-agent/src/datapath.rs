@@ -336,6 +336,48 @@ impl Loaded {
         res
     }
 
+    /// Have the kernel verify the programs `attach` will use, ahead of it:
+    /// a program the verifier refuses stops the agent before any table is
+    /// written, and the attach after the first pass only links.
+    pub fn verify(&mut self, hook: DecapHook) -> anyhow::Result<()> {
+        let res = self.verify_programs(hook);
+        if res.is_err()
+            && self.fresh
+            && let Err(e) = uninstall(&self.root)
+        {
+            log::warn!(
+                "cleaning up {} after the failed verification: {e:#}",
+                self.root.display()
+            );
+        }
+        res
+    }
+
+    fn verify_programs(&mut self, hook: DecapHook) -> anyhow::Result<()> {
+        let tc = |ebpf: &mut aya::Ebpf, name: &str| -> anyhow::Result<()> {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("object has no {name} program"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifying the {name} (TC) program"))?;
+            Ok(())
+        };
+        tc(&mut self.ebpf, PROG_ENCAP)?;
+        match hook {
+            DecapHook::Tc => tc(&mut self.ebpf, PROG_DECAP_TC),
+            DecapHook::Xdp => {
+                let prog: &mut Xdp = self
+                    .ebpf
+                    .program_mut(PROG_DECAP)
+                    .context("object has no decap program")?
+                    .try_into()?;
+                prog.load().context("verifying the decap (XDP) program")?;
+                Ok(())
+            }
+        }
+    }
+
     fn attach_links(
         &mut self,
         vtep_if: &str,
@@ -408,8 +450,10 @@ fn attach_tc(
         .program_mut(name)
         .with_context(|| format!("object has no {name} program"))?
         .try_into()?;
-    prog.load()
-        .with_context(|| format!("verifying the {name} (TC) program"))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("verifying the {name} (TC) program"))?;
+    }
     ensure_link(
         pin,
         ifname,
@@ -449,7 +493,9 @@ fn attach_xdp(
         .program_mut(PROG_DECAP)
         .context("object has no decap program")?
         .try_into()?;
-    prog.load().context("verifying the decap (XDP) program")?;
+    if prog.fd().is_err() {
+        prog.load().context("verifying the decap (XDP) program")?;
+    }
     ensure_link(
         pin,
         ifname,
