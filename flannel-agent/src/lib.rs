@@ -1,26 +1,19 @@
 //! flannel-agent: the control plane of flannel-ebpf.
-pub mod agent;
-pub mod bpf_sys;
-pub mod bpffs;
-pub mod cli;
-pub mod datapath;
-pub mod guard;
-pub mod handback;
-pub mod health;
-pub mod http;
+//!
+//! - [`cmd`]: the command entry points (`run`, `show`, `uninstall`) and the CLI;
+//! - [`lease`]: Flannel's model — leases, subnets, VtepMACs, net-conf.json, subnet.env;
+//! - [`source`]: where leases come from (file, etcd, Kubernetes), one interface;
+//! - [`reconcile`]: leases → tables: classify, observe, plan, apply;
+//! - [`node`]: the node around the data path (underlay choice, sysctls,
+//!   ip-masq, the membership guard, xfrm check, the watchdog);
+//! - [`ebpf`]: loading and attaching the programs, the pinned maps;
+//! - [`netlink`]: links, addresses, routes, neighbours, FDB entries;
+//! - [`ops`]: what operators scrape: /healthz, /readyz, /metrics.
+pub mod cmd;
+pub mod ebpf;
 pub mod lease;
-pub mod mac;
-pub mod masq;
-pub mod metrics;
-pub mod netconf;
 pub mod netlink;
+pub mod node;
+pub mod ops;
 pub mod reconcile;
-pub mod show;
 pub mod source;
-pub mod subnet;
-pub mod subnet_env;
-pub mod sysctl;
-pub mod tables;
-pub mod underlay;
-pub mod watchdog;
-pub mod xfrm;

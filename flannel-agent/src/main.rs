@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = flannel_agent::cli::Cli::parse();
+    let cli = flannel_agent::cmd::cli::Cli::parse();
     cli.init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -14,7 +14,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cli.execute()) {
+    match rt.block_on(flannel_agent::cmd::execute(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flannel-agent: {e:#}");

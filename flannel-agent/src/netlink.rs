@@ -13,7 +13,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, IpVersion};
 
-use crate::{mac::Mac, subnet::Subnet};
+use crate::{lease::mac::Mac, lease::subnet::Subnet};
 
 /// What we know of a network interface.
 #[derive(Clone, Debug)]

@@ -6,7 +6,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, Xdp},
 };
-use flannel_agent::bpf_sys::{fd_of, lookup_per_cpu, update};
+use flannel_agent::ebpf::bpf_sys::{fd_of, lookup_per_cpu, update};
 use flannel_ebpf_common::{
     Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
     RouteValue,
@@ -69,7 +69,7 @@ pub fn set_fdb(ebpf: &Ebpf, node_ip: [u8; 4]) {
 /// A ROUTE entry `subnet/len` → the member (its VtepMAC, `node_ip`, slot 3),
 /// as the agent writes it for the one-route kernel side.
 pub fn set_route(ebpf: &Ebpf, subnet: [u8; 4], len: u32, node_ip: [u8; 4]) {
-    let key = flannel_agent::tables::RouteKey {
+    let key = flannel_agent::ebpf::tables::RouteKey {
         prefix_len: len,
         addr: subnet,
     };

@@ -68,7 +68,7 @@ fn manifest_has_kube_flannels_objects_and_a_valid_daemonset() {
     let cm: ConfigMap = find(&docs, "ConfigMap");
     assert_eq!(cm.metadata.name.as_deref(), Some("kube-flannel-cfg"));
     let data = cm.data.unwrap();
-    let conf = flannel_agent::netconf::NetConf::parse(&data["net-conf.json"]).unwrap();
+    let conf = flannel_agent::lease::netconf::NetConf::parse(&data["net-conf.json"]).unwrap();
     assert_eq!(conf.network.to_string(), "10.244.0.0/16");
     let cni: serde_json::Value = serde_json::from_str(&data["cni-conf.json"]).unwrap();
     assert_eq!(cni["plugins"][0]["type"], "flannel");
@@ -85,7 +85,7 @@ fn manifest_has_kube_flannels_objects_and_a_valid_daemonset() {
         .unwrap();
     let mut argv = vec!["flannel-agent".to_string()];
     argv.extend(c.args.clone().unwrap());
-    flannel_agent::cli::Cli::try_parse_from(&argv)
+    flannel_agent::cmd::cli::Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("agent rejects {argv:?}: {e}"));
     assert!(argv.iter().any(|a| a == "kube"));
     let env: Vec<String> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();

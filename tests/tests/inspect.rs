@@ -139,7 +139,7 @@ fn show_views_and_metrics_match_known_leases_and_traffic() {
         assert_eq!(cols[..4], [subnet, vtep, mac, ip], "{text}");
     }
     let stats = n.show("stats").unwrap();
-    for (guard, _) in flannel_agent::guard::COUNTERS {
+    for (guard, _) in flannel_agent::node::guard::COUNTERS {
         assert!(
             stats.contains(&format!("guard_{guard}")),
             "stats misses the guard's {guard}:\n{stats}"

@@ -3,7 +3,7 @@
 //! kernels and falls back), and a full map says so by name.
 use std::{net::Ipv4Addr, path::Path};
 
-use flannel_agent::{datapath, mac::Mac, subnet::Subnet, tables::Tables};
+use flannel_agent::{ebpf::datapath, ebpf::tables::Tables, lease::mac::Mac, lease::subnet::Subnet};
 use flannel_ebpf_common::{MAX_NODES, NodeConfig};
 use flannel_tests::{object_path, prereq};
 

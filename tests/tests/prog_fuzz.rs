@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use flannel_agent::bpf_sys::lookup_per_cpu;
+use flannel_agent::ebpf::bpf_sys::lookup_per_cpu;
 use flannel_ebpf_common::{Counter, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PeerStats};
 use flannel_tests::{
     frames::{csum, eth, ipv4},

@@ -3,7 +3,7 @@
 use std::future::Future;
 
 use super::plan::{MapView, Observed, Op, Plan, Scope};
-use crate::{netlink::Netlink, tables::Tables};
+use crate::{ebpf::tables::Tables, netlink::Netlink};
 
 /// Read the maps and the kernel's tables once: one dump each of the main
 /// routing table, flannel.1's neighbours and its FDB. `known` is what the

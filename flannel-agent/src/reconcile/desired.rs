@@ -7,9 +7,9 @@ use std::{
 };
 
 use crate::{
+    lease::mac::Mac,
+    lease::subnet::Subnet,
     lease::{Lease, LeaseBackend},
-    mac::Mac,
-    subnet::Subnet,
 };
 
 /// The tables Flannel would program for a set of peer leases.

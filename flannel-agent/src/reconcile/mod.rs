@@ -11,7 +11,7 @@ pub use plan::{
     KernelFdb, KernelRoutes, MapView, Mode, Observed, Op, Plan, Scope, Vtep, network_gateway, plan,
 };
 
-use crate::{netlink::Netlink, tables::Tables};
+use crate::{ebpf::tables::Tables, netlink::Netlink};
 
 /// Observe, plan and apply in one call.
 pub async fn apply(
@@ -49,10 +49,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        lease::mac::Mac,
+        lease::subnet::Subnet,
         lease::{Lease, LeaseBackend},
-        mac::Mac,
         netlink::{KernelNeigh, KernelRoute},
-        subnet::Subnet,
     };
 
     /// Records every write in the order it would reach the node.

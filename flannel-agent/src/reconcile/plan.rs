@@ -18,10 +18,10 @@ use flannel_ebpf_common::{FdbValue, RouteValue};
 
 use super::desired::{Desired, assign_slots};
 use crate::{
-    mac::Mac,
+    ebpf::tables::Tables,
+    lease::mac::Mac,
+    lease::subnet::Subnet,
     netlink::{KernelFdb as KernelFdbEntry, KernelNeigh, KernelRoute},
-    subnet::Subnet,
-    tables::Tables,
 };
 
 /// What the kernel's routing tables carry for the overlay on flannel.1.

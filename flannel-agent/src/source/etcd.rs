@@ -16,9 +16,9 @@ use etcd_client::{
 
 use super::Snapshot;
 use crate::{
+    lease::netconf::NetConf,
+    lease::subnet::Subnet,
     lease::{Lease, LeaseBackend},
-    netconf::NetConf,
-    subnet::Subnet,
 };
 
 #[derive(Clone, Debug)]

@@ -14,9 +14,9 @@ use anyhow::{Context, bail};
 
 use super::Snapshot;
 use crate::{
+    lease::netconf::NetConf,
+    lease::subnet::Subnet,
     lease::{Lease, LeaseBackend},
-    netconf::NetConf,
-    subnet::Subnet,
 };
 
 pub struct FileSource {
@@ -324,7 +324,7 @@ mod tests {
         let d = dir("alloc");
         let mut src = FileSource::new(&d);
         let mac = LeaseBackend::Vxlan {
-            vtep_mac: crate::mac::Mac::stable_from(b"a"),
+            vtep_mac: crate::lease::mac::Mac::stable_from(b"a"),
         };
         let a = src
             .acquire(&conf(), "10.1.5.10".parse().unwrap(), mac, None)
@@ -363,7 +363,7 @@ mod tests {
             subnet: Subnet::from_key("10.244.1.0-24").unwrap(),
             public_ip: "10.1.5.10".parse().unwrap(),
             backend: LeaseBackend::Vxlan {
-                vtep_mac: crate::mac::Mac::stable_from(b"x"),
+                vtep_mac: crate::lease::mac::Mac::stable_from(b"x"),
             },
         };
         assert!(src.write_lease(&l, 1, false).unwrap());
@@ -461,7 +461,7 @@ mod tests {
         let mut src = FileSource::new(&d);
         let conf = src.read_config().unwrap();
         let backend = LeaseBackend::Vxlan {
-            vtep_mac: crate::mac::Mac::stable_from(b"ours"),
+            vtep_mac: crate::lease::mac::Mac::stable_from(b"ours"),
         };
         let first = src
             .acquire(&conf, "10.1.5.11".parse().unwrap(), backend, None)
@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(snap.leases[&first].public_ip.to_string(), "10.1.5.31");
         // Another node's VtepMAC does not take it over.
         let other = LeaseBackend::Vxlan {
-            vtep_mac: crate::mac::Mac::stable_from(b"other"),
+            vtep_mac: crate::lease::mac::Mac::stable_from(b"other"),
         };
         let theirs = src
             .acquire(&conf, "10.1.5.40".parse().unwrap(), other, Some(first))

@@ -20,10 +20,10 @@ use kube::{
 
 use super::Snapshot;
 use crate::{
+    lease::mac::Mac,
+    lease::netconf::NetConf,
+    lease::subnet::Subnet,
     lease::{Lease, LeaseBackend},
-    mac::Mac,
-    netconf::NetConf,
-    subnet::Subnet,
 };
 
 const PREFIX: &str = "flannel.alpha.coreos.com/";

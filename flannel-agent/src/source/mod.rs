@@ -10,9 +10,9 @@ use std::{
 };
 
 use crate::{
+    lease::netconf::NetConf,
+    lease::subnet::Subnet,
     lease::{Lease, LeaseBackend},
-    netconf::NetConf,
-    subnet::Subnet,
 };
 
 /// Sources push: whoever sees the leases change (a watch, inotify) wakes

@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{show, tables::Tables};
+use crate::{cmd::show, ebpf::tables::Tables};
 
 type Labels = Vec<(String, String)>;
 
@@ -163,7 +163,7 @@ pub async fn serve(
     agent: Arc<Mutex<AgentMetrics>>,
     pin_root: PathBuf,
 ) -> anyhow::Result<()> {
-    let handler: crate::http::Handler = Arc::new(move |path| {
+    let handler: crate::ops::http::Handler = Arc::new(move |path| {
         if path != "/metrics" {
             return ("404 Not Found", "try /metrics\n".into());
         }
@@ -172,7 +172,7 @@ pub async fn serve(
             Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
         }
     });
-    crate::http::serve(addr, port, "--metrics-port", handler).await?;
+    crate::ops::http::serve(addr, port, "--metrics-port", handler).await?;
     log::info!("metrics on http://{addr}:{port}/metrics");
     Ok(())
 }

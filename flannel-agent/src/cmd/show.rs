@@ -7,7 +7,7 @@ use clap::ValueEnum;
 use flannel_ebpf_common::{NodeConfig, PeerStats};
 use serde_json::{Value, json};
 
-use crate::{mac::Mac, subnet::Subnet, tables::Tables};
+use crate::{ebpf::tables::Tables, lease::mac::Mac, lease::subnet::Subnet};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum View {
@@ -195,9 +195,9 @@ pub fn render(root: &Path, view: View, as_json: bool) -> anyhow::Result<String> 
                 })
                 .collect();
             // The membership guard's drops at the kernel's socket, by reason.
-            let guard = crate::guard::counters();
+            let guard = crate::node::guard::counters();
             if !guard.is_empty() {
-                writeln!(s, "\nguard (nftables table {}):", crate::guard::TABLE)?;
+                writeln!(s, "\nguard (nftables table {}):", crate::node::guard::TABLE)?;
             }
             for (name, (packets, bytes)) in guard {
                 writeln!(

@@ -16,7 +16,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::Context;
 
-use crate::masq::pipe;
+use crate::node::masq::pipe;
 
 pub const TABLE: &str = "flannel-ebpf-guard";
 

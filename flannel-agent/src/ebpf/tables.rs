@@ -9,7 +9,10 @@ use flannel_ebpf_common::{
     MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig, PeerStats, RouteValue,
 };
 
-use crate::{bpf_sys::TypedMap, datapath::open_pinned_maps, mac::Mac, subnet::Subnet};
+use crate::{
+    ebpf::bpf_sys::TypedMap, ebpf::datapath::open_pinned_maps, lease::mac::Mac,
+    lease::subnet::Subnet,
+};
 
 /// Key of the ROUTE LPM trie, as the kernel lays it out: prefix length, then address.
 #[repr(C)]

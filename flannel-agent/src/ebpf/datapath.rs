@@ -153,7 +153,7 @@ pub struct NodeLock(#[allow(dead_code)] std::os::fd::OwnedFd);
 /// Take the pin root for this agent, creating it (and mounting bpffs) if
 /// needed; refuse when another agent holds it.
 pub fn lock_pin_root(root: &Path) -> anyhow::Result<NodeLock> {
-    crate::bpffs::ensure_mounted(root)?;
+    crate::ebpf::bpffs::ensure_mounted(root)?;
     fs::create_dir_all(root).with_context(|| {
         format!(
             "creating pin root {} (is bpffs mounted at /sys/fs/bpf?)",
@@ -252,7 +252,7 @@ pub fn load(
     config: NodeConfig,
     log_level: log::LevelFilter,
 ) -> anyhow::Result<Loaded> {
-    crate::bpffs::ensure_mounted(root)?;
+    crate::ebpf::bpffs::ensure_mounted(root)?;
     fs::create_dir_all(root).with_context(|| {
         format!(
             "creating pin root {} (is bpffs mounted at /sys/fs/bpf?)",
@@ -300,8 +300,8 @@ pub fn load(
         let map = ebpf
             .map_mut(MAP_CONFIG)
             .context("object has no CONFIG map")?;
-        let fd = crate::bpf_sys::fd_of(map).context("CONFIG is not an array map")?;
-        crate::bpf_sys::update(fd, &0u32, &config).context("writing the node config map")?;
+        let fd = crate::ebpf::bpf_sys::fd_of(map).context("CONFIG is not an array map")?;
+        crate::ebpf::bpf_sys::update(fd, &0u32, &config).context("writing the node config map")?;
     }
     Ok(Loaded {
         ebpf,
@@ -550,7 +550,7 @@ fn ensure_link(
             .with_context(|| format!("opening pinned link {}", path.display()))?;
         let link: FdLink = pinned.into();
         let want = ifindex(ifname)?;
-        let on = crate::bpf_sys::pinned_link_ifindex(path)
+        let on = crate::ebpf::bpf_sys::pinned_link_ifindex(path)
             .with_context(|| format!("reading where {} is attached", path.display()))?;
         if on != want {
             log::warn!(

@@ -1,10 +1,15 @@
 //! A Flannel subnet lease: who holds a pod subnet and how to reach it.
+pub mod mac;
+pub mod netconf;
+pub mod subnet;
+pub mod subnet_env;
+
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{mac::Mac, subnet::Subnet};
+use crate::{lease::mac::Mac, lease::subnet::Subnet};
 
 /// Flannel's lease value, with its exact key names.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

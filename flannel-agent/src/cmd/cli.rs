@@ -95,7 +95,7 @@ pub struct PinArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ShowArgs {
     #[arg(value_enum)]
-    pub view: crate::show::View,
+    pub view: crate::cmd::show::View,
     /// JSON instead of the iproute2-like text.
     #[arg(long)]
     pub json: bool,
@@ -207,7 +207,7 @@ pub struct RunArgs {
         default_value = "nftables",
         env = "FLANNELD_MASQ_BACKEND"
     )]
-    pub masq_backend: crate::masq::MasqBackend,
+    pub masq_backend: crate::node::masq::MasqBackend,
     /// The nftables guard around flannel.1's socket (eBPF data path): VXLAN
     /// the programs do not decapsulate reaches it only from members, to our
     /// public IP, through the underlay; pods cannot send to members' VXLAN
@@ -268,16 +268,5 @@ impl Cli {
         env_logger::Builder::from_env(env)
             .format_timestamp_millis()
             .init();
-    }
-
-    pub async fn execute(self) -> anyhow::Result<()> {
-        match self.command {
-            Command::Run(args) => crate::agent::run(*args).await,
-            Command::Show(a) => {
-                print!("{}", crate::show::render(&a.pins.pin_root, a.view, a.json)?);
-                Ok(())
-            }
-            Command::Uninstall(p) => crate::handback::uninstall(&p.pin_root).await,
-        }
     }
 }

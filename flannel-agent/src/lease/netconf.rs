@@ -3,7 +3,7 @@
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Map, Value};
 
-use crate::subnet::Subnet;
+use crate::lease::subnet::Subnet;
 use flannel_ebpf_common::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 
 #[derive(Clone, Debug, PartialEq)]

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{datapath, netlink::Netlink};
+use crate::{ebpf::datapath, netlink::Netlink};
 
 /// The node as start-up left it.
 pub struct NodeState {

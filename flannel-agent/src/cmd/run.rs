@@ -11,13 +11,17 @@ use flannel_ebpf_common::{NodeConfig, VXLAN_OVERHEAD};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::{DatapathKind, DecapMode, RunArgs, SubnetMgr},
-    datapath::{self, DecapHook},
+    cmd::cli::{DatapathKind, DecapMode, RunArgs, SubnetMgr},
+    ebpf::datapath::{self, DecapHook},
+    ebpf::tables::Tables,
+    lease::mac::Mac,
+    lease::netconf::BackendType,
+    lease::subnet_env,
     lease::{Lease, LeaseBackend},
-    mac::Mac,
-    metrics::{self, AgentMetrics},
-    netconf::BackendType,
     netlink::{Netlink, VtepSpec, check_ifname},
+    node::sysctl,
+    node::underlay,
+    ops::metrics::{self, AgentMetrics},
     reconcile::{
         self, Desired, KernelFdb, KernelRoutes, MapView, Mode, Own, Scope, Vtep, network_gateway,
     },
@@ -28,9 +32,6 @@ use crate::{
         kube::{KubeOptions, KubeSource},
         log_changes,
     },
-    subnet_env, sysctl,
-    tables::Tables,
-    underlay,
 };
 
 /// Where the kernel object is looked for when --bpf-object is not given.
@@ -88,19 +89,7 @@ async fn open_source(args: &RunArgs) -> anyhow::Result<LeaseSource> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    // The control loop passes every poll interval; a minute without a pass,
-    // or three resync intervals if longer, means it is stuck.
-    let stale = Duration::from_secs((3 * args.resync_interval).max(60));
-    let health = Arc::new(crate::health::Health::new(stale));
-    if let Some(port) = args.healthz_port {
-        let h = health.clone();
-        let handler: crate::http::Handler = Arc::new(move |path| match path {
-            "/healthz" => h.healthz(),
-            "/readyz" => h.readyz(),
-            _ => ("404 Not Found", "try /healthz or /readyz\n".into()),
-        });
-        crate::http::serve(args.healthz_ip, port, "--healthz-port", handler).await?;
-    }
+    let health = serve_health(&args).await?;
     let mut source = open_source(&args).await?;
     let conf = source.config().await?;
     // Before the lease store or the node is written: never two agents on one
@@ -114,29 +103,109 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         && args.datapath == DatapathKind::Ebpf
         && args.membership_guard;
     if guarded {
-        crate::guard::require_nft()?;
+        crate::node::guard::require_nft()?;
     }
+    let object = read_object(&args, &conf)?;
+    let nl = Netlink::connect()?;
+    let joined = join(&args, &conf, &nl, &mut source).await?;
+    // Nothing on the node changes before the source has listed every lease:
+    // on a restart the pinned data path keeps carrying the traffic meanwhile.
+    let snap = source.first_snapshot().await?;
+    let guard = guarded
+        .then(|| install_guard(&conf, &joined, &snap))
+        .transpose()?;
+    if !guarded {
+        crate::node::guard::remove();
+    }
+    let setup = set_up_node(
+        &args,
+        &conf,
+        &nl,
+        &joined.underlay,
+        &joined.vtep_name,
+        &joined.own,
+        Ok(object),
+    )
+    .await?;
+    sysctl::warn_if_not_forwarding();
+    let mut running = first_passes(&args, &conf, &nl, &joined, setup, guard, &snap).await?;
+    drop(snap);
+    // Start-up's temporaries (the object and kernel BTF parsed by the loader,
+    // the first listing) go back to the system rather than stay resident.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    announce(&args, &conf, &joined, &mut source, &health, &running).await?;
+    control_loop(
+        &args,
+        &conf,
+        &nl,
+        &joined,
+        &mut source,
+        &health,
+        &mut running,
+    )
+    .await?;
+    log::info!(
+        "stopping: programs, maps and routes stay in place (pinned under {}), traffic keeps flowing",
+        args.pins.pin_root.display()
+    );
+    Ok(())
+}
 
-    // Only the eBPF data path needs the object; read it before touching the node.
-    let object_or_err = match (conf.backend.kind, args.datapath) {
+/// /healthz and /readyz, served from the start (not ready until the tables are in).
+async fn serve_health(args: &RunArgs) -> anyhow::Result<Arc<crate::ops::health::Health>> {
+    // The control loop passes every poll interval; a minute without a pass,
+    // or three resync intervals if longer, means it is stuck.
+    let stale = Duration::from_secs((3 * args.resync_interval).max(60));
+    let health = Arc::new(crate::ops::health::Health::new(stale));
+    if let Some(port) = args.healthz_port {
+        let h = health.clone();
+        let handler: crate::ops::http::Handler = Arc::new(move |path| match path {
+            "/healthz" => h.healthz(),
+            "/readyz" => h.readyz(),
+            _ => ("404 Not Found", "try /healthz or /readyz\n".into()),
+        });
+        crate::ops::http::serve(args.healthz_ip, port, "--healthz-port", handler).await?;
+    }
+    Ok(health)
+}
+
+/// The kernel object, read before touching the node (only the eBPF data path needs it).
+fn read_object(args: &RunArgs, conf: &crate::lease::netconf::NetConf) -> anyhow::Result<Vec<u8>> {
+    match (conf.backend.kind, args.datapath) {
         (BackendType::HostGw, _) | (_, DatapathKind::Kernel) => Ok(Vec::new()),
         (BackendType::Vxlan, DatapathKind::Ebpf) => find_object(args.bpf_object.as_deref())
             .and_then(|p| {
                 std::fs::read(&p)
                     .with_context(|| format!("reading the eBPF object {}", p.display()))
-            }),
-    };
-    if let Err(e) = &object_or_err {
-        anyhow::bail!("{e:#}; or use --datapath kernel");
+            })
+            .map_err(|e| anyhow::anyhow!("{e:#}; or use --datapath kernel")),
     }
+}
 
-    let nl = Netlink::connect()?;
+/// This node as a cluster member: its underlay, its VTEP's name, its lease.
+struct Joined {
+    underlay: underlay::Underlay,
+    vtep_name: String,
+    own: Lease,
+}
+
+/// Pick the underlay and our public IP, settle the VtepMAC and take our lease.
+async fn join(
+    args: &RunArgs,
+    conf: &crate::lease::netconf::NetConf,
+    nl: &Netlink,
+    source: &mut LeaseSource,
+) -> anyhow::Result<Joined> {
     let wanted_ip = match args.public_ip {
         Some(ip) => Some(ip),
         None => source.public_ip_hint().await?,
     };
     let underlay = underlay::select(
-        &nl,
+        nl,
         &underlay::Choice {
             iface: args.iface.clone(),
             iface_regex: args.iface_regex.clone(),
@@ -151,61 +220,76 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("flannel.{}", conf.backend.vni));
     check_ifname(&vtep_name)?;
-
     let backend = match conf.backend.kind {
         BackendType::HostGw => LeaseBackend::HostGw,
         BackendType::Vxlan => LeaseBackend::Vxlan {
-            vtep_mac: stable_vtep_mac(&nl, &mut source, &vtep_name, public_ip).await?,
+            vtep_mac: stable_vtep_mac(nl, source, &vtep_name, public_ip).await?,
         },
     };
     let previous = subnet_env::previous_subnet(&args.subnet_file);
-    let subnet = source.acquire(&conf, public_ip, backend, previous).await?;
-    let own_lease = Lease {
-        subnet,
-        public_ip,
-        backend,
-    };
-    // Nothing on the node changes before the source has listed every lease:
-    // on a restart the pinned data path keeps carrying the traffic meanwhile.
-    let snap = source.first_snapshot().await?;
-    // The guard before flannel.1's socket can exist (a fresh node) or is
-    // taken over from flanneld: every node with a VXLAN lease is let in until
-    // the first pass narrows that to the FDB's members.
-    let guard = if guarded {
-        let mut g = crate::guard::Guard::new(crate::guard::Spec {
-            port: conf.backend.port,
+    let subnet = source.acquire(conf, public_ip, backend, previous).await?;
+    Ok(Joined {
+        underlay,
+        vtep_name,
+        own: Lease {
+            subnet,
             public_ip,
-            underlay: underlay.link.name.clone(),
-        });
-        g.set_members(
-            snap.leases
-                .values()
-                .filter(|l| l.public_ip != public_ip && l.backend.vtep_mac().is_some())
-                .map(|l| l.public_ip)
-                .collect(),
-        )
-        .context("installing the membership guard (nftables)")?;
-        Some(g)
-    } else {
-        crate::guard::remove();
-        None
-    };
+            backend,
+        },
+    })
+}
 
-    let root = args.pins.pin_root.clone();
-    let setup = set_up_node(
-        &args,
-        &conf,
-        &nl,
-        &underlay,
-        &vtep_name,
-        &own_lease,
-        object_or_err,
+/// The guard before flannel.1's socket can exist (a fresh node) or is taken
+/// over from flanneld: every node with a VXLAN lease is let in until the
+/// first pass narrows that to the FDB's members.
+fn install_guard(
+    conf: &crate::lease::netconf::NetConf,
+    joined: &Joined,
+    snap: &Snapshot,
+) -> anyhow::Result<crate::node::guard::Guard> {
+    let public_ip = joined.own.public_ip;
+    let mut g = crate::node::guard::Guard::new(crate::node::guard::Spec {
+        port: conf.backend.port,
+        public_ip,
+        underlay: joined.underlay.link.name.clone(),
+    });
+    g.set_members(
+        snap.leases
+            .values()
+            .filter(|l| l.public_ip != public_ip && l.backend.vtep_mac().is_some())
+            .map(|l| l.public_ip)
+            .collect(),
     )
-    .await?;
+    .context("installing the membership guard (nftables)")?;
+    Ok(g)
+}
+
+/// The agent once its tables are in: what the control loop keeps in sync.
+struct Running {
+    state: SyncState,
+    own: Own,
+    tables: Option<Tables>,
+    mtu: u32,
+    vtep: Option<u32>,
+    metrics: Arc<Mutex<AgentMetrics>>,
+}
+
+/// The first pass (maps only while the programs are not attached), the
+/// attach, then the pass that puts the kernel side in its final shape.
+async fn first_passes(
+    args: &RunArgs,
+    conf: &crate::lease::netconf::NetConf,
+    nl: &Netlink,
+    joined: &Joined,
+    setup: NodeSetup,
+    guard: Option<crate::node::guard::Guard>,
+    snap: &Snapshot,
+) -> anyhow::Result<Running> {
+    let (subnet, public_ip, backend) =
+        (joined.own.subnet, joined.own.public_ip, joined.own.backend);
+    let (underlay, vtep_name) = (&joined.underlay, &joined.vtep_name);
     let (mtu, vtep) = (setup.mtu, setup.vtep);
     let (mut tables, loaded) = setup.ebpf.unzip();
-    sysctl::warn_if_not_forwarding();
-
     let own = Own {
         subnet,
         network: conf.network,
@@ -259,7 +343,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         guard,
     };
     let first = Instant::now();
-    state.sync(&snap, &own, tables.as_mut(), &nl, false).await?;
+    state.sync(snap, &own, tables.as_mut(), nl, false).await?;
     let mut took = vec![("first pass", first.elapsed())];
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB
@@ -267,7 +351,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let attached = loaded
             .attach(
-                &vtep_name,
+                vtep_name,
                 &underlay.link.name,
                 decap_hook(args.decap, &underlay.link),
             )
@@ -284,7 +368,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             direct: true,
         };
         let t = Instant::now();
-        state.sync(&snap, &own, tables.as_mut(), &nl, false).await?;
+        state.sync(snap, &own, tables.as_mut(), nl, false).await?;
         took.push(("kernel pass", t.elapsed()));
     }
     log::info!(
@@ -305,10 +389,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     );
 
+    Ok(Running {
+        state,
+        own,
+        tables,
+        mtu,
+        vtep,
+        metrics,
+    })
+}
+
+/// Tell the node and the cluster we are up: ip-masq rules, subnet.env for
+/// the CNI plugin, the source's readiness (kube: NetworkUnavailable=False),
+/// /readyz, /metrics, and how to inspect what runs.
+async fn announce(
+    args: &RunArgs,
+    conf: &crate::lease::netconf::NetConf,
+    joined: &Joined,
+    source: &mut LeaseSource,
+    health: &crate::ops::health::Health,
+    running: &Running,
+) -> anyhow::Result<()> {
+    let (subnet, public_ip, backend) =
+        (joined.own.subnet, joined.own.public_ip, joined.own.backend);
+    let (underlay, vtep_name, mtu) = (&joined.underlay, &joined.vtep_name, running.mtu);
+    let (tables, metrics) = (&running.tables, &running.metrics);
+    let root = args.pins.pin_root.clone();
     // Rules before subnet.env: once the CNI plugin can start pods, their
     // traffic is masqueraded.
     if args.ip_masq {
-        crate::masq::install(args.masq_backend, conf.network, subnet)?;
+        crate::node::masq::install(args.masq_backend, conf.network, subnet)?;
     }
     subnet_env::write(
         &args.subnet_file,
@@ -348,14 +458,41 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics::serve(args.metrics_ip, port, metrics.clone(), root.clone()).await?;
     }
 
-    let node = crate::watchdog::NodeState {
+    Ok(())
+}
+
+/// Follow the source until SIGTERM/SIGINT: every poll (or as soon as the
+/// source reports a change) check the node, keep our lease, and pass.
+async fn control_loop(
+    args: &RunArgs,
+    conf: &crate::lease::netconf::NetConf,
+    nl: &Netlink,
+    joined: &Joined,
+    source: &mut LeaseSource,
+    health: &crate::ops::health::Health,
+    running: &mut Running,
+) -> anyhow::Result<()> {
+    let (public_ip, vtep_name, underlay) =
+        (joined.own.public_ip, &joined.vtep_name, &joined.underlay);
+    let own_lease = &joined.own;
+    let Running {
+        state,
+        own,
+        tables,
+        vtep,
+        metrics,
+        ..
+    } = running;
+    let vtep = *vtep;
+    let root = args.pins.pin_root.clone();
+    let node = crate::node::watchdog::NodeState {
         vtep: vtep.map(|i| (vtep_name.clone(), i)),
         underlay_index: underlay.link.index,
         underlay_name: underlay.link.name.clone(),
         underlay_mtu: underlay.link.mtu,
         public_ip,
-        public_ip_local: crate::watchdog::check_public_ip(
-            &nl,
+        public_ip_local: crate::node::watchdog::check_public_ip(
+            nl,
             underlay.link.index,
             &underlay.link.name,
             public_ip,
@@ -383,13 +520,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             m.lease_source_up.set(i64::from(source_down.is_none()));
         }
         health.set_source(source_down);
-        match node.drift(&nl).await {
-            Ok(Some(why)) => return Err(crate::watchdog::restart_self(&why)),
+        match node.drift(nl).await {
+            Ok(Some(why)) => return Err(crate::node::watchdog::restart_self(&why)),
             Ok(None) => {}
             Err(e) => log::warn!("checking the node's devices: {e:#}"),
         }
         let due = Instant::now() >= next_resync;
-        if let Err(e) = source.maintain(&own_lease, conf.backend.vni).await {
+        if let Err(e) = source.maintain(own_lease, conf.backend.vni).await {
             // Once per 10 s while it lasts (e.g. etcd down), not on every poll.
             if last_lease_error.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
                 log::error!("keeping our lease: {e:#}");
@@ -413,7 +550,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        match state.sync(&snap, &own, tables.as_mut(), &nl, due).await {
+        match state.sync(&snap, own, tables.as_mut(), nl, due).await {
             Ok(()) => health.set_tables(None),
             Err(e) => {
                 log::warn!("reconcile failed, retrying at the next resync: {e:#}");
@@ -422,10 +559,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         next_resync = Instant::now() + resync;
     }
-    log::info!(
-        "stopping: programs, maps and routes stay in place (pinned under {}), traffic keeps flowing",
-        root.display()
-    );
     Ok(())
 }
 
@@ -443,7 +576,7 @@ struct NodeSetup {
 /// VXLAN the VTEP device, and the eBPF maps and programs unless `--datapath kernel`.
 async fn set_up_node(
     args: &RunArgs,
-    conf: &crate::netconf::NetConf,
+    conf: &crate::lease::netconf::NetConf,
     nl: &Netlink,
     underlay: &underlay::Underlay,
     vtep_name: &str,
@@ -476,7 +609,7 @@ async fn set_up_node(
         LeaseBackend::Vxlan { vtep_mac } => {
             refuse_vni_change(nl, root, conf.backend.vni, vtep_name).await?;
             if args.datapath == DatapathKind::Ebpf {
-                crate::xfrm::refuse_if_covered(conf.backend.port)?;
+                crate::node::xfrm::refuse_if_covered(conf.backend.port)?;
             }
             let mtu = conf
                 .backend
@@ -667,7 +800,7 @@ struct SyncState {
     /// succeeded: passes between resyncs do not read them back.
     maps: Option<MapView>,
     /// The nftables guard of the kernel's VXLAN socket (eBPF data path).
-    guard: Option<crate::guard::Guard>,
+    guard: Option<crate::node::guard::Guard>,
 }
 
 impl SyncState {

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::ValueEnum;
 
-use crate::subnet::Subnet;
+use crate::lease::subnet::Subnet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MasqBackend {

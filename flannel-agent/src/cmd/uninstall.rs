@@ -6,12 +6,12 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use crate::{
-    datapath,
-    mac::Mac,
+    ebpf::datapath,
+    ebpf::tables::Tables,
+    lease::mac::Mac,
+    lease::subnet::Subnet,
     netlink::Netlink,
     reconcile::{self, KernelFdb, KernelRoutes, MapView, Mode, Scope, Vtep},
-    subnet::Subnet,
-    tables::Tables,
 };
 
 pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
@@ -69,8 +69,8 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
         Err(e) => log::info!("nothing to hand back: {e:#}"),
     }
     datapath::uninstall(root)?;
-    crate::masq::remove_all();
-    crate::guard::remove();
+    crate::node::masq::remove_all();
+    crate::node::guard::remove();
     log::info!(
         "removed every pinned object under {} and the ip-masq rules",
         root.display()

@@ -3,7 +3,7 @@ use std::{fs, io::Write, path::Path};
 
 use anyhow::Context;
 
-use crate::subnet::Subnet;
+use crate::lease::subnet::Subnet;
 
 pub fn render(network: Subnet, subnet: Subnet, mtu: u32, ip_masq: bool) -> String {
     format!(
