@@ -108,6 +108,42 @@ pub async fn execute(plan: Plan, view: Option<MapView>, w: &mut impl Writer) -> 
 /// socket, so a phase costs one round trip per batch, not per entry.
 const NETLINK_PIPELINE: usize = 256;
 
+/// Writes of one kind gathered for one batch call, with their ops' places.
+struct Batch<T> {
+    at: Vec<usize>,
+    items: Vec<T>,
+}
+
+impl<T> Default for Batch<T> {
+    fn default() -> Self {
+        Batch {
+            at: Vec::new(),
+            items: Vec::new(),
+        }
+    }
+}
+
+impl<T> Batch<T> {
+    fn push(&mut self, at: usize, item: T) {
+        self.at.push(at);
+        self.items.push(item);
+    }
+
+    /// Write the batch and put each result at its op's place.
+    fn write(
+        &self,
+        results: &mut [Option<anyhow::Result<()>>],
+        f: impl FnOnce(&[T]) -> Vec<anyhow::Result<()>>,
+    ) {
+        if self.items.is_empty() {
+            return;
+        }
+        for (i, r) in self.at.iter().zip(f(&self.items)) {
+            results[*i] = Some(r);
+        }
+    }
+}
+
 /// The node's maps (when the eBPF data path runs) and its kernel tables.
 pub struct NodeWriter<'a> {
     pub tables: Option<&'a mut Tables>,
@@ -135,56 +171,28 @@ impl Writer for NodeWriter<'_> {
         let Some(t) = self.tables.as_deref_mut() else {
             return ops.iter().map(|op| self.map(op)).collect();
         };
-        // Same-kind writes in one batch each: resets before the FDB entries
-        // naming their slots (the order the plan gives them in).
+        // Same-kind writes in one batch each, in this order: resets before
+        // the FDB entries naming their slots. Each list keeps the ops' places.
+        let (mut resets, mut fdbs, mut arps, mut routes) = (
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+        );
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::ResetPeer(slot) => resets.push(i, *slot),
+                Op::SetFdb(m, v) => fdbs.push(i, (*m, *v)),
+                Op::SetArp(ip, m) => arps.push(i, (*ip, *m)),
+                Op::SetRoute(d, v) => routes.push(i, (*d, *v)),
+                _ => {}
+            }
+        }
         let mut results: Vec<Option<anyhow::Result<()>>> = ops.iter().map(|_| None).collect();
-        let pick = |f: &dyn Fn(&Op) -> bool| -> Vec<usize> {
-            (0..ops.len()).filter(|i| f(&ops[*i])).collect()
-        };
-        let resets = pick(&|o| matches!(o, Op::ResetPeer(_)));
-        let slots: Vec<u32> = resets
-            .iter()
-            .filter_map(|i| match &ops[*i] {
-                Op::ResetPeer(s) => Some(*s),
-                _ => None,
-            })
-            .collect();
-        for (i, r) in resets.iter().zip(t.reset_peers(&slots)) {
-            results[*i] = Some(r);
-        }
-        let fdbs = pick(&|o| matches!(o, Op::SetFdb(..)));
-        let entries: Vec<_> = fdbs
-            .iter()
-            .filter_map(|i| match &ops[*i] {
-                Op::SetFdb(m, v) => Some((*m, *v)),
-                _ => None,
-            })
-            .collect();
-        for (i, r) in fdbs.iter().zip(t.set_fdbs(&entries)) {
-            results[*i] = Some(r);
-        }
-        let arps = pick(&|o| matches!(o, Op::SetArp(..)));
-        let entries: Vec<_> = arps
-            .iter()
-            .filter_map(|i| match &ops[*i] {
-                Op::SetArp(ip, m) => Some((*ip, *m)),
-                _ => None,
-            })
-            .collect();
-        for (i, r) in arps.iter().zip(t.set_arps(&entries)) {
-            results[*i] = Some(r);
-        }
-        let routes = pick(&|o| matches!(o, Op::SetRoute(..)));
-        let entries: Vec<_> = routes
-            .iter()
-            .filter_map(|i| match &ops[*i] {
-                Op::SetRoute(s, v) => Some((*s, *v)),
-                _ => None,
-            })
-            .collect();
-        for (i, r) in routes.iter().zip(t.set_routes(&entries)) {
-            results[*i] = Some(r);
-        }
+        resets.write(&mut results, |x| t.reset_peers(x));
+        fdbs.write(&mut results, |x| t.set_fdbs(x));
+        arps.write(&mut results, |x| t.set_arps(x));
+        routes.write(&mut results, |x| t.set_routes(x));
         ops.iter()
             .zip(results)
             .map(|(op, r)| r.unwrap_or_else(|| self.map(op)))
