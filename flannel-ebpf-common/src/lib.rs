@@ -19,11 +19,20 @@ pub const MAP_ARP: &str = "ARP";
 pub const MAP_FDB: &str = "FDB";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_PEER_STATS: &str = "PEER_STATS";
+pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
+pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
 /// The decap program for TC ingress (veth underlays; `--decap tc`).
 pub const PROG_DECAP_TC: &str = "flannel_decap_tc";
+/// The direct path's egress: TC ingress of the pod bridge (cni0).
+pub const PROG_POD_EGRESS: &str = "flannel_pod_egress";
+
+/// Flows remembered as taking the host stack (the direct path's rule: a flow
+/// the host's conntrack has seen keeps to the stack both ways). LRU: a
+/// forgotten flow only costs a conntrack entry that times out.
+pub const MAX_STACK_FLOWS: u32 = 65536;
 
 /// Sizes of the mirror tables: a node per remote Flannel lease. 65 536 holds
 /// a 50 000-node cluster with room; the hash maps preallocate (about 6 MiB of
@@ -62,11 +71,57 @@ pub struct NodeConfig {
     pub network_mask: [u8; 4],
     /// `NODE_*` bits.
     pub flags: u32,
+    /// Our lease's subnet and mask: the local pods (the direct path's
+    /// sources on egress and destinations on ingress).
+    pub subnet: [u8; 4],
+    pub subnet_mask: [u8; 4],
+    /// The pod bridge (cni0) the direct path delivers to and takes from; 0
+    /// until its program is attached (the direct path is off until then, in
+    /// both directions at once).
+    pub bridge_ifindex: u32,
+    /// flannel.1's MTU: the largest inner packet the direct path sends
+    /// unsegmented (bigger ones take the stack, which fragments or says so).
+    pub vtep_mtu: u32,
 }
 
 /// [`NodeConfig::flags`]: pod sources arrive unencapsulated from the
 /// underlay legitimately (DirectRouting peers route pod traffic natively).
 pub const NODE_NATIVE_POD_SOURCES: u32 = 1;
+/// [`NodeConfig::flags`]: the direct path is on (`--direct-path`): pod
+/// traffic to and from remote pods goes between cni0 and the underlay
+/// without the host's IP stack, once [`NodeConfig::bridge_ifindex`] is set.
+pub const NODE_DIRECT_PATH: u32 = 2;
+
+/// Key of STACK_FLOWS, from this node's side: the local end (a pod, or this
+/// node's own overlay address) first. Ports are 0 for other protocols.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 4],
+    pub remote: [u8; 4],
+    pub local_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The underlay next hop toward one peer, cached per CPU in NEXT_HOPS by the
+/// peer's stats slot so the encapsulation needs no FIB lookup per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The peer's public IP the entry was resolved for (slots are reused).
+    pub node_ip: [u8; 4],
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the lookup.
+    pub resolved_ns: u64,
+}
+
+/// How long a cached next hop is used before it is looked up again: a
+/// changed underlay neighbour or route is followed within this.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// `(addr & mask) == net`, all in network byte order.
 #[inline(always)]
@@ -252,6 +307,24 @@ counters! {
     /// VXLAN inside VXLAN, which would reach flannel.1's socket as if the
     /// member had sent it whole.
     RxDropNested = 23, "rx_drop_nested_vxlan";
+    /// Direct path, egress: a pod's packet encapsulated at cni0 and sent to
+    /// the underlay without the host stack.
+    TxDirect = 24, "tx_direct";
+    /// Direct path, egress: the flow is one the host stack carries (NAT'd,
+    /// or seen there before): left to the stack.
+    TxDirectStackFlow = 25, "tx_direct_pass_stack_flow";
+    /// Direct path, egress: a packet the stack must handle (fragment, TTL
+    /// expiring, bigger than flannel.1's MTU, IP options, no underlay
+    /// next hop): left to the stack.
+    TxDirectUnfit = 26, "tx_direct_pass_unfit";
+    /// Direct path, ingress: a decapsulated packet handed to cni0 for its
+    /// pod without the host stack.
+    RxDirect = 27, "rx_direct";
+    /// Direct path, ingress: the flow is one the host stack carries: left to it.
+    RxDirectStackFlow = 28, "rx_direct_pass_stack_flow";
+    /// Direct path, ingress: not for a pod behind cni0 whose neighbour the
+    /// host knows (the host itself, an unresolved pod, TTL, MTU): left to the stack.
+    RxDirectUnfit = 29, "rx_direct_pass_unfit";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;
@@ -267,4 +340,6 @@ mod pod {
     unsafe impl aya::Pod for FdbValue {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for PeerStats {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for NextHop {}
 }

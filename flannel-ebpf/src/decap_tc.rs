@@ -3,13 +3,17 @@
 //! so every TCP segment would cross it at MTU size; at TC the peer keeps
 //! sending large segments. Same checks and counters as the XDP program.
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     macros::classifier,
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
+    deliver,
     maps::{config, count},
     packet::{ETH_LEN, ETH_P_IPV4, EthHdr, Ipv4Hdr, UDP_LEN, UdpHdr, be16},
     rx::{self, Outer, Overlay, Verdict},
@@ -73,29 +77,45 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         Verdict::Drop => return TC_ACT_SHOT,
         Verdict::Pass => return TC_ACT_OK,
     };
-    // A GSO aggregate carries UDP-tunnel offload state that
-    // bpf_skb_adjust_room cannot reset on these kernels (left stale it
-    // would break segmenting the inner packet): the kernel's VXLAN device
-    // decapsulates it, after the checks above.
-    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
-        count(Counter::RxPassGso, frame_len);
-        rx::from_peer(slot, frame_len - inner_off as u32);
-        return TC_ACT_OK;
-    }
+    // A GSO aggregate (GRO on the underlay, or a veth peer's TSO) carries
+    // UDP-tunnel offload state: BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (kernel 6.14+)
+    // has adjust_room clear it with the outer headers. A kernel without the
+    // flag refuses it: the kernel's VXLAN device decapsulates those, after
+    // the checks above.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let inner_len = frame_len - inner_off as u32;
     // Remove outer IPv4 (with options), UDP, VXLAN and the inner Ethernet
     // header: the outer Ethernet header stays in front of the inner IPv4
     // packet, so the kernel sees a frame for this host on the underlay.
     let strip = inner_off as i32;
-    if ctx
-        .adjust_room(-strip, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
-        .is_err()
-    {
+    let flags = if gso {
+        (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64
+    } else {
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    };
+    if ctx.adjust_room(-strip, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        if gso {
+            count(Counter::RxPassGso, frame_len);
+            rx::from_peer(slot, inner_len);
+            return TC_ACT_OK;
+        }
         count(Counter::RxDropAdjust, frame_len);
         return TC_ACT_SHOT;
     }
     // adjust_room (without BPF_F_ADJ_ROOM_NO_CSUM_RESET) has reset a
     // checksum the NIC verified for the outer headers: the stack verifies
     // the inner packet's itself.
-    rx::delivered(slot, frame_len - inner_off as u32);
-    TC_ACT_OK
+    rx::delivered(slot, inner_len);
+    match deliver::to_pod(ctx, cfg, gso) {
+        Ok(action) => {
+            count(Counter::RxDirect, inner_len);
+            action
+        }
+        Err(why) => {
+            if let Some(c) = why {
+                count(c, inner_len);
+            }
+            TC_ACT_OK
+        }
+    }
 }

@@ -1,15 +1,20 @@
 //! flannel-ebpf kernel programs: Flannel's VXLAN data path in TC (encap) and
-//! XDP or TC ingress (decap).
+//! XDP or TC ingress (decap), and the direct path between cni0 and the
+//! underlay.
 #![no_std]
 #![no_main]
 
 mod csum;
 mod decap;
 mod decap_tc;
+mod deliver;
 mod encap;
+mod flows;
 mod maps;
 mod packet;
+mod pod_egress;
 mod rx;
+mod tunnel;
 
 #[cfg(not(test))]
 #[panic_handler]

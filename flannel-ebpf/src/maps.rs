@@ -1,11 +1,12 @@
 //! The pinned maps. BTF-described so `bpftool map dump` prints field names.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, FdbKey, FdbValue, MAX_NODES,
-    NodeConfig, PeerStats, RouteValue,
+    ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, FdbKey, FdbValue, FlowKey,
+    MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NodeConfig, PeerStats, RouteValue,
 };
 
 #[btf_map]
@@ -28,6 +29,16 @@ pub static FDB: HashMap<FdbKey, FdbValue, { MAX_NODES as usize }> = HashMap::new
 #[btf_map]
 pub static PEER_STATS: PerCpuArray<PeerStats, { MAX_NODES as usize }> = PerCpuArray::new();
 
+/// Flows the host stack has carried across the overlay (value: when first
+/// seen, coarse ns): the direct path leaves them to the stack both ways, so
+/// conntrack (kube-proxy's NAT) sees every packet of them or none.
+#[btf_map]
+pub static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
+
+/// Per peer slot and CPU: the underlay next hop last resolved.
+#[btf_map]
+pub static NEXT_HOPS: PerCpuArray<NextHop, { MAX_NODES as usize }> = PerCpuArray::new();
+
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
@@ -46,6 +57,40 @@ pub fn count(counter: Counter, bytes: u32) {
             (*slot).bytes += bytes as u64;
         }
     }
+}
+
+/// Whether the direct path runs: switched on, and its cni0 program attached.
+#[inline(always)]
+pub fn direct_path(cfg: &NodeConfig) -> bool {
+    cfg.flags & NODE_DIRECT_PATH != 0 && cfg.bridge_ifindex != 0
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // The coarse clock is a plain read; nothing here needs better.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Whether the host stack carries this flow.
+#[inline(always)]
+pub fn on_stack(key: &FlowKey) -> bool {
+    unsafe { STACK_FLOWS.get(key) }.is_some()
+}
+
+/// Note that the host stack carries this flow (from now on both ways).
+#[inline(always)]
+pub fn remember_stack_flow(key: &FlowKey) {
+    if !on_stack(key) {
+        // A full map evicts its least recently used flow; nothing to do on error.
+        let _ = STACK_FLOWS.insert(key, now_ns(), 0);
+    }
+}
+
+/// This CPU's cached next hop of a peer slot.
+#[inline(always)]
+pub fn next_hop_slot(slot: u32) -> Option<&'static mut NextHop> {
+    // Per-CPU slot: no other writer while this program runs on this CPU.
+    NEXT_HOPS.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
 }
 
 /// The node behind a VtepMAC: public IP, stats slot, pod subnet.

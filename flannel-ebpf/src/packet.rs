@@ -7,6 +7,9 @@ pub const VXLAN_LEN: usize = 8;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = 6;
+/// An IPv4 header without options, version 4.
+pub const IPV4_VER_IHL: u8 = 0x45;
 /// VXLAN flags byte with only the I (valid VNI) bit.
 pub const VXLAN_FLAG_I: u8 = 0x08;
 
@@ -76,5 +79,57 @@ impl VxlanHdr {
             && self.reserved1[1] == 0
             && self.reserved1[2] == 0
             && self.reserved2 == 0
+    }
+}
+
+impl Ipv4Hdr {
+    /// More fragments follow, or this is a later one.
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        be16(&self.frag_off) & 0x3fff != 0
+    }
+
+    #[inline(always)]
+    pub fn as_bytes(&self) -> &[u8; IPV4_LEN] {
+        // SAFETY: repr(C) of byte fields only: 20 bytes, align 1.
+        unsafe { &*(self as *const Ipv4Hdr as *const [u8; IPV4_LEN]) }
+    }
+}
+
+/// The first four bytes of a TCP or UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+}
+
+/// What the encapsulation writes in front of the inner IPv4 packet: outer
+/// Ethernet, IPv4, UDP and VXLAN headers, and the inner Ethernet header.
+#[repr(C)]
+pub struct VxlanFrame {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub vx: VxlanHdr,
+    pub inner: EthHdr,
+}
+
+impl VxlanFrame {
+    #[inline(always)]
+    pub fn as_bytes(&self) -> &[u8; size_of::<VxlanFrame>()] {
+        // SAFETY: repr(C) of byte fields only, align 1, no padding.
+        unsafe { &*(self as *const VxlanFrame as *const [u8; size_of::<VxlanFrame>()]) }
+    }
+}
+
+/// A copy of the `T` at `off` in an skb: read in place when the linear data
+/// holds it (no helper call), else through bpf_skb_load_bytes.
+#[inline(always)]
+pub fn skb_read<T>(ctx: &aya_ebpf::programs::TcContext, off: usize) -> Option<T> {
+    match ptr_at::<T>(ctx.data(), ctx.data_end(), off) {
+        // SAFETY: bounds checked by ptr_at; the header types are plain bytes (align 1).
+        Some(p) => Some(unsafe { core::ptr::read_unaligned(p) }),
+        None => ctx.load::<T>(off).ok(),
     }
 }

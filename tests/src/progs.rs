@@ -8,8 +8,8 @@ use aya::{
 };
 use flannel_agent::ebpf::bpf_sys::{fd_of, lookup_per_cpu, update};
 use flannel_ebpf_common::{
-    Counter, CounterValue, FdbKey, FdbValue, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
-    RouteValue,
+    Counter, CounterValue, FdbKey, FdbValue, NODE_DIRECT_PATH, NodeConfig, PROG_DECAP,
+    PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, RouteValue,
 };
 
 use crate::{netns::Netns, object_path};
@@ -30,7 +30,14 @@ pub struct Bench {
     pub ns: Netns,
     pub underlay_ifindex: u32,
     pub underlay_mac: [u8; 6],
+    /// The pod bridge cni0 (10.244.1.1/24) with the pod 10.244.1.10 at
+    /// [`POD_MAC`] as a resolved neighbour: where the direct path delivers.
+    pub bridge_ifindex: u32,
+    pub bridge_mac: [u8; 6],
 }
+
+/// The local pod 10.244.1.10's MAC.
+pub const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x0a];
 
 pub fn bench(name: &str) -> Bench {
     let ns = Netns::new(name).unwrap();
@@ -42,12 +49,21 @@ pub fn bench(name: &str) -> Bench {
     ns.sh("ip link set ul1 up").unwrap();
     ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")
         .unwrap();
+    ns.sh("ip link add cni0 type bridge").unwrap();
+    ns.sh("ip addr add 10.244.1.1/24 dev cni0").unwrap();
+    ns.sh("ip link set cni0 up").unwrap();
+    ns.sh("ip neigh replace 10.244.1.10 lladdr 0a:58:0a:f4:01:0a dev cni0 nud permanent")
+        .unwrap();
     let idx = ns.sh("cat /sys/class/net/ul0/ifindex").unwrap();
     let mac = ns.sh("cat /sys/class/net/ul0/address").unwrap();
+    let bidx = ns.sh("cat /sys/class/net/cni0/ifindex").unwrap();
+    let bmac = ns.sh("cat /sys/class/net/cni0/address").unwrap();
     Bench {
         ns,
         underlay_ifindex: idx.trim().parse().unwrap(),
         underlay_mac: crate::frames::mac(&mac),
+        bridge_ifindex: bidx.trim().parse().unwrap(),
+        bridge_mac: crate::frames::mac(&bmac),
     }
 }
 
@@ -85,6 +101,15 @@ pub fn set_route(ebpf: &Ebpf, subnet: [u8; 4], len: u32, node_ip: [u8; 4]) {
 
 /// The object with this node's config and the member, every program loaded.
 pub fn load(b: &Bench) -> Ebpf {
+    load_with(b, false)
+}
+
+/// As [`load`], with the direct path on (its program on cni0).
+pub fn load_direct(b: &Bench) -> Ebpf {
+    load_with(b, true)
+}
+
+fn load_with(b: &Bench, direct: bool) -> Ebpf {
     let mut ebpf = Ebpf::load_file(object_path()).expect("loading the object");
     let cfg = NodeConfig {
         public_ip: PUBLIC_IP.octets(),
@@ -98,7 +123,11 @@ pub fn load(b: &Bench) -> Ebpf {
         ready: 1,
         network: [10, 244, 0, 0],
         network_mask: [255, 255, 0, 0],
-        flags: 0,
+        flags: if direct { NODE_DIRECT_PATH } else { 0 },
+        subnet: [10, 244, 1, 0],
+        subnet_mask: [255, 255, 255, 0],
+        bridge_ifindex: if direct { b.bridge_ifindex } else { 0 },
+        vtep_mtu: 1450,
     };
     update(map_fd(&ebpf, "CONFIG"), &0u32, &cfg).unwrap();
     set_fdb(&ebpf, REMOTE_IP.octets());
@@ -107,6 +136,12 @@ pub fn load(b: &Bench) -> Ebpf {
     let p: &mut Xdp = ebpf.program_mut(PROG_DECAP).unwrap().try_into().unwrap();
     p.load().unwrap();
     let p: &mut SchedClassifier = ebpf.program_mut(PROG_DECAP_TC).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(PROG_POD_EGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
     p.load().unwrap();
     ebpf
 }

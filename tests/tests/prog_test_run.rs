@@ -7,13 +7,15 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use flannel_agent::ebpf::bpf_sys::lookup_per_cpu;
-use flannel_ebpf_common::{Counter, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PeerStats};
+use flannel_ebpf_common::{
+    Counter, FlowKey, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, PeerStats,
+};
 use flannel_tests::{
     frames::{csum, eth, ipv4},
     prereq,
     progs::{
-        LOCAL_VTEP, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC, bench, counter, load,
-        map_fd, set_fdb, set_route,
+        LOCAL_VTEP, POD_MAC, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC, bench, counter,
+        load, load_direct, map_fd, set_fdb, set_route,
     },
 };
 
@@ -758,4 +760,273 @@ fn bad_frames(ebpf: &mut Ebpf, hook: Hook) {
             "{hook:?}: nothing bad was decapsulated"
         );
     }
+}
+
+/// Run the TC program `name` on `frame`: (return value, frame out).
+fn run_named(ebpf: &mut Ebpf, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| panic!("test_run {name} on {} bytes: {e}", frame.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// A local pod's UDP packet 10.244.1.10:12345 → `dst`:53 as it reaches
+/// cni0's ingress: addressed to the bridge (the pods' gateway).
+fn pod_frame(b: &flannel_tests::progs::Bench, dst: Ipv4Addr) -> Vec<u8> {
+    let udp: Vec<u8> = [0x30, 0x39, 0x00, 0x35, 0x00, 0x10, 0, 0]
+        .into_iter()
+        .chain(*b"flannel!")
+        .collect();
+    let ip = ipv4(Ipv4Addr::new(10, 244, 1, 10), dst, 17, 0, &udp);
+    eth(b.bridge_mac, POD_MAC, 0x0800, &ip)
+}
+
+/// Set byte `at` of the IPv4 header in `frame` and fix the header checksum.
+fn patch_ip(frame: &[u8], at: usize, value: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + at] = value;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = csum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn stack_flow(ebpf: &Ebpf, key: &FlowKey) -> bool {
+    flannel_agent::ebpf::bpf_sys::lookup::<FlowKey, u64>(map_fd(ebpf, "STACK_FLOWS"), key)
+        .unwrap()
+        .is_some()
+}
+
+#[test]
+fn direct_egress_encapsulates_at_the_bridge_as_flannel_1_would() {
+    if !prereq::ready("direct_egress") {
+        return;
+    }
+    let b = bench("ptr-dirout");
+    b.ns.run(|| {
+        let mut ebpf = load_direct(&b);
+        set_route(&ebpf, [10, 244, 2, 0], 24, REMOTE_IP.octets());
+        let frame = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 10));
+        let (rc, out) = run_named(&mut ebpf, PROG_POD_EGRESS, &frame);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(out.len(), frame.len() + 50);
+        assert_eq!(out[0..6], UNDERLAY_PEER_MAC);
+        assert_eq!(out[6..12], b.underlay_mac);
+        assert_eq!(
+            out[26..34],
+            [PUBLIC_IP.octets(), REMOTE_IP.octets()].concat()[..]
+        );
+        assert_eq!(csum(&out[14..34]), 0, "outer IPv4 checksum");
+        assert_eq!(out[36..38], 8472u16.to_be_bytes());
+        assert_eq!(out[42..50], [0x08, 0, 0, 0, 0, 0, 0x01, 0]);
+        // The inner frame as flannel.1 would have sent it: VtepMACs, and
+        // the TTL one less (the packet was forwarded), checksum still right.
+        assert_eq!(out[50..56], REMOTE_VTEP);
+        assert_eq!(out[56..62], LOCAL_VTEP);
+        let inner = &out[64..84];
+        assert_eq!(inner[8], 63, "TTL decremented");
+        assert_eq!(csum(inner), 0, "inner IPv4 checksum after the TTL change");
+        assert_eq!(out[64..72], frame[14..22]);
+        assert_eq!(out[76..], frame[26..], "addresses and payload untouched");
+        assert_eq!(counter(&ebpf, Counter::TxDirect), 1);
+        assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
+        assert_eq!(peer3(&ebpf).tx_packets, 1);
+        // A second packet of the flow takes the cached next hop: same bytes
+        // but for the outer IP ID and checksum.
+        let (rc, again) = run_named(&mut ebpf, PROG_POD_EGRESS, &frame);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(again[0..18], out[0..18]);
+        assert_eq!(again[22..24], out[22..24]);
+        assert_eq!(again[26..], out[26..]);
+    })
+    .unwrap();
+}
+
+#[test]
+fn direct_egress_leaves_to_the_stack_what_it_must() {
+    if !prereq::ready("direct_egress_declines") {
+        return;
+    }
+    let b = bench("ptr-dirdecl");
+    b.ns.run(|| {
+        let mut ebpf = load_direct(&b);
+        set_route(&ebpf, [10, 244, 2, 0], 24, REMOTE_IP.octets());
+        let good = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 10));
+        let service = pod_frame(&b, Ipv4Addr::new(10, 96, 0, 10));
+        let mut foreign_src = good.clone();
+        foreign_src[26..30].copy_from_slice(&[10, 244, 3, 5]);
+        let foreign_src = patch_ip(&foreign_src, 0, 0x45);
+        let mut multicast = good.clone();
+        multicast[0] = 0x01;
+        let mut big = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 10));
+        big.extend(std::iter::repeat_n(0u8, 1500));
+        let len = (big.len() - 14) as u16;
+        big[16..18].copy_from_slice(&len.to_be_bytes());
+        let big = patch_ip(&big, 0, 0x45);
+        let arp = eth(b.bridge_mac, POD_MAC, 0x0806, &[0u8; 28]);
+        // (what, frame, counter it is counted in)
+        let cases: Vec<(&str, Vec<u8>, Option<Counter>)> = vec![
+            ("to a Service (kube-proxy NATs it)", service, None),
+            ("ARP", arp, None),
+            (
+                "truncated (shorter than its IPv4 length)",
+                good[..34].to_vec(),
+                Some(Counter::TxDirectUnfit),
+            ),
+            ("multicast", multicast, None),
+            (
+                "TTL expiring",
+                patch_ip(&good, 8, 1),
+                Some(Counter::TxDirectUnfit),
+            ),
+            (
+                "a first fragment",
+                patch_ip(&good, 6, 0x20),
+                Some(Counter::TxDirectUnfit),
+            ),
+            (
+                "a later fragment",
+                patch_ip(&good, 7, 0x10),
+                Some(Counter::TxDirectUnfit),
+            ),
+            (
+                "IP options",
+                patch_ip(&good, 0, 0x46),
+                Some(Counter::TxDirectUnfit),
+            ),
+            (
+                "not from our pods",
+                foreign_src,
+                Some(Counter::TxDirectUnfit),
+            ),
+            (
+                "bigger than flannel.1's MTU",
+                big,
+                Some(Counter::TxDirectUnfit),
+            ),
+        ];
+        let mut unfit = 0;
+        for (what, frame, c) in &cases {
+            assert_eq!(
+                run_named(&mut ebpf, PROG_POD_EGRESS, frame),
+                (TC_ACT_OK, frame.clone()),
+                "{what}: unchanged to the stack"
+            );
+            if c.is_some() {
+                unfit += 1;
+            }
+            assert_eq!(counter(&ebpf, Counter::TxDirectUnfit), unfit, "{what}");
+        }
+        assert_eq!(counter(&ebpf, Counter::TxDirect), 0);
+        // A flow the stack carried (seen at flannel.1's egress, e.g. after
+        // kube-proxy's DNAT) stays on the stack.
+        let key = FlowKey {
+            local: [10, 244, 1, 10],
+            remote: [10, 244, 2, 10],
+            local_port: 12345u16.to_be_bytes(),
+            remote_port: 53u16.to_be_bytes(),
+            proto: 17,
+            _pad: [0; 3],
+        };
+        assert!(!stack_flow(&ebpf, &key));
+        let mut via_vtep = good.clone();
+        via_vtep[0..6].copy_from_slice(&REMOTE_VTEP);
+        via_vtep[6..12].copy_from_slice(&LOCAL_VTEP);
+        assert_eq!(run_tc(&mut ebpf, &via_vtep).0, TC_ACT_REDIRECT);
+        assert!(
+            stack_flow(&ebpf, &key),
+            "flannel.1's program notes the flow"
+        );
+        assert_eq!(
+            run_named(&mut ebpf, PROG_POD_EGRESS, &good),
+            (TC_ACT_OK, good.clone())
+        );
+        assert_eq!(counter(&ebpf, Counter::TxDirectStackFlow), 1);
+        // Switched off, the program passes everything.
+        let mut off = load(&b);
+        set_route(&off, [10, 244, 2, 0], 24, REMOTE_IP.octets());
+        let fresh = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 11));
+        assert_eq!(
+            run_named(&mut off, PROG_POD_EGRESS, &fresh),
+            (TC_ACT_OK, fresh.clone())
+        );
+        assert_eq!(counter(&off, Counter::TxDirect), 0);
+    })
+    .unwrap();
+}
+
+#[test]
+fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
+    if !prereq::ready("direct_ingress") {
+        return;
+    }
+    let b = bench("ptr-dirin");
+    b.ns.run(|| {
+        let mut ebpf = load_direct(&b);
+        let frame = Vx::default().frame();
+        let (rc, out) = run_named(&mut ebpf, PROG_DECAP_TC, &frame);
+        assert_eq!(rc, TC_ACT_REDIRECT, "to cni0");
+        // Addressed as the host addresses its pods: the pod's MAC from
+        // cni0's; TTL one less, checksum right, the rest untouched.
+        let mut expect = eth(POD_MAC, b.bridge_mac, 0x0800, &inner_ip());
+        expect = patch_ip(&expect, 8, 63);
+        assert_eq!(out, expect);
+        assert_eq!(counter(&ebpf, Counter::RxDirect), 1);
+        assert_eq!(counter(&ebpf, Counter::RxDecap), 1);
+        assert_eq!(peer3(&ebpf).rx_packets, 1);
+        // A pod the host has no neighbour for: the stack resolves it, and
+        // the flow is the stack's from then on, both ways.
+        let unknown = Vx {
+            inner_src_ip: Ipv4Addr::new(10, 244, 2, 10),
+            ..Vx::default()
+        };
+        let mut f = unknown.frame();
+        // inner destination 10.244.1.77 (inner IPv4 header at 64), checksum fixed
+        f[80..84].copy_from_slice(&[10, 244, 1, 77]);
+        f[74..76].copy_from_slice(&[0, 0]);
+        let c = csum(&f[64..84]);
+        f[74..76].copy_from_slice(&c.to_be_bytes());
+        let (rc, out) = run_named(&mut ebpf, PROG_DECAP_TC, &f);
+        assert_eq!((rc, out.len()), (TC_ACT_OK, f.len() - 50));
+        assert_eq!(counter(&ebpf, Counter::RxDirectUnfit), 1);
+        let key = FlowKey {
+            local: [10, 244, 1, 77],
+            remote: [10, 244, 2, 10],
+            proto: 1,
+            ..FlowKey::default()
+        };
+        assert!(stack_flow(&ebpf, &key), "the declined flow is noted");
+        // A flow the stack carries (the reply to a Service's DNAT'd
+        // packet) enters the stack for conntrack to reverse the NAT.
+        let key = FlowKey {
+            local: [10, 244, 1, 10],
+            remote: [10, 244, 2, 10],
+            proto: 1,
+            ..FlowKey::default()
+        };
+        flannel_agent::ebpf::bpf_sys::update(map_fd(&ebpf, "STACK_FLOWS"), &key, &1u64).unwrap();
+        let (rc, out) = run_named(&mut ebpf, PROG_DECAP_TC, &frame);
+        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(
+            out,
+            eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &inner_ip())
+        );
+        assert_eq!(counter(&ebpf, Counter::RxDirectStackFlow), 1);
+        // For the host itself (its overlay address): the stack, not the bridge.
+        let mut host = frame.clone();
+        host[80..84].copy_from_slice(&[10, 244, 1, 1]);
+        host[74..76].copy_from_slice(&[0, 0]);
+        let c = csum(&host[64..84]);
+        host[74..76].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(run_named(&mut ebpf, PROG_DECAP_TC, &host).0, TC_ACT_OK);
+        assert_eq!(counter(&ebpf, Counter::RxDirect), 1);
+    })
+    .unwrap();
 }

@@ -236,6 +236,25 @@ pub struct RunArgs {
         env = "FLANNELD_PER_NODE_ROUTES"
     )]
     pub per_node_routes: bool,
+    /// eBPF data path: carry pod-to-pod traffic between the pod bridge and
+    /// the underlay without the host's IP stack (encapsulated at cni0's
+    /// ingress, delivered to cni0 after decapsulation). Flows the host stack
+    /// carries (kube-proxy's NAT: Services, NodePorts) keep to it both ways.
+    /// Netfilter FORWARD rules (iptables NetworkPolicy) no longer see direct
+    /// pod-to-pod packets: turn it off (`--direct-path=false`) where they
+    /// must. Needs TC decap (`--decap auto` picks it while this is on).
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        env = "FLANNELD_DIRECT_PATH"
+    )]
+    pub direct_path: bool,
+    /// The pod bridge the CNI bridge plugin creates (flannel's CNI config: cni0).
+    #[arg(long, default_value = "cni0", env = "FLANNELD_POD_BRIDGE")]
+    pub pod_bridge: String,
     #[command(flatten)]
     pub pins: PinArgs,
     /// The compiled kernel programs; default: next to the binary, then the build tree.

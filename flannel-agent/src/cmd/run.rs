@@ -272,6 +272,8 @@ struct Running {
     mtu: u32,
     vtep: Option<u32>,
     metrics: Arc<Mutex<AgentMetrics>>,
+    /// The direct path's program on the pod bridge (None: the direct path is off).
+    pod_hook: Option<datapath::PodHook>,
 }
 
 /// The first pass (maps only while the programs are not attached), the
@@ -345,15 +347,16 @@ async fn first_passes(
     let first = Instant::now();
     state.sync(snap, &own, tables.as_mut(), nl, false).await?;
     let mut took = vec![("first pass", first.elapsed())];
+    let mut pod_hook = None;
     if let Some(loaded) = loaded {
         // The maps hold every peer now: attach, then drop the kernel's FDB
         // (and, on the one-route path, its per-node routes and neighbours).
         let t = Instant::now();
-        let attached = loaded
+        let (attached, mut hook) = loaded
             .attach(
                 vtep_name,
                 &underlay.link.name,
-                decap_hook(args.decap, &underlay.link),
+                decap_hook(args, &underlay.link),
             )
             .map_err(no_ebpf)?;
         if log::max_level() >= log::LevelFilter::Debug {
@@ -361,6 +364,26 @@ async fn first_passes(
         }
         log::info!("attached {}", attached.encap);
         log::info!("attached {}", attached.decap);
+        if let Some(t) = tables.as_ref() {
+            if direct_path(args, &underlay.link) {
+                ensure_pod_hook(&mut hook, &args.pod_bridge, t)?;
+                pod_hook = Some(hook);
+            } else {
+                if args.direct_path {
+                    log::warn!(
+                        "direct path off: it needs the decap at TC, and --decap xdp puts it at XDP"
+                    );
+                }
+                // Off in both directions before the program goes.
+                t.set_bridge(0)?;
+                if datapath::remove_pod_link(&args.pins.pin_root)? {
+                    log::info!(
+                        "direct path off: detached its program from {}",
+                        args.pod_bridge
+                    );
+                }
+            }
+        }
         took.push(("attach", t.elapsed()));
         state.mode = Mode {
             routes: on_vtep,
@@ -396,7 +419,25 @@ async fn first_passes(
         mtu,
         vtep,
         metrics,
+        pod_hook,
     })
+}
+
+/// Attach the direct path's program when the pod bridge is there, then
+/// switch the direct path on in the programs (both directions at once).
+fn ensure_pod_hook(
+    hook: &mut datapath::PodHook,
+    bridge: &str,
+    tables: &Tables,
+) -> anyhow::Result<()> {
+    match hook.ensure(bridge) {
+        Ok(Some(index)) => tables.set_bridge(index),
+        Ok(None) => tables.set_bridge(0),
+        Err(e) => {
+            tables.set_bridge(0)?;
+            Err(e.context(format!("attaching the direct path to {bridge}")))
+        }
+    }
 }
 
 /// Tell the node and the cluster we are up: ip-masq rules, subnet.env for
@@ -481,6 +522,7 @@ async fn control_loop(
         tables,
         vtep,
         metrics,
+        pod_hook,
         ..
     } = running;
     let vtep = *vtep;
@@ -515,6 +557,11 @@ async fn control_loop(
             _ = crate::source::woken() => {}
         }
         health.beat();
+        if let (Some(hook), Some(t)) = (pod_hook.as_mut(), tables.as_ref())
+            && let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t)
+        {
+            log::warn!("{e:#}");
+        }
         let source_down = source.degraded();
         if let Ok(m) = metrics.lock() {
             m.lease_source_up.set(i64::from(source_down.is_none()));
@@ -661,12 +708,21 @@ async fn set_up_node(
                             flannel_ebpf_common::NODE_NATIVE_POD_SOURCES
                         } else {
                             0
+                        } | if direct_path(args, &underlay.link) {
+                            flannel_ebpf_common::NODE_DIRECT_PATH
+                        } else {
+                            0
                         },
+                        subnet: subnet.addr().octets(),
+                        subnet_mask: subnet.netmask().octets(),
+                        // Set once the program on the bridge is attached.
+                        bridge_ifindex: 0,
+                        vtep_mtu: mtu,
                     };
                     let mut loaded =
                         datapath::load(root, &object?, node, log::max_level()).map_err(no_ebpf)?;
                     loaded
-                        .verify(decap_hook(args.decap, &underlay.link))
+                        .verify(decap_hook(args, &underlay.link))
                         .map_err(no_ebpf)?;
                     Some((Tables::open(root)?, loaded))
                 }
@@ -725,14 +781,23 @@ async fn refuse_vni_change(
     Ok(())
 }
 
-/// The decap hook `--decap` asks for on this underlay.
-fn decap_hook(mode: DecapMode, underlay: &crate::netlink::Link) -> DecapHook {
-    match mode {
+/// The decap hook `--decap` asks for on this underlay: with `auto`, TC on
+/// veth underlays (XDP there would turn off the peer's GSO) and wherever the
+/// direct path runs (it delivers from TC), else XDP.
+fn decap_hook(args: &RunArgs, underlay: &crate::netlink::Link) -> DecapHook {
+    match args.decap {
         DecapMode::Xdp => DecapHook::Xdp,
         DecapMode::Tc => DecapHook::Tc,
-        DecapMode::Auto if underlay.veth => DecapHook::Tc,
+        DecapMode::Auto if underlay.veth || args.direct_path => DecapHook::Tc,
         DecapMode::Auto => DecapHook::Xdp,
     }
+}
+
+/// Whether the direct path runs: asked for, and the decap at TC. From XDP
+/// the decapsulated packet can only enter the stack; sending a flow's one
+/// direction around conntrack and the other through it would make it INVALID.
+fn direct_path(args: &RunArgs, underlay: &crate::netlink::Link) -> bool {
+    args.direct_path && decap_hook(args, underlay) == DecapHook::Tc
 }
 
 /// Why the eBPF data path failed, and the way out.

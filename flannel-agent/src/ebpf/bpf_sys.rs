@@ -91,6 +91,7 @@ pub fn fd_of(map: &Map) -> Option<BorrowedFd<'_>> {
         Map::Array(d)
         | Map::HashMap(d)
         | Map::LpmTrie(d)
+        | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
         | Map::PerCpuHashMap(d) => Some(d.fd().as_fd()),
         _ => None,

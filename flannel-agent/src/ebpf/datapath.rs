@@ -19,9 +19,10 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
-    MAP_COUNTERS, MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig, PROG_DECAP,
-    PROG_DECAP_TC, PROG_ENCAP, PeerStats, RouteValue,
+    ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, FdbKey, FdbValue, FlowKey, MAP_ARP, MAP_CONFIG,
+    MAP_COUNTERS, MAP_FDB, MAP_NEXT_HOPS, MAP_PEER_STATS, MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES,
+    MAX_STACK_FLOWS, NextHop, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS,
+    PeerStats, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -76,6 +77,22 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: MAX_NODES,
     },
     MapSpec {
+        name: MAP_STACK_FLOWS,
+        file: "stack_flows",
+        kind: MapType::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: 8,
+        max_entries: MAX_STACK_FLOWS,
+    },
+    MapSpec {
+        name: MAP_NEXT_HOPS,
+        file: "next_hops",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<NextHop>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
         name: MAP_COUNTERS,
         file: "counters",
         kind: MapType::PerCpuArray,
@@ -89,6 +106,8 @@ pub const LINK_ENCAP: &str = "link_encap";
 pub const LINK_DECAP: &str = "link_decap";
 /// The decap link when it hangs off TC ingress (`--decap tc`).
 pub const LINK_DECAP_TC: &str = "link_decap_tc";
+/// The direct path's link on the pod bridge's TC ingress.
+pub const LINK_POD_EGRESS: &str = "link_pod_egress";
 
 /// Where the decap program sees the underlay's frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,7 +248,9 @@ pub fn install(
     underlay_if: &str,
     log_level: log::LevelFilter,
 ) -> anyhow::Result<Attached> {
-    load(root, object, config, log_level)?.attach(vtep_if, underlay_if, DecapHook::Xdp)
+    Ok(load(root, object, config, log_level)?
+        .attach(vtep_if, underlay_if, DecapHook::Xdp)?
+        .0)
 }
 
 /// The object loaded and its maps pinned, programs not attached yet: the
@@ -322,7 +343,7 @@ impl Loaded {
         vtep_if: &str,
         underlay_if: &str,
         hook: DecapHook,
-    ) -> anyhow::Result<Attached> {
+    ) -> anyhow::Result<(Attached, PodHook)> {
         let res = self.attach_links(vtep_if, underlay_if, hook);
         if res.is_err()
             && self.fresh
@@ -333,7 +354,16 @@ impl Loaded {
                 self.root.display()
             );
         }
-        res
+        let attached = res?;
+        Ok((
+            attached,
+            PodHook {
+                ebpf: self.ebpf,
+                root: self.root,
+                force: self.force,
+                on: None,
+            },
+        ))
     }
 
     /// Have the kernel verify the programs `attach` will use, ahead of it:
@@ -364,6 +394,7 @@ impl Loaded {
             Ok(())
         };
         tc(&mut self.ebpf, PROG_ENCAP)?;
+        tc(&mut self.ebpf, PROG_POD_EGRESS)?;
         match hook {
             DecapHook::Tc => tc(&mut self.ebpf, PROG_DECAP_TC),
             DecapHook::Xdp => {
@@ -434,6 +465,59 @@ impl Loaded {
             decap: format!("{decap}, {decap_state}"),
         })
     }
+}
+
+/// The direct path's program on the pod bridge, which the CNI plugin
+/// creates with the first pod: attached whenever the bridge is there.
+pub struct PodHook {
+    ebpf: aya::Ebpf,
+    root: PathBuf,
+    force: bool,
+    /// The bridge's interface index the program was last attached on.
+    on: Option<u32>,
+}
+
+impl PodHook {
+    /// Make sure the program runs on `bridge`'s TC ingress. Ok(Some(index))
+    /// once attached (a message says what was done the first time), Ok(None)
+    /// while the bridge does not exist.
+    pub fn ensure(&mut self, bridge: &str) -> anyhow::Result<Option<u32>> {
+        let Ok(index) = ifindex(bridge) else {
+            return Ok(None);
+        };
+        if self.on == Some(index) {
+            return Ok(Some(index));
+        }
+        let state = attach_tc(
+            &mut self.ebpf,
+            PROG_POD_EGRESS,
+            &self.root.join(LINK_POD_EGRESS),
+            bridge,
+            TcAttachType::Ingress,
+            self.force,
+        )?;
+        log::info!(
+            "attached {PROG_POD_EGRESS} on {bridge} ingress (TCX), {state}: the direct path"
+        );
+        self.on = Some(index);
+        Ok(Some(index))
+    }
+
+    /// Take the program off the bridge (the direct path switched off).
+    pub fn remove(&mut self) -> anyhow::Result<bool> {
+        self.on = None;
+        remove_pod_link(&self.root)
+    }
+}
+
+/// Detach the direct path's program, if pinned; whether it was.
+pub fn remove_pod_link(root: &Path) -> anyhow::Result<bool> {
+    let p = root.join(LINK_POD_EGRESS);
+    if !p.exists() {
+        return Ok(false);
+    }
+    fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    Ok(true)
 }
 
 /// Load TC program `name` and make the link pinned at `pin` run it on
@@ -585,7 +669,8 @@ fn ensure_link(
 
 /// Remove every pinned object: links first (detaching the programs), then maps.
 pub fn uninstall(root: &Path) -> anyhow::Result<()> {
-    for f in [LINK_ENCAP, LINK_DECAP, LINK_DECAP_TC] {
+    // The direct path first: its packets would otherwise meet a detached decap.
+    for f in [LINK_POD_EGRESS, LINK_ENCAP, LINK_DECAP, LINK_DECAP_TC] {
         let p = root.join(f);
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;

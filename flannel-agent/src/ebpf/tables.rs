@@ -100,6 +100,19 @@ impl Tables {
             .context("the config map has no entry 0")
     }
 
+    /// Tell the programs where the pod bridge is (0: nowhere, the direct
+    /// path off in both directions at once).
+    pub fn set_bridge(&self, ifindex: u32) -> anyhow::Result<()> {
+        let mut cfg = self.node_config()?;
+        if cfg.bridge_ifindex != ifindex {
+            cfg.bridge_ifindex = ifindex;
+            self.config
+                .set(&0, &cfg)
+                .context("writing the pod bridge into the config map")?;
+        }
+        Ok(())
+    }
+
     /// VtepMAC → (node public IP, stats slot).
     pub fn fdb_entries(&self) -> anyhow::Result<BTreeMap<Mac, (Ipv4Addr, u32)>> {
         let mut out = BTreeMap::new();

@@ -1,0 +1,90 @@
+//! The direct path in: a decapsulated packet for a local pod is handed to
+//! cni0's transmit (the bridge's forwarding to the pod's port), addressed as
+//! the host would address it, with its TTL decremented — no IP receive,
+//! routing, netfilter or neighbour pass. What it declines enters the host
+//! stack as before, and its flow is noted as the stack's (both ways).
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::TcContext,
+};
+use flannel_ebpf_common::{Counter, NodeConfig, in_prefix};
+
+use crate::{
+    flows::{self, Side},
+    maps::{direct_path, on_stack, remember_stack_flow},
+    packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
+    tunnel::decrement_ttl,
+};
+
+const AF_INET: u8 = 2;
+
+/// MAC addresses written in front of the inner packet.
+#[repr(C)]
+struct Macs {
+    dst: [u8; 6],
+    src: [u8; 6],
+}
+
+/// Offer the decapsulated frame in `ctx` (Ethernet + inner IPv4) to the
+/// direct path. Ok: the redirect's action. Err: the frame enters the stack
+/// (the counter says why; None when the direct path does not apply).
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig, gso: bool) -> Result<i32, Option<Counter>> {
+    if !direct_path(cfg) {
+        return Err(None);
+    }
+    let Some(ip) = skb_read::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return Err(None);
+    };
+    if !in_prefix(ip.daddr, cfg.subnet, cfg.subnet_mask) {
+        // Not for a pod of ours (e.g. the host's own overlay address):
+        // nothing the direct path could take either way.
+        return Err(None);
+    }
+    let key = flows::key(ctx, &ip, Side::In);
+    if on_stack(&key) {
+        return Err(Some(Counter::RxDirectStackFlow));
+    }
+    let Some(hop) = (if ip.ver_ihl == IPV4_VER_IHL && !ip.is_fragment() && ip.ttl > 1 {
+        pod_hop(ctx, cfg, &ip, gso)
+    } else {
+        None
+    }) else {
+        remember_stack_flow(&key);
+        return Err(Some(Counter::RxDirectUnfit));
+    };
+    if ctx.store(0, &hop, 0).is_err() || !decrement_ttl(ctx, ETH_LEN, &ip) {
+        remember_stack_flow(&key);
+        return Err(Some(Counter::RxDirectUnfit));
+    }
+    Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
+}
+
+/// The host's route and neighbour for a pod behind cni0: its MAC and
+/// cni0's. None for anything else (the host, an unresolved neighbour, a
+/// packet bigger than the route's MTU).
+#[inline(always)]
+fn pod_hop(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr, gso: bool) -> Option<Macs> {
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = ip.proto;
+    p.__bindgen_anon_2.tos = ip.tos;
+    // The MTU check for a single packet (host order); a GSO one is segmented to fit.
+    p.__bindgen_anon_1.tot_len = if gso { 0 } else { be16(&ip.tot_len) };
+    p.ifindex = cfg.underlay_ifindex;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (rc as u32 == BPF_FIB_LKUP_RET_SUCCESS && p.ifindex == cfg.bridge_ifindex).then_some(Macs {
+        dst: p.dmac,
+        src: p.smac,
+    })
+}

@@ -1,0 +1,55 @@
+//! The direct path's one rule for conntrack: a flow the host stack carries
+//! (kube-proxy's NAT, a packet the direct path declined) keeps to the stack
+//! in both directions, and one it never saw stays out of it in both, so no
+//! packet reaches conntrack without the rest of its flow (kube-proxy drops
+//! INVALID). Every overlay packet the stack handles passes one of our
+//! programs, which note its flow in STACK_FLOWS; the direct path looks there.
+use aya_ebpf::programs::TcContext;
+use flannel_ebpf_common::FlowKey;
+
+use crate::packet::{ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, Ports};
+
+/// Which end of `ip` is on this node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Leaving: the source is local.
+    Out,
+    /// Arriving: the destination is local.
+    In,
+}
+
+/// The flow of the IPv4 packet after the Ethernet header, from this node's
+/// side. Ports come from the TCP/UDP header (0 for a later fragment or
+/// another protocol).
+#[inline(always)]
+pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, side: Side) -> FlowKey {
+    let ports = if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP)
+        && crate::packet::be16(&ip.frag_off) & 0x1fff == 0
+    {
+        let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
+        // Constant offset in the common case keeps the verifier's view simple.
+        let at = if ihl == IPV4_LEN { ETH_LEN + IPV4_LEN } else { ETH_LEN + (ihl & 0x3c) };
+        crate::packet::skb_read::<Ports>(ctx, at)
+    } else {
+        None
+    };
+    let (sp, dp) = ports.map_or(([0; 2], [0; 2]), |p| (p.src, p.dst));
+    match side {
+        Side::Out => FlowKey {
+            local: ip.saddr,
+            remote: ip.daddr,
+            local_port: sp,
+            remote_port: dp,
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        Side::In => FlowKey {
+            local: ip.daddr,
+            remote: ip.saddr,
+            local_port: dp,
+            remote_port: sp,
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+    }
+}

@@ -1,0 +1,82 @@
+//! The direct path out (TCX ingress of the pod bridge, cni0): a local pod's
+//! packet to a remote pod is encapsulated where it first meets the host and
+//! redirected to the underlay — no IP receive, routing, netfilter FORWARD,
+//! neighbour or flannel.1 pass. The ROUTE map (one lookup) replaces the
+//! kernel's route and neighbour. Everything else goes on into the host stack
+//! as before: traffic to Services (kube-proxy NAT), the host, the outside,
+//! flows the stack already carries, and packets the stack must handle.
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use flannel_ebpf_common::{Counter, NodeConfig, RouteValue, in_prefix};
+
+use crate::{
+    flows::{self, Side},
+    maps::{config, count, direct_path, on_stack, route_lookup},
+    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
+    tunnel::{self, Peer},
+};
+
+#[classifier]
+pub fn flannel_pod_egress(ctx: TcContext) -> i32 {
+    match config() {
+        Some(cfg) if direct_path(cfg) => pod_egress(&ctx, cfg),
+        _ => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn pod_egress(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
+    let (Some(eth), Some(ip)) = (skb_read::<EthHdr>(ctx, 0), skb_read::<Ipv4Hdr>(ctx, ETH_LEN)) else {
+        return TC_ACT_OK;
+    };
+    // Only unicast IPv4 to the host's gateway MAC is routed by the host.
+    if be16(&eth.proto) != ETH_P_IPV4 || eth.dst[0] & 1 != 0 {
+        return TC_ACT_OK;
+    }
+    let Some(RouteValue {
+        vtep_mac,
+        node_ip,
+        peer_slot,
+        ..
+    }) = route_lookup(ip.daddr)
+    else {
+        return TC_ACT_OK;
+    };
+    let len = ctx.len();
+    // What forwarding would do more than pass the packet on: ICMP errors,
+    // fragmenting, options, a source that is not one of our pods (the
+    // remote node would drop it as spoofed; the stack says so first).
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // A length the IP layer would refuse (longer than the frame) stays its to judge.
+    let tot_len = be16(&ip.tot_len) as u32;
+    if ip.ver_ihl != IPV4_VER_IHL
+        || ip.is_fragment()
+        || ip.ttl <= 1
+        || (!gso && (tot_len > cfg.vtep_mtu || tot_len + ETH_LEN as u32 > len))
+        || !in_prefix(ip.saddr, cfg.subnet, cfg.subnet_mask)
+    {
+        count(Counter::TxDirectUnfit, len);
+        return TC_ACT_OK;
+    }
+    if on_stack(&flows::key(ctx, &ip, Side::Out)) {
+        count(Counter::TxDirectStackFlow, len);
+        return TC_ACT_OK;
+    }
+    let peer = Peer {
+        vtep_mac,
+        node_ip,
+        slot: peer_slot,
+    };
+    match tunnel::encapsulate(ctx, cfg, &peer, &ip, true) {
+        Ok(action) => {
+            count(Counter::TxDirect, len);
+            action
+        }
+        Err(reason) => {
+            // Unchanged: the stack routes it to flannel.1, where it is
+            // encapsulated (or the kernel device tries) as without the direct path.
+            count(reason, len);
+            count(Counter::TxDirectUnfit, len);
+            TC_ACT_OK
+        }
+    }
+}
