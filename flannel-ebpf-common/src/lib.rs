@@ -92,6 +92,12 @@ pub const NODE_NATIVE_POD_SOURCES: u32 = 1;
 /// without the host's IP stack, once [`NodeConfig::bridge_ifindex`] is set.
 pub const NODE_DIRECT_PATH: u32 = 2;
 
+/// skb mark bit the agent's nftables rule sets on packets of NAT'd
+/// connections (kube-proxy's Services DNAT'd by br_netfilter before cni0's
+/// ingress): the direct path leaves them to the stack. kube-proxy uses
+/// 0x4000 and 0x8000; this bit is otherwise unused by Flannel or kube-proxy.
+pub const NAT_MARK: u32 = 0x1000;
+
 /// Key of STACK_FLOWS, from this node's side: the local end (a pod, or this
 /// node's own overlay address) first. Ports are 0 for other protocols.
 #[repr(C)]

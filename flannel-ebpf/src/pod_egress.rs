@@ -6,7 +6,7 @@
 //! as before: traffic to Services (kube-proxy NAT), the host, the outside,
 //! flows the stack already carries, and packets the stack must handle.
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use flannel_ebpf_common::{Counter, NodeConfig, RouteValue, in_prefix};
+use flannel_ebpf_common::{Counter, NAT_MARK, NodeConfig, RouteValue, in_prefix};
 
 use crate::{
     flows::{self, Side},
@@ -42,6 +42,12 @@ fn pod_egress(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         return TC_ACT_OK;
     };
     let len = ctx.len();
+    // A Service's packet DNAT'd by br_netfilter already (the agent's
+    // nftables rule marks NAT'd connections): the stack's.
+    if unsafe { (*ctx.skb.skb).mark } & NAT_MARK != 0 {
+        count(Counter::TxDirectStackFlow, len);
+        return TC_ACT_OK;
+    }
     // What forwarding would do more than pass the packet on: ICMP errors,
     // fragmenting, options, a source that is not one of our pods (the
     // remote node would drop it as spoofed; the stack says so first).

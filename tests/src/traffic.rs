@@ -90,6 +90,28 @@ fn payload(len: usize, seed: u32) -> Vec<u8> {
 
 /// Send `len` bytes from `client` pod to `server` pod and `len` other bytes
 /// back over one TCP connection; both sides check the content.
+/// Accept one connection, or fail after `limit` (a client that never
+/// connects must not hang the test).
+fn accept_within(l: &TcpListener, limit: Duration) -> anyhow::Result<TcpStream> {
+    l.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match l.accept() {
+            Ok((c, _)) => {
+                c.set_nonblocking(false)?;
+                return Ok(c);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    bail!("no connection within {limit:?}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+}
+
 pub fn tcp_exchange(
     client: &Netns,
     server: &Netns,
@@ -105,7 +127,7 @@ pub fn tcp_exchange(
             server.run(|| -> anyhow::Result<()> {
                 let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("bind")?;
                 let _ = ready_tx.send(());
-                let (mut c, _) = l.accept().context("accept")?;
+                let mut c = accept_within(&l, Duration::from_secs(15))?;
                 c.set_read_timeout(Some(Duration::from_secs(20)))?;
                 let mut got = vec![0u8; len];
                 c.read_exact(&mut got).context("server reading")?;

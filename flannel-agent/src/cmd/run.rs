@@ -103,7 +103,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         && args.datapath == DatapathKind::Ebpf
         && args.membership_guard;
     if guarded {
-        crate::node::guard::require_nft()?;
+        crate::node::guard::require_nft(
+            "the membership guard",
+            "run with --membership-guard=false to leave flannel.1's socket open as stock Flannel does",
+        )?;
+    }
+    if conf.backend.kind == BackendType::Vxlan
+        && args.datapath == DatapathKind::Ebpf
+        && args.direct_path
+    {
+        crate::node::guard::require_nft(
+            "the direct path (its mark for NAT'd connections)",
+            "run with --direct-path=false",
+        )?;
     }
     let object = read_object(&args, &conf)?;
     let nl = Netlink::connect()?;
@@ -366,6 +378,9 @@ async fn first_passes(
         log::info!("attached {}", attached.decap);
         if let Some(t) = tables.as_ref() {
             if direct_path(args, &underlay.link) {
+                // The NAT mark first: from the moment the program runs,
+                // Service packets DNAT'd on the bridge must carry it.
+                crate::node::nat_mark::install()?;
                 ensure_pod_hook(&mut hook, &args.pod_bridge, t)?;
                 pod_hook = Some(hook);
             } else {

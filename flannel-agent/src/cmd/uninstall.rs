@@ -71,6 +71,7 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
     datapath::uninstall(root)?;
     crate::node::masq::remove_all();
     crate::node::guard::remove();
+    crate::node::nat_mark::remove();
     log::info!(
         "removed every pinned object under {} and the ip-masq rules",
         root.display()

@@ -165,16 +165,15 @@ pub fn counters() -> std::collections::BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
-/// Fail now, naming it, when nft is not there (before the node is touched).
-pub fn require_nft() -> anyhow::Result<()> {
+/// Fail now, naming it, when nft is not there (before the node is touched);
+/// `who` needs it, and `way_out` says how to run without.
+pub fn require_nft(who: &str, way_out: &str) -> anyhow::Result<()> {
     let ok = std::process::Command::new("nft")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        anyhow::bail!(
-            "the membership guard needs nft (nftables) on this node; install it, or run with --membership-guard=false to leave flannel.1's socket open as stock Flannel does"
-        );
+        anyhow::bail!("{who} needs nft (nftables) on this node; install it, or {way_out}");
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! check, and the watchdog that notices the node changing under the agent.
 pub mod guard;
 pub mod masq;
+pub mod nat_mark;
 pub mod sysctl;
 pub mod underlay;
 pub mod watchdog;

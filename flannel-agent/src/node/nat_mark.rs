@@ -1,0 +1,67 @@
+//! The direct path's view of kube-proxy's NAT. With br_netfilter (Kubernetes
+//! nodes load it: `bridge-nf-call-iptables=1`) a pod's packet to a Service is
+//! DNAT'd by conntrack while the bridge still holds it, before cni0's ingress
+//! program sees it: it arrives addressed to the backend pod, like any
+//! pod-to-pod packet. One nftables rule after the NAT hooks marks packets of
+//! NAT'd connections; the program leaves marked packets to the stack, whose
+//! egress on flannel.1 then notes the flow for the replies. Without
+//! br_netfilter the program sees the Service address and declines anyway.
+use anyhow::Context;
+
+use crate::node::masq::pipe;
+
+pub const TABLE: &str = "flannel-ebpf-direct";
+
+/// The table: NAT'd connections' packets get [`flannel_ebpf_common::NAT_MARK`]
+/// at prerouting, after the NAT (dstnat is priority -100).
+pub fn script() -> String {
+    let mark = flannel_ebpf_common::NAT_MARK;
+    format!(
+        "table ip {TABLE} {{}}\n\
+         delete table ip {TABLE}\n\
+         table ip {TABLE} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority -99; policy accept;\n\
+         \t\tct status dnat meta mark set meta mark or {mark:#x}\n\
+         \t\tct status snat meta mark set meta mark or {mark:#x}\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Install (or replace) the table, in one transaction.
+pub fn install() -> anyhow::Result<()> {
+    pipe("nft", &["-f", "-"], &script())
+        .with_context(|| format!("writing the nftables table {TABLE} (the direct path's NAT mark)"))
+}
+
+/// Remove the table (the direct path off, or uninstall).
+pub fn remove() {
+    let _ = pipe(
+        "nft",
+        &["-f", "-"],
+        &format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn marks_both_kinds_of_nat_after_the_nat_hook() {
+        let s = super::script();
+        assert!(s.contains("hook prerouting priority -99"), "{s}");
+        assert!(
+            s.contains("ct status dnat meta mark set meta mark or 0x"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ct status snat meta mark set meta mark or 0x"),
+            "{s}"
+        );
+        // Replacing is one transaction: the old table goes in the same script.
+        assert!(
+            s.starts_with("table ip flannel-ebpf-direct {}\ndelete table"),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! The direct path (`--direct-path`, on by default): pod-to-pod traffic goes
+//! between cni0 and the underlay without the host stack, and everything the
+//! host's conntrack must see — kube-proxy's Services (ClusterIP DNAT, NodePort
+//! DNAT + masquerade), CNI hostPorts, host↔pod traffic, `--ip-masq` egress —
+//! still works, with kube-proxy's "drop INVALID" rule in FORWARD throughout.
+use std::{net::Ipv4Addr, time::Duration};
+
+use flannel_tests::{
+    lab::{Kind, Lab, Topology},
+    netns::Netns,
+    prereq, sh,
+    traffic::{ping, tcp_exchange, wait_reachable},
+};
+
+/// Packets an iptables rule matched: the first rule of `chain` (in `table`)
+/// whose text contains every one of `words`.
+fn rule_packets(ns: &Netns, table: &str, chain: &str, words: &[&str]) -> u64 {
+    let rules = ns
+        .sh(&format!("iptables -w -t {table} -n -v -x -L {chain}"))
+        .unwrap();
+    let line = rules
+        .lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .unwrap_or_else(|| panic!("no {chain} rule with {words:?}:\n{rules}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn ipt(ns: &Netns, rule: &str) {
+    ns.sh(&format!("iptables -w {rule}")).unwrap();
+}
+
+#[test]
+fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
+    if !prereq::ready("direct_path") {
+        return;
+    }
+    let mut lab = Lab::new("dp", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    // A host outside the Network on the underlay: a NodePort client, and the
+    // destination of masqueraded pod egress (it has no route to the pods).
+    let ext = Netns::new("dp-ext").unwrap();
+    sh(&format!(
+        "ip link add eth0 netns {} type veth peer name px netns {}",
+        ext.name, lab.fabric.name
+    ))
+    .unwrap();
+    lab.fabric.sh("ip link set px master br0 up").unwrap();
+    ext.sh("ip addr add 10.1.5.100/24 dev eth0").unwrap();
+    ext.sh("ip link set eth0 up").unwrap();
+    let outside: Ipv4Addr = "10.1.5.100".parse().unwrap();
+    for n in &mut lab.nodes {
+        n.agent_args = vec!["--ip-masq".into()];
+    }
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.wait_fdb_entries(1, 1).unwrap();
+    for n in &lab.nodes {
+        assert!(
+            n.log_text()
+                .contains("attached flannel_pod_egress on cni0 ingress (TCX)"),
+            "{}",
+            lab.logs()
+        );
+    }
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let (sa, sb) = (a.subnet.clone().unwrap(), b.subnet.clone().unwrap());
+    // kube-proxy's FORWARD rule, and counters for pod-to-pod TCP forwarding.
+    // (ICMP is not counted: the first ping meets a pod neighbour the host
+    // has not resolved yet, takes the stack, and pings between the two pods
+    // are one flow to conntrack, kept on the stack from then on.)
+    for (n, from, to) in [(a, &sa, &sb), (b, &sb, &sa)] {
+        ipt(&n.ns, "-I FORWARD -m conntrack --ctstate INVALID -j DROP");
+        ipt(
+            &n.ns,
+            &format!("-A FORWARD -p tcp -s {from} -d {to} -j ACCEPT"),
+        );
+        ipt(
+            &n.ns,
+            &format!("-A FORWARD -p tcp -s {to} -d {from} -j ACCEPT"),
+        );
+    }
+    let forwarded = |n: &flannel_tests::lab::Node, from: &str, to: &str| {
+        rule_packets(
+            &n.ns,
+            "filter",
+            "FORWARD",
+            &[&format!("{from} "), &format!("{to} "), "ACCEPT"],
+        )
+    };
+
+    // Pod to pod: both ways, content-checked, around the host stack.
+    wait_reachable(&a.pod, b.pod_ip(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let before = [0, 1].map(|i| (lab.counter(i, "tx_direct"), lab.counter(i, "rx_direct")));
+    assert_eq!(ping(&a.pod, b.pod_ip(), 20, 0.02).unwrap(), (20, 20));
+    assert_eq!(ping(&b.pod, a.pod_ip(), 20, 0.02).unwrap(), (20, 20));
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5001, 4 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.pod, a.pod_ip(), 5002, 4 << 20).unwrap();
+    for (i, (tx, rx)) in before.into_iter().enumerate() {
+        let (dtx, drx) = (
+            lab.counter(i, "tx_direct") - tx,
+            lab.counter(i, "rx_direct") - rx,
+        );
+        assert!(
+            dtx >= 40 && drx >= 40,
+            "node {i}: direct out {dtx}, in {drx}\n{}",
+            lab.logs()
+        );
+    }
+    let bypassed = [
+        forwarded(a, &sa, &sb),
+        forwarded(a, &sb, &sa),
+        forwarded(b, &sb, &sa),
+        forwarded(b, &sa, &sb),
+    ];
+    assert!(
+        bypassed.iter().all(|&p| p == 0),
+        "FORWARD saw pod-to-pod packets: {bypassed:?}"
+    );
+
+    eprintln!("direct_path: A ClusterIP on node a");
+    // A ClusterIP on node a (kube-proxy's DNAT in PREROUTING) backed by b's
+    // pod: the request is DNAT'd by a's stack, so its replies must take a's
+    // stack too (conntrack reverses the NAT).
+    let vip: Ipv4Addr = "10.96.0.10".parse().unwrap();
+    ipt(
+        &a.ns,
+        &format!(
+            "-t nat -I PREROUTING -d {vip} -p tcp --dport 5201 -j DNAT --to-destination {}:5201",
+            b.pod_ip()
+        ),
+    );
+    let stack_in = lab.counter(0, "rx_direct_pass_stack_flow");
+    tcp_exchange(&a.pod, &b.pod, vip, 5201, 2 << 20)
+        .unwrap_or_else(|e| panic!("ClusterIP: {e}\n{}", lab.logs()));
+    assert!(
+        lab.counter(0, "rx_direct_pass_stack_flow") > stack_in,
+        "the Service's replies took a's stack"
+    );
+    assert!(
+        forwarded(a, &sa, &sb) > bypassed[0],
+        "the DNAT'd flow was forwarded by a's stack"
+    );
+
+    eprintln!("direct_path: A NodePort on node a");
+    // A NodePort on node a (DNAT + masquerade, as kube-proxy does) backed by
+    // b's pod, from the outside host.
+    let a_ip = a.public_ip;
+    ipt(
+        &a.ns,
+        &format!(
+            "-t nat -I PREROUTING -d {a_ip} -p tcp --dport 30080 -j DNAT --to-destination {}:30080",
+            b.pod_ip()
+        ),
+    );
+    ipt(
+        &a.ns,
+        &format!(
+            "-t nat -I POSTROUTING -d {} -p tcp --dport 30080 -j MASQUERADE",
+            b.pod_ip()
+        ),
+    );
+    tcp_exchange(&ext, &b.pod, a_ip, 30080, 2 << 20)
+        .unwrap_or_else(|e| panic!("NodePort: {e}\n{}", lab.logs()));
+
+    eprintln!("direct_path: A hostPort on node a");
+    // A hostPort on node a (CNI portmap's DNAT) to a's pod, from b's pod
+    // (masqueraded by b's --ip-masq on its way to a's address).
+    ipt(
+        &a.ns,
+        &format!(
+            "-t nat -I PREROUTING -d {a_ip} -p tcp --dport 30081 -j DNAT --to-destination {}:30081",
+            a.pod_ip()
+        ),
+    );
+    tcp_exchange(&b.pod, &a.pod, a_ip, 30081, 1 << 20)
+        .unwrap_or_else(|e| panic!("hostPort: {e}\n{}", lab.logs()));
+
+    eprintln!("direct_path: Host to pod and pod to host");
+    // Host to pod and pod to host, across the overlay and on the underlay.
+    tcp_exchange(&a.ns, &b.pod, b.pod_ip(), 5301, 1 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.ns, a_ip, 5302, 1 << 20).unwrap();
+    let a_vtep = Ipv4Addr::from(u32::from(a.subnet_base()));
+    tcp_exchange(&b.pod, &a.ns, a_vtep, 5303, 1 << 20).unwrap();
+    assert_eq!(ping(&a.ns, b.pod_ip(), 5, 0.02).unwrap(), (5, 5));
+    assert_eq!(ping(&b.pod, a_vtep, 5, 0.02).unwrap(), (5, 5));
+
+    eprintln!("direct_path: Masqueraded egress");
+    // Masqueraded egress to a host that cannot route back to pods.
+    assert_eq!(ping(&a.pod, outside, 5, 0.02).unwrap(), (5, 5));
+    tcp_exchange(&a.pod, &ext, outside, 5401, 1 << 20).unwrap();
+
+    eprintln!("direct_path: Every flow stayed whole");
+    // Every flow stayed whole on one path: conntrack found nothing INVALID.
+    for n in [a, b] {
+        assert_eq!(
+            rule_packets(&n.ns, "filter", "FORWARD", &["INVALID", "DROP"]),
+            0,
+            "{}: packets dropped as INVALID",
+            n.name
+        );
+    }
+
+    eprintln!("direct_path: Switched off:");
+    // Switched off: the program leaves cni0 and pod traffic crosses the
+    // host stack again (FORWARD sees it), still delivered.
+    lab.nodes[0].stop_agent().unwrap();
+    lab.nodes[0].agent_args = vec!["--ip-masq".into(), "--direct-path=false".into()];
+    lab.start_agent(0).unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    assert!(
+        !a.pin_root.join("link_pod_egress").exists(),
+        "{}",
+        a.log_text()
+    );
+    let seen = forwarded(a, &sa, &sb);
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5003, 1 << 20).unwrap();
+    assert!(
+        forwarded(a, &sa, &sb) > seen + 10,
+        "the stack path carries pod traffic again"
+    );
+}
