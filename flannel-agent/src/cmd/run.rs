@@ -730,8 +730,13 @@ async fn set_up_node(
                         },
                         subnet: subnet.addr().octets(),
                         subnet_mask: subnet.netmask().octets(),
-                        // Set once the program on the bridge is attached.
-                        bridge_ifindex: 0,
+                        // Set once the program on the bridge is attached
+                        // (kept from the pinned data path on a restart).
+                        bridge_ifindex: if direct_path(args, &underlay.link) {
+                            datapath::running_bridge(root, &args.pod_bridge).unwrap_or(0)
+                        } else {
+                            0
+                        },
                         vtep_mtu: mtu,
                     };
                     let mut loaded =

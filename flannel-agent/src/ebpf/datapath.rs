@@ -510,6 +510,20 @@ impl PodHook {
     }
 }
 
+/// The pod bridge the pinned direct path runs on, when it still does
+/// (its link pinned and attached to `bridge` as the pinned config says): a
+/// restart carries it over so the direct path never pauses.
+pub fn running_bridge(root: &Path, bridge: &str) -> Option<u32> {
+    let pinned = crate::ebpf::tables::Tables::open(root)
+        .ok()?
+        .node_config()
+        .ok()?;
+    let link = root.join(LINK_POD_EGRESS);
+    let on = crate::ebpf::bpf_sys::pinned_link_ifindex(&link).ok()?;
+    (pinned.bridge_ifindex != 0 && on == pinned.bridge_ifindex && ifindex(bridge).ok() == Some(on))
+        .then_some(on)
+}
+
 /// Detach the direct path's program, if pinned; whether it was.
 pub fn remove_pod_link(root: &Path) -> anyhow::Result<bool> {
     let p = root.join(LINK_POD_EGRESS);
