@@ -6,10 +6,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::Context;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use flannel_ebpf_common::{PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP};
+use flannel_ebpf_common::{PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS};
 use flannel_tests::{
     frames::{eth, ipv4},
-    progs::{self, LOCAL_VTEP, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC},
+    progs::{self, LOCAL_VTEP, POD_MAC, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC},
 };
 
 /// A TCP segment of `payload` bytes from `src` to `dst` (pods).
@@ -19,21 +19,6 @@ fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     ];
     tcp.resize(20 + payload, 0xab);
     ipv4(src, dst, 6, 0, &tcp)
-}
-
-fn vxlan_frame(inner: &[u8]) -> Vec<u8> {
-    let mut vx = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
-    vx.extend_from_slice(&eth(LOCAL_VTEP, REMOTE_VTEP, 0x0800, inner));
-    let mut udp = vec![0xc3, 0x50, 0x21, 0x18];
-    udp.extend_from_slice(&((8 + vx.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&vx);
-    eth(
-        [2, 0xaa, 0, 0, 0, 1],
-        [2, 0, 0, 0, 0, 2],
-        0x0800,
-        &ipv4(REMOTE_IP, PUBLIC_IP, 17, 0, &udp),
-    )
 }
 
 /// (case, ns per packet) for encap of a TCP segment, decap of a VXLAN frame,
@@ -88,7 +73,9 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             0x0800,
             &tcp_segment(ours, theirs, 1400),
         );
-        let decap_in = vxlan_frame(&tcp_segment(theirs, ours, 1400));
+        // The in-kernel tests' member frame (an ICMP echo to our pod), as the
+        // member sends it.
+        let decap_in = progs::Vx::default().frame();
         // Plain traffic from the member's node itself: not ours to judge.
         let other = eth(
             [2, 0xaa, 0, 0, 0, 1],
@@ -123,11 +110,36 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             .try_into()?;
         expect(t, &decap_in, 0, decap_in.len() - 50, "TC decap")?;
         let tc_decap = per_call_ns(t, &decap_in, &mut out, n)?;
+
+        // The direct path: the pod's segment at cni0, and the member's frame
+        // delivered to the pod behind cni0 (its neighbour resolved).
+        let mut direct = progs::load_direct(&b);
+        progs::set_route(&direct, [10, 244, 2, 0], 24, REMOTE_IP.octets());
+        let pod_in = eth(
+            b.bridge_mac,
+            POD_MAC,
+            0x0800,
+            &tcp_segment(ours, theirs, 1400),
+        );
+        let e: &mut SchedClassifier = direct
+            .program_mut(PROG_POD_EGRESS)
+            .context("pod egress")?
+            .try_into()?;
+        expect(e, &pod_in, 7, pod_in.len() + 50, "direct encap")?;
+        let direct_encap = per_call_ns(e, &pod_in, &mut out, n)?;
+        let d: &mut SchedClassifier = direct
+            .program_mut(PROG_DECAP_TC)
+            .context("TC decap")?
+            .try_into()?;
+        expect(d, &decap_in, 7, decap_in.len() - 50, "direct delivery")?;
+        let direct_in = per_call_ns(d, &decap_in, &mut out, n)?;
         Ok(vec![
-            ("TC encap, 1400-byte TCP segment", encap),
+            ("TC encap (flannel.1), 1400-byte TCP segment", encap),
             ("XDP decap, VXLAN frame", decap),
             ("XDP pass-through, non-VXLAN frame", pass),
             ("TC decap (veth underlays), VXLAN frame", tc_decap),
+            ("direct encap at cni0, 1400-byte TCP segment", direct_encap),
+            ("TC decap + direct delivery to cni0, VXLAN frame", direct_in),
         ])
     })?
 }
@@ -140,7 +152,7 @@ mod tests {
             return;
         }
         let c = super::costs(200).unwrap();
-        assert_eq!(c.len(), 4);
+        assert_eq!(c.len(), 6);
         assert!(c.iter().all(|(_, ns)| *ns > 0.0), "{c:?}");
     }
 }

@@ -42,7 +42,7 @@ pub struct Metric {
     pub unit: &'static str,
     /// Larger is better (throughput) or smaller (latency, CPU).
     pub higher_is_better: bool,
-    pub per_dp: [Samples; 3],
+    pub per_dp: [Samples; 4],
 }
 
 fn idx(dp: Datapath) -> usize {
@@ -88,14 +88,13 @@ fn fmt(v: f64) -> String {
 
 pub fn table(metrics: &[Metric]) -> String {
     let mut s = String::new();
+    let names: Vec<&str> = Datapath::ALL.iter().map(|d| d.name()).collect();
     let _ = writeln!(
         s,
-        "| metric | {} | {} | {} | ebpf / kernel VXLAN | ebpf / no encap |",
-        Datapath::ALL[0].name(),
-        Datapath::ALL[1].name(),
-        Datapath::ALL[2].name()
+        "| metric | {} | ebpf / kernel VXLAN | ebpf / no encap | ebpf / direct path off |",
+        names.join(" | ")
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|{}---|---|---|", "---|".repeat(names.len()));
     for m in metrics {
         let cell = |dp: Datapath| {
             let sm = &m.per_dp[idx(dp)];
@@ -106,16 +105,16 @@ pub fn table(metrics: &[Metric]) -> String {
                 fmt(sm.median())
             }
         };
+        let cells: Vec<String> = Datapath::ALL.iter().map(|d| cell(*d)).collect();
         let _ = writeln!(
             s,
-            "| {} [{}] | {} | {} | {} | {:.2}× | {:.2}× |",
+            "| {} [{}] | {} | {:.2}× | {:.2}× | {:.2}× |",
             m.name,
             m.unit,
-            cell(Datapath::Ebpf),
-            cell(Datapath::KernelVxlan),
-            cell(Datapath::HostGw),
+            cells.join(" | "),
             m.ratio(Datapath::KernelVxlan),
-            m.ratio(Datapath::HostGw)
+            m.ratio(Datapath::HostGw),
+            m.ratio(Datapath::EbpfStack)
         );
     }
     s
@@ -128,7 +127,7 @@ pub fn svg(metrics: &[Metric], title: &str) -> String {
     let plot_h = h - top - bottom;
     let groups = metrics.len().max(1) as f64;
     let gw = (w - left - 20.0) / groups;
-    let colors = ["#2b8a3e", "#1c7ed6", "#868e96"];
+    let colors = ["#2b8a3e", "#8ce99a", "#1c7ed6", "#868e96"];
     let score = |m: &Metric, dp: Datapath| {
         let r = m.median(dp) / m.median(Datapath::KernelVxlan);
         if m.higher_is_better { r } else { 1.0 / r }
@@ -160,7 +159,7 @@ pub fn svg(metrics: &[Metric], title: &str) -> String {
     );
     for (gi, m) in metrics.iter().enumerate() {
         let gx = left + gi as f64 * gw;
-        let bw = gw / 4.0;
+        let bw = gw / 5.0;
         for (di, dp) in Datapath::ALL.iter().enumerate() {
             let v = score(m, *dp);
             let v = if v.is_finite() { v } else { 0.0 };
@@ -185,7 +184,7 @@ pub fn svg(metrics: &[Metric], title: &str) -> String {
         );
     }
     for (di, dp) in Datapath::ALL.iter().enumerate() {
-        let x = left + di as f64 * 200.0;
+        let x = left + di as f64 * 190.0;
         let y = h - 20.0;
         let _ = write!(
             s,

@@ -1,11 +1,10 @@
 //! Pod-to-pod traffic figures on one lab per data path: TCP throughput
-//! (iperf3), 64-byte UDP packet rate, TCP request/response latency, and
+//! (iperf3), 64-byte UDP packet rate, request/response latency (sockperf), and
 //! system+softirq CPU per delivered Gbit.
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::Ipv4Addr,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -17,34 +16,56 @@ use flannel_tests::{
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Datapath {
+    /// flannel-ebpf as it runs by default: the direct path.
     Ebpf,
+    /// flannel-ebpf with `--direct-path=false`: the stack path through flannel.1.
+    EbpfStack,
     KernelVxlan,
     HostGw,
 }
 
 impl Datapath {
-    pub const ALL: [Datapath; 3] = [Datapath::Ebpf, Datapath::KernelVxlan, Datapath::HostGw];
+    pub const ALL: [Datapath; 4] = [
+        Datapath::Ebpf,
+        Datapath::EbpfStack,
+        Datapath::KernelVxlan,
+        Datapath::HostGw,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Datapath::Ebpf => "flannel-ebpf",
+            Datapath::EbpfStack => "flannel-ebpf, direct path off",
             Datapath::KernelVxlan => "kernel VXLAN",
-            Datapath::HostGw => "no encap (host-gw)",
+            Datapath::HostGw => "no encap (routes)",
         }
     }
 }
 
-/// Two nodes on one underlay, a pod behind cni0 on each (MTU 1450), wired
-/// for one data path.
-pub fn lab(dp: Datapath, segmenting_underlay: bool) -> anyhow::Result<Lab> {
+/// Two nodes on one underlay (one bridge, or each behind a router with
+/// `routed`), a pod behind cni0 on each (MTU 1450), wired for one data path.
+/// Unencapsulated routing is host-gw's on one bridge and pod-subnet routes
+/// on the router when routed.
+pub fn lab(dp: Datapath, segmenting_underlay: bool, routed: bool) -> anyhow::Result<Lab> {
     let (prefix, kind) = match dp {
         Datapath::Ebpf => ("bench-e", Kind::Ebpf),
+        Datapath::EbpfStack => ("bench-s", Kind::Ebpf),
         Datapath::KernelVxlan => ("bench-k", Kind::Stock),
         Datapath::HostGw => ("bench-h", Kind::Stock),
     };
-    let mut lab = Lab::new(prefix, Topology::Switched, &[kind, kind])?;
+    let topology = if routed {
+        Topology::Routed
+    } else {
+        Topology::Switched
+    };
+    let mut lab = Lab::new(prefix, topology, &[kind, kind])?;
     match dp {
-        Datapath::Ebpf => {
+        Datapath::Ebpf | Datapath::EbpfStack => {
+            if dp == Datapath::EbpfStack {
+                for n in &mut lab.nodes {
+                    n.agent_args = vec!["--direct-path=false".into()];
+                }
+            }
             lab.start_agent(0)?;
             lab.start_agent(1)?;
             lab.wait_fdb_entries(0, 1)?;
@@ -58,7 +79,15 @@ pub fn lab(dp: Datapath, segmenting_underlay: bool) -> anyhow::Result<Lab> {
         Datapath::HostGw => {
             lab.start_plain(0, 1)?;
             lab.start_plain(1, 2)?;
-            lab.program_hostgw_routes()?;
+            if routed {
+                for n in &lab.nodes {
+                    let subnet = n.subnet.as_deref().context("plain node without a subnet")?;
+                    lab.fabric
+                        .sh(&format!("ip route replace {subnet} via {}", n.public_ip))?;
+                }
+            } else {
+                lab.program_hostgw_routes()?;
+            }
         }
     }
     if segmenting_underlay {
@@ -190,51 +219,81 @@ pub fn udp64(lab: &Lab, secs: u32, port: u16) -> anyhow::Result<(f64, f64)> {
     Ok(((packets - lost).max(0.0) / seconds, loss))
 }
 
-/// TCP request/response: one byte each way, `count` times or `max` time,
-/// whichever comes first. Returns (p50, p99) in microseconds.
-pub fn rr(lab: &Lab, count: usize, max: Duration, port: u16) -> anyhow::Result<(f64, f64)> {
+/// Request/response latency with sockperf's ping-pong (UDP, 14-byte
+/// messages, full round trips) for `secs`: (p50, p99) in microseconds.
+pub fn rr(lab: &Lab, secs: u32, port: u16) -> anyhow::Result<(f64, f64)> {
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
-    let dst = SocketAddr::from((b.pod_ip(), port));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
-        let server = s.spawn(|| {
-            b.pod.run(|| -> anyhow::Result<()> {
-                let l = TcpListener::bind(("0.0.0.0", port))?;
-                let _ = tx.send(());
-                let (mut c, _) = l.accept()?;
-                c.set_nodelay(true)?;
-                c.set_read_timeout(Some(Duration::from_secs(5)))?;
-                let mut buf = [0u8; 1];
-                while c.read_exact(&mut buf).is_ok() {
-                    c.write_all(&buf)?;
-                }
-                Ok(())
-            })
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .context("rr server did not start")?;
-        let samples = a.pod.run(|| -> anyhow::Result<Vec<f64>> {
-            let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-            c.set_nodelay(true)?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut out = Vec::with_capacity(count);
-            let mut buf = [7u8; 1];
-            let end = Instant::now() + max;
-            while out.len() < count && Instant::now() < end {
-                let t = Instant::now();
-                c.write_all(&buf)?;
-                c.read_exact(&mut buf)?;
-                out.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            Ok(out)
-        })??;
-        let _ = server.join();
-        let mut s = samples;
-        if s.is_empty() {
-            bail!("no request/response completed");
+    let mut srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b.pod.name,
+            "timeout",
+            "120",
+            "sockperf",
+            "sr",
+        ])
+        .args(["-i", &b.pod_ip().to_string(), "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting sockperf sr (apt-get install sockperf)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a.pod.name,
+            "timeout",
+            "60",
+            "sockperf",
+            "pp",
+        ])
+        .args(["-i", &b.pod_ip().to_string(), "-p", &port.to_string()])
+        .args(["-t", &secs.to_string(), "--full-rtt"])
+        .output()
+        .context("running sockperf pp");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let text = String::from_utf8_lossy(&out?.stdout).into_owned();
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {p} percentile in sockperf's output:\n{text}"))
+    };
+    Ok((pct("50.000")?, pct("99.000")?))
+}
+
+/// The flannel programs' own cost while traffic runs (kernel.bpf_stats):
+/// run time and runs per program name, summed over both nodes.
+pub struct ProgStats(std::collections::BTreeMap<String, (u64, u64)>);
+
+impl ProgStats {
+    pub fn now() -> ProgStats {
+        let mut m = std::collections::BTreeMap::new();
+        for p in aya::programs::loaded_programs().filter_map(Result::ok) {
+            let Some(name) = p.name_as_str().filter(|n| n.starts_with("flannel_")) else {
+                continue;
+            };
+            let e = m.entry(name.to_string()).or_insert((0, 0));
+            e.0 += p.run_time().as_nanos() as u64;
+            e.1 += p.run_count();
         }
-        s.sort_by(|x, y| x.total_cmp(y));
-        let pct = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];
-        Ok((pct(0.50), pct(0.99)))
-    })
+        ProgStats(m)
+    }
+
+    /// ns per run of each program between `self` and `later`.
+    pub fn ns_per_run(&self, later: &ProgStats) -> Vec<(String, f64, u64)> {
+        later
+            .0
+            .iter()
+            .filter_map(|(name, (t, n))| {
+                let (t0, n0) = self.0.get(name).copied().unwrap_or((0, 0));
+                let runs = n.saturating_sub(n0);
+                (runs > 0).then(|| (name.clone(), (t - t0) as f64 / runs as f64, runs))
+            })
+            .collect()
+    }
 }

@@ -4,7 +4,7 @@
 //! sending large segments. Same checks and counters as the XDP program.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     macros::classifier,
@@ -77,28 +77,30 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
         Verdict::Drop => return TC_ACT_SHOT,
         Verdict::Pass => return TC_ACT_OK,
     };
-    // A GSO aggregate (GRO on the underlay, or a veth peer's TSO) carries
-    // UDP-tunnel offload state: BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (kernel 6.14+)
-    // has adjust_room clear it with the outer headers. A kernel without the
-    // flag refuses it: the kernel's VXLAN device decapsulates those, after
-    // the checks above.
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let inner_len = frame_len - inner_off as u32;
+    // A GSO aggregate (a veth peer's TSO, GRO on a NIC) carries UDP-tunnel
+    // offload state that bpf_skb_adjust_room cannot clear on these kernels
+    // (BPF_F_ADJ_ROOM_DECAP_L3_* only sets the protocol): stripped here it
+    // would keep SKB_GSO_UDP_TUNNEL and be segmented in software on its way
+    // on (measured: TCP at 0.37x). The kernel's VXLAN device decapsulates
+    // it, after the checks above; the direct path notes its flow as the
+    // stack's, so both directions of it cross conntrack from then on.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        count(Counter::RxPassGso, frame_len);
+        rx::from_peer(slot, inner_len);
+        if let Some(ov) = &overlay {
+            deliver::stack_carries(ctx, cfg, &ov.inner_ip, inner_off + ETH_LEN);
+        }
+        return TC_ACT_OK;
+    }
     // Remove outer IPv4 (with options), UDP, VXLAN and the inner Ethernet
     // header: the outer Ethernet header stays in front of the inner IPv4
     // packet, so the kernel sees a frame for this host on the underlay.
     let strip = inner_off as i32;
-    let flags = if gso {
-        (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64
-    } else {
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64
-    };
-    if ctx.adjust_room(-strip, BPF_ADJ_ROOM_MAC, flags).is_err() {
-        if gso {
-            count(Counter::RxPassGso, frame_len);
-            rx::from_peer(slot, inner_len);
-            return TC_ACT_OK;
-        }
+    if ctx
+        .adjust_room(-strip, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
+        .is_err()
+    {
         count(Counter::RxDropAdjust, frame_len);
         return TC_ACT_SHOT;
     }
@@ -106,7 +108,7 @@ fn decap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     // checksum the NIC verified for the outer headers: the stack verifies
     // the inner packet's itself.
     rx::delivered(slot, inner_len);
-    match deliver::to_pod(ctx, cfg, gso) {
+    match deliver::to_pod(ctx, cfg) {
         Ok(action) => {
             count(Counter::RxDirect, inner_len);
             action

@@ -30,7 +30,7 @@ struct Macs {
 /// direct path. Ok: the redirect's action. Err: the frame enters the stack
 /// (the counter says why; None when the direct path does not apply).
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig, gso: bool) -> Result<i32, Option<Counter>> {
+pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>> {
     if !direct_path(cfg) {
         return Err(None);
     }
@@ -47,7 +47,7 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig, gso: bool) -> Result<i32, Optio
         return Err(Some(Counter::RxDirectStackFlow));
     }
     let Some(hop) = (if ip.ver_ihl == IPV4_VER_IHL && !ip.is_fragment() && ip.ttl > 1 {
-        pod_hop(ctx, cfg, &ip, gso)
+        pod_hop(ctx, cfg, &ip)
     } else {
         None
     }) else {
@@ -61,17 +61,27 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig, gso: bool) -> Result<i32, Optio
     Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
 }
 
+/// A member's packet for one of our pods that the kernel's VXLAN device
+/// will decapsulate (a GSO aggregate): the stack carries its flow from now
+/// on, both ways. `ip` is a copy of its inner IPv4 header, at `ip_off`.
+#[inline(always)]
+pub fn stack_carries(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr, ip_off: usize) {
+    if direct_path(cfg) && in_prefix(ip.daddr, cfg.subnet, cfg.subnet_mask) {
+        remember_stack_flow(&flows::key_at(ctx, ip, ip_off, Side::In));
+    }
+}
+
 /// The host's route and neighbour for a pod behind cni0: its MAC and
 /// cni0's. None for anything else (the host, an unresolved neighbour, a
 /// packet bigger than the route's MTU).
 #[inline(always)]
-fn pod_hop(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr, gso: bool) -> Option<Macs> {
+fn pod_hop(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) -> Option<Macs> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = ip.proto;
     p.__bindgen_anon_2.tos = ip.tos;
-    // The MTU check for a single packet (host order); a GSO one is segmented to fit.
-    p.__bindgen_anon_1.tot_len = if gso { 0 } else { be16(&ip.tot_len) };
+    // The MTU check (host order); GSO aggregates never come here.
+    p.__bindgen_anon_1.tot_len = be16(&ip.tot_len);
     p.ifindex = cfg.underlay_ifindex;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);

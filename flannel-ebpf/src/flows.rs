@@ -23,13 +23,19 @@ pub enum Side {
 /// another protocol).
 #[inline(always)]
 pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, side: Side) -> FlowKey {
+    key_at(ctx, ip, ETH_LEN, side)
+}
+
+/// [`key`] of an IPv4 header (copied to `ip`) at `ip_off` in the packet.
+#[inline(always)]
+pub fn key_at(ctx: &TcContext, ip: &Ipv4Hdr, ip_off: usize, side: Side) -> FlowKey {
     let ports = if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP)
         && crate::packet::be16(&ip.frag_off) & 0x1fff == 0
     {
         let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
         // Constant offset in the common case keeps the verifier's view simple.
-        let at = if ihl == IPV4_LEN { ETH_LEN + IPV4_LEN } else { ETH_LEN + (ihl & 0x3c) };
-        crate::packet::skb_read::<Ports>(ctx, at)
+        let at = if ihl == IPV4_LEN { ip_off + IPV4_LEN } else { ip_off + (ihl & 0x3c) };
+        crate::packet::skb_read::<Ports>(ctx, at & 0xff)
     } else {
         None
     };

@@ -12,7 +12,11 @@ use flannel_ebpf_common::{
     PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, RouteValue,
 };
 
-use crate::{netns::Netns, object_path};
+use crate::{
+    frames::{csum, eth, ipv4},
+    netns::Netns,
+    object_path,
+};
 
 /// This node's VtepMAC, and the member's.
 pub const LOCAL_VTEP: [u8; 6] = [0x02, 0x42, 0x8f, 0x11, 0x22, 0x10];
@@ -154,4 +158,93 @@ pub fn counter(ebpf: &Ebpf, c: Counter) -> u64 {
         .iter()
         .map(|v| v.packets)
         .sum()
+}
+
+// The frames both the in-kernel tests and the benchmark's per-packet
+// figures run: one fixture.
+
+/// A VXLAN frame as a Flannel peer sends it to us.
+pub struct Vx {
+    pub src_ip: Ipv4Addr,
+    pub ihl_options: Vec<u8>,
+    pub frag: [u8; 2],
+    pub dport: u16,
+    pub flags: [u8; 4],
+    pub vni: u32,
+    pub inner_dst: [u8; 6],
+    pub inner_src: [u8; 6],
+    pub inner_proto: u16,
+    pub inner_src_ip: Ipv4Addr,
+    /// An 802.1Q tag (TCI) in front of the outer IPv4 header.
+    pub vlan: Option<u16>,
+}
+
+impl Default for Vx {
+    fn default() -> Self {
+        Vx {
+            src_ip: REMOTE_IP,
+            ihl_options: Vec::new(),
+            frag: [0x00, 0x00],
+            dport: 8472,
+            flags: [0x08, 0, 0, 0],
+            vni: 1,
+            inner_dst: LOCAL_VTEP,
+            inner_src: REMOTE_VTEP,
+            inner_proto: 0x0800,
+            inner_src_ip: Ipv4Addr::new(10, 244, 2, 10),
+            vlan: None,
+        }
+    }
+}
+
+pub const OUR_UNDERLAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+
+pub fn inner_ip() -> Vec<u8> {
+    inner_ip_from(Ipv4Addr::new(10, 244, 2, 10))
+}
+
+/// An ICMP echo to our pod 10.244.1.10 from `src`.
+pub fn inner_ip_from(src: Ipv4Addr) -> Vec<u8> {
+    let icmp = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+    ipv4(src, Ipv4Addr::new(10, 244, 1, 10), 1, 0, &icmp)
+}
+
+impl Vx {
+    pub fn frame(&self) -> Vec<u8> {
+        let inner = eth(
+            self.inner_dst,
+            self.inner_src,
+            self.inner_proto,
+            &inner_ip_from(self.inner_src_ip),
+        );
+        let mut vxlan = self.flags.to_vec();
+        vxlan.extend_from_slice(&(self.vni << 8).to_be_bytes());
+        vxlan.extend_from_slice(&inner);
+        let mut udp = vec![0xc3, 0x50];
+        udp.extend_from_slice(&self.dport.to_be_bytes());
+        udp.extend_from_slice(&((8 + vxlan.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&vxlan);
+        let mut ip = ipv4(self.src_ip, PUBLIC_IP, 17, 0, &udp);
+        if !self.ihl_options.is_empty() {
+            let words = self.ihl_options.len() / 4;
+            ip[0] = 0x45 + words as u8;
+            let tot = (ip.len() + self.ihl_options.len()) as u16;
+            ip[2..4].copy_from_slice(&tot.to_be_bytes());
+            ip.splice(20..20, self.ihl_options.iter().copied());
+        }
+        ip[6..8].copy_from_slice(&self.frag);
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = csum(&ip[..20 + self.ihl_options.len()]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        match self.vlan {
+            None => eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &ip),
+            Some(tci) => {
+                let mut tagged = tci.to_be_bytes().to_vec();
+                tagged.extend_from_slice(&[0x08, 0x00]);
+                tagged.extend_from_slice(&ip);
+                eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x8100, &tagged)
+            }
+        }
+    }
 }

@@ -190,20 +190,12 @@ fn decap_at_xdp_or_tc_and_switching_between_them() {
     assert_eq!(ping(&b.pod, a.pod_ip(), 10, 0.05).unwrap(), (10, 10));
     assert!(lab.counter(0, "rx_decap") >= rx[0] + 20, "XDP decapsulated");
     assert!(lab.counter(1, "rx_decap") >= rx[1] + 20, "TC decapsulated");
-    // Bulk TCP into the TC node arrives as GSO aggregates (the veth peer's
-    // TSO): checked and decapsulated by our program too, whole.
-    let (p, by) = (lab.counter(1, "rx_decap"), lab.counter_bytes(1, "rx_decap"));
+    // Bulk TCP into the TC node arrives as GSO aggregates: checked by our
+    // program, decapsulated by the kernel's VXLAN device (this kernel's
+    // bpf_skb_adjust_room cannot clear their tunnel offload state).
     tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5011, 4 << 20).unwrap();
     tcp_exchange(&b.pod, &a.pod, a.pod_ip(), 5012, 4 << 20).unwrap();
-    let (p, by) = (
-        lab.counter(1, "rx_decap") - p,
-        lab.counter_bytes(1, "rx_decap") - by,
-    );
-    assert_eq!(lab.counter(1, "rx_pass_gso"), 0, "{}", lab.logs());
-    assert!(
-        by > 4 << 20 && by / p > 4000,
-        "{p} packets for {by} bytes: aggregates were not decapsulated whole"
-    );
+    assert!(lab.counter(1, "rx_pass_gso") > 0, "{}", lab.logs());
     assert_eq!(lab.counter(0, "rx_pass_gso"), 0, "XDP sees no GSO");
 
     // Node 1 (index 0) restarts with --decap tc: the XDP link goes, the TC link comes.

@@ -14,8 +14,9 @@ use flannel_tests::{
     frames::{csum, eth, ipv4},
     prereq,
     progs::{
-        LOCAL_VTEP, POD_MAC, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP, UNDERLAY_PEER_MAC, bench, counter,
-        load, load_direct, map_fd, set_fdb, set_route,
+        LOCAL_VTEP, OUR_UNDERLAY_MAC, POD_MAC, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP,
+        UNDERLAY_PEER_MAC, Vx, bench, counter, inner_ip, inner_ip_from, load, load_direct, map_fd,
+        set_fdb, set_route,
     },
 };
 
@@ -257,93 +258,7 @@ fn encap_resolves_the_vtep_from_the_route_map_by_destination() {
     .unwrap();
 }
 
-/// A VXLAN frame as a Flannel peer sends it to us.
-struct Vx {
-    src_ip: Ipv4Addr,
-    ihl_options: Vec<u8>,
-    frag: [u8; 2],
-    dport: u16,
-    flags: [u8; 4],
-    vni: u32,
-    inner_dst: [u8; 6],
-    inner_src: [u8; 6],
-    inner_proto: u16,
-    inner_src_ip: Ipv4Addr,
-    /// An 802.1Q tag (TCI) in front of the outer IPv4 header.
-    vlan: Option<u16>,
-}
-
-impl Default for Vx {
-    fn default() -> Self {
-        Vx {
-            src_ip: REMOTE_IP,
-            ihl_options: Vec::new(),
-            frag: [0x00, 0x00],
-            dport: 8472,
-            flags: [0x08, 0, 0, 0],
-            vni: 1,
-            inner_dst: LOCAL_VTEP,
-            inner_src: REMOTE_VTEP,
-            inner_proto: 0x0800,
-            inner_src_ip: Ipv4Addr::new(10, 244, 2, 10),
-            vlan: None,
-        }
-    }
-}
-
 type Case = (&'static str, Vec<u8>, Verdict, Option<Counter>);
-
-const OUR_UNDERLAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
-
-fn inner_ip() -> Vec<u8> {
-    inner_ip_from(Ipv4Addr::new(10, 244, 2, 10))
-}
-
-/// An ICMP echo to our pod 10.244.1.10 from `src`.
-fn inner_ip_from(src: Ipv4Addr) -> Vec<u8> {
-    let icmp = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
-    ipv4(src, Ipv4Addr::new(10, 244, 1, 10), 1, 0, &icmp)
-}
-
-impl Vx {
-    fn frame(&self) -> Vec<u8> {
-        let inner = eth(
-            self.inner_dst,
-            self.inner_src,
-            self.inner_proto,
-            &inner_ip_from(self.inner_src_ip),
-        );
-        let mut vxlan = self.flags.to_vec();
-        vxlan.extend_from_slice(&(self.vni << 8).to_be_bytes());
-        vxlan.extend_from_slice(&inner);
-        let mut udp = vec![0xc3, 0x50];
-        udp.extend_from_slice(&self.dport.to_be_bytes());
-        udp.extend_from_slice(&((8 + vxlan.len()) as u16).to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-        udp.extend_from_slice(&vxlan);
-        let mut ip = ipv4(self.src_ip, PUBLIC_IP, 17, 0, &udp);
-        if !self.ihl_options.is_empty() {
-            let words = self.ihl_options.len() / 4;
-            ip[0] = 0x45 + words as u8;
-            let tot = (ip.len() + self.ihl_options.len()) as u16;
-            ip[2..4].copy_from_slice(&tot.to_be_bytes());
-            ip.splice(20..20, self.ihl_options.iter().copied());
-        }
-        ip[6..8].copy_from_slice(&self.frag);
-        ip[10..12].copy_from_slice(&[0, 0]);
-        let c = csum(&ip[..20 + self.ihl_options.len()]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        match self.vlan {
-            None => eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &ip),
-            Some(tci) => {
-                let mut tagged = tci.to_be_bytes().to_vec();
-                tagged.extend_from_slice(&[0x08, 0x00]);
-                tagged.extend_from_slice(&ip);
-                eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x8100, &tagged)
-            }
-        }
-    }
-}
 
 #[test]
 fn decap_delivers_member_vxlan_to_the_stack() {
@@ -1019,6 +934,24 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
             eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x0800, &inner_ip())
         );
         assert_eq!(counter(&ebpf, Counter::RxDirectStackFlow), 1);
+        // A GSO aggregate goes to the kernel's VXLAN device: its flow is
+        // the stack's from then on, both ways.
+        let agg = Vx {
+            inner_src_ip: Ipv4Addr::new(10, 244, 2, 11),
+            ..Vx::default()
+        }
+        .frame();
+        assert_eq!(
+            run_decap_gso(&mut ebpf, Hook::Tc, &agg, 1398),
+            (Pass, agg.clone())
+        );
+        let key = FlowKey {
+            local: [10, 244, 1, 10],
+            remote: [10, 244, 2, 11],
+            proto: 1,
+            ..FlowKey::default()
+        };
+        assert!(stack_flow(&ebpf, &key), "the aggregate's flow is noted");
         // For the host itself (its overlay address): the stack, not the bridge.
         let mut host = frame.clone();
         host[80..84].copy_from_slice(&[10, 244, 1, 1]);

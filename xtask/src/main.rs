@@ -53,6 +53,10 @@ enum Cmd {
         /// MTU-sized frames on the "wire" as with real NICs (results/bench-segmenting.*).
         #[arg(long)]
         segmenting_underlay: bool,
+        /// Each node behind a router instead of one bridge; traffic only
+        /// (results/bench-routed.*).
+        #[arg(long)]
+        routed_underlay: bool,
         /// Only the control plane: apply times, one lease change, the agent's
         /// cold start with 5000 and 50 000 leases (file, etcd) and its RSS
         /// (results/control-plane.*).
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             quick,
             segmenting_underlay,
+            routed_underlay,
             control_plane,
         } => {
             let agent = build_for_labs(&[prereq::BENCH])?;
@@ -170,6 +175,9 @@ fn main() -> anyhow::Result<()> {
             }
             if segmenting_underlay {
                 cmd.arg("--segmenting-underlay");
+            }
+            if routed_underlay {
+                cmd.arg("--routed-underlay");
             }
             if control_plane {
                 cmd.arg("--control-plane");
