@@ -4,15 +4,15 @@
 //! routing, netfilter or neighbour pass. What it declines enters the host
 //! stack as before, and its flow is noted as the stack's (both ways).
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup},
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NodeConfig, in_prefix};
 
 use crate::{
-    flows::{self, Side},
-    maps::{direct_path, on_stack, remember_stack_flow},
+    flows::{self, Side, icmp_error},
+    maps::{count, direct_path, on_stack, remember_stack_flow},
     packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
     tunnel::decrement_ttl,
 };
@@ -42,6 +42,9 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
         // nothing the direct path could take either way.
         return Err(None);
     }
+    if icmp_error(ctx, &ip) {
+        return Err(Some(Counter::RxDirectUnfit));
+    }
     let key = flows::key(ctx, &ip, Side::In);
     if on_stack(&key) {
         return Err(Some(Counter::RxDirectStackFlow));
@@ -54,9 +57,14 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
         remember_stack_flow(&key);
         return Err(Some(Counter::RxDirectUnfit));
     };
-    if ctx.store(0, &hop, 0).is_err() || !decrement_ttl(ctx, ETH_LEN, &ip) {
+    if ctx.store(0, &hop, 0).is_err() {
         remember_stack_flow(&key);
         return Err(Some(Counter::RxDirectUnfit));
+    }
+    if !decrement_ttl(ctx, ETH_LEN, &ip) {
+        // Addressed to the pod already: the stack would not take it.
+        count(Counter::RxDropAdjust, ctx.len());
+        return Ok(TC_ACT_SHOT);
     }
     Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
 }

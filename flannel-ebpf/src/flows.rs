@@ -59,3 +59,23 @@ pub fn key_at(ctx: &TcContext, ip: &Ipv4Hdr, ip_off: usize, side: Side) -> FlowK
         },
     }
 }
+
+/// An ICMP error (not an echo or echo reply): it quotes a flow conntrack may
+/// have NAT'd, and only the stack rewrites the quoted header, so it always
+/// takes the stack.
+#[inline(always)]
+pub fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    if ip.proto != IPPROTO_ICMP {
+        return false;
+    }
+    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
+    let at = if ihl == IPV4_LEN { ETH_LEN + IPV4_LEN } else { ETH_LEN + (ihl & 0x3c) };
+    // Type and code (two bytes: a one-byte bounds check is one the verifier
+    // cannot follow). Unreadable: not ours to judge either.
+    crate::packet::skb_read::<[u8; 2]>(ctx, at)
+        .is_none_or(|[t, _]| t != ICMP_ECHO_REPLY && t != ICMP_ECHO)
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO: u8 = 8;

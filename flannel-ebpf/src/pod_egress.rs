@@ -9,11 +9,25 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use flannel_ebpf_common::{Counter, NAT_MARK, NodeConfig, RouteValue, in_prefix};
 
 use crate::{
-    flows::{self, Side},
+    flows::{self, Side, icmp_error},
     maps::{config, count, direct_path, on_stack, route_lookup},
     packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
     tunnel::{self, Peer},
 };
+
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
+
+/// A source one of our pods may use: in our subnet, but neither its network
+/// address (flannel.1's, `<subnet>.0`) nor the first host address (cni0's,
+/// the gateway the CNI bridge plugin takes): the stack drops a packet from
+/// its own address as martian; the direct path must not let a pod pose as
+/// its node.
+#[inline(always)]
+fn pod_source(cfg: &NodeConfig, saddr: [u8; 4]) -> bool {
+    in_prefix(saddr, cfg.subnet, cfg.subnet_mask)
+        && u32::from_be_bytes(saddr).wrapping_sub(u32::from_be_bytes(cfg.subnet)) > 1
+}
 
 #[classifier]
 pub fn flannel_pod_egress(ctx: TcContext) -> i32 {
@@ -28,8 +42,11 @@ fn pod_egress(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let (Some(eth), Some(ip)) = (skb_read::<EthHdr>(ctx, 0), skb_read::<Ipv4Hdr>(ctx, ETH_LEN)) else {
         return TC_ACT_OK;
     };
-    // Only unicast IPv4 to the host's gateway MAC is routed by the host.
-    if be16(&eth.proto) != ETH_P_IPV4 || eth.dst[0] & 1 != 0 {
+    // Only unicast IPv4 addressed to the host (the pods' gateway MAC) is
+    // routed by the host; a frame cni0 sees only because it is promiscuous
+    // (tcpdump) is not the host's to forward.
+    let skb = unsafe { &*ctx.skb.skb };
+    if be16(&eth.proto) != ETH_P_IPV4 || eth.dst[0] & 1 != 0 || skb.pkt_type != PACKET_HOST {
         return TC_ACT_OK;
     }
     let Some(RouteValue {
@@ -44,21 +61,29 @@ fn pod_egress(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     let len = ctx.len();
     // A Service's packet DNAT'd by br_netfilter already (the agent's
     // nftables rule marks NAT'd connections): the stack's.
-    if unsafe { (*ctx.skb.skb).mark } & NAT_MARK != 0 {
+    if skb.mark & NAT_MARK != 0 {
         count(Counter::TxDirectStackFlow, len);
         return TC_ACT_OK;
     }
     // What forwarding would do more than pass the packet on: ICMP errors,
     // fragmenting, options, a source that is not one of our pods (the
     // remote node would drop it as spoofed; the stack says so first).
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    // A length the IP layer would refuse (longer than the frame) stays its to judge.
+    // A length the IP layer would refuse (longer than the frame) stays its
+    // to judge; so does a GSO packet whose segments (payload + IPv4 + TCP,
+    // 40 bytes at least) would not fit flannel.1's MTU: the stack answers
+    // with ICMP "fragmentation needed", which path MTU discovery relies on.
     let tot_len = be16(&ip.tot_len) as u32;
+    let fits = if skb.gso_size != 0 {
+        skb.gso_size + 40 <= cfg.vtep_mtu
+    } else {
+        tot_len <= cfg.vtep_mtu && tot_len + ETH_LEN as u32 <= len
+    };
     if ip.ver_ihl != IPV4_VER_IHL
         || ip.is_fragment()
         || ip.ttl <= 1
-        || (!gso && (tot_len > cfg.vtep_mtu || tot_len + ETH_LEN as u32 > len))
-        || !in_prefix(ip.saddr, cfg.subnet, cfg.subnet_mask)
+        || !fits
+        || !pod_source(cfg, ip.saddr)
+        || icmp_error(ctx, &ip)
     {
         count(Counter::TxDirectUnfit, len);
         return TC_ACT_OK;

@@ -8,7 +8,7 @@ use aya::{
 };
 use flannel_agent::ebpf::bpf_sys::lookup_per_cpu;
 use flannel_ebpf_common::{
-    Counter, FlowKey, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, PeerStats,
+    Counter, FlowKey, NAT_MARK, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, PeerStats,
 };
 use flannel_tests::{
     frames::{csum, eth, ipv4},
@@ -692,6 +692,38 @@ fn run_named(ebpf: &mut Ebpf, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     (r.return_value, out)
 }
 
+/// Run the TC program `name` on `frame` with the skb's mark and GSO size set.
+/// The frame arrives on interface `ifindex` (cni0 for the direct path's
+/// program: a frame to its MAC is then the host's, `PACKET_HOST`).
+fn run_skb(
+    ebpf: &mut Ebpf,
+    name: &str,
+    frame: &[u8],
+    ifindex: u32,
+    mark: u32,
+    gso_size: u32,
+) -> (u32, Vec<u8>) {
+    let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct __sk_buff (192 bytes): mark at 8, ifindex at 40, gso_segs at
+    // 164, gso_size at 176.
+    let mut skb = [0u8; 192];
+    skb[8..12].copy_from_slice(&mark.to_ne_bytes());
+    skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    skb[164..168].copy_from_slice(&(gso_size.min(1) * 2).to_ne_bytes());
+    skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&skb[..]),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| panic!("test_run {name}: {e}"));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// A local pod's UDP packet 10.244.1.10:12345 → `dst`:53 as it reaches
 /// cni0's ingress: addressed to the bridge (the pods' gateway).
 fn pod_frame(b: &flannel_tests::progs::Bench, dst: Ipv4Addr) -> Vec<u8> {
@@ -729,7 +761,7 @@ fn direct_egress_encapsulates_at_the_bridge_as_flannel_1_would() {
         let mut ebpf = load_direct(&b);
         set_route(&ebpf, [10, 244, 2, 0], 24, REMOTE_IP.octets());
         let frame = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 10));
-        let (rc, out) = run_named(&mut ebpf, PROG_POD_EGRESS, &frame);
+        let (rc, out) = run_skb(&mut ebpf, PROG_POD_EGRESS, &frame, b.bridge_ifindex, 0, 0);
         assert_eq!(rc, TC_ACT_REDIRECT);
         assert_eq!(out.len(), frame.len() + 50);
         assert_eq!(out[0..6], UNDERLAY_PEER_MAC);
@@ -753,9 +785,11 @@ fn direct_egress_encapsulates_at_the_bridge_as_flannel_1_would() {
         assert_eq!(counter(&ebpf, Counter::TxDirect), 1);
         assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
         assert_eq!(peer3(&ebpf).tx_packets, 1);
-        // A second packet of the flow takes the cached next hop: same bytes
-        // but for the outer IP ID and checksum.
-        let (rc, again) = run_named(&mut ebpf, PROG_POD_EGRESS, &frame);
+        // A second packet of the flow takes the cached next hop: the
+        // neighbour's new MAC is not looked up again within the second.
+        b.ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:99 dev ul0 nud permanent")
+            .unwrap();
+        let (rc, again) = run_skb(&mut ebpf, PROG_POD_EGRESS, &frame, b.bridge_ifindex, 0, 0);
         assert_eq!(rc, TC_ACT_REDIRECT);
         assert_eq!(again[0..18], out[0..18]);
         assert_eq!(again[22..24], out[22..24]);
@@ -786,6 +820,24 @@ fn direct_egress_leaves_to_the_stack_what_it_must() {
         big[16..18].copy_from_slice(&len.to_be_bytes());
         let big = patch_ip(&big, 0, 0x45);
         let arp = eth(b.bridge_mac, POD_MAC, 0x0806, &[0u8; 28]);
+        let from = |src: [u8; 4]| {
+            let mut f = good.clone();
+            f[26..30].copy_from_slice(&src);
+            patch_ip(&f, 0, 0x45)
+        };
+        // An ICMP "port unreachable" quoting a flow conntrack may have NAT'd.
+        let icmp_err = eth(
+            b.bridge_mac,
+            POD_MAC,
+            0x0800,
+            &ipv4(
+                Ipv4Addr::new(10, 244, 1, 10),
+                Ipv4Addr::new(10, 244, 2, 10),
+                1,
+                0,
+                &[3, 3, 0, 0, 0, 0, 0, 0],
+            ),
+        );
         // (what, frame, counter it is counted in)
         let cases: Vec<(&str, Vec<u8>, Option<Counter>)> = vec![
             ("to a Service (kube-proxy NATs it)", service, None),
@@ -822,6 +874,17 @@ fn direct_egress_leaves_to_the_stack_what_it_must() {
                 Some(Counter::TxDirectUnfit),
             ),
             (
+                "from flannel.1's address",
+                from([10, 244, 1, 0]),
+                Some(Counter::TxDirectUnfit),
+            ),
+            (
+                "from cni0's address",
+                from([10, 244, 1, 1]),
+                Some(Counter::TxDirectUnfit),
+            ),
+            ("an ICMP error", icmp_err, Some(Counter::TxDirectUnfit)),
+            (
                 "bigger than flannel.1's MTU",
                 big,
                 Some(Counter::TxDirectUnfit),
@@ -830,7 +893,7 @@ fn direct_egress_leaves_to_the_stack_what_it_must() {
         let mut unfit = 0;
         for (what, frame, c) in &cases {
             assert_eq!(
-                run_named(&mut ebpf, PROG_POD_EGRESS, frame),
+                run_skb(&mut ebpf, PROG_POD_EGRESS, frame, b.bridge_ifindex, 0, 0),
                 (TC_ACT_OK, frame.clone()),
                 "{what}: unchanged to the stack"
             );
@@ -840,6 +903,26 @@ fn direct_egress_leaves_to_the_stack_what_it_must() {
             assert_eq!(counter(&ebpf, Counter::TxDirectUnfit), unfit, "{what}");
         }
         assert_eq!(counter(&ebpf, Counter::TxDirect), 0);
+        // A GSO packet whose segments would not fit flannel.1's MTU.
+        assert_eq!(
+            run_skb(&mut ebpf, PROG_POD_EGRESS, &good, b.bridge_ifindex, 0, 1448),
+            (TC_ACT_OK, good.clone())
+        );
+        assert_eq!(counter(&ebpf, Counter::TxDirectUnfit), unfit + 1);
+        // Marked by the agent's nftables rule: a NAT'd connection's packet
+        // (a Service DNAT'd by br_netfilter before cni0's ingress).
+        assert_eq!(
+            run_skb(
+                &mut ebpf,
+                PROG_POD_EGRESS,
+                &good,
+                b.bridge_ifindex,
+                NAT_MARK,
+                0
+            ),
+            (TC_ACT_OK, good.clone())
+        );
+        assert_eq!(counter(&ebpf, Counter::TxDirectStackFlow), 1);
         // A flow the stack carried (seen at flannel.1's egress, e.g. after
         // kube-proxy's DNAT) stays on the stack.
         let key = FlowKey {
@@ -860,16 +943,16 @@ fn direct_egress_leaves_to_the_stack_what_it_must() {
             "flannel.1's program notes the flow"
         );
         assert_eq!(
-            run_named(&mut ebpf, PROG_POD_EGRESS, &good),
+            run_skb(&mut ebpf, PROG_POD_EGRESS, &good, b.bridge_ifindex, 0, 0),
             (TC_ACT_OK, good.clone())
         );
-        assert_eq!(counter(&ebpf, Counter::TxDirectStackFlow), 1);
+        assert_eq!(counter(&ebpf, Counter::TxDirectStackFlow), 2);
         // Switched off, the program passes everything.
         let mut off = load(&b);
         set_route(&off, [10, 244, 2, 0], 24, REMOTE_IP.octets());
         let fresh = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 11));
         assert_eq!(
-            run_named(&mut off, PROG_POD_EGRESS, &fresh),
+            run_skb(&mut off, PROG_POD_EGRESS, &fresh, b.bridge_ifindex, 0, 0),
             (TC_ACT_OK, fresh.clone())
         );
         assert_eq!(counter(&off, Counter::TxDirect), 0);

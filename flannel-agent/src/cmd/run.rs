@@ -588,6 +588,13 @@ async fn control_loop(
             Err(e) => log::warn!("checking the node's devices: {e:#}"),
         }
         let due = Instant::now() >= next_resync;
+        if due
+            && pod_hook.is_some()
+            && let Err(e) = crate::node::nat_mark::install()
+        {
+            // Someone flushed the ruleset: Services' replies depend on it.
+            log::warn!("{e:#}");
+        }
         if let Err(e) = source.maintain(own_lease, conf.backend.vni).await {
             // Once per 10 s while it lasts (e.g. etcd down), not on every poll.
             if last_lease_error.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
