@@ -2,100 +2,138 @@
 //! the FDB, loses its outer headers here and enters the stack as a plain
 //! frame on the underlay; the kernel then routes it to cni0. VXLAN to our
 //! port that fails a check is dropped and counted, and so is a plain packet
-//! with a pod source; everything else passes untouched.
+//! with a pod source; everything else passes untouched. The body is
+//! [`rx::receive`], as at TC; this file says how XDP reads and strips.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     macros::xdp,
     programs::XdpContext,
 };
-use flannel_ebpf_common::{Counter, NodeConfig};
+use flannel_ebpf_common::NodeConfig;
 
 use crate::{
-    maps::{config, count},
+    maps::config,
     packet::{ETH_LEN, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
-    rx::{self, Outer, Overlay, Verdict},
+    rx::{self, Hook, Link, Overlay},
 };
 
 #[xdp(frags)]
 pub fn flannel_decap(ctx: XdpContext) -> u32 {
     match config() {
-        Some(cfg) => decap(&ctx, cfg),
+        Some(cfg) => rx::receive(&Xdp(ctx), cfg),
         None => XDP_PASS,
     }
 }
 
-#[inline(always)]
-fn decap(ctx: &XdpContext, cfg: &NodeConfig) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let frame_len = (end - start) as u32;
-    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return XDP_PASS;
-    };
-    let eth = unsafe { &*eth };
-    // Here (before the kernel strips it) an 802.1p priority tag can still be
-    // in front of the IPv4 header: such frames get the same checks.
-    let tag = ptr_at::<[u8; 4]>(start, end, ETH_LEN).map(|t| unsafe { *t });
-    let Some(l2) = rx::l2_len(be16(&eth.proto), tag) else {
-        return XDP_PASS;
-    };
-    let ip = if l2 == ETH_LEN {
-        ptr_at::<Ipv4Hdr>(start, end, ETH_LEN)
-    } else {
-        ptr_at::<Ipv4Hdr>(start, end, ETH_LEN + 4)
-    };
-    let Some(ip) = ip else {
-        count(Counter::RxPassMalformed, frame_len);
-        return XDP_PASS;
-    };
-    let ip = unsafe { &*ip };
-    let (ihl, first_fragment, ip_len) = match rx::outer(ip, cfg, frame_len) {
-        Outer::Udp {
-            ihl,
-            first_fragment,
-            ip_len,
-        } => (ihl, first_fragment, ip_len),
-        Outer::Pass => return XDP_PASS,
-        Outer::Drop => return XDP_DROP,
-    };
-    let l4 = l2 + ihl;
+struct Xdp(XdpContext);
+
+impl Hook for Xdp {
+    type Ctx = XdpContext;
+    type Action = u32;
+
+    #[inline(always)]
+    fn ctx(&self) -> &XdpContext {
+        &self.0
+    }
+
+    #[inline(always)]
+    fn pass(&self) -> u32 {
+        XDP_PASS
+    }
+
+    #[inline(always)]
+    fn drop(&self) -> u32 {
+        XDP_DROP
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.0.data_end() - self.0.data()) as u32
+    }
+
+    #[inline(always)]
+    fn link(&self) -> Link {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+            return Link::NotOurs;
+        };
+        let eth = unsafe { &*eth };
+        // Here (before the kernel strips it) an 802.1p priority tag can still be
+        // in front of the IPv4 header: such frames get the same checks.
+        let tag = ptr_at::<[u8; 4]>(start, end, ETH_LEN).map(|t| unsafe { *t });
+        let Some(l2) = rx::l2_len(be16(&eth.proto), tag) else {
+            return Link::NotOurs;
+        };
+        let ip = if l2 == ETH_LEN {
+            ptr_at::<Ipv4Hdr>(start, end, ETH_LEN)
+        } else {
+            ptr_at::<Ipv4Hdr>(start, end, ETH_LEN + 4)
+        };
+        match ip {
+            // SAFETY: bounds checked by ptr_at; Ipv4Hdr is plain bytes (align 1).
+            Some(p) => Link::Ipv4 {
+                l2,
+                ip: unsafe { core::ptr::read(p) },
+            },
+            None => Link::Malformed,
+        }
+    }
+
     // The common frame (untagged, no IP options) is read in place at
     // constant offsets; any other is copied out with bpf_xdp_load_bytes so
     // the verifier never has to track a variable packet offset.
-    let plain = l2 == ETH_LEN && ihl == IPV4_LEN;
-    let Some(dport) = udp_dport(ctx, start, end, l4, plain) else {
-        count(Counter::RxPassMalformed, frame_len);
-        return XDP_PASS;
-    };
-    if dport != cfg.port {
-        return XDP_PASS;
+    #[inline(always)]
+    fn udp_dport(&self, l4: usize, plain: bool) -> Option<u16> {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        if plain {
+            ptr_at::<UdpHdr>(start, end, PLAIN_L4).map(|u| be16(unsafe { &(*u).dport }))
+        } else {
+            load::<UdpHdr>(&self.0, l4).map(|u| be16(&u.dport))
+        }
     }
-    // From here on the frame claims to be ours: it is delivered or dropped.
-    let overlay = if rx::holds_overlay(l2, l4, frame_len, first_fragment, ip_len) {
-        read_overlay(ctx, start, end, l4 + UDP_LEN, plain)
-    } else {
-        None
-    };
-    let slot = match rx::overlay(ctx, overlay.as_ref(), ip.saddr, frame_len, first_fragment, cfg) {
-        Verdict::Decap { slot } => slot,
-        Verdict::Drop => return XDP_DROP,
-        Verdict::Pass => return XDP_PASS,
-    };
-    // The inner frame enters the stack on the underlay: give it the outer
-    // MACs so the kernel sees a frame for this host, not for flannel.1.
-    let mut macs = [0u8; 12];
-    macs[0..6].copy_from_slice(&eth.dst);
-    macs[6..12].copy_from_slice(&eth.src);
-    let inner_off = rx::inner_offset(l4);
-    let inner_len = frame_len - inner_off as u32;
-    if !write_inner_macs(ctx, start, end, inner_off, plain, &mut macs)
-        || unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0
-    {
-        count(Counter::RxDropAdjust, frame_len);
-        return XDP_DROP;
+
+    #[inline(always)]
+    fn overlay(&self, vx_off: usize, plain: bool) -> Option<Overlay> {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        if plain {
+            // SAFETY: bounds checked by ptr_at; Overlay is plain bytes (align 1).
+            ptr_at::<Overlay>(start, end, PLAIN_VX).map(|p| unsafe { core::ptr::read(p) })
+        } else {
+            load::<Overlay>(&self.0, vx_off)
+        }
     }
-    rx::delivered(slot, inner_len);
-    XDP_PASS
+
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        // XDP runs before any aggregation.
+        false
+    }
+
+    #[inline(always)]
+    fn gso_to_stack(&self, _cfg: &NodeConfig, _inner: &Ipv4Hdr, _inner_ip_off: usize) {}
+
+    /// The inner frame enters the stack on the underlay: it gets the outer
+    /// MACs so the kernel sees a frame for this host, not for flannel.1,
+    /// then the head moves past the outer headers.
+    #[inline(always)]
+    fn strip(&self, inner_off: usize, plain: bool) -> bool {
+        let (start, end) = (self.0.data(), self.0.data_end());
+        let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+            return false;
+        };
+        let eth = unsafe { &*eth };
+        let mut macs = [0u8; 12];
+        macs[0..6].copy_from_slice(&eth.dst);
+        macs[6..12].copy_from_slice(&eth.src);
+        write_inner_macs(&self.0, start, end, inner_off, plain, &mut macs)
+            && unsafe { bpf_xdp_adjust_head(self.0.ctx, inner_off as i32) } == 0
+    }
+
+    #[inline(always)]
+    fn deliver(&self, _cfg: &NodeConfig, _inner_len: u32) -> u32 {
+        XDP_PASS
+    }
 }
 
 #[inline(always)]
@@ -117,24 +155,7 @@ fn load<T>(ctx: &XdpContext, off: usize) -> Option<T> {
 const PLAIN_L4: usize = ETH_LEN + IPV4_LEN;
 const PLAIN_VX: usize = PLAIN_L4 + UDP_LEN;
 
-#[inline(always)]
-fn udp_dport(ctx: &XdpContext, start: usize, end: usize, l4: usize, plain: bool) -> Option<u16> {
-    if plain {
-        ptr_at::<UdpHdr>(start, end, PLAIN_L4).map(|u| be16(unsafe { &(*u).dport }))
-    } else {
-        load::<UdpHdr>(ctx, l4).map(|u| be16(&u.dport))
-    }
-}
 
-#[inline(always)]
-fn read_overlay(ctx: &XdpContext, start: usize, end: usize, vx_off: usize, plain: bool) -> Option<Overlay> {
-    if plain {
-        // SAFETY: bounds checked by ptr_at; Overlay is plain bytes (align 1).
-        ptr_at::<Overlay>(start, end, PLAIN_VX).map(|p| unsafe { core::ptr::read(p) })
-    } else {
-        load::<Overlay>(ctx, vx_off)
-    }
-}
 
 #[inline(always)]
 fn write_inner_macs(

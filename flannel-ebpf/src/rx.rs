@@ -235,3 +235,98 @@ pub fn l2_len(proto: u16, tag: Option<[u8; 4]>) -> Option<usize> {
 }
 
 pub const ETH_P_8021Q: u16 = 0x8100;
+
+/// What a hook found in front of the outer IPv4 header.
+pub enum Link {
+    /// Not an (untagged or priority-tagged) IPv4 frame: not ours to judge.
+    NotOurs,
+    /// IPv4, but too short for its header: the IP layer judges it (counted).
+    Malformed,
+    /// The outer IPv4 header, `l2` bytes into the frame.
+    Ipv4 { l2: usize, ip: Ipv4Hdr },
+}
+
+/// The little a decapsulating hook (XDP or TC ingress) must say for itself;
+/// [`receive`] is the one body both run, and counts every verdict.
+/// `plain`: an untagged frame with no IP options, whose headers sit at
+/// constant offsets (XDP reads those in place).
+pub trait Hook {
+    type Ctx: EbpfContext;
+    type Action: Copy;
+    fn ctx(&self) -> &Self::Ctx;
+    fn pass(&self) -> Self::Action;
+    fn drop(&self) -> Self::Action;
+    fn len(&self) -> u32;
+    fn link(&self) -> Link;
+    fn udp_dport(&self, l4: usize, plain: bool) -> Option<u16>;
+    fn overlay(&self, vx_off: usize, plain: bool) -> Option<Overlay>;
+    /// A GSO aggregate (TC only): checked, then left to the kernel's device.
+    fn gso(&self) -> bool;
+    /// The aggregate's flow is the stack's from now on (the direct path's rule).
+    fn gso_to_stack(&self, cfg: &NodeConfig, inner: &Ipv4Hdr, inner_ip_off: usize);
+    /// Remove everything up to the inner IPv4 header but the outer Ethernet
+    /// header, which must end up in front of the inner packet.
+    fn strip(&self, inner_off: usize, plain: bool) -> bool;
+    /// The stripped frame's way on (TC: the direct path, else the stack).
+    fn deliver(&self, cfg: &NodeConfig, inner_len: u32) -> Self::Action;
+}
+
+/// A frame from the underlay, whichever hook sees it: checked, then
+/// decapsulated, passed or dropped.
+#[inline(always)]
+pub fn receive<H: Hook>(h: &H, cfg: &NodeConfig) -> H::Action {
+    let frame_len = h.len();
+    let (l2, ip) = match h.link() {
+        Link::NotOurs => return h.pass(),
+        Link::Malformed => {
+            count(Counter::RxPassMalformed, frame_len);
+            return h.pass();
+        }
+        Link::Ipv4 { l2, ip } => (l2, ip),
+    };
+    let (ihl, first_fragment, ip_len) = match outer(&ip, cfg, frame_len) {
+        Outer::Udp {
+            ihl,
+            first_fragment,
+            ip_len,
+        } => (ihl, first_fragment, ip_len),
+        Outer::Pass => return h.pass(),
+        Outer::Drop => return h.drop(),
+    };
+    let l4 = l2 + ihl;
+    let plain = l2 == ETH_LEN && ihl == IPV4_LEN;
+    let Some(dport) = h.udp_dport(l4, plain) else {
+        count(Counter::RxPassMalformed, frame_len);
+        return h.pass();
+    };
+    if dport != cfg.port {
+        return h.pass();
+    }
+    // From here on the frame claims to be ours: it is delivered or dropped.
+    let ov = if holds_overlay(l2, l4, frame_len, first_fragment, ip_len) {
+        h.overlay(l4 + UDP_LEN, plain)
+    } else {
+        None
+    };
+    let slot = match overlay(h.ctx(), ov.as_ref(), ip.saddr, frame_len, first_fragment, cfg) {
+        Verdict::Decap { slot } => slot,
+        Verdict::Drop => return h.drop(),
+        Verdict::Pass => return h.pass(),
+    };
+    let inner_off = inner_offset(l4);
+    let inner_len = frame_len - inner_off as u32;
+    if h.gso() {
+        count(Counter::RxPassGso, frame_len);
+        from_peer(slot, inner_len);
+        if let Some(ov) = &ov {
+            h.gso_to_stack(cfg, &ov.inner_ip, inner_off + ETH_LEN);
+        }
+        return h.pass();
+    }
+    if !h.strip(inner_off, plain) {
+        count(Counter::RxDropAdjust, frame_len);
+        return h.drop();
+    }
+    delivered(slot, inner_len);
+    h.deliver(cfg, inner_len)
+}
