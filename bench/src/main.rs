@@ -35,6 +35,10 @@ struct Args {
     /// The traffic figures only (no per-packet or control-plane parts).
     #[arg(long, hide = true)]
     traffic_only: bool,
+    /// With --traffic-only: one data path's lab only (0 = flannel-ebpf,
+    /// 1 = direct path off, 2 = kernel VXLAN, 3 = no encap), for profiling.
+    #[arg(long, hide = true)]
+    only: Option<usize>,
     /// The release agent, for the RSS and end-to-end figures.
     #[arg(long)]
     agent: PathBuf,
@@ -93,7 +97,9 @@ fn main() -> anyhow::Result<()> {
     );
     let labs: Vec<(Datapath, flannel_tests::lab::Lab)> = Datapath::ALL
         .iter()
-        .map(|dp| {
+        .enumerate()
+        .filter(|(i, _)| args.only.is_none_or(|o| o == *i))
+        .map(|(_, dp)| {
             traffic::lab(*dp, args.segmenting_underlay, args.routed_underlay).map(|l| (*dp, l))
         })
         .collect::<anyhow::Result<_>>()?;
