@@ -263,6 +263,20 @@ impl Lab {
         Ok(())
     }
 
+    /// A host outside the Network on the switched underlay, 10.1.5.100, with
+    /// no route to the pods (a NodePort client, a masqueraded pod's peer).
+    pub fn outside_host(&self) -> anyhow::Result<(Netns, Ipv4Addr)> {
+        let ext = Netns::new(&format!("{}-ext", self.prefix))?;
+        sh(&format!(
+            "ip link add eth0 netns {} type veth peer name px netns {}",
+            ext.name, self.fabric.name
+        ))?;
+        self.fabric.sh("ip link set px master br0 up")?;
+        ext.sh("ip addr add 10.1.5.100/24 dev eth0")?;
+        ext.sh("ip link set eth0 up")?;
+        Ok((ext, Ipv4Addr::new(10, 1, 5, 100)))
+    }
+
     pub fn lease_dir(&self) -> PathBuf {
         self.dir.join("leases")
     }

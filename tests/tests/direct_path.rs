@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
     netns::Netns,
-    prereq, sh,
+    prereq,
     traffic::{ping, tcp_exchange, wait_reachable},
 };
 
@@ -57,16 +57,7 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     let mut lab = Lab::new("dp", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
     // A host outside the Network on the underlay: a NodePort client, and the
     // destination of masqueraded pod egress (it has no route to the pods).
-    let ext = Netns::new("dp-ext").unwrap();
-    sh(&format!(
-        "ip link add eth0 netns {} type veth peer name px netns {}",
-        ext.name, lab.fabric.name
-    ))
-    .unwrap();
-    lab.fabric.sh("ip link set px master br0 up").unwrap();
-    ext.sh("ip addr add 10.1.5.100/24 dev eth0").unwrap();
-    ext.sh("ip link set eth0 up").unwrap();
-    let outside: Ipv4Addr = "10.1.5.100".parse().unwrap();
+    let (ext, outside) = lab.outside_host().unwrap();
     for n in &mut lab.nodes {
         n.agent_args = vec!["--ip-masq".into()];
     }

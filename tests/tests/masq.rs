@@ -6,7 +6,6 @@ use std::time::Duration;
 use flannel_tests::{
     agent_path,
     lab::{Kind, Lab, Topology},
-    netns::Netns,
     prereq, sh,
     traffic::{BackgroundPing, ping, wait_reachable},
 };
@@ -27,16 +26,7 @@ fn ip_masq_rules_nftables_and_iptables() {
     }
     let mut lab = Lab::new("msq", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
     // A host outside the Network, on the underlay, with no route to the pods.
-    let ext = Netns::new("msq-ext").unwrap();
-    sh(&format!(
-        "ip link add eth0 netns {} type veth peer name px netns {}",
-        ext.name, lab.fabric.name
-    ))
-    .unwrap();
-    lab.fabric.sh("ip link set px master br0 up").unwrap();
-    ext.sh("ip addr add 10.1.5.100/24 dev eth0").unwrap();
-    ext.sh("ip link set eth0 up").unwrap();
-    let outside = "10.1.5.100".parse().unwrap();
+    let (_ext, outside) = lab.outside_host().unwrap();
 
     lab.start_stock(1, 2).unwrap();
     lab.nodes[0].agent_args = vec!["--ip-masq".into()];

@@ -180,11 +180,7 @@ pub fn require_nft(who: &str, way_out: &str) -> anyhow::Result<()> {
 
 /// Remove the table (uninstall, or a data path that has no use for it).
 pub fn remove() {
-    let _ = pipe(
-        "nft",
-        &["-f", "-"],
-        &format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"),
-    );
+    crate::node::masq::nft_delete_table(TABLE);
 }
 
 #[cfg(test)]

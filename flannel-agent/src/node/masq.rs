@@ -21,6 +21,16 @@ pub enum MasqBackend {
 
 pub const NFT_TABLE: &str = "flannel-ipv4";
 
+/// Delete nftables table `ip NAME` if it exists (one transaction; nothing
+/// to report when there is none).
+pub(crate) fn nft_delete_table(name: &str) {
+    let _ = pipe(
+        "nft",
+        &["-f", "-"],
+        &format!("table ip {name} {{}}\ndelete table ip {name}\n"),
+    );
+}
+
 pub(crate) fn pipe(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
     let mut child = Command::new(cmd)
         .args(args)

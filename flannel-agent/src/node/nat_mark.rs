@@ -37,11 +37,7 @@ pub fn install() -> anyhow::Result<()> {
 
 /// Remove the table (the direct path off, or uninstall).
 pub fn remove() {
-    let _ = pipe(
-        "nft",
-        &["-f", "-"],
-        &format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"),
-    );
+    crate::node::masq::nft_delete_table(TABLE);
 }
 
 #[cfg(test)]
