@@ -38,8 +38,9 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
         return Err(None);
     };
     if !in_prefix(ip.daddr, cfg.subnet, cfg.subnet_mask) {
-        // Not for a pod of ours (e.g. the host's own overlay address):
-        // nothing the direct path could take either way.
+        // Not for our subnet (routed through a member, or the stack's
+        // business): nothing the direct path could take. The host's own
+        // addresses in the subnet are declined by the route lookup below.
         return Err(None);
     }
     if icmp_error(ctx, &ip) {
