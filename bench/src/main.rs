@@ -269,10 +269,7 @@ fn main() -> anyhow::Result<()> {
     let json = serde_json::json!({
         "quick": args.quick,
         "programs_under_traffic": under_traffic,
-        "metrics": metrics.iter().map(|m| serde_json::json!({
-            "name": m.name, "unit": m.unit,
-            "samples": Datapath::ALL.iter().enumerate().map(|(i, d)| (d.name(), m.per_dp[i].0.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-        })).collect::<Vec<_>>(),
+        "metrics": metrics_json(&metrics),
         "prog_ns": costs.iter().map(|(c, v)| (c.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
         "control_plane": cp_json,
     });
@@ -371,10 +368,7 @@ fn report_traffic_only(
     let json = serde_json::json!({
         "quick": args.quick,
         "programs_under_traffic": under_traffic,
-        "metrics": metrics.iter().map(|m| serde_json::json!({
-            "name": m.name, "unit": m.unit,
-            "samples": Datapath::ALL.iter().enumerate().map(|(i, d)| (d.name(), m.per_dp[i].0.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-        })).collect::<Vec<_>>(),
+        "metrics": metrics_json(metrics),
     });
     std::fs::write(
         args.out.join(format!("{stem}.json")),
@@ -383,6 +377,19 @@ fn report_traffic_only(
     println!("\n{md}");
     print_ratios(metrics);
     Ok(())
+}
+
+/// Every metric's samples per data path, for the JSON results.
+fn metrics_json(metrics: &[Metric]) -> serde_json::Value {
+    metrics
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "name": m.name, "unit": m.unit,
+                "samples": Datapath::ALL.iter().enumerate().map(|(i, d)| (d.name(), m.per_dp[i].0.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+            })
+        })
+        .collect()
 }
 
 fn check(name: &str, ok: bool, detail: String) -> String {

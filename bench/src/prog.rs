@@ -24,15 +24,7 @@ fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
 /// (case, ns per packet) for encap of a TCP segment, decap of a VXLAN frame,
 /// and a non-VXLAN frame passing the XDP program.
 /// Mean kernel-timed duration of `n` single runs of `prog` on a fresh copy of `frame`.
-fn per_call_ns<P>(prog: &mut P, frame: &[u8], out: &mut [u8], n: u32) -> anyhow::Result<f64>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
-{
-    per_call_ns_ctx(prog, frame, None, out, n)
-}
-
-/// [`per_call_ns`] with an `__sk_buff` context.
-fn per_call_ns_ctx<P>(
+fn per_call_ns<P>(
     prog: &mut P,
     frame: &[u8],
     ctx: Option<&[u8]>,
@@ -56,14 +48,7 @@ where
 }
 
 /// One run of `prog` on `frame` must return `rc` and `len` bytes.
-fn expect<P>(prog: &mut P, frame: &[u8], rc: u32, len: usize, what: &str) -> anyhow::Result<()>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
-{
-    expect_ctx(prog, frame, None, rc, len, what)
-}
-
-fn expect_ctx<P>(
+fn expect<P>(
     prog: &mut P,
     frame: &[u8],
     ctx: Option<&[u8]>,
@@ -119,13 +104,13 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
         // Each case must take the path it names (a frame the checks drop
         // would time the drop): encapsulated and redirected, decapsulated
         // (50 bytes shorter), passed unchanged.
-        expect(p, &encap_in, 7, encap_in.len() + 50, "encap")?;
-        let encap = per_call_ns(p, &encap_in, &mut out, n)?;
+        expect(p, &encap_in, None, 7, encap_in.len() + 50, "encap")?;
+        let encap = per_call_ns(p, &encap_in, None, &mut out, n)?;
 
         let x: &mut Xdp = ebpf.program_mut(PROG_DECAP).context("decap")?.try_into()?;
-        expect(x, &decap_in, 2, decap_in.len() - 50, "XDP decap")?;
-        expect(x, &other, 2, other.len(), "XDP pass-through")?;
-        let decap = per_call_ns(x, &decap_in, &mut out, n)?;
+        expect(x, &decap_in, None, 2, decap_in.len() - 50, "XDP decap")?;
+        expect(x, &other, None, 2, other.len(), "XDP pass-through")?;
+        let decap = per_call_ns(x, &decap_in, None, &mut out, n)?;
         let pass_run = x.test_run(TestRunOptions {
             data_in: Some(&other),
             data_out: Some(&mut out),
@@ -138,8 +123,8 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
             .program_mut(PROG_DECAP_TC)
             .context("TC decap")?
             .try_into()?;
-        expect(t, &decap_in, 0, decap_in.len() - 50, "TC decap")?;
-        let tc_decap = per_call_ns(t, &decap_in, &mut out, n)?;
+        expect(t, &decap_in, None, 0, decap_in.len() - 50, "TC decap")?;
+        let tc_decap = per_call_ns(t, &decap_in, None, &mut out, n)?;
 
         // The direct path: the pod's segment at cni0, and the member's frame
         // delivered to the pod behind cni0 (its neighbour resolved).
@@ -159,14 +144,21 @@ pub fn costs(n: u32) -> anyhow::Result<Vec<(&'static str, f64)>> {
         // its MAC is the host's, as at cni0's ingress.
         let mut skb = [0u8; 192];
         skb[40..44].copy_from_slice(&b.bridge_ifindex.to_ne_bytes());
-        expect_ctx(e, &pod_in, Some(&skb), 7, pod_in.len() + 50, "direct encap")?;
-        let direct_encap = per_call_ns_ctx(e, &pod_in, Some(&skb), &mut out, n)?;
+        expect(e, &pod_in, Some(&skb), 7, pod_in.len() + 50, "direct encap")?;
+        let direct_encap = per_call_ns(e, &pod_in, Some(&skb), &mut out, n)?;
         let d: &mut SchedClassifier = direct
             .program_mut(PROG_DECAP_TC)
             .context("TC decap")?
             .try_into()?;
-        expect(d, &decap_in, 7, decap_in.len() - 50, "direct delivery")?;
-        let direct_in = per_call_ns(d, &decap_in, &mut out, n)?;
+        expect(
+            d,
+            &decap_in,
+            None,
+            7,
+            decap_in.len() - 50,
+            "direct delivery",
+        )?;
+        let direct_in = per_call_ns(d, &decap_in, None, &mut out, n)?;
         Ok(vec![
             ("TC encap (flannel.1), 1400-byte TCP segment", encap),
             ("XDP decap, VXLAN frame", decap),

@@ -12,7 +12,7 @@ use flannel_ebpf_common::{Counter, NodeConfig, in_prefix};
 
 use crate::{
     flows::{self, Side, icmp_error},
-    maps::{count, direct_path, on_stack, remember_stack_flow},
+    maps::{count, direct_path, note_stack_flow, on_stack, remember_stack_flow},
     packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
     tunnel::decrement_ttl,
 };
@@ -55,11 +55,11 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
     } else {
         None
     }) else {
-        remember_stack_flow(&key);
+        note_stack_flow(&key);
         return Err(Some(Counter::RxDirectUnfit));
     };
     if ctx.store(0, &hop, 0).is_err() {
-        remember_stack_flow(&key);
+        note_stack_flow(&key);
         return Err(Some(Counter::RxDirectUnfit));
     }
     if !decrement_ttl(ctx, ETH_LEN, &ip) {

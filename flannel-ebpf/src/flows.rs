@@ -32,10 +32,7 @@ pub fn key_at(ctx: &TcContext, ip: &Ipv4Hdr, ip_off: usize, side: Side) -> FlowK
     let ports = if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP)
         && crate::packet::be16(&ip.frag_off) & 0x1fff == 0
     {
-        let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
-        // Constant offset in the common case keeps the verifier's view simple.
-        let at = if ihl == IPV4_LEN { ip_off + IPV4_LEN } else { ip_off + (ihl & 0x3c) };
-        crate::packet::skb_read::<Ports>(ctx, at & 0xff)
+        crate::packet::skb_read::<Ports>(ctx, l4_offset(ip, ip_off) & 0xff)
     } else {
         None
     };
@@ -60,6 +57,14 @@ pub fn key_at(ctx: &TcContext, ip: &Ipv4Hdr, ip_off: usize, side: Side) -> FlowK
     }
 }
 
+/// Where the header after the IPv4 header `ip` (at `ip_off`) starts.
+#[inline(always)]
+fn l4_offset(ip: &Ipv4Hdr, ip_off: usize) -> usize {
+    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
+    // Constant offset in the common case keeps the verifier's view simple.
+    if ihl == IPV4_LEN { ip_off + IPV4_LEN } else { ip_off + (ihl & 0x3c) }
+}
+
 /// An ICMP error (not an echo or echo reply): it quotes a flow conntrack may
 /// have NAT'd, and only the stack rewrites the quoted header, so it always
 /// takes the stack.
@@ -68,8 +73,7 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
     if ip.proto != IPPROTO_ICMP {
         return false;
     }
-    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
-    let at = if ihl == IPV4_LEN { ETH_LEN + IPV4_LEN } else { ETH_LEN + (ihl & 0x3c) };
+    let at = l4_offset(ip, ETH_LEN);
     // Type and code (two bytes: a one-byte bounds check is one the verifier
     // cannot follow). Unreadable: not ours to judge either.
     crate::packet::skb_read::<[u8; 2]>(ctx, at)

@@ -78,12 +78,20 @@ pub fn on_stack(key: &FlowKey) -> bool {
 }
 
 /// Note that the host stack carries this flow (from now on both ways).
+/// Looked up first: most packets of a stack flow find it noted, and an
+/// insert into a full LRU map evicts a flow even when the key is there.
 #[inline(always)]
 pub fn remember_stack_flow(key: &FlowKey) {
     if !on_stack(key) {
-        // A full map evicts its least recently used flow; nothing to do on error.
-        let _ = STACK_FLOWS.insert(key, now_ns(), 0);
+        note_stack_flow(key);
     }
+}
+
+/// [`remember_stack_flow`] for a flow just found not noted.
+#[inline(always)]
+pub fn note_stack_flow(key: &FlowKey) {
+    // A full map evicts its least recently used flow; nothing to do on error.
+    let _ = STACK_FLOWS.insert(key, now_ns(), 0);
 }
 
 /// This CPU's cached next hop of a peer slot.

@@ -18,7 +18,7 @@ use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
-    maps::{count, next_hop_slot, now_ns, peer},
+    maps::{count, next_hop_slot, now_ns, peer as peer_stats},
     packet::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, IPV4_VER_IHL, Ipv4Hdr, UdpHdr,
         VXLAN_FLAG_I, VxlanFrame, VxlanHdr,
@@ -109,11 +109,6 @@ pub fn encapsulate(
         return Ok(unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
     }
     Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
-}
-
-#[inline(always)]
-fn peer_stats(slot: u32) -> Option<&'static mut flannel_ebpf_common::PeerStats> {
-    peer(slot)
 }
 
 /// Decrement the TTL of the IPv4 header at `off` (a copy of it in `ip`),

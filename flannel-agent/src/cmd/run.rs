@@ -445,9 +445,11 @@ fn ensure_pod_hook(
     bridge: &str,
     tables: &Tables,
 ) -> anyhow::Result<()> {
+    let before = hook.attached_on();
     match hook.ensure(bridge) {
-        Ok(Some(index)) => tables.set_bridge(index),
-        Ok(None) => tables.set_bridge(0),
+        // Most polls: attached where it was, the programs already know.
+        Ok(now) if now == before => Ok(()),
+        Ok(now) => tables.set_bridge(now.unwrap_or(0)),
         Err(e) => {
             tables.set_bridge(0)?;
             Err(e.context(format!("attaching the direct path to {bridge}")))

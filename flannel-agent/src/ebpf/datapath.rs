@@ -483,6 +483,7 @@ impl PodHook {
     /// while the bridge does not exist.
     pub fn ensure(&mut self, bridge: &str) -> anyhow::Result<Option<u32>> {
         let Ok(index) = ifindex(bridge) else {
+            self.on = None;
             return Ok(None);
         };
         if self.on == Some(index) {
@@ -503,10 +504,9 @@ impl PodHook {
         Ok(Some(index))
     }
 
-    /// Take the program off the bridge (the direct path switched off).
-    pub fn remove(&mut self) -> anyhow::Result<bool> {
-        self.on = None;
-        remove_pod_link(&self.root)
+    /// The bridge's index the program was last attached on (None: not attached).
+    pub fn attached_on(&self) -> Option<u32> {
+        self.on
     }
 }
 
