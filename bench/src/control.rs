@@ -42,6 +42,7 @@ fn peer(i: usize) -> anyhow::Result<Lease> {
         backend: LeaseBackend::Vxlan {
             vtep_mac: peer_mac(i),
         },
+        v6: None,
     })
 }
 
@@ -91,7 +92,7 @@ pub fn apply_times(counts: &[usize], object: &[u8]) -> anyhow::Result<ApplyTimes
                 name: name.into(),
                 vni,
                 port,
-                local: own.public_ip,
+                local: std::net::IpAddr::V4(own.public_ip),
                 underlay_index: ul.index,
                 mac,
                 mtu: 1450,

@@ -15,6 +15,8 @@ use rtnetlink::{Handle, IpVersion};
 
 use crate::{lease::mac::Mac, lease::subnet::Subnet};
 
+pub mod v6;
+
 /// What we know of a network interface.
 #[derive(Clone, Debug)]
 pub struct Link {
@@ -34,7 +36,8 @@ pub struct VtepSpec {
     pub name: String,
     pub vni: u32,
     pub port: u16,
-    pub local: Ipv4Addr,
+    /// flannel.<VNI>'s IPv4 or flannel-v6.<VNI>'s IPv6 underlay address.
+    pub local: IpAddr,
     pub underlay_index: u32,
     pub mac: Mac,
     pub mtu: u32,
@@ -269,13 +272,17 @@ impl Netlink {
                 }
             }
         } else {
-            self.handle
+            let add = self
+                .handle
                 .link()
                 .add()
                 .vxlan(spec.name.clone(), spec.vni)
-                .port(spec.port)
-                .local(spec.local)
-                .link(spec.underlay_index)
+                .port(spec.port);
+            let add = match spec.local {
+                IpAddr::V4(a) => add.local(a),
+                IpAddr::V6(a) => add.local6(a),
+            };
+            add.link(spec.underlay_index)
                 .learning(false)
                 .execute()
                 .await

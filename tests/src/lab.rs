@@ -4,7 +4,7 @@
 //! does, the kernel's VXLAN device programmed like flannel.1.
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -18,6 +18,8 @@ use crate::{agent_path, netns::Netns, object_path, sh, wait_for};
 pub const NETWORK: &str = "10.244.0.0/16";
 /// The one kernel route of the eBPF data path on flannel.1 for [`NETWORK`].
 pub const NETWORK_ROUTE: &str = "10.244.0.0/16 via 10.244.0.0 onlink";
+/// The IPv6 Network of the dual-stack labs (IPv6SubnetLen 64).
+pub const NETWORK6: &str = "fd00:10:244::/56";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
@@ -42,6 +44,11 @@ pub struct Node {
     pub public_ip: Ipv4Addr,
     pub subnet: Option<String>,
     pub vtep_mac: Option<String>,
+    /// Dual-stack labs: the underlay's IPv6 address, the IPv6 pod subnet,
+    /// flannel-v6.1's MAC.
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub subnet6: Option<String>,
+    pub vtep_mac6: Option<String>,
     pub pin_root: PathBuf,
     pub subnet_file: PathBuf,
     pub log: PathBuf,
@@ -63,6 +70,21 @@ impl Node {
             .parse()
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
         Ipv4Addr::from(u32::from(base) + 10)
+    }
+
+    /// The pod's IPv6 address: `<subnet6>::10`.
+    pub fn pod_ip6(&self) -> Ipv6Addr {
+        let base = self.subnet6_base();
+        Ipv6Addr::from(u128::from(base) + 0x10)
+    }
+
+    /// The IPv6 subnet's network address (flannel-v6's VTEP address).
+    pub fn subnet6_base(&self) -> Ipv6Addr {
+        self.subnet6
+            .as_deref()
+            .and_then(|s| s.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(Ipv6Addr::UNSPECIFIED)
     }
 
     pub fn subnet_base(&self) -> Ipv4Addr {
@@ -159,6 +181,8 @@ pub struct Lab {
     pub topology: Topology,
     pub fabric: Netns,
     pub nodes: Vec<Node>,
+    /// A dual-stack lab: IPv6 underlay, EnableIPv6 in net-conf.json, pods with both families.
+    pub ipv6: bool,
 }
 
 /// Underlay subnet (third octet) of node `i` in the routed topology; seed 000 uses 5, 8, 9.
@@ -172,12 +196,27 @@ fn routed_octet(i: usize) -> u8 {
 impl Lab {
     /// Namespaces are named `<prefix>-…`: give every test its own prefix.
     pub fn new(prefix: &str, topology: Topology, kinds: &[Kind]) -> anyhow::Result<Lab> {
+        Lab::build(prefix, topology, kinds, false)
+    }
+
+    /// A dual-stack lab: every node also has an IPv6 underlay address and
+    /// its pod an IPv6 address, net-conf.json has EnableIPv6 and [`NETWORK6`].
+    pub fn new_dual(prefix: &str, topology: Topology, kinds: &[Kind]) -> anyhow::Result<Lab> {
+        Lab::build(prefix, topology, kinds, true)
+    }
+
+    fn build(prefix: &str, topology: Topology, kinds: &[Kind], ipv6: bool) -> anyhow::Result<Lab> {
         let dir = std::env::temp_dir().join(format!("flannel-lab-{prefix}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("leases/subnets"))?;
+        let v6 = if ipv6 {
+            format!(r#","EnableIPv6":true,"IPv6Network":"{NETWORK6}""#)
+        } else {
+            String::new()
+        };
         fs::write(
             dir.join("leases/config"),
-            format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+            format!(r#"{{"Network":"{NETWORK}"{v6},"Backend":{{"Type":"vxlan"}}}}"#),
         )?;
         let fabric = Netns::new(&format!("{prefix}-fab"))?;
         let mut lab = Lab {
@@ -186,6 +225,7 @@ impl Lab {
             topology,
             fabric,
             nodes: Vec::new(),
+            ipv6,
         };
         match topology {
             Topology::Switched => {
@@ -194,6 +234,9 @@ impl Lab {
             }
             Topology::Routed => {
                 lab.fabric.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+                if ipv6 {
+                    lab.fabric.sh("sysctl -qw net.ipv6.conf.all.forwarding=1")?;
+                }
             }
         }
         for (i, kind) in kinds.iter().enumerate() {
@@ -232,6 +275,31 @@ impl Lab {
                 ip
             }
         };
+        let public_ipv6 = if self.ipv6 {
+            // No duplicate address detection: addresses usable at once.
+            let ip6 = match self.topology {
+                Topology::Switched => {
+                    let ip6 = Ipv6Addr::from(0xfc00_u128 << 112 | (0x11 + i as u128));
+                    ns.sh(&format!("ip -6 addr add {ip6}/64 dev eth0 nodad"))?;
+                    ip6
+                }
+                Topology::Routed => {
+                    let o = routed_octet(i) as u128;
+                    let net = 0xfc00_u128 << 112 | o << 80;
+                    let gw = Ipv6Addr::from(net | 1);
+                    self.fabric
+                        .sh(&format!("ip -6 addr add {gw}/64 dev {port} nodad"))?;
+                    let ip6 = Ipv6Addr::from(net | 0x10);
+                    ns.sh(&format!("ip -6 addr add {ip6}/64 dev eth0 nodad"))?;
+                    ns.sh(&format!("ip -6 route add default via {gw} dev eth0"))?;
+                    ip6
+                }
+            };
+            ns.sh("sysctl -qw net.ipv6.conf.all.forwarding=1")?;
+            Some(ip6)
+        } else {
+            None
+        };
         ns.sh("sysctl -qw net.ipv4.ip_forward=1")?;
         ns.sh("ip link add cni0 type bridge")?;
         ns.sh("ip link set cni0 up")?;
@@ -254,6 +322,9 @@ impl Lab {
             public_ip,
             subnet: None,
             vtep_mac: None,
+            public_ipv6,
+            subnet6: None,
+            vtep_mac6: None,
             pin_root,
             agent_args: Vec::new(),
             agent_env: Vec::new(),
@@ -339,6 +410,49 @@ impl Lab {
             .sh("cat /sys/class/net/flannel.1/address")
             .ok()
             .map(|mac| mac.trim().to_string());
+        if self.ipv6 {
+            let text = fs::read_to_string(&self.nodes[i].subnet_file)?;
+            let gw6 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+                .with_context(|| format!("no FLANNEL_IPV6_SUBNET in subnet.env:\n{text}"))?;
+            let (gw, len) = gw6.split_once('/').context("FLANNEL_IPV6_SUBNET")?;
+            let gw: Ipv6Addr = gw.parse()?;
+            let subnet6 = format!("{}/{len}", Ipv6Addr::from(u128::from(gw) - 1));
+            self.attach_pod6(i, &subnet6)?;
+            // The pod MTU the CNI plugin would give it (both families' smaller VTEP's).
+            if let Some(mtu) = text.lines().find_map(|l| l.strip_prefix("FLANNEL_MTU=")) {
+                self.nodes[i]
+                    .pod
+                    .sh(&format!("ip link set eth0 mtu {}", mtu.trim()))?;
+            }
+            self.nodes[i].vtep_mac6 = self.nodes[i]
+                .ns
+                .sh("cat /sys/class/net/flannel-v6.1/address")
+                .ok()
+                .map(|mac| mac.trim().to_string());
+        }
+        Ok(())
+    }
+
+    /// Give node `i`'s cni0 and pod their IPv6 addresses in `subnet6`.
+    fn attach_pod6(&mut self, i: usize, subnet6: &str) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        if node.subnet6.as_deref() == Some(subnet6) {
+            return Ok(());
+        }
+        node.subnet6 = Some(subnet6.to_string());
+        let gw = Ipv6Addr::from(u128::from(node.subnet6_base()) + 1);
+        node.ns.sh("ip -6 addr flush dev cni0 scope global")?;
+        node.ns
+            .sh(&format!("ip -6 addr add {gw}/64 dev cni0 nodad"))?;
+        node.pod.sh("ip -6 addr flush dev eth0 scope global")?;
+        node.pod.sh(&format!(
+            "ip -6 addr add {}/64 dev eth0 nodad",
+            node.pod_ip6()
+        ))?;
+        node.pod
+            .sh(&format!("ip -6 route replace default via {gw}"))?;
         Ok(())
     }
 
@@ -377,9 +491,9 @@ impl Lab {
         node.subnet = Some(subnet.to_string());
         let base = node.subnet_base();
         let gw = Ipv4Addr::from(u32::from(base) + 1);
-        node.ns.sh("ip addr flush dev cni0")?;
+        node.ns.sh("ip -4 addr flush dev cni0")?;
         node.ns.sh(&format!("ip addr add {gw}/24 dev cni0"))?;
-        node.pod.sh("ip addr flush dev eth0")?;
+        node.pod.sh("ip -4 addr flush dev eth0")?;
         node.pod
             .sh(&format!("ip addr add {}/24 dev eth0", node.pod_ip()))?;
         node.pod.sh(&format!("ip route add default via {gw}"))?;
@@ -411,6 +525,28 @@ impl Lab {
         }
         self.attach_pod(i, &subnet)?;
         self.nodes[i].vtep_mac = Some(mac);
+        if let Some(ip6) = self.nodes[i].public_ipv6 {
+            // flannel-v6.1 as flanneld creates it: the same VNI and port as
+            // flannel.1, on the underlay's IPv6 address, no RAs. flanneld asks
+            // for flannel.1's MTU (1450); the kernel caps a vxlan6 device at
+            // the underlay's MTU - 70, so it gets 1430.
+            let subnet6 = format!("fd00:10:244:{subnet_third_octet:x}::/64");
+            let mac6 = format!("02:42:8f:66:22:{:02x}", 0x10 * (i as u8 + 1));
+            let node = &self.nodes[i];
+            node.ns.sh(&format!(
+                "ip link add flannel-v6.1 type vxlan id 1 local {ip6} dev eth0 dstport 8472 nolearning"
+            ))?;
+            node.ns
+                .sh("sysctl -qw net.ipv6.conf.flannel-v6/1.accept_ra=0")?;
+            node.ns.sh(&format!(
+                "ip link set flannel-v6.1 address {mac6} mtu 1430 up"
+            ))?;
+            node.ns.sh(&format!(
+                "ip -6 addr add fd00:10:244:{subnet_third_octet:x}::/128 dev flannel-v6.1 nodad"
+            ))?;
+            self.attach_pod6(i, &subnet6)?;
+            self.nodes[i].vtep_mac6 = Some(mac6);
+        }
         Ok(())
     }
 
@@ -419,6 +555,14 @@ impl Lab {
         let n = &self.nodes[i];
         let subnet = n.subnet.as_deref().context("node has no subnet")?;
         let mac = n.vtep_mac.as_deref().context("node has no VtepMAC")?;
+        if let (Some(ip6), Some(subnet6), Some(mac6)) = (n.public_ipv6, &n.subnet6, &n.vtep_mac6) {
+            let value = format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":"{ip6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#,
+                n.public_ip
+            );
+            let key = format!("{}&{}", subnet.replace('/', "-"), subnet6.replace('/', "-"));
+            return Ok((key, value));
+        }
         let value = format!(
             r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
             n.public_ip
@@ -479,9 +623,46 @@ impl Lab {
                 n.ns.sh(&format!(
                     "ip route replace {subnet} via {vtep} dev flannel.1 onlink"
                 ))?;
+                // flannel-v6.1, in the same order (dual-stack nodes).
+                if let (Some(subnet6), Some(mac6), Some(ip6), true) =
+                    (&p.subnet6, &p.vtep_mac6, p.public_ipv6, n.subnet6.is_some())
+                {
+                    let vtep6 = p.subnet6_base();
+                    n.ns.sh(&format!(
+                        "ip -6 neigh replace {vtep6} lladdr {mac6} dev flannel-v6.1 nud permanent"
+                    ))?;
+                    n.ns.sh(&format!(
+                        "bridge fdb replace {mac6} dev flannel-v6.1 dst {ip6} self permanent"
+                    ))?;
+                    n.ns.sh(&format!(
+                        "ip -6 route replace {subnet6} via {vtep6} dev flannel-v6.1 onlink"
+                    ))?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Every node's and pod's IPv6 tables, for a failure message.
+    pub fn ipv6_tables(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            for c in [
+                "ip -6 addr",
+                "ip -6 route",
+                "ip -6 neigh",
+                "bridge fdb show dev flannel-v6.1",
+                "ip -s link show flannel-v6.1",
+            ] {
+                let text = n.ns.sh(c).unwrap_or_else(|e| e.to_string());
+                out += &format!("# {} {c}\n{text}\n", n.name);
+            }
+            for c in ["ip -6 addr", "ip -6 route", "ip -6 neigh"] {
+                let text = n.pod.sh(c).unwrap_or_else(|e| e.to_string());
+                out += &format!("# {} pod {c}\n{text}\n", n.name);
+            }
+        }
+        out
     }
 
     /// Wait until node `i`'s agent has `n` entries in its FDB map.

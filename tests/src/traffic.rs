@@ -1,7 +1,7 @@
 //! Traffic between pods: ping counts and TCP transfers whose content is checked.
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -11,7 +11,13 @@ use anyhow::{Context, bail};
 use crate::netns::Netns;
 
 /// `ping` from inside `ns`: (sent, received). Bounded by count and deadline.
-pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32, interval: f32) -> anyhow::Result<(u32, u32)> {
+pub fn ping(
+    ns: &Netns,
+    dst: impl Into<IpAddr>,
+    count: u32,
+    interval: f32,
+) -> anyhow::Result<(u32, u32)> {
+    let dst: IpAddr = dst.into();
     // Bounded by -c and -W (no -w: with it ping sends until it has -c replies).
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.name, "ping", "-n", "-q"])
@@ -40,7 +46,8 @@ fn parse_ping(text: &str) -> anyhow::Result<(u32, u32)> {
 }
 
 /// Ping until `dst` answers once (bounded), e.g. after set-up.
-pub fn wait_reachable(ns: &Netns, dst: Ipv4Addr, timeout: Duration) -> anyhow::Result<()> {
+pub fn wait_reachable(ns: &Netns, dst: impl Into<IpAddr>, timeout: Duration) -> anyhow::Result<()> {
+    let dst: IpAddr = dst.into();
     crate::wait_for(
         &format!("{dst} to answer from {}", ns.name),
         timeout,
@@ -115,17 +122,23 @@ fn accept_within(l: &TcpListener, limit: Duration) -> anyhow::Result<TcpStream> 
 pub fn tcp_exchange(
     client: &Netns,
     server: &Netns,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
     len: usize,
 ) -> anyhow::Result<()> {
+    let server_ip: IpAddr = server_ip.into();
+    // Bound to the server address's family's wildcard.
+    let any: IpAddr = match server_ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
     let up = payload(len, 0x1234_5678 ^ port as u32);
     let down = payload(len, 0x8765_4321 ^ port as u32);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let srv = s.spawn(|| -> anyhow::Result<()> {
             server.run(|| -> anyhow::Result<()> {
-                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("bind")?;
+                let l = TcpListener::bind((any, port)).context("bind")?;
                 let _ = ready_tx.send(());
                 let mut c = accept_within(&l, Duration::from_secs(15))?;
                 c.set_read_timeout(Some(Duration::from_secs(20)))?;

@@ -265,7 +265,12 @@ fn a_thousand_lease_cycles_leave_other_peers_and_counters_alone() {
     within_a_second(&lab, "the churned peer back", |l| {
         peer_json(l, "10.1.5.99").is_some()
     });
-    let _ = ping(&lab.nodes[0].pod, "10.244.9.5".parse().unwrap(), 5, 0.02);
+    let _ = ping(
+        &lab.nodes[0].pod,
+        "10.244.9.5".parse::<std::net::Ipv4Addr>().unwrap(),
+        5,
+        0.02,
+    );
     let old = peer_json(&lab, "10.1.5.99").unwrap();
     assert!(old["tx_packets"].as_u64().unwrap() >= 5, "{old}");
     // ...leaves while another arrives, in one pass: the newcomer starts at zero.

@@ -15,7 +15,7 @@ const PORT: u16 = 5555;
 
 /// A named guard counter on node `n`, as `show stats` reads it.
 fn guard_counter(n: &Node, name: &str) -> u64 {
-    n.ns.run(flannel_agent::node::guard::counters)
+    n.ns.run(|| flannel_agent::node::guard::counters("ip"))
         .unwrap_or_default()
         .get(name)
         .map_or(0, |(packets, _)| *packets)

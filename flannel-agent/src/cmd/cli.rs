@@ -189,6 +189,10 @@ pub struct RunArgs {
     /// This node's public IP; default: the underlay interface's first IPv4 address.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+    /// This node's public IPv6 address (EnableIPv6); default: the underlay
+    /// interface's first global IPv6 address.
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// File for the flannel CNI plugin.
     #[arg(
         long,

@@ -139,6 +139,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(object),
     )
     .await?;
+    let mut setup = setup;
+    setup.v6 = set_up_v6(&conf, &nl, &joined, &snap, guarded).await?;
     sysctl::warn_if_not_forwarding();
     let mut running = first_passes(&args, &conf, &nl, &joined, setup, guard, &snap).await?;
     drop(snap);
@@ -238,17 +240,143 @@ async fn join(
             vtep_mac: stable_vtep_mac(nl, source, &vtep_name, public_ip).await?,
         },
     };
-    let previous = subnet_env::previous_subnet(&args.subnet_file);
-    let subnet = source.acquire(conf, public_ip, backend, previous).await?;
+    let v6 = match &conf.ipv6 {
+        None => None,
+        Some(_) => Some(join_v6(args, conf, nl, source, &underlay, backend).await?),
+    };
+    let want = crate::source::Want {
+        public_ip,
+        backend,
+        v6,
+        previous: subnet_env::previous_subnet(&args.subnet_file),
+        previous6: subnet_env::previous_subnet6(&args.subnet_file),
+    };
+    let own = source.acquire(conf, &want).await?;
     Ok(Joined {
         underlay,
         vtep_name,
-        own: Lease {
-            subnet,
-            public_ip,
-            backend,
-        },
+        own,
     })
+}
+
+/// EnableIPv6: our public IPv6 address (`--public-ipv6`, else the underlay's
+/// first global IPv6 address) and flannel-v6's MAC, kept across restarts
+/// like flannel.1's.
+async fn join_v6(
+    args: &RunArgs,
+    conf: &crate::lease::netconf::NetConf,
+    nl: &Netlink,
+    source: &mut LeaseSource,
+    underlay: &underlay::Underlay,
+    backend: LeaseBackend,
+) -> anyhow::Result<(std::net::Ipv6Addr, Option<Mac>)> {
+    if backend == LeaseBackend::HostGw {
+        bail!(
+            "EnableIPv6 with Backend.Type host-gw is not supported by flannel-ebpf yet (vxlan is)"
+        );
+    }
+    let ip6 = match args.public_ipv6 {
+        Some(ip) => ip,
+        None => nl
+            .ipv6_addrs(underlay.link.index)
+            .await?
+            .first()
+            .map(|(ip, _)| *ip)
+            .with_context(|| {
+                format!(
+                    "EnableIPv6 is true but {} has no global IPv6 address; give one with --public-ipv6",
+                    underlay.link.name
+                )
+            })?,
+    };
+    crate::lease::parse_public_ipv6(&ip6.to_string()).context("--public-ipv6")?;
+    let name = crate::node::overlay6::vtep_name(conf.backend.vni);
+    let existing = nl
+        .link_by_name(&name)
+        .await?
+        .filter(|l| l.vxlan.is_some())
+        .and_then(|l| l.mac);
+    let leased = source
+        .lease_of(underlay.public_ip)
+        .await?
+        .and_then(|l| l.v6)
+        .and_then(|v6| v6.vtep_mac);
+    let mac = existing
+        .or(leased)
+        .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf-v6/{ip6}").as_bytes()));
+    Ok((ip6, Some(mac)))
+}
+
+/// The IPv6 half of a dual-stack node (EnableIPv6): the guard's ip6 table
+/// first (before flannel-v6's socket can exist), then flannel-v6.<VNI> as
+/// flanneld configures it, and its first pass. Returns the IPv6 VTEP's MTU.
+async fn set_up_v6(
+    conf: &crate::lease::netconf::NetConf,
+    nl: &Netlink,
+    joined: &Joined,
+    snap: &Snapshot,
+    guarded: bool,
+) -> anyhow::Result<
+    Option<(
+        crate::node::overlay6::Overlay6,
+        Option<crate::node::guard::Guard>,
+        u32,
+    )>,
+> {
+    use crate::node::overlay6;
+    let (Some(c6), Some(v6)) = (&conf.ipv6, joined.own.v6) else {
+        crate::node::guard::remove6();
+        return Ok(None);
+    };
+    let mac = v6
+        .vtep_mac
+        .context("our IPv6 lease has no flannel-v6 VtepMAC")?;
+    let underlay = &joined.underlay;
+    let mut o6 = overlay6::Overlay6::new(0, v6, c6.clone());
+    let guard = if guarded {
+        let mut g = crate::node::guard::Guard::new(crate::node::guard::Spec {
+            port: conf.backend.port,
+            public_ip: std::net::IpAddr::V6(v6.public_ip),
+            underlay: underlay.link.name.clone(),
+        });
+        g.set_members(
+            o6.members(snap.leases.values())
+                .into_iter()
+                .map(std::net::IpAddr::V6)
+                .collect(),
+        )
+        .context("installing the IPv6 membership guard (nftables)")?;
+        Some(g)
+    } else {
+        crate::node::guard::remove6();
+        None
+    };
+    let mtu = underlay.link.mtu.saturating_sub(overlay6::VXLAN6_OVERHEAD);
+    let name = overlay6::vtep_name(conf.backend.vni);
+    let vtep = nl
+        .ensure_vtep(&VtepSpec {
+            name: name.clone(),
+            vni: conf.backend.vni,
+            port: conf.backend.port,
+            local: std::net::IpAddr::V6(v6.public_ip),
+            underlay_index: underlay.link.index,
+            mac,
+            mtu,
+        })
+        .await?;
+    sysctl::refuse_router_advertisements(&name)?;
+    nl.ensure_only_addr6(vtep.index, v6.subnet.vtep_addr())
+        .await?;
+    sysctl::warn_if_not_forwarding6();
+    o6.index = vtep.index;
+    o6.sync(nl, snap.leases.values()).await?;
+    log::info!(
+        "IPv6: lease {}, VTEP {name} {}/128 {mac} MTU {mtu} on {} (the kernel's VXLAN data path)",
+        v6.subnet,
+        v6.subnet.vtep_addr(),
+        v6.public_ip
+    );
+    Ok(Some((o6, guard, mtu)))
 }
 
 /// The guard before flannel.1's socket can exist (a fresh node) or is taken
@@ -262,14 +390,14 @@ fn install_guard(
     let public_ip = joined.own.public_ip;
     let mut g = crate::node::guard::Guard::new(crate::node::guard::Spec {
         port: conf.backend.port,
-        public_ip,
+        public_ip: std::net::IpAddr::V4(public_ip),
         underlay: joined.underlay.link.name.clone(),
     });
     g.set_members(
         snap.leases
             .values()
             .filter(|l| l.public_ip != public_ip && l.backend.vtep_mac().is_some())
-            .map(|l| l.public_ip)
+            .map(|l| std::net::IpAddr::V4(l.public_ip))
             .collect(),
     )
     .context("installing the membership guard (nftables)")?;
@@ -302,7 +430,10 @@ async fn first_passes(
     let (subnet, public_ip, backend) =
         (joined.own.subnet, joined.own.public_ip, joined.own.backend);
     let (underlay, vtep_name) = (&joined.underlay, &joined.vtep_name);
-    let (mtu, vtep) = (setup.mtu, setup.vtep);
+    let vtep = setup.vtep;
+    // One MTU for the pods, both families: the smaller VTEP's.
+    let mtu = setup.v6.as_ref().map_or(setup.mtu, |v| setup.mtu.min(v.2));
+    let v6 = setup.v6.map(|(o6, g6, _)| (o6, g6));
     let (mut tables, loaded) = setup.ebpf.unzip();
     let own = Own {
         subnet,
@@ -355,6 +486,7 @@ async fn first_passes(
         applied: None,
         maps: None,
         guard,
+        v6,
     };
     let first = Instant::now();
     state.sync(snap, &own, tables.as_mut(), nl, false).await?;
@@ -480,7 +612,16 @@ async fn announce(
     }
     subnet_env::write(
         &args.subnet_file,
-        &subnet_env::render(conf.network, subnet, mtu, args.ip_masq),
+        &subnet_env::render(
+            conf.network,
+            subnet,
+            conf.ipv6
+                .as_ref()
+                .zip(joined.own.v6)
+                .map(|(c6, v6)| (c6.network, v6.subnet)),
+            mtu,
+            args.ip_masq,
+        ),
     )?;
     source.ready().await?;
     health.set_ready();
@@ -641,6 +782,12 @@ struct NodeSetup {
     vtep: Option<u32>,
     /// The eBPF data path: its maps, and its programs loaded but not attached yet.
     ebpf: Option<(Tables, datapath::Loaded)>,
+    /// The IPv6 half (EnableIPv6): flannel-v6, its guard and its MTU.
+    v6: Option<(
+        crate::node::overlay6::Overlay6,
+        Option<crate::node::guard::Guard>,
+        u32,
+    )>,
 }
 
 /// Set the node up for its backend: nothing but a check for host-gw; for
@@ -675,6 +822,7 @@ async fn set_up_node(
                 mtu: conf.backend.mtu.unwrap_or(underlay.link.mtu),
                 vtep: None,
                 ebpf: None,
+                v6: None,
             }
         }
         LeaseBackend::Vxlan { vtep_mac } => {
@@ -691,7 +839,7 @@ async fn set_up_node(
                     name: vtep_name.to_string(),
                     vni: conf.backend.vni,
                     port: conf.backend.port,
-                    local: public_ip,
+                    local: std::net::IpAddr::V4(public_ip),
                     underlay_index: underlay.link.index,
                     mac: vtep_mac,
                     mtu,
@@ -760,6 +908,7 @@ async fn set_up_node(
                 mtu,
                 vtep: Some(vtep.index),
                 ebpf: tables,
+                v6: None,
             }
         }
     })
@@ -895,6 +1044,11 @@ struct SyncState {
     maps: Option<MapView>,
     /// The nftables guard of the kernel's VXLAN socket (eBPF data path).
     guard: Option<crate::node::guard::Guard>,
+    /// The IPv6 half (EnableIPv6): flannel-v6's tables and its guard.
+    v6: Option<(
+        crate::node::overlay6::Overlay6,
+        Option<crate::node::guard::Guard>,
+    )>,
 }
 
 impl SyncState {
@@ -968,10 +1122,13 @@ impl SyncState {
         let fdb_changed = self.applied.as_ref().is_none_or(|a| a.fdb != want.fdb);
         if let Some(g) = self.guard.as_mut().filter(|_| fdb_changed) {
             // Members are the nodes in the FDB: the ones we take VXLAN from.
-            g.set_members(want.fdb.values().copied().collect())
-                .context(
-                    "the membership guard (nftables; --membership-guard=false to go without)",
-                )?;
+            g.set_members(
+                want.fdb
+                    .values()
+                    .map(|ip| std::net::IpAddr::V4(*ip))
+                    .collect(),
+            )
+            .context("the membership guard (nftables; --membership-guard=false to go without)")?;
         }
         if outcome.changes > 0 {
             log::debug!(
@@ -982,6 +1139,20 @@ impl SyncState {
         }
         self.last = snap.clone();
         self.applied = Some(want);
+        if let Some((o6, guard6)) = self.v6.as_mut() {
+            o6.sync(nl, snap.leases.values())
+                .await
+                .context("flannel-v6's tables")?;
+            if let Some(g) = guard6 {
+                g.set_members(
+                    o6.members(snap.leases.values())
+                        .into_iter()
+                        .map(std::net::IpAddr::V6)
+                        .collect(),
+                )
+                .context("the IPv6 membership guard (nftables)")?;
+            }
+        }
         if !outcome.errors.is_empty() {
             bail!("{} table updates failed", outcome.errors.len());
         }

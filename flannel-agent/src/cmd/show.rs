@@ -194,23 +194,30 @@ pub fn render(root: &Path, view: View, as_json: bool) -> anyhow::Result<String> 
                     )
                 })
                 .collect();
-            // The membership guard's drops at the kernel's socket, by reason.
-            let guard = crate::node::guard::counters();
-            if !guard.is_empty() {
-                writeln!(s, "\nguard (nftables table {}):", crate::node::guard::TABLE)?;
-            }
-            for (name, (packets, bytes)) in guard {
-                writeln!(
-                    s,
-                    "{:<32} {:>12} {:>14}",
-                    format!("guard_{name}"),
-                    packets,
-                    bytes
-                )?;
-                m.insert(
-                    format!("guard_{name}"),
-                    json!({"packets": packets, "bytes": bytes}),
-                );
+            // The membership guard's drops at the kernel's sockets, by reason
+            // (guard6_*: flannel-v6's socket on a dual-stack node).
+            for (family, prefix) in [("ip", "guard"), ("ip6", "guard6")] {
+                let guard = crate::node::guard::counters(family);
+                if !guard.is_empty() {
+                    writeln!(
+                        s,
+                        "\nguard (nftables table {family} {}):",
+                        crate::node::guard::TABLE
+                    )?;
+                }
+                for (name, (packets, bytes)) in guard {
+                    writeln!(
+                        s,
+                        "{:<32} {:>12} {:>14}",
+                        format!("{prefix}_{name}"),
+                        packets,
+                        bytes
+                    )?;
+                    m.insert(
+                        format!("{prefix}_{name}"),
+                        json!({"packets": packets, "bytes": bytes}),
+                    );
+                }
             }
             json!(m)
         }

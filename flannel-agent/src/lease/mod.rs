@@ -2,14 +2,15 @@
 pub mod mac;
 pub mod netconf;
 pub mod subnet;
+pub mod subnet6;
 pub mod subnet_env;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{lease::mac::Mac, lease::subnet::Subnet};
+use crate::{lease::mac::Mac, lease::subnet::Subnet, lease::subnet6::Subnet6};
 
 /// Flannel's lease value, with its exact key names.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -26,6 +27,12 @@ pub struct LeaseAttrs {
     pub backend_type: String,
     #[serde(rename = "BackendData", default)]
     pub backend_data: Option<serde_json::Value>,
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -77,6 +84,25 @@ pub struct Lease {
     pub subnet: Subnet,
     pub public_ip: Ipv4Addr,
     pub backend: LeaseBackend,
+    /// The IPv6 half of a dual-stack lease (`PublicIPv6`, `BackendV6Data`).
+    pub v6: Option<LeaseV6>,
+}
+
+/// A node's IPv6 subnet, underlay address and flannel-v6 VTEP MAC (None: host-gw).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseV6 {
+    pub subnet: Subnet6,
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: Option<Mac>,
+}
+
+/// A lease's name in a store, as flanneld's MakeSubnetKey writes it:
+/// `10.244.1.0-24`, or `10.244.1.0-24&fd00:1::-64` for a dual-stack lease.
+pub fn parse_key(key: &str) -> anyhow::Result<(Subnet, Option<Subnet6>)> {
+    match key.split_once('&') {
+        None => Ok((Subnet::from_key(key)?, None)),
+        Some((v4, v6)) => Ok((Subnet::from_key(v4)?, Some(Subnet6::from_key(v6)?))),
+    }
 }
 
 impl Lease {
@@ -84,15 +110,62 @@ impl Lease {
     /// Returns Ok(None) for leases of backends we do not speak (udp,
     /// wireguard, …), which peers ignore as flanneld does. Whether a vxlan or
     /// host-gw lease suits this node's backend is the reconciler's call.
-    pub fn parse(subnet: Subnet, value: &[u8]) -> anyhow::Result<Option<Lease>> {
+    pub fn parse(key: &str, value: &[u8]) -> anyhow::Result<Option<Lease>> {
+        let (subnet, subnet6) = parse_key(key)?;
         let attrs: LeaseAttrs =
             serde_json::from_slice(value).context("lease is not Flannel's lease JSON")?;
-        Lease::from_parts(
+        let Some(lease) = Lease::from_parts(
             subnet,
             &attrs.backend_type,
             &attrs.public_ip,
             attrs.backend_data,
-        )
+        )?
+        else {
+            return Ok(None);
+        };
+        // As flanneld: the key says whether the lease is dual-stack.
+        match subnet6 {
+            None => Ok(Some(lease)),
+            Some(s6) => lease
+                .with_v6(s6, attrs.public_ipv6.as_deref(), attrs.backend_v6_data)
+                .map(Some),
+        }
+    }
+
+    /// The store key naming this lease.
+    pub fn key(&self) -> String {
+        match &self.v6 {
+            None => self.subnet.to_key(),
+            Some(v6) => format!("{}&{}", self.subnet.to_key(), v6.subnet.to_key()),
+        }
+    }
+
+    /// Add the IPv6 half: the subnet from the key (or podCIDRs), the address
+    /// from `PublicIPv6`, the VtepMAC from `BackendV6Data` (vxlan only).
+    pub fn with_v6(
+        mut self,
+        subnet: Subnet6,
+        public_ipv6: Option<&str>,
+        backend_v6_data: Option<serde_json::Value>,
+    ) -> anyhow::Result<Lease> {
+        let text =
+            public_ipv6.with_context(|| format!("IPv6 subnet {subnet} has no PublicIPv6"))?;
+        let public_ip = parse_public_ipv6(text)?;
+        let vtep_mac = match self.backend {
+            LeaseBackend::HostGw => None,
+            LeaseBackend::Vxlan { .. } => {
+                let data = backend_v6_data
+                    .filter(|d| !d.is_null())
+                    .with_context(|| format!("IPv6 subnet {subnet} has no BackendV6Data"))?;
+                Some(vxlan_vtep_mac(data).context("BackendV6Data")?)
+            }
+        };
+        self.v6 = Some(LeaseV6 {
+            subnet,
+            public_ip,
+            vtep_mac,
+        });
+        Ok(self)
     }
 
     /// Whether a lease of this BackendType is one we can route to (others —
@@ -129,22 +202,20 @@ impl Lease {
             subnet,
             public_ip,
             backend,
+            v6: None,
         }))
     }
 
     /// The JSON flanneld writes for a lease of this backend (host-gw's
     /// BackendData is null, as flanneld's empty one serializes).
     pub fn to_json(&self, vni: u32) -> String {
+        let data = |mac: Mac| serde_json::json!({ "VNI": vni, "VtepMAC": mac.to_string() });
         let attrs = LeaseAttrs {
             public_ip: self.public_ip.to_string(),
-            public_ipv6: None,
+            public_ipv6: self.v6.map(|v6| v6.public_ip.to_string()),
             backend_type: self.backend.type_name().into(),
-            backend_data: self.backend.vtep_mac().map(|mac| {
-                serde_json::json!({
-                    "VNI": vni,
-                    "VtepMAC": mac.to_string(),
-                })
-            }),
+            backend_data: self.backend.vtep_mac().map(data),
+            backend_v6_data: self.v6.and_then(|v6| v6.vtep_mac).map(data),
         };
         // Serializing plain strings and numbers cannot fail.
         serde_json::to_string(&attrs).unwrap_or_default()
@@ -162,6 +233,17 @@ pub fn parse_public_ip(text: &str) -> anyhow::Result<Ipv4Addr> {
     Ok(ip)
 }
 
+/// A lease's PublicIPv6, which must be a usable unicast IPv6 address.
+pub fn parse_public_ipv6(text: &str) -> anyhow::Result<Ipv6Addr> {
+    let ip: Ipv6Addr = text
+        .parse()
+        .with_context(|| format!("PublicIPv6 {text:?} is not an IPv6 address"))?;
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        bail!("PublicIPv6 {ip} cannot be a node address");
+    }
+    Ok(ip)
+}
+
 /// The VtepMAC of a vxlan lease's BackendData.
 pub fn vxlan_vtep_mac(data: serde_json::Value) -> anyhow::Result<Mac> {
     let data: VxlanBackendData =
@@ -175,51 +257,78 @@ pub fn vxlan_vtep_mac(data: serde_json::Value) -> anyhow::Result<Mac> {
 mod tests {
     use super::*;
 
-    fn subnet() -> Subnet {
-        Subnet::from_key("10.244.1.0-24").unwrap()
-    }
+    const KEY: &str = "10.244.1.0-24";
 
     #[test]
     fn parses_flanneld_json() {
         let v = br#"{"PublicIP":"172.18.0.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#;
-        let l = Lease::parse(subnet(), v).unwrap().unwrap();
+        let l = Lease::parse(KEY, v).unwrap().unwrap();
         assert_eq!(l.public_ip, Ipv4Addr::new(172, 18, 0, 3));
         assert_eq!(
             l.backend.vtep_mac().map(|m| m.to_string()).as_deref(),
             Some("e6:7c:02:8e:e8:7e")
         );
-        let round = Lease::parse(subnet(), l.to_json(1).as_bytes())
-            .unwrap()
-            .unwrap();
+        let round = Lease::parse(KEY, l.to_json(1).as_bytes()).unwrap().unwrap();
         assert_eq!(round, l);
     }
 
     #[test]
     fn host_gw_leases_as_flanneld_writes_them() {
         let v = br#"{"PublicIP":"172.18.0.3","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#;
-        let l = Lease::parse(subnet(), v).unwrap().unwrap();
+        let l = Lease::parse(KEY, v).unwrap().unwrap();
         assert_eq!(l.backend, LeaseBackend::HostGw);
         assert_eq!(
             l.to_json(1),
             r#"{"PublicIP":"172.18.0.3","BackendType":"host-gw","BackendData":null}"#
         );
         let bare = br#"{"PublicIP":"172.18.0.3","BackendType":"host-gw"}"#;
-        assert_eq!(Lease::parse(subnet(), bare).unwrap(), Some(l));
+        assert_eq!(Lease::parse(KEY, bare).unwrap(), Some(l));
         let bad = br#"{"PublicIP":"0.0.0.0","BackendType":"host-gw"}"#;
-        assert!(Lease::parse(subnet(), bad).is_err());
+        assert!(Lease::parse(KEY, bad).is_err());
+    }
+
+    #[test]
+    fn dual_stack_leases_as_flanneld_writes_them() {
+        let v = br#"{"PublicIP":"172.18.0.3","PublicIPv6":"fc00:f853:ccd:e793::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"},"BackendV6Data":{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}}"#;
+        let key = "10.244.1.0-24&fd00:10:244:1::-64";
+        let l = Lease::parse(key, v).unwrap().unwrap();
+        let v6 = l.v6.unwrap();
+        assert_eq!(v6.subnet.to_string(), "fd00:10:244:1::/64");
+        assert_eq!(v6.public_ip.to_string(), "fc00:f853:ccd:e793::3");
+        assert_eq!(
+            v6.vtep_mac.map(|m| m.to_string()).as_deref(),
+            Some("9a:1b:2c:3d:4e:5f")
+        );
+        assert_eq!(l.key(), key);
+        assert_eq!(Lease::parse(key, l.to_json(1).as_bytes()).unwrap(), Some(l));
+        // A v4 key ignores the IPv6 attributes (flanneld: EnableIPv6 comes from the key).
+        assert_eq!(Lease::parse(KEY, v).unwrap().unwrap().v6, None);
+        // The key names an IPv6 subnet the value does not back up: unusable, said why.
+        for (bad, why) in [
+            (&br#"{"PublicIP":"172.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#[..], "PublicIPv6"),
+            (br#"{"PublicIP":"172.18.0.3","PublicIPv6":"fc00::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#, "BackendV6Data"),
+            (br#"{"PublicIP":"172.18.0.3","PublicIPv6":"172.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"},"BackendV6Data":{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}}"#, "IPv6"),
+            (br#"{"PublicIP":"172.18.0.3","PublicIPv6":"ff02::1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"},"BackendV6Data":{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}}"#, "node address"),
+        ] {
+            let err = format!("{:#}", Lease::parse(key, bad).unwrap_err());
+            assert!(err.contains(why), "{err}");
+        }
+        for bad_key in ["10.244.1.0-24&", "10.244.1.0-24&fd00::5-64", "fd00::-64"] {
+            assert!(Lease::parse(bad_key, v).is_err(), "{bad_key}");
+        }
     }
 
     #[test]
     fn ignores_other_backends_and_rejects_garbage() {
         let udp = br#"{"PublicIP":"172.18.0.3","BackendType":"udp","BackendData":null}"#;
-        assert!(Lease::parse(subnet(), udp).unwrap().is_none());
+        assert!(Lease::parse(KEY, udp).unwrap().is_none());
         for bad in [
             &b"{"[..],
             br#"{"PublicIP":"x","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#,
             br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#,
             br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#,
         ] {
-            assert!(Lease::parse(subnet(), bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(Lease::parse(KEY, bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Map, Value};
 
-use crate::lease::subnet::Subnet;
+use crate::lease::{subnet::Subnet, subnet6::Subnet6};
 use flannel_ebpf_common::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -13,6 +13,17 @@ pub struct NetConf {
     pub subnet_min: Subnet,
     pub subnet_max: Subnet,
     pub backend: Backend,
+    /// `EnableIPv6`: the IPv6 half of a dual-stack overlay.
+    pub ipv6: Option<NetConf6>,
+}
+
+/// `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin/Max`, with flanneld's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetConf6 {
+    pub network: Subnet6,
+    pub subnet_len: u8,
+    pub subnet_min: Subnet6,
+    pub subnet_max: Subnet6,
 }
 
 /// Backend.Type: the backends flannel-ebpf speaks.
@@ -111,11 +122,15 @@ impl NetConf {
         let Value::Object(obj) = lowercase_keys(v) else {
             bail!("net-conf.json is not a JSON object");
         };
-        if boolean(&obj, "EnableIPv6")?.unwrap_or(false) {
-            bail!("EnableIPv6: IPv6 is not supported by flannel-ebpf yet; set it to false");
-        }
+        let ipv6 = if boolean(&obj, "EnableIPv6")?.unwrap_or(false) {
+            Some(NetConf6::parse(&obj)?)
+        } else {
+            None
+        };
         if !boolean(&obj, "EnableIPv4")?.unwrap_or(true) {
-            bail!("EnableIPv4: flannel-ebpf needs IPv4 enabled");
+            bail!(
+                "EnableIPv4: IPv6-only clusters are not supported by flannel-ebpf yet (dual-stack is: keep EnableIPv4 true)"
+            );
         }
         let network =
             subnet(&obj, "Network")?.context("Network: missing (e.g. \"10.244.0.0/16\")")?;
@@ -165,7 +180,118 @@ impl NetConf {
             subnet_min,
             subnet_max,
             backend,
+            ipv6,
         })
+    }
+}
+
+fn subnet6(obj: &Map<String, Value>, name: &str) -> anyhow::Result<Option<Subnet6>> {
+    field(obj, name)
+        .map(|v| {
+            let s = v
+                .as_str()
+                .ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
+            s.parse::<Subnet6>()
+                .with_context(|| format!("{name}: {s:?}"))
+        })
+        .transpose()
+}
+
+fn address6(obj: &Map<String, Value>, name: &str) -> anyhow::Result<Option<std::net::Ipv6Addr>> {
+    field(obj, name)
+        .map(|v| {
+            let s = v
+                .as_str()
+                .ok_or_else(|| anyhow!("{name}: {v} is not a string"))?;
+            s.parse()
+                .with_context(|| format!("{name}: {s:?} is not an IPv6 address"))
+        })
+        .transpose()
+}
+
+impl NetConf6 {
+    /// As flanneld's CheckNetworkConfig: IPv6SubnetLen defaults to 64 (or the
+    /// network's length + 2 for networks longer than /62), at most 126, and
+    /// leaves at least four subnets; SubnetMin defaults to the second subnet
+    /// and SubnetMax to the last; both on a subnet boundary inside the network.
+    fn parse(obj: &Map<String, Value>) -> anyhow::Result<NetConf6> {
+        let network = subnet6(obj, "IPv6Network")?
+            .context("IPv6Network: missing while EnableIPv6 is true (e.g. \"fd00:10:244::/56\")")?;
+        let plen = network.prefix_len();
+        let subnet_len = match uint(obj, "IPv6SubnetLen", 128)? {
+            Some(n) if n > 0 => {
+                let n = n as u8;
+                if n > 126 {
+                    bail!("IPv6SubnetLen: {n} must be at most 126");
+                }
+                if n < plen.saturating_add(2) {
+                    bail!(
+                        "IPv6SubnetLen: {n} leaves fewer than four subnets in IPv6Network {network}"
+                    );
+                }
+                n
+            }
+            _ if plen > 124 => {
+                bail!("IPv6Network: {network} is too small (the longest useful prefix is /124)")
+            }
+            _ if plen <= 62 => 64,
+            _ => plen + 2,
+        };
+        let first = Subnet6::containing(network.addr(), subnet_len).context("IPv6SubnetLen")?;
+        let step = 1u128 << (128 - subnet_len);
+        let last = Subnet6::containing(
+            std::net::Ipv6Addr::from(
+                u128::from(network.addr()) | (u128::MAX >> plen.min(127)) & !(step - 1),
+            ),
+            subnet_len,
+        )?;
+        let bound = |name: &str, default: Subnet6| -> anyhow::Result<Subnet6> {
+            let Some(ip) = address6(obj, name)? else {
+                return Ok(default);
+            };
+            if !network.contains(ip) {
+                bail!("{name}: {ip} is outside IPv6Network {network}");
+            }
+            Subnet6::new(ip, subnet_len)
+                .with_context(|| format!("{name}: {ip} is not on a /{subnet_len} boundary"))
+        };
+        let subnet_min = bound("IPv6SubnetMin", first.next().unwrap_or(first))?;
+        let subnet_max = bound("IPv6SubnetMax", last)?;
+        if subnet_max < subnet_min {
+            bail!(
+                "IPv6SubnetMax: {} is below IPv6SubnetMin {}",
+                subnet_max.addr(),
+                subnet_min.addr()
+            );
+        }
+        Ok(NetConf6 {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+        })
+    }
+
+    /// Whether `s` is a subnet a node may lease.
+    pub fn is_leasable(&self, s: &Subnet6) -> bool {
+        s.prefix_len() == self.subnet_len && *s >= self.subnet_min && *s <= self.subnet_max
+    }
+
+    /// The first `limit` free leasable subnets from SubnetMin, as flanneld's
+    /// allocator lists them before picking one at random.
+    pub fn free(&self, taken: &[Subnet6], limit: usize) -> Vec<Subnet6> {
+        let mut out = Vec::new();
+        let mut s = Some(self.subnet_min);
+        while let Some(c) = s {
+            if c > self.subnet_max || out.len() >= limit {
+                break;
+            }
+            if !taken.iter().any(|t| t.overlaps(&c)) {
+                out.push(c);
+            }
+            s = c.next();
+        }
+        out
     }
 }
 
@@ -260,6 +386,36 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_defaults_as_flanneld() {
+        let c = NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.subnet_min.to_string(), "fd00:10:244:1::/64");
+        assert_eq!(v6.subnet_max.to_string(), "fd00:10:244:ff::/64");
+        let free = v6.free(&["fd00:10:244:2::/64".parse().unwrap()], 3);
+        let free: Vec<String> = free.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            free,
+            [
+                "fd00:10:244:1::/64",
+                "fd00:10:244:3::/64",
+                "fd00:10:244:4::/64"
+            ]
+        );
+        // Networks longer than /62 are split into four.
+        let c = NetConf::parse(
+            r#"{"network":"10.244.0.0/16","enableipv6":true,"ipv6network":"fd00::/120"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6.unwrap().subnet_len, 122);
+        let c = NetConf::parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":false}"#).unwrap();
+        assert!(c.ipv6.is_none());
+    }
+
+    #[test]
     fn keys_are_case_insensitive() {
         let c = NetConf::parse(r#"{"network":"10.244.0.0/16","subnetlen":25,"backend":{"type":"VXLAN","vni":4,"port":4789}}"#).unwrap();
         assert_eq!(c.subnet_len, 25);
@@ -293,7 +449,27 @@ mod tests {
             ),
             (
                 r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#,
-                "EnableIPv6",
+                "IPv6Network",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/64","IPv6SubnetLen":65}"#,
+                "IPv6SubnetLen",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd01::"}"#,
+                "IPv6SubnetMin",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:0:0:1::5"}"#,
+                "IPv6SubnetMax",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125"}"#,
+                "too small",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#,
+                "EnableIPv4",
             ),
             ("not json", "JSON"),
         ];

@@ -3,14 +3,39 @@ use std::{fs, io::Write, path::Path};
 
 use anyhow::Context;
 
-use crate::lease::subnet::Subnet;
+use crate::lease::{subnet::Subnet, subnet6::Subnet6};
 
-pub fn render(network: Subnet, subnet: Subnet, mtu: u32, ip_masq: bool) -> String {
-    format!(
-        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
+/// flanneld's order: the IPv4 pair, the IPv6 pair (dual-stack), MTU, masquerade.
+pub fn render(
+    network: Subnet,
+    subnet: Subnet,
+    v6: Option<(Subnet6, Subnet6)>,
+    mtu: u32,
+    ip_masq: bool,
+) -> String {
+    let mut out = format!(
+        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\n",
         subnet.gateway(),
         subnet.prefix_len()
-    )
+    );
+    if let Some((network6, subnet6)) = v6 {
+        out += &format!(
+            "FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={}/{}\n",
+            subnet6.gateway(),
+            subnet6.prefix_len()
+        );
+    }
+    out + &format!("FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n")
+}
+
+/// The IPv6 subnet a previous run wrote, for reuse after a restart.
+pub fn previous_subnet6(path: &Path) -> Option<Subnet6> {
+    let text = fs::read_to_string(path).ok()?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?;
+    let (gw, len) = value.trim().split_once('/')?;
+    Subnet6::containing(gw.parse().ok()?, len.parse().ok()?).ok()
 }
 
 /// Write atomically (temp file + rename) so the CNI plugin never reads half a file.
@@ -53,6 +78,7 @@ mod tests {
         let text = render(
             "10.244.0.0/16".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
+            None,
             1450,
             false,
         );
@@ -66,6 +92,32 @@ mod tests {
         assert_eq!(previous_subnet(&path).unwrap().to_string(), "10.244.1.0/24");
         fs::remove_dir_all(dir).unwrap();
     }
+    #[test]
+    fn renders_dual_stack_like_flanneld() {
+        let text = render(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            Some((
+                "fd00:10:244::/56".parse().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap(),
+            )),
+            1430,
+            true,
+        );
+        assert_eq!(
+            text,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
+        );
+        let dir = std::env::temp_dir().join(format!("subnet-env6-test-{}", std::process::id()));
+        let path = dir.join("subnet.env");
+        write(&path, &text).unwrap();
+        assert_eq!(
+            previous_subnet6(&path).unwrap().to_string(),
+            "fd00:10:244:1::/64"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn a_link_in_place_of_the_temp_file_is_not_written_through() {
         let dir = std::env::temp_dir().join(format!("subnet-env-link-{}", std::process::id()));

@@ -12,7 +12,8 @@
 //! a member's) to the VXLAN port of a member: with --ip-masq, or forged, such
 //! a datagram would pass there as overlay traffic.
 //! Each write is one `nft -f` transaction, so there is no unguarded moment.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+//! Dual-stack nodes get the same table in the ip6 family for flannel-v6's socket.
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context;
 
@@ -41,37 +42,49 @@ pub const COUNTERS: &[(&str, &str)] = &[
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Spec {
     pub port: u16,
-    pub public_ip: Ipv4Addr,
+    /// Our public IP: its family is the table's (ip or ip6).
+    pub public_ip: IpAddr,
     pub underlay: String,
+}
+
+impl Spec {
+    /// nftables' family, set type and address match for our public IP's family.
+    fn family(&self) -> (&'static str, &'static str) {
+        match self.public_ip {
+            IpAddr::V4(_) => ("ip", "ipv4_addr"),
+            IpAddr::V6(_) => ("ip6", "ipv6_addr"),
+        }
+    }
 }
 
 /// The guard as installed: re-written whole at start-up, its member set
 /// after that.
 pub struct Guard {
     spec: Spec,
-    members: Option<BTreeSet<Ipv4Addr>>,
+    members: Option<BTreeSet<IpAddr>>,
 }
 
-fn elements(members: &BTreeSet<Ipv4Addr>) -> String {
+fn elements(members: &BTreeSet<IpAddr>) -> String {
     members
         .iter()
-        .map(Ipv4Addr::to_string)
+        .map(IpAddr::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }
 
 /// The whole table, replacing any earlier one in the same transaction.
-pub fn script(spec: &Spec, members: &BTreeSet<Ipv4Addr>) -> String {
+pub fn script(spec: &Spec, members: &BTreeSet<IpAddr>) -> String {
     let Spec {
         port,
         public_ip,
         underlay,
     } = spec;
+    let (ip, addr_type) = spec.family();
     let mut s = format!(
-        "table ip {TABLE} {{}}\n\
-         delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
-         \tset members {{ type ipv4_addr; }}\n"
+        "table {ip} {TABLE} {{}}\n\
+         delete table {ip} {TABLE}\n\
+         table {ip} {TABLE} {{\n\
+         \tset members {{ type {addr_type}; }}\n"
     );
     for (name, _) in COUNTERS {
         s.push_str(&format!("\tcounter {name} {{}}\n"));
@@ -79,19 +92,19 @@ pub fn script(spec: &Spec, members: &BTreeSet<Ipv4Addr>) -> String {
     s.push_str(&format!(
         "\tchain input {{\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
-         \t\tudp dport {port} ip daddr != {public_ip} counter name vxlan_not_to_public_ip drop\n\
+         \t\tudp dport {port} {ip} daddr != {public_ip} counter name vxlan_not_to_public_ip drop\n\
          \t\tudp dport {port} iifname != \"{underlay}\" counter name vxlan_not_via_underlay drop\n\
-         \t\tudp dport {port} ip saddr != @members counter name vxlan_from_non_member drop\n\
+         \t\tudp dport {port} {ip} saddr != @members counter name vxlan_from_non_member drop\n\
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
-         \t\tiifname != \"{underlay}\" ip daddr @members udp dport {port} counter name pod_to_vxlan_port drop\n\
+         \t\tiifname != \"{underlay}\" {ip} daddr @members udp dport {port} counter name pod_to_vxlan_port drop\n\
          \t}}\n\
          }}\n"
     ));
     if !members.is_empty() {
         s.push_str(&format!(
-            "add element ip {TABLE} members {{ {} }}\n",
+            "add element {ip} {TABLE} members {{ {} }}\n",
             elements(members)
         ));
     }
@@ -108,17 +121,18 @@ impl Guard {
 
     /// Make the member set `members`: the first call (re)installs the whole
     /// table, later ones only change the set, and only when it changed.
-    pub fn set_members(&mut self, members: BTreeSet<Ipv4Addr>) -> anyhow::Result<()> {
+    pub fn set_members(&mut self, members: BTreeSet<IpAddr>) -> anyhow::Result<()> {
         if self.members.as_ref() == Some(&members) {
             return Ok(());
         }
+        let (ip, _) = self.spec.family();
         let script = match &self.members {
             None => script(&self.spec, &members),
             Some(_) => {
-                let mut s = format!("flush set ip {TABLE} members\n");
+                let mut s = format!("flush set {ip} {TABLE} members\n");
                 if !members.is_empty() {
                     s.push_str(&format!(
-                        "add element ip {TABLE} members {{ {} }}\n",
+                        "add element {ip} {TABLE} members {{ {} }}\n",
                         elements(&members)
                     ));
                 }
@@ -126,10 +140,10 @@ impl Guard {
             }
         };
         pipe("nft", &["-f", "-"], &script)
-            .with_context(|| format!("writing the nftables table {TABLE}"))?;
+            .with_context(|| format!("writing the nftables table {ip} {TABLE}"))?;
         if self.members.is_none() {
             log::info!(
-                "guard: VXLAN to port {} is taken only to {} via {} from the {} members (nftables table {TABLE})",
+                "guard: VXLAN to port {} is taken only to {} via {} from the {} members (nftables table {ip} {TABLE})",
                 self.spec.port,
                 self.spec.public_ip,
                 self.spec.underlay,
@@ -142,9 +156,9 @@ impl Guard {
 }
 
 /// The guard's named counters: name → (packets, bytes); empty without it.
-pub fn counters() -> std::collections::BTreeMap<String, (u64, u64)> {
+pub fn counters(family: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
     let out = std::process::Command::new("nft")
-        .args(["-j", "list", "counters", "table", "ip", TABLE])
+        .args(["-j", "list", "counters", "table", family, TABLE])
         .output();
     let Ok(out) = out else {
         return Default::default();
@@ -181,6 +195,12 @@ pub fn require_nft(who: &str, way_out: &str) -> anyhow::Result<()> {
 /// Remove the table (uninstall, or a data path that has no use for it).
 pub fn remove() {
     crate::node::masq::nft_delete_table(TABLE);
+    remove6();
+}
+
+/// Remove the ip6 table alone (IPv6 switched off).
+pub fn remove6() {
+    crate::node::masq::nft_delete_table_in("ip6", TABLE);
 }
 
 #[cfg(test)]
@@ -210,5 +230,22 @@ mod tests {
             s.ends_with("add element ip flannel-ebpf-guard members { 10.1.5.12, 10.1.5.13 }\n")
         );
         assert!(!script(&spec, &BTreeSet::new()).contains("add element"));
+        // flannel-v6's socket: the same rules in the ip6 family.
+        let spec6 = Spec {
+            public_ip: "fc00::11".parse().unwrap(),
+            ..spec
+        };
+        let s = script(&spec6, &BTreeSet::from(["fc00::12".parse().unwrap()]));
+        assert!(s.contains("table ip6 flannel-ebpf-guard {\n\tset members { type ipv6_addr; }"));
+        assert!(s.contains(
+            "udp dport 8472 ip6 daddr != fc00::11 counter name vxlan_not_to_public_ip drop"
+        ));
+        assert!(s.contains(
+            "udp dport 8472 ip6 saddr != @members counter name vxlan_from_non_member drop"
+        ));
+        assert!(
+            s.contains("ip6 daddr @members udp dport 8472 counter name pod_to_vxlan_port drop")
+        );
+        assert!(s.ends_with("add element ip6 flannel-ebpf-guard members { fc00::12 }\n"));
     }
 }

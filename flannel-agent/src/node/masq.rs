@@ -24,10 +24,15 @@ pub const NFT_TABLE: &str = "flannel-ipv4";
 /// Delete nftables table `ip NAME` if it exists (one transaction; nothing
 /// to report when there is none).
 pub(crate) fn nft_delete_table(name: &str) {
+    nft_delete_table_in("ip", name);
+}
+
+/// The same for a table of another family (ip6, inet).
+pub(crate) fn nft_delete_table_in(family: &str, name: &str) {
     let _ = pipe(
         "nft",
         &["-f", "-"],
-        &format!("table ip {name} {{}}\ndelete table ip {name}\n"),
+        &format!("table {family} {name} {{}}\ndelete table {family} {name}\n"),
     );
 }
 

@@ -39,6 +39,21 @@ pub fn warn_if_not_forwarding() {
     }
 }
 
+/// flanneld sets accept_ra=0 on flannel-v6: no router advertisement may
+/// add addresses or routes to the VTEP.
+pub fn refuse_router_advertisements(dev: &str) -> anyhow::Result<()> {
+    let p = format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra");
+    fs::write(&p, "0").with_context(|| format!("writing {p}"))
+}
+
+pub fn warn_if_not_forwarding6() {
+    if fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").is_ok_and(|v| v.trim() == "0") {
+        log::warn!(
+            "net.ipv6.conf.all.forwarding is 0: IPv6 pod traffic will not be forwarded between cni0 and flannel-v6"
+        );
+    }
+}
+
 /// The kernel's local port range: the outer UDP source ports, as flannel.1 picks them.
 pub fn local_port_range() -> (u16, u16) {
     fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")

@@ -325,6 +325,7 @@ mod tests {
             backend: LeaseBackend::Vxlan {
                 vtep_mac: mac.parse().unwrap(),
             },
+            v6: None,
         }
     }
 
@@ -424,6 +425,7 @@ mod tests {
             subnet: Subnet::from_key(subnet).unwrap(),
             public_ip: ip.parse().unwrap(),
             backend: LeaseBackend::HostGw,
+            v6: None,
         };
         let leases = [
             hostgw("10.244.2.0-24", "10.1.5.20"),

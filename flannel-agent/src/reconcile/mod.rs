@@ -115,6 +115,7 @@ mod tests {
                 subnet: subnet(s),
                 public_ip: ip.parse().unwrap(),
                 backend: LeaseBackend::Vxlan { vtep_mac: mac(m) },
+                v6: None,
             })
             .collect();
         let (d, skipped) = Desired::from_leases(&leases, &own(), &Desired::default());

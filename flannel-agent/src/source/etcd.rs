@@ -14,11 +14,9 @@ use etcd_client::{
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 
-use super::Snapshot;
+use super::{Snapshot, Want};
 use crate::{
-    lease::netconf::NetConf,
-    lease::subnet::Subnet,
-    lease::{Lease, LeaseBackend},
+    lease::Lease, lease::netconf::NetConf, lease::subnet::Subnet, lease::subnet6::Subnet6,
 };
 
 #[derive(Clone, Debug)]
@@ -119,8 +117,8 @@ impl EtcdSource {
         format!("{}/config", self.opts.prefix.trim_end_matches('/'))
     }
 
-    fn lease_key(&self, subnet: &Subnet) -> String {
-        format!("{}{}", subnets_prefix(&self.opts.prefix), subnet.to_key())
+    fn lease_key(&self, lease: &Lease) -> String {
+        format!("{}{}", subnets_prefix(&self.opts.prefix), lease.key())
     }
 
     pub async fn config(&mut self) -> anyhow::Result<NetConf> {
@@ -194,22 +192,27 @@ impl EtcdSource {
     /// Our lease: reuse the one with our public IP (a reservation stays one),
     /// else the previous subnet if free, else a random free subnet in
     /// [SubnetMin, SubnetMax], created only if absent in one transaction.
-    pub async fn acquire(
-        &mut self,
-        conf: &NetConf,
-        public_ip: Ipv4Addr,
-        backend: LeaseBackend,
-        previous: Option<Subnet>,
-    ) -> anyhow::Result<Subnet> {
+    pub async fn acquire(&mut self, conf: &NetConf, want: &Want) -> anyhow::Result<Lease> {
+        let (public_ip, backend, previous) = (want.public_ip, want.backend, want.previous);
         self.vni = conf.backend.vni;
         let (_, all) = self.list().await?;
+        let keys: Vec<(Subnet, Option<Subnet6>)> = all
+            .iter()
+            .filter_map(|l| crate::lease::parse_key(&l.name).ok())
+            .collect();
         // Ours: any key holding our PublicIP, a reservation ({"PublicIP":…} without TTL) included.
         let by_ip = all.iter().find_map(|l| {
-            let subnet = Subnet::from_key(&l.name).ok()?;
+            let (subnet, _) = crate::lease::parse_key(&l.name).ok()?;
+            let v6 = l
+                .parsed
+                .as_ref()
+                .ok()
+                .and_then(|p| p.as_ref())
+                .and_then(|p| p.v6);
             (l.public_ip == Some(public_ip)
                 && conf.network.contains_subnet(&subnet)
                 && subnet.prefix_len() == conf.subnet_len)
-                .then_some((subnet, l.lease_id))
+                .then_some((subnet, v6, l.lease_id, l.name.clone()))
         });
         // After our address changed: the lease of our last subnet.env with our VtepMAC.
         let moved = || {
@@ -221,18 +224,27 @@ impl EtcdSource {
                         parsed.public_ip,
                         parsed.subnet
                     );
-                    (parsed.subnet, l.lease_id)
+                    (parsed.subnet, parsed.v6, l.lease_id, l.name.clone())
                 })
             })
         };
         let mine = by_ip.or_else(moved);
-        if let Some((subnet, lease_id)) = mine {
-            let lease = Lease {
-                subnet,
-                public_ip,
-                backend,
-            };
-            let key = self.lease_key(&lease.subnet);
+        if let Some((subnet, have6, lease_id, name)) = mine {
+            let others6: Vec<Subnet6> = keys
+                .iter()
+                .filter(|k| k.0 != subnet)
+                .filter_map(|k| k.1)
+                .collect();
+            let lease = want.lease(conf, subnet, have6, &others6)?;
+            let key = self.lease_key(&lease);
+            if lease.key() != name {
+                // The IPv6 half changed the lease's name: the old key goes.
+                let old = format!("{}{name}", subnets_prefix(&self.opts.prefix));
+                self.client
+                    .delete(old.as_str(), None)
+                    .await
+                    .with_context(|| format!("deleting {old} (renamed to {key})"))?;
+            }
             let (id, what) = if lease_id == 0 {
                 (0, "reservation")
             } else {
@@ -250,26 +262,21 @@ impl EtcdSource {
                 renew_at: Instant::now() + self.renew_after(),
                 revision: r.header().map_or(0, |h| h.revision()),
             });
-            log::info!("reusing {what} {} (PublicIP {public_ip})", lease.subnet);
-            return Ok(lease.subnet);
+            log::info!("reusing {what} {} (PublicIP {public_ip})", lease.key());
+            return Ok(lease);
         }
-        let taken: BTreeSet<Subnet> = all
-            .iter()
-            .filter_map(|l| Subnet::from_key(&l.name).ok())
-            .collect();
+        let taken: BTreeSet<Subnet> = keys.iter().map(|k| k.0).collect();
+        let taken6: Vec<Subnet6> = keys.iter().filter_map(|k| k.1).collect();
         for subnet in super::lease_candidates(conf, previous, &taken, Some(public_ip)) {
-            let lease = Lease {
-                subnet,
-                public_ip,
-                backend,
-            };
+            let lease = want.lease(conf, subnet, None, &taken6)?;
             if let Some(own) = self.create(&lease).await? {
                 self.own = Some(own);
                 log::info!(
-                    "acquired lease {subnet} (PublicIP {public_ip}, {backend}) with a {:?} TTL",
+                    "acquired lease {} (PublicIP {public_ip}, {backend}) with a {:?} TTL",
+                    lease.key(),
                     self.opts.lease_ttl
                 );
-                return Ok(subnet);
+                return Ok(lease);
             }
         }
         bail!(
@@ -282,7 +289,7 @@ impl EtcdSource {
 
     /// Create our lease key if absent, attached to a fresh etcd lease.
     async fn create(&mut self, lease: &Lease) -> anyhow::Result<Option<Own>> {
-        let key = self.lease_key(&lease.subnet);
+        let key = self.lease_key(lease);
         let id = self.grant().await?;
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
@@ -349,7 +356,7 @@ impl EtcdSource {
     pub async fn maintain(&mut self) -> anyhow::Result<()> {
         let Some(own) = self.own else { return Ok(()) };
         let (seen_rev, present) = match self.state.lock() {
-            Ok(s) => (s.revision, s.keys.contains(&own.lease.subnet.to_key())),
+            Ok(s) => (s.revision, s.keys.contains(&own.lease.key())),
             Err(_) => return Ok(()),
         };
         if seen_rev >= own.revision && !present {
@@ -389,7 +396,7 @@ impl EtcdSource {
                     own.lease_id
                 );
                 let id = self.grant().await?;
-                let key = self.lease_key(&own.lease.subnet);
+                let key = self.lease_key(&own.lease);
                 let r = self
                     .client
                     .put(
@@ -434,8 +441,7 @@ fn public_ip_of(value: &[u8]) -> Option<Ipv4Addr> {
 }
 
 fn parse(name: &str, value: &[u8]) -> anyhow::Result<Option<Lease>> {
-    let subnet = Subnet::from_key(name)?;
-    Lease::parse(subnet, value)
+    Lease::parse(name, value)
 }
 
 impl WatchState {
@@ -444,13 +450,13 @@ impl WatchState {
             None => {
                 self.keys.remove(name);
                 self.reported.clear(name);
-                if let Ok(s) = Subnet::from_key(name) {
+                if let Ok((s, _)) = crate::lease::parse_key(name) {
                     self.leases.remove(&s);
                 }
             }
             Some(v) => {
                 self.keys.insert(name.to_string());
-                let subnet = Subnet::from_key(name).ok();
+                let subnet = crate::lease::parse_key(name).ok().map(|k| k.0);
                 match parse(name, v) {
                     Ok(Some(l)) => {
                         self.reported.clear(name);

@@ -4,7 +4,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::Write,
-    net::Ipv4Addr,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::SystemTime,
@@ -12,11 +11,9 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use super::Snapshot;
+use super::{Snapshot, Want};
 use crate::{
-    lease::netconf::NetConf,
-    lease::subnet::Subnet,
-    lease::{Lease, LeaseBackend},
+    lease::Lease, lease::netconf::NetConf, lease::subnet::Subnet, lease::subnet6::Subnet6,
 };
 
 pub struct FileSource {
@@ -156,19 +153,15 @@ impl FileSource {
     /// the previous subnet.env if free, else the lowest free subnet in
     /// [SubnetMin, SubnetMax]. Written create-if-absent, so two nodes can
     /// never take the same subnet.
-    pub fn acquire(
-        &mut self,
-        conf: &NetConf,
-        public_ip: Ipv4Addr,
-        backend: LeaseBackend,
-        previous: Option<Subnet>,
-    ) -> anyhow::Result<Subnet> {
+    pub fn acquire(&mut self, conf: &NetConf, want: &Want) -> anyhow::Result<Lease> {
+        let (public_ip, backend, previous) = (want.public_ip, want.backend, want.previous);
         let snap = self.read()?;
-        let taken: BTreeSet<Subnet> = self
+        let keys: Vec<(Subnet, Option<Subnet6>)> = self
             .scan()?
             .keys()
-            .filter_map(|k| Subnet::from_key(k).ok())
+            .filter_map(|k| crate::lease::parse_key(k).ok())
             .collect();
+        let taken: BTreeSet<Subnet> = keys.iter().map(|k| k.0).collect();
         let mine = snap
             .leases
             .values()
@@ -189,26 +182,31 @@ impl FileSource {
                     l.subnet
                 );
             }
-            let lease = Lease {
-                backend,
-                public_ip,
-                ..*l
-            };
+            let others6: Vec<Subnet6> = keys
+                .iter()
+                .filter(|k| k.0 != l.subnet)
+                .filter_map(|k| k.1)
+                .collect();
+            let lease = want.lease(conf, l.subnet, l.v6, &others6)?;
             if *l != lease {
                 self.write_lease(&lease, conf.backend.vni, true)?;
+                if lease.key() != l.key() {
+                    // The IPv6 half changed the lease's name: the old file goes.
+                    let _ = fs::remove_file(self.subnets_dir().join(l.key()));
+                }
             }
-            log::info!("reusing lease {} (PublicIP {public_ip})", l.subnet);
-            return Ok(l.subnet);
+            log::info!("reusing lease {} (PublicIP {public_ip})", lease.key());
+            return Ok(lease);
         }
+        let taken6: Vec<Subnet6> = keys.iter().filter_map(|k| k.1).collect();
         for subnet in super::lease_candidates(conf, previous, &taken, None) {
-            let lease = Lease {
-                subnet,
-                public_ip,
-                backend,
-            };
+            let lease = want.lease(conf, subnet, None, &taken6)?;
             if self.write_lease(&lease, conf.backend.vni, false)? {
-                log::info!("acquired lease {subnet} (PublicIP {public_ip}, {backend})");
-                return Ok(subnet);
+                log::info!(
+                    "acquired lease {} (PublicIP {public_ip}, {backend})",
+                    lease.key()
+                );
+                return Ok(lease);
             }
         }
         bail!(
@@ -221,10 +219,10 @@ impl FileSource {
 
     /// Whether our lease file still says what we wrote.
     pub fn holds(&self, lease: &Lease) -> bool {
-        let path = self.subnets_dir().join(lease.subnet.to_key());
+        let path = self.subnets_dir().join(lease.key());
         read_capped(&path, MAX_LEASE_BYTES)
             .ok()
-            .and_then(|b| Lease::parse(lease.subnet, &b).ok().flatten())
+            .and_then(|b| Lease::parse(&lease.key(), &b).ok().flatten())
             .is_some_and(|l| l == *lease)
     }
 
@@ -233,8 +231,8 @@ impl FileSource {
     pub fn write_lease(&self, lease: &Lease, vni: u32, replace: bool) -> anyhow::Result<bool> {
         let dir = self.subnets_dir();
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let target = dir.join(lease.subnet.to_key());
-        let tmp = dir.join(format!(".{}.{}", lease.subnet.to_key(), std::process::id()));
+        let target = dir.join(lease.key());
+        let tmp = dir.join(format!(".{}.{}", lease.key(), std::process::id()));
         // Ours alone: a leftover of a crashed run with our pid goes first, and
         // create_new (O_EXCL) never follows a link someone put in its place.
         let _ = fs::remove_file(&tmp);
@@ -298,14 +296,15 @@ fn read_capped(path: &Path, cap: u64) -> anyhow::Result<Vec<u8>> {
 }
 
 fn read_lease(path: &Path, name: &str) -> anyhow::Result<Option<Lease>> {
-    let subnet = Subnet::from_key(name)?;
+    crate::lease::parse_key(name)?;
     let bytes = read_capped(path, MAX_LEASE_BYTES)?;
-    Lease::parse(subnet, &bytes)
+    Lease::parse(name, &bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::LeaseBackend;
 
     fn dir(name: &str) -> PathBuf {
         let d =
@@ -327,10 +326,12 @@ mod tests {
             vtep_mac: crate::lease::mac::Mac::stable_from(b"a"),
         };
         let a = src
-            .acquire(&conf(), "10.1.5.10".parse().unwrap(), mac, None)
+            .acquire(&conf(), &crate::source::want_v4("10.1.5.10", mac, None))
+            .map(|l| l.subnet)
             .unwrap();
         let b = src
-            .acquire(&conf(), "10.1.5.11".parse().unwrap(), mac, None)
+            .acquire(&conf(), &crate::source::want_v4("10.1.5.11", mac, None))
+            .map(|l| l.subnet)
             .unwrap();
         assert_eq!(
             (a.to_string(), b.to_string()),
@@ -338,21 +339,82 @@ mod tests {
         );
         // Same public IP again: the same lease, not a new one.
         let again = src
-            .acquire(&conf(), "10.1.5.10".parse().unwrap(), mac, None)
+            .acquire(&conf(), &crate::source::want_v4("10.1.5.10", mac, None))
+            .map(|l| l.subnet)
             .unwrap();
         assert_eq!(again, a);
         // The previous subnet.env's subnet is preferred when free.
         let prev = Subnet::from_key("10.244.3.0-24").unwrap();
         let c = src
-            .acquire(&conf(), "10.1.5.12".parse().unwrap(), mac, Some(prev))
+            .acquire(
+                &conf(),
+                &crate::source::want_v4("10.1.5.12", mac, Some(prev)),
+            )
+            .map(|l| l.subnet)
             .unwrap();
         assert_eq!(c, prev);
         // The range is full now.
         let err = src
-            .acquire(&conf(), "10.1.5.13".parse().unwrap(), mac, None)
+            .acquire(&conf(), &crate::source::want_v4("10.1.5.13", mac, None))
             .unwrap_err();
         assert!(format!("{err:#}").contains("no free subnet"), "{err:#}");
         fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn dual_stack_leases_are_named_and_kept_as_flanneld_names_them() {
+        let d = dir("dual");
+        fs::write(
+            d.join("config"),
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let mut src = FileSource::new(&d);
+        let conf = src.read_config().unwrap();
+        let mac6 = crate::lease::mac::Mac::stable_from(b"v6");
+        let backend = LeaseBackend::Vxlan {
+            vtep_mac: crate::lease::mac::Mac::stable_from(b"v4"),
+        };
+        let mut want = crate::source::want_v4("10.1.5.11", backend, None);
+        want.v6 = Some(("fc00::11".parse().unwrap(), Some(mac6)));
+        want.previous6 = Some("fd00:10:244:7::/64".parse().unwrap());
+        let l = src.acquire(&conf, &want).unwrap();
+        assert_eq!(l.key(), "10.244.1.0-24&fd00:10:244:7::-64");
+        let text = fs::read_to_string(d.join("subnets").join(l.key())).unwrap();
+        assert!(text.contains(r#""PublicIPv6":"fc00::11""#), "{text}");
+        assert!(
+            text.contains(&format!(
+                r#""BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}"#
+            )),
+            "{text}"
+        );
+        // Restarted without the previous subnet.env: the same lease.
+        want.previous6 = None;
+        assert_eq!(src.acquire(&conf, &want).unwrap(), l);
+        // A v4-only lease of ours gains its IPv6 half under the new name.
+        let d4 = dir("dual-upgrade");
+        fs::write(d4.join("config"), fs::read(d.join("config")).unwrap()).unwrap();
+        let mut src4 = FileSource::new(&d4);
+        let old = src4
+            .acquire(&conf, &crate::source::want_v4("10.1.5.11", backend, None))
+            .unwrap();
+        assert_eq!(old.key(), "10.244.1.0-24");
+        let new = src4.acquire(&conf, &want).unwrap();
+        assert_eq!(new.subnet, old.subnet);
+        assert!(new.v6.is_some());
+        let names: Vec<String> = fs::read_dir(d4.join("subnets"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [new.key()]);
+        // Another node does not take a taken IPv6 subnet.
+        let mut theirs = crate::source::want_v4("10.1.5.12", backend, None);
+        theirs.v6 = Some(("fc00::12".parse().unwrap(), Some(mac6)));
+        theirs.previous6 = l.v6.map(|v| v.subnet);
+        let t = src.acquire(&conf, &theirs).unwrap();
+        assert_ne!(t.v6.unwrap().subnet, l.v6.unwrap().subnet);
+        let _ = fs::remove_dir_all(&d);
+        let _ = fs::remove_dir_all(&d4);
     }
 
     #[test]
@@ -365,6 +427,7 @@ mod tests {
             backend: LeaseBackend::Vxlan {
                 vtep_mac: crate::lease::mac::Mac::stable_from(b"x"),
             },
+            v6: None,
         };
         assert!(src.write_lease(&l, 1, false).unwrap());
         let other = Lease {
@@ -429,6 +492,7 @@ mod tests {
             subnet: Subnet::from_key("10.244.2.0-24").unwrap(),
             public_ip: "10.1.5.12".parse().unwrap(),
             backend: LeaseBackend::HostGw,
+            v6: None,
         };
         let tmp = d
             .join("subnets")
@@ -464,11 +528,16 @@ mod tests {
             vtep_mac: crate::lease::mac::Mac::stable_from(b"ours"),
         };
         let first = src
-            .acquire(&conf, "10.1.5.11".parse().unwrap(), backend, None)
+            .acquire(&conf, &crate::source::want_v4("10.1.5.11", backend, None))
+            .map(|l| l.subnet)
             .unwrap();
         // New address, same VtepMAC and last subnet.env: the same subnet, re-keyed.
         let again = src
-            .acquire(&conf, "10.1.5.31".parse().unwrap(), backend, Some(first))
+            .acquire(
+                &conf,
+                &crate::source::want_v4("10.1.5.31", backend, Some(first)),
+            )
+            .map(|l| l.subnet)
             .unwrap();
         assert_eq!(again, first);
         let snap = src.read().unwrap();
@@ -479,7 +548,11 @@ mod tests {
             vtep_mac: crate::lease::mac::Mac::stable_from(b"other"),
         };
         let theirs = src
-            .acquire(&conf, "10.1.5.40".parse().unwrap(), other, Some(first))
+            .acquire(
+                &conf,
+                &crate::source::want_v4("10.1.5.40", other, Some(first)),
+            )
+            .map(|l| l.subnet)
             .unwrap();
         assert_ne!(theirs, first);
         let _ = fs::remove_dir_all(&d);

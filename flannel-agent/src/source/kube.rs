@@ -18,11 +18,12 @@ use kube::{
     runtime::watcher::{self, Event},
 };
 
-use super::Snapshot;
+use super::{Snapshot, Want};
 use crate::{
     lease::mac::Mac,
     lease::netconf::NetConf,
     lease::subnet::Subnet,
+    lease::subnet6::Subnet6,
     lease::{Lease, LeaseBackend},
 };
 
@@ -32,6 +33,9 @@ pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 pub const PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
 pub const NODE_PUBLIC_IP: &str = "flannel.alpha.coreos.com/node-public-ip";
+pub const BACKEND_V6_DATA: &str = "flannel.alpha.coreos.com/backend-v6-data";
+pub const PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
+pub const PUBLIC_IPV6_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ipv6-overwrite";
 pub const KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 
 #[derive(Clone, Debug)]
@@ -81,6 +85,21 @@ fn pod_cidr(node: &Node) -> anyhow::Result<Subnet> {
     first.parse().with_context(|| format!("podCIDR {first:?}"))
 }
 
+/// The IPv6 subnet in `spec.podCIDRs` (or `spec.podCIDR`), if the node has one.
+fn pod_cidr6(node: &Node) -> Option<Subnet6> {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.pod_cidr.clone())
+        .into_iter()
+        .chain(spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default())
+        .find_map(|c| c.parse::<Subnet6>().ok())
+}
+
+fn json_annotation(node: &Node, key: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    annotation(node, key)
+        .map(|d| serde_json::from_str(d).with_context(|| format!("{key} {d:?} is not JSON")))
+        .transpose()
+}
+
 fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
     node.metadata
         .annotations
@@ -99,15 +118,23 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
         return Ok(None);
     };
     let subnet = pod_cidr(node)?;
-    let data = annotation(node, BACKEND_DATA)
-        .map(|d| serde_json::from_str(d).with_context(|| format!("backend-data {d:?} is not JSON")))
-        .transpose()?;
+    let data = json_annotation(node, BACKEND_DATA)?;
     // Peers use the overwrite when a node has one, as flanneld does.
     let ip = annotation(node, PUBLIC_IP_OVERWRITE)
         .or(annotation(node, PUBLIC_IP))
         .context("public-ip annotation missing")?;
     // The same rule as a lease in etcd or a file.
-    Lease::from_parts(subnet, backend_type, ip, data)
+    let Some(lease) = Lease::from_parts(subnet, backend_type, ip, data)? else {
+        return Ok(None);
+    };
+    // Dual-stack: an IPv6 podCIDR announced with a public-ipv6.
+    let ip6 = annotation(node, PUBLIC_IPV6_OVERWRITE).or(annotation(node, PUBLIC_IPV6));
+    match (pod_cidr6(node), ip6) {
+        (Some(s6), Some(ip6)) => lease
+            .with_v6(s6, Some(ip6), json_annotation(node, BACKEND_V6_DATA)?)
+            .map(Some),
+        _ => Ok(Some(lease)),
+    }
 }
 
 /// RFC 3339 UTC, seconds precision, for condition timestamps.
@@ -202,21 +229,27 @@ impl KubeSource {
         let (Ok(vtep_mac), Ok(subnet)) = (data.vtep_mac.parse::<Mac>(), pod_cidr(&node)) else {
             return Ok(None);
         };
+        let v6 = pod_cidr6(&node).and_then(|s6| {
+            let data: crate::lease::VxlanBackendData =
+                serde_json::from_str(annotation(&node, BACKEND_V6_DATA)?).ok()?;
+            Some(crate::lease::LeaseV6 {
+                subnet: s6,
+                public_ip: annotation(&node, PUBLIC_IPV6)?.parse().ok()?,
+                vtep_mac: data.vtep_mac.parse().ok(),
+            })
+        });
         Ok(Some(Lease {
             subnet,
             public_ip,
             backend: LeaseBackend::Vxlan { vtep_mac },
+            v6,
         }))
     }
 
     /// Our subnet is the node's podCIDR; announce our VTEP on the node as
     /// flanneld does, through a patch of `nodes/status`.
-    pub async fn acquire(
-        &mut self,
-        conf: &NetConf,
-        public_ip: Ipv4Addr,
-        backend: LeaseBackend,
-    ) -> anyhow::Result<Subnet> {
+    pub async fn acquire(&mut self, conf: &NetConf, want: &Want) -> anyhow::Result<Lease> {
+        let (public_ip, backend) = (want.public_ip, want.backend);
         let node = self.own_node().await?;
         let subnet = pod_cidr(&node).with_context(|| format!("node {}", self.opts.node_name))?;
         if !conf.network.contains_subnet(&subnet) {
@@ -237,22 +270,61 @@ impl KubeSource {
             }
             LeaseBackend::HostGw => "null".to_string(),
         };
-        let patch = serde_json::json!({
-            "metadata": {"annotations": {
-                BACKEND_TYPE: backend.type_name(),
-                BACKEND_DATA: backend_data,
-                PUBLIC_IP: announced,
-                KUBE_SUBNET_MANAGER: "true",
-            }}
+        let mut annotations = serde_json::json!({
+            BACKEND_TYPE: backend.type_name(),
+            BACKEND_DATA: backend_data,
+            PUBLIC_IP: announced,
+            KUBE_SUBNET_MANAGER: "true",
         });
+        // The IPv6 half: the node's IPv6 podCIDR, announced as flanneld does.
+        let v6 = match (&conf.ipv6, want.v6) {
+            (Some(c6), Some((ip6, mac6))) => {
+                let s6 = pod_cidr6(&node).with_context(|| {
+                    format!(
+                        "node {} has no IPv6 podCIDR while EnableIPv6 is true",
+                        self.opts.node_name
+                    )
+                })?;
+                if !c6.network.contains_subnet(&s6) {
+                    bail!(
+                        "node {} has IPv6 podCIDR {s6}, outside the IPv6Network {}",
+                        self.opts.node_name,
+                        c6.network
+                    );
+                }
+                let announced6 = annotation(&node, PUBLIC_IPV6_OVERWRITE)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| ip6.to_string());
+                let data6 = match mac6 {
+                    Some(m) => format!(r#"{{"VNI":{},"VtepMAC":"{m}"}}"#, conf.backend.vni),
+                    None => "null".to_string(),
+                };
+                annotations[PUBLIC_IPV6] = announced6.into();
+                annotations[BACKEND_V6_DATA] = data6.into();
+                Some(crate::lease::LeaseV6 {
+                    subnet: s6,
+                    public_ip: ip6,
+                    vtep_mac: mac6,
+                })
+            }
+            _ => None,
+        };
+        let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
         self.patch_own_status(&patch)
             .await
             .with_context(|| format!("annotating node {} ({PREFIX}*)", self.opts.node_name))?;
         log::info!(
-            "node {}: podCIDR {subnet}, announced {backend} and public IP {announced}",
-            self.opts.node_name
+            "node {}: podCIDR {subnet}{}, announced {backend} and public IP {announced}",
+            self.opts.node_name,
+            v6.map(|v| format!(" and {} (PublicIPv6 {})", v.subnet, v.public_ip))
+                .unwrap_or_default()
         );
-        Ok(subnet)
+        Ok(Lease {
+            subnet,
+            public_ip,
+            backend,
+            v6,
+        })
     }
 
     /// A strategic-merge patch of our own Node through `nodes/status`, the

@@ -6,14 +6,100 @@ pub mod kube;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
+
+use anyhow::bail;
 
 use crate::{
     lease::netconf::NetConf,
     lease::subnet::Subnet,
-    lease::{Lease, LeaseBackend},
+    lease::subnet6::Subnet6,
+    lease::{Lease, LeaseBackend, LeaseV6, mac::Mac},
 };
+
+/// What this node asks of its lease store: its addresses and VTEPs, and the
+/// subnets its last subnet.env named (to keep the pods' addresses).
+#[derive(Clone, Copy, Debug)]
+pub struct Want {
+    pub public_ip: Ipv4Addr,
+    pub backend: LeaseBackend,
+    /// With EnableIPv6: our IPv6 underlay address and flannel-v6's MAC.
+    pub v6: Option<(Ipv6Addr, Option<Mac>)>,
+    pub previous: Option<Subnet>,
+    pub previous6: Option<Subnet6>,
+}
+
+impl Want {
+    /// Our lease for `subnet`, its IPv6 half settled by [`own_v6`].
+    pub fn lease(
+        &self,
+        conf: &NetConf,
+        subnet: Subnet,
+        have: Option<LeaseV6>,
+        taken6: &[Subnet6],
+    ) -> anyhow::Result<Lease> {
+        Ok(Lease {
+            subnet,
+            public_ip: self.public_ip,
+            backend: self.backend,
+            v6: own_v6(conf, self, have, taken6)?,
+        })
+    }
+}
+
+/// A node's wish without IPv6, for the sources' tests.
+#[cfg(test)]
+pub fn want_v4(public_ip: &str, backend: LeaseBackend, previous: Option<Subnet>) -> Want {
+    Want {
+        public_ip: public_ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+        backend,
+        v6: None,
+        previous,
+        previous6: None,
+    }
+}
+
+/// The IPv6 half of our lease, for every lease store: the one the lease
+/// already has if still leasable, else the previous subnet.env's if free,
+/// else one of the first 100 free subnets from IPv6SubnetMin, picked at
+/// random as flanneld's allocator does.
+pub fn own_v6(
+    conf: &NetConf,
+    want: &Want,
+    have: Option<LeaseV6>,
+    taken: &[Subnet6],
+) -> anyhow::Result<Option<LeaseV6>> {
+    let (Some(c6), Some((public_ip, vtep_mac))) = (&conf.ipv6, want.v6) else {
+        return Ok(None);
+    };
+    let mine = |s: Subnet6| LeaseV6 {
+        subnet: s,
+        public_ip,
+        vtep_mac,
+    };
+    if let Some(h) = have.filter(|h| c6.is_leasable(&h.subnet)) {
+        return Ok(Some(mine(h.subnet)));
+    }
+    if let Some(p) = want
+        .previous6
+        .filter(|p| c6.is_leasable(p) && !taken.iter().any(|t| t.overlaps(p)))
+    {
+        return Ok(Some(mine(p)));
+    }
+    let free = c6.free(taken, 100);
+    if free.is_empty() {
+        bail!(
+            "no free IPv6 subnet left in [{}, {}] of {}",
+            c6.subnet_min,
+            c6.subnet_max,
+            c6.network
+        );
+    }
+    let mut order: Vec<usize> = (0..free.len()).collect();
+    shuffle(&mut order, want.public_ip);
+    Ok(Some(mine(free[order[0]])))
+}
 
 /// Sources push: whoever sees the leases change (a watch, inotify) wakes
 /// the control loop here, so a change is applied when it is reported, not
@@ -72,7 +158,7 @@ pub fn lease_candidates(
 }
 
 /// A small xorshift, seeded by time, address and pid: dependency-free.
-fn shuffle(v: &mut [Subnet], seed: Ipv4Addr) {
+fn shuffle<T>(v: &mut [T], seed: Ipv4Addr) {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -163,17 +249,12 @@ impl LeaseSource {
         }
     }
 
-    pub async fn acquire(
-        &mut self,
-        conf: &NetConf,
-        public_ip: Ipv4Addr,
-        backend: LeaseBackend,
-        previous: Option<Subnet>,
-    ) -> anyhow::Result<Subnet> {
+    /// Take (or keep) this node's lease.
+    pub async fn acquire(&mut self, conf: &NetConf, want: &Want) -> anyhow::Result<Lease> {
         match self {
-            LeaseSource::File(f) => f.acquire(conf, public_ip, backend, previous),
-            LeaseSource::Etcd(e) => e.acquire(conf, public_ip, backend, previous).await,
-            LeaseSource::Kube(k) => k.acquire(conf, public_ip, backend).await,
+            LeaseSource::File(f) => f.acquire(conf, want),
+            LeaseSource::Etcd(e) => e.acquire(conf, want).await,
+            LeaseSource::Kube(k) => k.acquire(conf, want).await,
         }
     }
 
@@ -352,6 +433,52 @@ mod tests {
             c,
             ["10.244.2.0/24", "10.244.4.0/24", "10.244.5.0/24"].map(s)
         );
+    }
+
+    #[test]
+    fn the_ipv6_half_is_kept_then_previous_then_free() {
+        let conf = NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/60"}"#,
+        )
+        .unwrap();
+        let s6 = |x: &str| -> Subnet6 { x.parse().unwrap() };
+        let mut want = Want {
+            public_ip: Ipv4Addr::new(10, 1, 5, 11),
+            backend: LeaseBackend::HostGw,
+            v6: Some(("fc00::11".parse().unwrap(), None)),
+            previous: None,
+            previous6: Some(s6("fd00:0:0:3::/64")),
+        };
+        let have = LeaseV6 {
+            subnet: s6("fd00:0:0:7::/64"),
+            public_ip: "fc00::99".parse().unwrap(),
+            vtep_mac: None,
+        };
+        let got = own_v6(&conf, &want, Some(have), &[]).unwrap().unwrap();
+        assert_eq!(
+            (got.subnet, got.public_ip),
+            (have.subnet, "fc00::11".parse().unwrap())
+        );
+        let got = own_v6(&conf, &want, None, &[]).unwrap().unwrap();
+        assert_eq!(got.subnet, s6("fd00:0:0:3::/64"));
+        // The previous one is taken: any free one, never a taken one.
+        let taken: Vec<Subnet6> = (1..15)
+            .filter(|i| *i != 9)
+            .map(|i| s6(&format!("fd00:0:0:{i:x}::/64")))
+            .collect();
+        let got = own_v6(&conf, &want, None, &taken).unwrap().unwrap();
+        assert!(
+            got.subnet == s6("fd00:0:0:9::/64") || got.subnet == s6("fd00:0:0:f::/64"),
+            "{}",
+            got.subnet
+        );
+        let all: Vec<Subnet6> = (1..16)
+            .map(|i| s6(&format!("fd00:0:0:{i:x}::/64")))
+            .collect();
+        let err = own_v6(&conf, &want, None, &all).unwrap_err().to_string();
+        assert!(err.contains("no free IPv6 subnet"), "{err}");
+        want.v6 = None;
+        assert_eq!(own_v6(&conf, &want, Some(have), &[]).unwrap(), None);
     }
 
     #[test]

@@ -1,0 +1,291 @@
+//! The IPv6 half of a dual-stack overlay, on the kernel's VXLAN device
+//! flannel-v6.<VNI> exactly as flanneld configures it: the device on the
+//! underlay's IPv6 address, `<own subnet addr>/128` on it, and per peer an FDB
+//! entry (VtepMAC → PublicIPv6), a permanent neighbour (subnet addr →
+//! VtepMAC) and an onlink route (subnet via subnet addr). The eBPF programs
+//! do not carry IPv6 yet; the membership guard's ip6 table keeps the
+//! device's socket to members.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv6Addr,
+};
+
+use crate::{
+    lease::{Lease, LeaseV6, mac::Mac, netconf::NetConf6, subnet6::Subnet6},
+    netlink::Netlink,
+    source::Reported,
+};
+
+/// VXLAN over IPv6: outer Ethernet is not counted by MTU, so IPv6 (40) +
+/// UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+/// flanneld's name for the IPv6 VTEP.
+pub fn vtep_name(vni: u32) -> String {
+    format!("flannel-v6.{vni}")
+}
+
+/// The kernel's IPv6 tables as flanneld would program them for these leases.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired6 {
+    pub fdb: BTreeMap<Mac, Ipv6Addr>,
+    pub neigh: BTreeMap<Ipv6Addr, Mac>,
+    pub routes: BTreeMap<Subnet6, Ipv6Addr>,
+}
+
+/// Why a peer's IPv6 half cannot be used, if it cannot.
+fn unusable(v6: &LeaseV6, own: &LeaseV6, conf: &NetConf6, accepted: &Desired6) -> Option<String> {
+    let s = v6.subnet;
+    if v6.public_ip == own.public_ip {
+        return Some(format!("PublicIPv6 {} is ours", v6.public_ip));
+    }
+    if !conf.network.contains_subnet(&s) || s.prefix_len() != conf.subnet_len {
+        return Some(format!(
+            "IPv6 subnet {s} is not a /{} of IPv6Network {}",
+            conf.subnet_len, conf.network
+        ));
+    }
+    if s.overlaps(&own.subnet) {
+        return Some(format!("IPv6 subnet {s} overlaps ours ({})", own.subnet));
+    }
+    if let Some(o) = accepted.routes.keys().find(|o| o.overlaps(&s)) {
+        return Some(format!("IPv6 subnet {s} overlaps {o}, leased first"));
+    }
+    let mac = v6.vtep_mac?;
+    if accepted.fdb.contains_key(&mac) {
+        return Some(format!("flannel-v6 VtepMAC {mac} is another node's"));
+    }
+    None
+}
+
+/// One FDB entry, neighbour and route per usable peer; every other lease's
+/// IPv6 half is skipped with its reason (in lease order: the first wins).
+pub fn desired<'a>(
+    own: &LeaseV6,
+    conf: &NetConf6,
+    leases: impl IntoIterator<Item = &'a Lease>,
+    skipped: &mut Vec<(String, String)>,
+) -> Desired6 {
+    let mut d = Desired6::default();
+    for l in leases {
+        let Some(v6) = l.v6 else { continue };
+        if l.v6 == Some(*own) {
+            continue;
+        }
+        if let Some(why) = unusable(&v6, own, conf, &d) {
+            skipped.push((l.key(), why));
+            continue;
+        }
+        let Some(mac) = v6.vtep_mac else {
+            skipped.push((l.key(), "no flannel-v6 VtepMAC (not a vxlan lease)".into()));
+            continue;
+        };
+        d.fdb.insert(mac, v6.public_ip);
+        d.neigh.insert(v6.subnet.vtep_addr(), mac);
+        d.routes.insert(v6.subnet, v6.subnet.vtep_addr());
+    }
+    d
+}
+
+/// How many kernel entries one pass added (or replaced) and removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    pub written: usize,
+    pub removed: usize,
+}
+
+/// Make flannel-v6's FDB, neighbours and routes exactly `want`: new entries
+/// in flanneld's order (FDB, neighbour, then the route that uses them),
+/// stale ones in the reverse order. Kernel-made entries (link-local routes,
+/// learnt neighbours) are left alone.
+pub async fn sync(nl: &Netlink, index: u32, want: &Desired6) -> anyhow::Result<Changed> {
+    let mut c = Changed::default();
+    let routes = nl.routes6_via(index).await?;
+    for r in &routes {
+        let ours = r.gateway.is_some();
+        if ours && want.routes.get(&r.dst) != r.gateway.as_ref() {
+            nl.delete_route6(r).await?;
+            c.removed += 1;
+        }
+    }
+    let neigh = nl.neighbours6(index).await?;
+    for n in neigh.iter().filter(|n| n.permanent) {
+        if n.mac.is_none() || want.neigh.get(&n.ip) != n.mac.as_ref() {
+            nl.delete_neighbour6(n).await?;
+            c.removed += 1;
+        }
+    }
+    let fdb = nl.fdb6_entries(index).await?;
+    for e in &fdb {
+        if want.fdb.get(&e.mac) != Some(&e.dst) {
+            nl.delete_fdb6(e).await?;
+            c.removed += 1;
+        }
+    }
+    let have_fdb: BTreeSet<(Mac, Ipv6Addr)> = fdb.iter().map(|e| (e.mac, e.dst)).collect();
+    for (mac, dst) in &want.fdb {
+        if !have_fdb.contains(&(*mac, *dst)) {
+            nl.replace_fdb6(index, *mac, *dst).await?;
+            c.written += 1;
+        }
+    }
+    let have_neigh: BTreeSet<(Ipv6Addr, Mac)> = neigh
+        .iter()
+        .filter(|n| n.permanent)
+        .filter_map(|n| Some((n.ip, n.mac?)))
+        .collect();
+    for (ip, mac) in &want.neigh {
+        if !have_neigh.contains(&(*ip, *mac)) {
+            nl.replace_neighbour6(index, *ip, *mac).await?;
+            c.written += 1;
+        }
+    }
+    let have_routes: BTreeSet<(Subnet6, Ipv6Addr)> = routes
+        .iter()
+        .filter_map(|r| Some((r.dst, r.gateway?)))
+        .collect();
+    for (dst, gw) in &want.routes {
+        if !have_routes.contains(&(*dst, *gw)) {
+            nl.replace_route6(index, *dst, *gw).await?;
+            c.written += 1;
+        }
+    }
+    Ok(c)
+}
+
+/// The IPv6 overlay as it runs: flannel-v6's index, our IPv6 lease, and the
+/// peers already reported as unusable (each said once per reason).
+pub struct Overlay6 {
+    pub index: u32,
+    pub own: LeaseV6,
+    pub conf: NetConf6,
+    reported: Reported,
+}
+
+impl Overlay6 {
+    pub fn new(index: u32, own: LeaseV6, conf: NetConf6) -> Overlay6 {
+        Overlay6 {
+            index,
+            own,
+            conf,
+            reported: Reported::default(),
+        }
+    }
+
+    /// The peers' public IPv6 addresses: the guard's ip6 members.
+    pub fn members<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>) -> BTreeSet<Ipv6Addr> {
+        leases
+            .into_iter()
+            .filter_map(|l| l.v6)
+            .filter(|v6| v6.public_ip != self.own.public_ip && v6.vtep_mac.is_some())
+            .map(|v6| v6.public_ip)
+            .collect()
+    }
+
+    /// One pass over the kernel's IPv6 tables for this snapshot.
+    pub async fn sync<'a>(
+        &mut self,
+        nl: &Netlink,
+        leases: impl IntoIterator<Item = &'a Lease>,
+    ) -> anyhow::Result<Changed> {
+        let mut skipped = Vec::new();
+        let want = desired(&self.own, &self.conf, leases, &mut skipped);
+        for (key, why) in &skipped {
+            if self.reported.report(key, why) {
+                log::warn!("skipping the IPv6 half of lease {key}: {why}");
+            }
+        }
+        self.reported
+            .retain(|k| skipped.iter().any(|(key, _)| key == k));
+        let c = sync(nl, self.index, &want).await?;
+        if c != Changed::default() {
+            log::info!(
+                "flannel-v6: {} IPv6 peers; {} kernel entries written, {} removed",
+                want.routes.len(),
+                c.written,
+                c.removed
+            );
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{LeaseBackend, netconf::NetConf};
+
+    fn conf() -> NetConf6 {
+        NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap()
+        .ipv6
+        .unwrap()
+    }
+
+    fn lease(n: u8, s6: &str, mac6: Option<&[u8]>) -> Lease {
+        Lease {
+            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            public_ip: format!("10.1.5.{n}").parse().unwrap(),
+            backend: LeaseBackend::Vxlan {
+                vtep_mac: Mac::stable_from(&[n]),
+            },
+            v6: Some(LeaseV6 {
+                subnet: s6.parse().unwrap(),
+                public_ip: format!("fc00::{n}").parse().unwrap(),
+                vtep_mac: mac6.map(Mac::stable_from),
+            }),
+        }
+    }
+
+    #[test]
+    fn one_fdb_neighbour_and_route_per_peer_like_flanneld() {
+        let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
+        let peers = [
+            lease(1, "fd00:10:244:1::/64", Some(b"1")),
+            lease(2, "fd00:10:244:2::/64", Some(b"2")),
+            Lease {
+                v6: None,
+                ..lease(3, "fd00:10:244:3::/64", Some(b"3"))
+            },
+        ];
+        let mut skipped = Vec::new();
+        let d = desired(&own, &conf(), &peers, &mut skipped);
+        let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
+        assert_eq!(d.routes, BTreeMap::from([(s2, s2.addr())]));
+        assert_eq!(
+            d.neigh,
+            BTreeMap::from([(s2.addr(), Mac::stable_from(b"2"))])
+        );
+        assert_eq!(
+            d.fdb,
+            BTreeMap::from([(Mac::stable_from(b"2"), "fc00::2".parse().unwrap())])
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+    }
+
+    #[test]
+    fn unusable_ipv6_halves_are_skipped_with_a_reason() {
+        let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
+        let peers = [
+            lease(2, "fd00:10:244:2::/64", Some(b"2")),
+            lease(3, "fd00:10:244:2::/64", Some(b"3")),
+            lease(4, "fd00:99::/64", Some(b"4")),
+            lease(5, "fd00:10:244:5::/64", Some(b"2")),
+            lease(6, "fd00:10:244:1::/64", Some(b"6")),
+            lease(7, "fd00:10:244:7::/64", None),
+            lease(8, "fd00:10:244:8::/64", Some(b"8")),
+        ];
+        let mut skipped = Vec::new();
+        let d = desired(&own, &conf(), &peers, &mut skipped);
+        assert_eq!(d.routes.len(), 2, "{d:?}");
+        let why: BTreeMap<String, String> = skipped.into_iter().collect();
+        let of = |n: u8, s6: &str| why[&lease(n, s6, None).key()].clone();
+        assert!(of(3, "fd00:10:244:2::/64").contains("leased first"));
+        assert!(of(4, "fd00:99::/64").contains("not a /64 of IPv6Network"));
+        assert!(of(5, "fd00:10:244:5::/64").contains("another node's"));
+        assert!(of(6, "fd00:10:244:1::/64").contains("overlaps ours"));
+        assert!(of(7, "fd00:10:244:7::/64").contains("no flannel-v6 VtepMAC"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Dual-stack overlays as Flannel builds them (EnableIPv6): IPv4 over
+//! flannel.1, IPv6 over flannel-v6.1 on the IPv6 underlay, next to stock
+//! nodes whose flannel-v6.1 is the kernel's VXLAN device programmed exactly
+//! as flanneld programs it.
+use std::{fs, time::Duration};
+
+use flannel_tests::{
+    lab::{Kind, Lab, Topology},
+    prereq,
+    traffic::{ping, tcp_exchange, wait_reachable},
+};
+
+/// Every pod reaches every other pod in both families, both ways.
+fn all_pairs_both_families(lab: &Lab) {
+    for (i, a) in lab.nodes.iter().enumerate() {
+        for (j, b) in lab.nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10)).unwrap_or_else(|e| {
+                panic!(
+                    "{} → {} (IPv6): {e}\n{}\n{}",
+                    a.name,
+                    b.name,
+                    lab.ipv6_tables(),
+                    lab.logs()
+                )
+            });
+            assert_eq!(
+                ping(&a.pod, b.pod_ip6(), 5, 0.05).unwrap(),
+                (5, 5),
+                "{} → {} over IPv6",
+                a.name,
+                b.name
+            );
+            assert_eq!(
+                ping(&a.pod, b.pod_ip(), 5, 0.05).unwrap(),
+                (5, 5),
+                "{} → {} over IPv4",
+                a.name,
+                b.name
+            );
+        }
+    }
+}
+
+#[test]
+fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
+    if !prereq::ready("dual_stack_with_stock") {
+        return;
+    }
+    let mut lab = Lab::new_dual("ds2", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let (ours, stock) = (&lab.nodes[0], &lab.nodes[1]);
+
+    // subnet.env for the CNI plugin, as flanneld writes it for dual-stack.
+    let env = fs::read_to_string(&ours.subnet_file).unwrap();
+    assert!(
+        env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"),
+        "{env}"
+    );
+    let subnet6 = ours.subnet6.clone().unwrap();
+    assert!(
+        subnet6.starts_with("fd00:10:244:") && subnet6.ends_with("::/64"),
+        "{subnet6}"
+    );
+    // The MTU fits VXLAN over IPv6 (70 bytes) as well as over IPv4.
+    assert!(env.contains("FLANNEL_MTU=1430\n"), "{env}");
+    // Our lease, as a stock node reads it: the dual-stack key and both halves.
+    let key = format!(
+        "{}&{}",
+        ours.subnet.as_deref().unwrap().replace('/', "-"),
+        subnet6.replace('/', "-")
+    );
+    let lease = fs::read_to_string(lab.lease_dir().join("subnets").join(&key))
+        .unwrap_or_else(|e| panic!("lease {key}: {e}\n{}", lab.logs()));
+    let v: serde_json::Value = serde_json::from_str(&lease).unwrap();
+    assert_eq!(
+        v["PublicIPv6"],
+        ours.public_ipv6.unwrap().to_string(),
+        "{lease}"
+    );
+    assert_eq!(
+        v["BackendV6Data"]["VtepMAC"],
+        ours.vtep_mac6.clone().unwrap(),
+        "{lease}"
+    );
+    assert_eq!(v["BackendV6Data"]["VNI"], 1, "{lease}");
+
+    // flannel-v6.1 on our node, programmed as flanneld programs it.
+    let dev = ours.ns.sh("ip -d link show flannel-v6.1").unwrap();
+    assert!(dev.contains("vxlan id 1"), "{dev}");
+    assert!(
+        dev.contains(&format!("local {}", ours.public_ipv6.unwrap())),
+        "{dev}"
+    );
+    assert!(
+        dev.contains("dstport 8472") && dev.contains("nolearning"),
+        "{dev}"
+    );
+    let vtep6 = stock.subnet6_base();
+    let subnet6_stock = stock.subnet6.clone().unwrap();
+    let routes = ours.ns.sh("ip -6 route show dev flannel-v6.1").unwrap();
+    assert!(
+        routes.contains(&format!("{subnet6_stock} via {vtep6} metric 1024 onlink")),
+        "{routes}"
+    );
+    let neigh = ours.ns.sh("ip -6 neigh show dev flannel-v6.1").unwrap();
+    assert!(
+        neigh.contains(&format!(
+            "{vtep6} lladdr {} PERMANENT",
+            stock.vtep_mac6.clone().unwrap()
+        )),
+        "{neigh}"
+    );
+    let fdb = ours.ns.sh("bridge fdb show dev flannel-v6.1").unwrap();
+    assert!(
+        fdb.contains(&format!(
+            "{} dst {} self permanent",
+            stock.vtep_mac6.clone().unwrap(),
+            stock.public_ipv6.unwrap()
+        )),
+        "{fdb}"
+    );
+
+    all_pairs_both_families(&lab);
+    // Neighbour discovery across the overlay: each pod resolved the other's gateway.
+    let nd = lab.nodes[0].pod.sh("ip -6 neigh show dev eth0").unwrap();
+    assert!(nd.contains("lladdr"), "{nd}");
+    // Bulk TCP over IPv6 both ways, content checked.
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip6(), 5201, 4 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.pod, a.pod_ip6(), 5202, 4 << 20).unwrap();
+    // And IPv4 still over the eBPF data path.
+    let tx = lab.counter(0, "tx_encap");
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5203, 1 << 20).unwrap();
+    assert!(lab.counter(0, "tx_encap") > tx);
+}
+
+#[test]
+fn three_dual_stack_nodes_over_a_routed_underlay() {
+    if !prereq::ready("dual_stack_routed") {
+        return;
+    }
+    let mut lab = Lab::new_dual(
+        "ds3",
+        Topology::Routed,
+        &[Kind::Ebpf, Kind::Ebpf, Kind::Stock],
+    )
+    .unwrap();
+    lab.start_stock(2, 9).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.program_stock_peers().unwrap();
+    all_pairs_both_families(&lab);
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip6(), 5211, 2 << 20).unwrap();
+    // A node leaves: its IPv6 routes, neighbours and FDB entries go with it.
+    let (s6, mac6) = (
+        lab.nodes[1].subnet6.clone().unwrap(),
+        lab.nodes[1].vtep_mac6.clone().unwrap(),
+    );
+    lab.nodes[1].stop_agent().unwrap();
+    let entries = fs::read_dir(lab.lease_dir().join("subnets")).unwrap();
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .contains(&s6.replace('/', "-"))
+        {
+            fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let n0 = &lab.nodes[0];
+    flannel_tests::wait_for(
+        "the departed node's IPv6 entries to go",
+        Duration::from_secs(10),
+        || {
+            let r = n0.ns.sh("ip -6 route show dev flannel-v6.1").ok()?;
+            let f = n0.ns.sh("bridge fdb show dev flannel-v6.1").ok()?;
+            (!r.contains(&s6) && !f.contains(&mac6)).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // The stock node is still reached.
+    assert_eq!(
+        ping(&n0.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
+        (3, 3)
+    );
+}
