@@ -1,5 +1,5 @@
 //! Crafting Ethernet/IPv4 frames for BPF_PROG_TEST_RUN (tests and benchmark).
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Internet checksum; 0 when `bytes` already carries a correct one.
 pub fn csum(bytes: &[u8]) -> u16 {
@@ -74,6 +74,34 @@ pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, datagram: &[u8]) -> Vec<u8> {
     p[10..12].copy_from_slice(&[0, 0]);
     let c = csum(&p[..20]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// An IPv6 packet (no extension headers, hop limit 64) carrying a UDP
+/// datagram to `dport` with `payload`, its checksum right.
+pub fn ipv6_udp(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut d = sport.to_be_bytes().to_vec();
+    d.extend_from_slice(&dport.to_be_bytes());
+    d.extend_from_slice(&len.to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(payload);
+    let mut pseudo = src.octets().to_vec();
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    pseudo.extend_from_slice(&d);
+    let c = match csum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    d[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[17, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&d);
     p
 }
 

@@ -345,11 +345,25 @@ pub struct UdpSink {
 
 impl UdpSink {
     pub fn start(ns: &Netns, port: u16, window: Duration) -> anyhow::Result<UdpSink> {
+        UdpSink::start_on(ns, "0.0.0.0", port, window)
+    }
+
+    /// The same on IPv6 (`[::]:port`).
+    pub fn start6(ns: &Netns, port: u16, window: Duration) -> anyhow::Result<UdpSink> {
+        UdpSink::start_on(ns, "::", port, window)
+    }
+
+    fn start_on(
+        ns: &Netns,
+        any: &'static str,
+        port: u16,
+        window: Duration,
+    ) -> anyhow::Result<UdpSink> {
         let path = format!("/run/netns/{}", ns.name);
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
             let sock = crate::netns::enter(&path)
-                .and_then(|_| Ok(std::net::UdpSocket::bind(("0.0.0.0", port))?));
+                .and_then(|_| Ok(std::net::UdpSocket::bind((any, port))?));
             let sock = match sock {
                 Ok(s) => {
                     let _ = tx.send(Ok(()));

@@ -2,12 +2,13 @@
 //! flannel.1, IPv6 over flannel-v6.1 on the IPv6 underlay, next to stock
 //! nodes whose flannel-v6.1 is the kernel's VXLAN device programmed exactly
 //! as flanneld programs it.
-use std::{fs, time::Duration};
+use std::{fs, net::Ipv6Addr, time::Duration};
 
 use flannel_tests::{
+    frames::{eth, ipv6_udp, mac, vxlan},
     lab::{Kind, Lab, Topology},
     prereq,
-    traffic::{ping, tcp_exchange, wait_reachable},
+    traffic::{UdpSink, ping, tcp_exchange, wait_reachable},
 };
 
 /// Every pod reaches every other pod in both families, both ways.
@@ -188,4 +189,93 @@ fn three_dual_stack_nodes_over_a_routed_underlay() {
         ping(&n0.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
         (3, 3)
     );
+}
+
+/// A named counter of the guard's ip6 table on node `n`.
+fn guard6(n: &flannel_tests::lab::Node, name: &str) -> u64 {
+    n.ns.run(|| flannel_agent::node::guard::counters("ip6"))
+        .unwrap_or_default()
+        .get(name)
+        .map_or(0, |(packets, _)| *packets)
+}
+
+/// A VXLAN datagram over IPv6 from `ns`, bound to `src`, to `[dst]:8472`
+/// (the kernel fragments it when it is larger than the path MTU).
+fn send_vxlan6(ns: &flannel_tests::netns::Netns, src: Ipv6Addr, dst: Ipv6Addr, bytes: &[u8]) {
+    ns.run(|| -> anyhow::Result<()> {
+        let s = std::net::UdpSocket::bind((src, 0))?;
+        s.send_to(bytes, (dst, 8472))?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("sending from {src} to {dst}: {e}"));
+}
+
+#[test]
+fn only_members_reach_flannel_v6() {
+    if !prereq::ready("dual_stack_membership") {
+        return;
+    }
+    const PORT: u16 = 5556;
+    let mut lab = Lab::new_dual("ds6g", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let (ext, _) = lab.outside_host().unwrap();
+    let ext_ip: Ipv6Addr = "fc00::100".parse().unwrap();
+    ext.sh(&format!("ip -6 addr add {ext_ip}/64 dev eth0 nodad"))
+        .unwrap();
+    ext.sh("ip -6 route add fd00:10:244::/56 via fc00::11")
+        .unwrap();
+    let (ours, stock) = (&lab.nodes[0], &lab.nodes[1]);
+    wait_reachable(&stock.pod, ours.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    let public6 = ours.public_ipv6.unwrap();
+    // What a member's pod would send ours, in VXLAN: inner frame to our flannel-v6.
+    let datagram = |tag: &str, pad: usize| -> Vec<u8> {
+        let mut payload = tag.as_bytes().to_vec();
+        payload.resize(tag.len() + pad, b'.');
+        let inner = ipv6_udp(stock.pod_ip6(), ours.pod_ip6(), 4000, PORT, &payload);
+        let frame = eth(
+            mac(ours.vtep_mac6.as_deref().unwrap()),
+            mac(stock.vtep_mac6.as_deref().unwrap()),
+            0x86dd,
+            &inner,
+        );
+        vxlan(1, &frame)
+    };
+    let delivered = |send: &dyn Fn()| -> usize {
+        let sink = UdpSink::start6(&ours.pod, PORT, Duration::from_millis(1500)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        send();
+        sink.finish().len()
+    };
+    // The member's datagram arrives: the frames are right, the test can fail.
+    let from_member = datagram("member", 0);
+    assert_eq!(
+        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &from_member)),
+        1,
+        "a member's VXLAN over IPv6 must reach the pod\n{}",
+        lab.logs()
+    );
+    // A host that is not a member: whole, fragmented, to other local addresses.
+    let non_member = guard6(ours, "vxlan_from_non_member");
+    let whole = datagram("whole", 0);
+    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &whole)), 0);
+    let big = datagram("fragmented", 2500);
+    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &big)), 0);
+    assert_eq!(guard6(ours, "vxlan_from_non_member") - non_member, 2);
+    let elsewhere = guard6(ours, "vxlan_not_to_public_ip");
+    let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
+    for local in [gw, ours.subnet6_base()] {
+        assert_eq!(
+            delivered(&|| send_vxlan6(&ext, ext_ip, local, &whole)),
+            0,
+            "to {local}"
+        );
+    }
+    assert_eq!(guard6(ours, "vxlan_not_to_public_ip") - elsewhere, 2);
+    // `show stats` names the ip6 guard's drops.
+    let stats = ours.show("stats").unwrap();
+    assert!(stats.contains("guard6_vxlan_from_non_member"), "{stats}");
 }
