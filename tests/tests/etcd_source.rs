@@ -7,7 +7,7 @@ use std::time::Duration;
 use etcd_client::{GetOptions, Permission, PutOptions};
 use flannel_tests::{
     etcd::{Etcd, EtcdTls},
-    lab::{Kind, Lab, NETWORK, Topology},
+    lab::{Kind, Lab, NETWORK, NETWORK6, Topology},
     prereq,
     traffic::{ping, wait_reachable},
     wait_for,
@@ -533,5 +533,76 @@ fn etcd_outage_keeps_the_data_path_and_converges() {
         lab.nodes[2].pod_ip(),
         Duration::from_secs(10),
     )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+}
+
+#[test]
+fn dual_stack_leases_in_etcd_as_flanneld_writes_them() {
+    if !ready("etcd_dual_stack") {
+        return;
+    }
+    let mut lab = Lab::new_dual("etcd6", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let etcd = Etcd::start(&lab.nodes[0].ns, 2379).unwrap();
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(
+                r#"{{"Network":"{NETWORK}","EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"vxlan"}}}}"#
+            ),
+            None,
+        )
+        .await?;
+        // A reservation from before IPv6: our node keeps its subnet and adds the IPv6 half.
+        c.put(
+            format!("{PREFIX}/subnets/10.244.7.0-24"),
+            r#"{"PublicIP":"10.1.5.11"}"#,
+            None,
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock_device(1, 2).unwrap();
+    put_flanneld_lease(&etcd, &lab, 1);
+    lab.nodes[0].agent_args = etcd_args(&etcd, &[]);
+    lab.start_agent(0).unwrap();
+    let ours = &lab.nodes[0];
+    assert_eq!(ours.subnet.as_deref(), Some("10.244.7.0/24"));
+    let key = format!(
+        "10.244.7.0-24&{}",
+        ours.subnet6.as_deref().unwrap().replace('/', "-")
+    );
+    // Renamed to the dual-stack key, still a reservation (no TTL); the old key is gone.
+    let (value, lease) =
+        get(&etcd, &lab, &key).unwrap_or_else(|| panic!("no {key}\n{}", lab.logs()));
+    assert_eq!(lease, 0, "a reservation must stay without TTL");
+    assert!(get(&etcd, &lab, "10.244.7.0-24").is_none());
+    let v: serde_json::Value = serde_json::from_str(&value).unwrap();
+    assert_eq!(
+        v["PublicIPv6"],
+        ours.public_ipv6.unwrap().to_string(),
+        "{value}"
+    );
+    assert_eq!(
+        v["BackendV6Data"]["VtepMAC"].as_str(),
+        ours.vtep_mac6.as_deref(),
+        "{value}"
+    );
+    lab.program_stock_peers().unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert_eq!(ping(&b.pod, a.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+    assert_eq!(ping(&b.pod, a.pod_ip(), 5, 0.05).unwrap(), (5, 5));
+    // Our dual-stack lease deleted by someone else: written back under the same key.
+    let k = key.clone();
+    etcd.client(&lab.nodes[0].ns, async move |c| {
+        c.delete(format!("{PREFIX}/subnets/{k}"), None).await?;
+        Ok(())
+    })
+    .unwrap();
+    wait_for("our lease to be re-created", Duration::from_secs(5), || {
+        get(&etcd, &lab, &key)
+    })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flannel_tests::{
     kube_api::{FakeApi, node},
-    lab::{Kind, Lab, NETWORK, Topology},
+    lab::{Kind, Lab, NETWORK, NETWORK6, Topology},
     prereq,
     traffic::{ping, wait_reachable},
     wait_for,
@@ -444,4 +444,83 @@ fn api_server_outage_keeps_the_data_path_and_converges() {
         Duration::from_secs(10),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+}
+
+#[test]
+fn kube_dual_stack_nodes_as_flanneld_annotates_them() {
+    if !prereq::ready("kube_dual_stack") {
+        return;
+    }
+    const BD6: &str = "flannel.alpha.coreos.com/backend-v6-data";
+    const IP6: &str = "flannel.alpha.coreos.com/public-ipv6";
+    let dual = |mut n: serde_json::Value, v4: &str, v6: &str| {
+        n["spec"]["podCIDRs"] = serde_json::json!([v4, v6]);
+        n
+    };
+    let mut lab = Lab::new_dual("kube6", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let api = FakeApi::start(&lab.nodes[0].ns, 6443).unwrap();
+    api.put_node(dual(
+        node("n1", "10.244.1.0/24", &[]),
+        "10.244.1.0/24",
+        "fd00:10:244:1::/64",
+    ));
+    let mut n2 = flannel_node("n2", "10.244.2.0/24", "02:42:8f:11:22:20", "10.1.5.12");
+    n2["metadata"]["annotations"][BD6] = r#"{"VNI":1,"VtepMAC":"02:42:8f:66:22:20"}"#.into();
+    n2["metadata"]["annotations"][IP6] = "fc00::12".into();
+    api.put_node(dual(n2, "10.244.2.0/24", "fd00:10:244:2::/64"));
+    // A dual-stack node whose backend-v6-data does not parse: skipped, said why.
+    let mut n3 = flannel_node("n3", "10.244.3.0/24", "02:42:8f:11:22:30", "10.1.5.13");
+    n3["metadata"]["annotations"][BD6] = "{VNI:1".into();
+    n3["metadata"]["annotations"][IP6] = "fc00::13".into();
+    api.put_node(dual(n3, "10.244.3.0/24", "fd00:10:244:3::/64"));
+
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let netconf = lab.dir.join("net-conf.json");
+    std::fs::write(
+        &netconf,
+        format!(
+            r#"{{"Network":"{NETWORK}","EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"vxlan"}}}}"#
+        ),
+    )
+    .unwrap();
+    lab.nodes[0].agent_args = vec![
+        "--subnet-mgr".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        "n1".into(),
+        "--net-config-path".into(),
+        netconf.display().to_string(),
+    ];
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    // Both subnets from podCIDRs; both halves announced as flanneld does.
+    assert_eq!(lab.nodes[0].subnet6.as_deref(), Some("fd00:10:244:1::/64"));
+    let ann = api.node("n1").unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(ann[IP6], "fc00::11");
+    assert_eq!(
+        ann[BD6],
+        format!(
+            r#"{{"VNI":1,"VtepMAC":"{}"}}"#,
+            lab.nodes[0].vtep_mac6.as_deref().unwrap()
+        ),
+        "exact shape flanneld re-parses"
+    );
+    lab.program_stock_peers().unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert_eq!(ping(&b.pod, a.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+    assert!(
+        lab.nodes[0].log_text().contains("skipping node n3"),
+        "{}",
+        lab.logs()
+    );
+    let routes = lab.nodes[0]
+        .ns
+        .sh("ip -6 route show dev flannel-v6.1")
+        .unwrap();
+    assert!(!routes.contains("fd00:10:244:3::"), "{routes}");
 }
