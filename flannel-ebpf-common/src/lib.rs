@@ -21,6 +21,9 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_PEER_STATS: &str = "PEER_STATS";
 pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
 pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
+/// The IPv6 half of a dual-stack node (EnableIPv6).
+pub const MAP_CONFIG6: &str = "CONFIG6";
+pub const MAP_FDB6: &str = "FDB6";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
@@ -202,6 +205,37 @@ pub struct FdbValue {
     pub subnet_mask: [u8; 4],
 }
 
+/// The one entry of the CONFIG6 array (dual-stack nodes): what ingress
+/// checks VXLAN over IPv6 against before flannel-v6 decapsulates it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig6 {
+    /// Non-zero once the agent has filled it; IPv6 passes unchecked before.
+    pub ready: u32,
+    /// This node's public IPv6 address: the outer destination checked.
+    pub public_ip6: [u8; 16],
+    /// The cluster's IPv6Network: a member's inner source in it must be in
+    /// that member's own IPv6 subnet.
+    pub network6: [u8; 16],
+    /// flannel-v6's MAC: the inner destination of a member's frame.
+    pub vtep_mac6: [u8; 6],
+    pub network6_len: u8,
+    pub _pad: u8,
+}
+
+/// FDB6 value: a member's flannel-v6 VtepMAC → its public IPv6 address and
+/// IPv6 subnet (the mirror of `bridge fdb … dev flannel-v6.1 dst <ipv6>`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fdb6Value {
+    pub node_ip6: [u8; 16],
+    pub subnet6: [u8; 16],
+    pub subnet6_len: u8,
+    pub _pad: [u8; 3],
+    /// The node's stats slot (its IPv4 lease's), u32::MAX for none.
+    pub peer_slot: u32,
+}
+
 /// Per remote node traffic, one per-CPU slot per node (indexed by
 /// [`FdbValue::peer_slot`], so the hot path adds no hash lookup).
 #[repr(C)]
@@ -331,6 +365,12 @@ counters! {
     /// Direct path, ingress: not for a pod behind cni0 whose neighbour the
     /// host knows (the host itself, an unresolved pod, TTL, MTU): left to the stack.
     RxDirectUnfit = 29, "rx_direct_pass_unfit";
+    /// Ingress: a member's VXLAN over IPv6, checked like IPv4's (VNI, flags,
+    /// membership, inner destination and source), left to flannel-v6.
+    RxPassIpv6Member = 30, "rx_pass_ipv6_member";
+    /// Ingress: IPv6 to our address with extension headers (a fragment among
+    /// them): the kernel parses them and the guard's ip6 table judges.
+    RxPassIpv6ExtHeaders = 31, "rx_pass_ipv6_ext_headers";
 }
 
 pub const COUNTER_SLOTS: u32 = 32;
@@ -348,4 +388,6 @@ mod pod {
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for NodeConfig6 {}
+    unsafe impl aya::Pod for Fdb6Value {}
 }

@@ -14,7 +14,7 @@ use flannel_ebpf_common::NodeConfig;
 
 use crate::{
     maps::config,
-    packet::{ETH_LEN, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
+    packet::{ETH_LEN, ETH_P_IPV6, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
     rx::{self, Hook, Link, Overlay},
 };
 
@@ -62,6 +62,9 @@ impl Hook for Xdp {
         // Here (before the kernel strips it) an 802.1p priority tag can still be
         // in front of the IPv4 header: such frames get the same checks.
         let tag = ptr_at::<[u8; 4]>(start, end, ETH_LEN).map(|t| unsafe { *t });
+        if be16(&eth.proto) == ETH_P_IPV6 {
+            return Link::Ipv6 { l2: ETH_LEN };
+        }
         let Some(l2) = rx::l2_len(be16(&eth.proto), tag) else {
             return Link::NotOurs;
         };
@@ -78,6 +81,11 @@ impl Hook for Xdp {
             },
             None => Link::Malformed,
         }
+    }
+
+    #[inline(always)]
+    fn read<T>(&self, off: usize) -> Option<T> {
+        load::<T>(&self.0, off)
     }
 
     // The common frame (untagged, no IP options) is read in place at

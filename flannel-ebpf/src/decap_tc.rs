@@ -14,7 +14,7 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 use crate::{
     deliver,
     maps::{config, count},
-    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, Ipv4Hdr, UdpHdr, be16},
+    packet::{ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, Ipv4Hdr, UdpHdr, be16},
     rx::{self, Hook, Link, Overlay},
 };
 
@@ -57,7 +57,8 @@ impl Hook for Tc {
         let Ok(eth) = self.0.load::<EthHdr>(0) else {
             return Link::NotOurs;
         };
-        if be16(&eth.proto) != ETH_P_IPV4 {
+        let proto = be16(&eth.proto);
+        if proto != ETH_P_IPV4 && proto != ETH_P_IPV6 {
             return Link::NotOurs;
         }
         // The kernel took any 802.1Q tag off before this hook: a real VLAN's
@@ -66,10 +67,18 @@ impl Hook for Tc {
         if skb.vlan_present != 0 && skb.vlan_tci & 0x0fff != 0 {
             return Link::NotOurs;
         }
+        if proto == ETH_P_IPV6 {
+            return Link::Ipv6 { l2: ETH_LEN };
+        }
         match self.0.load::<Ipv4Hdr>(ETH_LEN) {
             Ok(ip) => Link::Ipv4 { l2: ETH_LEN, ip },
             Err(_) => Link::Malformed,
         }
+    }
+
+    #[inline(always)]
+    fn read<T>(&self, off: usize) -> Option<T> {
+        self.0.load::<T>(off).ok()
     }
 
     #[inline(always)]

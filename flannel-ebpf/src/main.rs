@@ -14,6 +14,7 @@ mod maps;
 mod packet;
 mod pod_egress;
 mod rx;
+mod rx6;
 mod tunnel;
 
 #[cfg(not(test))]

@@ -5,8 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, FdbKey, FdbValue, FlowKey,
-    MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NodeConfig, PeerStats, RouteValue,
+    ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey,
+    MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NodeConfig, NodeConfig6, PeerStats,
+    RouteValue,
 };
 
 #[btf_map]
@@ -39,6 +40,14 @@ pub static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> =
 #[btf_map]
 pub static NEXT_HOPS: PerCpuArray<NextHop, { MAX_NODES as usize }> = PerCpuArray::new();
 
+/// Dual-stack nodes: what VXLAN over IPv6 is checked against.
+#[btf_map]
+pub static CONFIG6: Array<NodeConfig6, 1> = Array::new();
+
+/// Mirror of `bridge fdb … dev flannel-v6.1 dst <ipv6>`: flannel-v6 VtepMAC → member.
+#[btf_map]
+pub static FDB6: HashMap<FdbKey, Fdb6Value, { MAX_NODES as usize }> = HashMap::new();
+
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
@@ -46,6 +55,17 @@ pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = Per
 pub fn config() -> Option<&'static NodeConfig> {
     let cfg = CONFIG.get(0)?;
     if cfg.ready == 0 { None } else { Some(cfg) }
+}
+
+#[inline(always)]
+pub fn config6() -> Option<&'static NodeConfig6> {
+    let cfg = CONFIG6.get(0)?;
+    if cfg.ready == 0 { None } else { Some(cfg) }
+}
+
+#[inline(always)]
+pub fn fdb6_lookup(mac: [u8; 6]) -> Option<Fdb6Value> {
+    FDB6.get_ptr(FdbKey::new(mac)).map(|v| unsafe { *v })
 }
 
 #[inline(always)]

@@ -6,6 +6,7 @@ pub const UDP_LEN: usize = 8;
 pub const VXLAN_LEN: usize = 8;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_TCP: u8 = 6;
 /// An IPv4 header without options, version 4.

@@ -176,7 +176,7 @@ pub fn overlay<C: EbpfContext>(
 
 /// A member's frame that fails a check: counted for the node and the peer.
 #[inline(always)]
-fn member_drop(c: Counter, slot: u32, frame_len: u32) -> Verdict {
+pub fn member_drop(c: Counter, slot: u32, frame_len: u32) -> Verdict {
     count(c, frame_len);
     if let Some(p) = peer(slot) {
         p.rx_drops += 1;
@@ -244,6 +244,8 @@ pub enum Link {
     Malformed,
     /// The outer IPv4 header, `l2` bytes into the frame.
     Ipv4 { l2: usize, ip: Ipv4Hdr },
+    /// An untagged IPv6 frame ([`crate::rx6`] judges it).
+    Ipv6 { l2: usize },
 }
 
 /// The little a decapsulating hook (XDP or TC ingress) must say for itself;
@@ -258,6 +260,8 @@ pub trait Hook {
     fn drop(&self) -> Self::Action;
     fn len(&self) -> u32;
     fn link(&self) -> Link;
+    /// `size_of::<T>()` bytes at `off`, None past the end of the frame.
+    fn read<T>(&self, off: usize) -> Option<T>;
     fn udp_dport(&self, l4: usize, plain: bool) -> Option<u16>;
     fn overlay(&self, vx_off: usize, plain: bool) -> Option<Overlay>;
     /// A GSO aggregate (TC only): checked, then left to the kernel's device.
@@ -272,19 +276,26 @@ pub trait Hook {
 }
 
 /// A frame from the underlay, whichever hook sees it: checked, then
-/// decapsulated, passed or dropped.
+/// decapsulated, passed or dropped. Each family's checks are a subprogram:
+/// their stack frames could not be one (the verifier allows 512 bytes).
 #[inline(always)]
 pub fn receive<H: Hook>(h: &H, cfg: &NodeConfig) -> H::Action {
     let frame_len = h.len();
-    let (l2, ip) = match h.link() {
-        Link::NotOurs => return h.pass(),
+    match h.link() {
+        Link::NotOurs => h.pass(),
         Link::Malformed => {
             count(Counter::RxPassMalformed, frame_len);
-            return h.pass();
+            h.pass()
         }
-        Link::Ipv4 { l2, ip } => (l2, ip),
-    };
-    let (ihl, first_fragment, ip_len) = match outer(&ip, cfg, frame_len) {
+        Link::Ipv4 { l2, ip } => receive4(h, cfg, l2, &ip, frame_len),
+        Link::Ipv6 { l2 } => crate::rx6::receive6(h, cfg, l2, frame_len),
+    }
+}
+
+/// An IPv4 frame from the underlay, `l2` bytes of link header in front.
+#[inline(never)]
+fn receive4<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, ip: &Ipv4Hdr, frame_len: u32) -> H::Action {
+    let (ihl, first_fragment, ip_len) = match outer(ip, cfg, frame_len) {
         Outer::Udp {
             ihl,
             first_fragment,

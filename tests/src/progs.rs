@@ -248,3 +248,109 @@ impl Vx {
         }
     }
 }
+
+// Dual-stack: the member's IPv6 half and VXLAN over IPv6 as it sends it.
+
+pub const PUBLIC_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 1);
+pub const REMOTE_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 2);
+/// flannel-v6's MAC here, and the member's.
+pub const LOCAL_VTEP6: [u8; 6] = [0x02, 0x42, 0x8f, 0x66, 0x22, 0x10];
+pub const REMOTE_VTEP6: [u8; 6] = [0x02, 0x42, 0x8f, 0x66, 0x22, 0x20];
+
+/// CONFIG6 (IPv6Network fd00:10:244::/56) and the member's FDB6 entry
+/// (pods fd00:10:244:2::/64, slot 3).
+pub fn set_v6(ebpf: &Ebpf) {
+    use flannel_ebpf_common::{Fdb6Value, NodeConfig6};
+    let net: std::net::Ipv6Addr = "fd00:10:244::".parse().unwrap();
+    let cfg = NodeConfig6 {
+        ready: 1,
+        public_ip6: PUBLIC_IP6.octets(),
+        network6: net.octets(),
+        vtep_mac6: LOCAL_VTEP6,
+        network6_len: 56,
+        _pad: 0,
+    };
+    update(map_fd(ebpf, "CONFIG6"), &0u32, &cfg).unwrap();
+    let sub: std::net::Ipv6Addr = "fd00:10:244:2::".parse().unwrap();
+    let v = Fdb6Value {
+        node_ip6: REMOTE_IP6.octets(),
+        subnet6: sub.octets(),
+        subnet6_len: 64,
+        _pad: [0; 3],
+        peer_slot: REMOTE_SLOT,
+    };
+    update(map_fd(ebpf, "FDB6"), &FdbKey::new(REMOTE_VTEP6), &v).unwrap();
+}
+
+/// VXLAN over IPv6 as a dual-stack member sends it to us: an ICMPv6 echo
+/// from its pod to ours (fd00:10:244:1::10) inside.
+pub struct Vx6 {
+    pub src_ip: std::net::Ipv6Addr,
+    pub dst_ip: std::net::Ipv6Addr,
+    /// The outer header's Next Header (17: UDP; an extension header to test those).
+    pub next_header: u8,
+    pub dport: u16,
+    pub flags: [u8; 4],
+    pub vni: u32,
+    pub inner_dst: [u8; 6],
+    pub inner_src: [u8; 6],
+    pub inner_proto: u16,
+    pub inner_src_ip: std::net::Ipv6Addr,
+    /// The inner packet's Next Header (58: ICMPv6) and destination.
+    pub inner_next: u8,
+    pub inner_dst_ip: std::net::Ipv6Addr,
+}
+
+impl Default for Vx6 {
+    fn default() -> Self {
+        Vx6 {
+            src_ip: REMOTE_IP6,
+            dst_ip: PUBLIC_IP6,
+            next_header: 17,
+            dport: 8472,
+            flags: [0x08, 0, 0, 0],
+            vni: 1,
+            inner_dst: LOCAL_VTEP6,
+            inner_src: REMOTE_VTEP6,
+            inner_proto: 0x86dd,
+            inner_src_ip: "fd00:10:244:2::10".parse().unwrap(),
+            inner_next: 58,
+            inner_dst_ip: "fd00:10:244:1::10".parse().unwrap(),
+        }
+    }
+}
+
+fn ipv6(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+impl Vx6 {
+    pub fn frame(&self) -> Vec<u8> {
+        let echo = [128u8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
+        let inner_ip = ipv6(self.inner_src_ip, self.inner_dst_ip, self.inner_next, &echo);
+        let inner = eth(self.inner_dst, self.inner_src, self.inner_proto, &inner_ip);
+        let mut vxlan = self.flags.to_vec();
+        vxlan.extend_from_slice(&(self.vni << 8).to_be_bytes());
+        vxlan.extend_from_slice(&inner);
+        let mut udp = vec![0xc3, 0x50];
+        udp.extend_from_slice(&self.dport.to_be_bytes());
+        udp.extend_from_slice(&((8 + vxlan.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0x12, 0x34]);
+        udp.extend_from_slice(&vxlan);
+        let ip = if self.next_header == 17 {
+            ipv6(self.src_ip, self.dst_ip, 17, &udp)
+        } else {
+            // An extension header of 8 bytes (next: UDP) in front of the datagram.
+            let mut ext = vec![17u8, 0, 0, 0, 0, 0, 0, 0];
+            ext.extend_from_slice(&udp);
+            ipv6(self.src_ip, self.dst_ip, self.next_header, &ext)
+        };
+        eth(OUR_UNDERLAY_MAC, UNDERLAY_PEER_MAC, 0x86dd, &ip)
+    }
+}

@@ -232,10 +232,10 @@ fn only_members_reach_flannel_v6() {
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
     let public6 = ours.public_ipv6.unwrap();
     // What a member's pod would send ours, in VXLAN: inner frame to our flannel-v6.
-    let datagram = |tag: &str, pad: usize| -> Vec<u8> {
+    let datagram_from = |src: Ipv6Addr, tag: &str, pad: usize| -> Vec<u8> {
         let mut payload = tag.as_bytes().to_vec();
         payload.resize(tag.len() + pad, b'.');
-        let inner = ipv6_udp(stock.pod_ip6(), ours.pod_ip6(), 4000, PORT, &payload);
+        let inner = ipv6_udp(src, ours.pod_ip6(), 4000, PORT, &payload);
         let frame = eth(
             mac(ours.vtep_mac6.as_deref().unwrap()),
             mac(stock.vtep_mac6.as_deref().unwrap()),
@@ -244,6 +244,7 @@ fn only_members_reach_flannel_v6() {
         );
         vxlan(1, &frame)
     };
+    let datagram = |tag: &str, pad: usize| datagram_from(stock.pod_ip6(), tag, pad);
     let delivered = |send: &dyn Fn()| -> usize {
         let sink = UdpSink::start6(&ours.pod, PORT, Duration::from_millis(1500)).unwrap();
         std::thread::sleep(Duration::from_millis(100));
@@ -258,13 +259,33 @@ fn only_members_reach_flannel_v6() {
         "a member's VXLAN over IPv6 must reach the pod\n{}",
         lab.logs()
     );
+    // Our programs checked it before flannel-v6 took it.
+    assert!(lab.counter(0, "rx_pass_ipv6_member") >= 1);
+    // A member speaking for another node's pods (spoofed inside): the
+    // programs drop it; the kernel's device alone would deliver it.
+    let spoofed = datagram_from("fd00:10:244:5::10".parse().unwrap(), "spoofed", 0);
+    let drops = lab.counter(0, "rx_drop_spoofed_inner_source");
+    assert_eq!(
+        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &spoofed)),
+        0,
+        "a member's packet from another node's IPv6 pod must not arrive"
+    );
+    assert_eq!(lab.counter(0, "rx_drop_spoofed_inner_source") - drops, 1);
     // A host that is not a member: whole, fragmented, to other local addresses.
-    let non_member = guard6(ours, "vxlan_from_non_member");
+    // Whole, the programs drop it at the underlay; in fragments they leave
+    // it to the kernel, and the guard drops it once reassembled.
+    let (non_member, ebpf_non_member, ext_headers) = (
+        guard6(ours, "vxlan_from_non_member"),
+        lab.counter(0, "rx_drop_non_member"),
+        lab.counter(0, "rx_pass_ipv6_ext_headers"),
+    );
     let whole = datagram("whole", 0);
     assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &whole)), 0);
+    assert_eq!(lab.counter(0, "rx_drop_non_member") - ebpf_non_member, 1);
     let big = datagram("fragmented", 2500);
     assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &big)), 0);
-    assert_eq!(guard6(ours, "vxlan_from_non_member") - non_member, 2);
+    assert!(lab.counter(0, "rx_pass_ipv6_ext_headers") - ext_headers >= 2);
+    assert_eq!(guard6(ours, "vxlan_from_non_member") - non_member, 1);
     let elsewhere = guard6(ours, "vxlan_not_to_public_ip");
     let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
     for local in [gw, ours.subnet6_base()] {

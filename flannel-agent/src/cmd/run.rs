@@ -140,7 +140,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     let mut setup = setup;
-    setup.v6 = set_up_v6(&conf, &nl, &joined, &snap, guarded).await?;
+    let tables = setup.ebpf.as_ref().map(|(t, _)| t);
+    setup.v6 = set_up_v6(&conf, &nl, &joined, &snap, guarded, tables).await?;
     sysctl::warn_if_not_forwarding();
     let mut running = first_passes(&args, &conf, &nl, &joined, setup, guard, &snap).await?;
     drop(snap);
@@ -316,6 +317,7 @@ async fn set_up_v6(
     joined: &Joined,
     snap: &Snapshot,
     guarded: bool,
+    tables: Option<&Tables>,
 ) -> anyhow::Result<
     Option<(
         crate::node::overlay6::Overlay6,
@@ -326,6 +328,11 @@ async fn set_up_v6(
     use crate::node::overlay6;
     let (Some(c6), Some(v6)) = (&conf.ipv6, joined.own.v6) else {
         crate::node::guard::remove6();
+        if let Some(t) = tables {
+            // IPv6 switched off: the programs stop judging it.
+            t.set_config6(None)?;
+            t.sync_fdb6(&Default::default())?;
+        }
         return Ok(None);
     };
     let mac = v6
@@ -369,7 +376,7 @@ async fn set_up_v6(
         .await?;
     sysctl::warn_if_not_forwarding6();
     o6.index = vtep.index;
-    o6.sync(nl, snap.leases.values()).await?;
+    o6.sync(nl, snap.leases.values(), tables).await?;
     log::info!(
         "IPv6: lease {}, VTEP {name} {}/128 {mac} MTU {mtu} on {} (the kernel's VXLAN data path)",
         v6.subnet,
@@ -1058,7 +1065,7 @@ impl SyncState {
         &mut self,
         snap: &Snapshot,
         own: &Own,
-        tables: Option<&mut Tables>,
+        mut tables: Option<&mut Tables>,
         nl: &Netlink,
         resync: bool,
     ) -> anyhow::Result<()> {
@@ -1094,8 +1101,15 @@ impl SyncState {
             log::error!("{line}");
         }
         self.skipped = skipped;
-        let outcome =
-            reconcile::apply_observed(&want, seen, tables, nl, &self.scope, &self.mode).await;
+        let outcome = reconcile::apply_observed(
+            &want,
+            seen,
+            tables.as_deref_mut(),
+            nl,
+            &self.scope,
+            &self.mode,
+        )
+        .await;
         if let Ok(m) = self.metrics.lock() {
             m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             let errors = outcome.as_ref().map_or(1, |o| o.errors.len() as u64);
@@ -1140,7 +1154,7 @@ impl SyncState {
         self.last = snap.clone();
         self.applied = Some(want);
         if let Some((o6, guard6)) = self.v6.as_mut() {
-            o6.sync(nl, snap.leases.values())
+            o6.sync(nl, snap.leases.values(), tables.as_deref())
                 .await
                 .context("flannel-v6's tables")?;
             if let Some(g) = guard6 {

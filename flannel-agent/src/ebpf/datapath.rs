@@ -19,10 +19,10 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, FdbKey, FdbValue, FlowKey, MAP_ARP, MAP_CONFIG,
-    MAP_COUNTERS, MAP_FDB, MAP_NEXT_HOPS, MAP_PEER_STATS, MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES,
-    MAX_STACK_FLOWS, NextHop, NodeConfig, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS,
-    PeerStats, RouteValue,
+    ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey, MAP_ARP,
+    MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_PEER_STATS,
+    MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop, NodeConfig, NodeConfig6,
+    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, PeerStats, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -90,6 +90,22 @@ pub const MAPS: &[MapSpec] = &[
         kind: MapType::PerCpuArray,
         key_size: 4,
         value_size: size_of::<NextHop>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
+        name: MAP_CONFIG6,
+        file: "config6",
+        kind: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<NodeConfig6>() as u32,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: MAP_FDB6,
+        file: "fdb6",
+        kind: MapType::Hash,
+        key_size: size_of::<FdbKey>() as u32,
+        value_size: size_of::<Fdb6Value>() as u32,
         max_entries: MAX_NODES,
     },
     MapSpec {

@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 use anyhow::Context;
 use aya::maps::MapData;
 use flannel_ebpf_common::{
-    ArpKey, ArpValue, Counter, CounterValue, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG, MAP_COUNTERS,
-    MAP_FDB, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig, PeerStats, RouteValue,
+    ArpKey, ArpValue, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
+    MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig,
+    NodeConfig6, PeerStats, RouteValue,
 };
 
 use crate::{
@@ -69,6 +70,9 @@ pub struct Tables {
     pub fdb: TypedMap<FdbKey, FdbValue>,
     pub counters: TypedMap<u32, CounterValue>,
     pub peer_stats: TypedMap<u32, PeerStats>,
+    /// Dual-stack nodes: what ingress checks VXLAN over IPv6 against.
+    pub config6: TypedMap<u32, NodeConfig6>,
+    pub fdb6: TypedMap<FdbKey, Fdb6Value>,
 }
 
 impl Tables {
@@ -90,7 +94,46 @@ impl Tables {
             fdb: TypedMap::new(take(MAP_FDB)?),
             counters: TypedMap::new(take(MAP_COUNTERS)?),
             peer_stats: TypedMap::new(take(MAP_PEER_STATS)?),
+            config6: TypedMap::new(take(MAP_CONFIG6)?),
+            fdb6: TypedMap::new(take(MAP_FDB6)?),
         })
+    }
+
+    /// Write (or clear, with None) the IPv6 checks' config.
+    pub fn set_config6(&self, cfg: Option<NodeConfig6>) -> anyhow::Result<()> {
+        let cfg = cfg.unwrap_or_default();
+        if self.config6.get(&0).ok().flatten() != Some(cfg) {
+            self.config6
+                .set(&0, &cfg)
+                .context("writing the CONFIG6 map")?;
+        }
+        Ok(())
+    }
+
+    /// Make the FDB6 map exactly `want` (flannel-v6 VtepMAC → member).
+    pub fn sync_fdb6(&self, want: &BTreeMap<Mac, Fdb6Value>) -> anyhow::Result<usize> {
+        let have: BTreeMap<Mac, Fdb6Value> = self
+            .fdb6
+            .entries()
+            .context("reading the FDB6 map")?
+            .into_iter()
+            .map(|(k, v)| (Mac(k.vtep_mac), v))
+            .collect();
+        let mut changed = 0;
+        for mac in have.keys().filter(|m| !want.contains_key(m)) {
+            self.fdb6
+                .remove(&FdbKey::new(mac.0))
+                .with_context(|| format!("FDB6 map: deleting {mac}"))?;
+            changed += 1;
+        }
+        for (mac, v) in want.iter().filter(|(m, v)| have.get(m) != Some(v)) {
+            self.fdb6
+                .set(&FdbKey::new(mac.0), v)
+                .map_err(|e| full(e, MAP_FDB6))
+                .with_context(|| format!("FDB6 map: {mac}"))?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {

@@ -2,15 +2,19 @@
 //! flannel-v6.<VNI> exactly as flanneld configures it: the device on the
 //! underlay's IPv6 address, `<own subnet addr>/128` on it, and per peer an FDB
 //! entry (VtepMAC → PublicIPv6), a permanent neighbour (subnet addr →
-//! VtepMAC) and an onlink route (subnet via subnet addr). The eBPF programs
-//! do not carry IPv6 yet; the membership guard's ip6 table keeps the
-//! device's socket to members.
+//! VtepMAC) and an onlink route (subnet via subnet addr). The kernel's
+//! device carries IPv6; with the eBPF data path the ingress programs check
+//! every VXLAN-over-IPv6 frame first (FDB6, CONFIG6: membership and inner
+//! sources, as for IPv4), and the guard's ip6 table keeps the socket to members.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv6Addr,
 };
 
+use flannel_ebpf_common::{Fdb6Value, NodeConfig6};
+
 use crate::{
+    ebpf::tables::Tables,
     lease::{Lease, LeaseV6, mac::Mac, netconf::NetConf6, subnet6::Subnet6},
     netlink::Netlink,
     source::Reported,
@@ -85,6 +89,35 @@ pub fn desired<'a>(
         d.routes.insert(v6.subnet, v6.subnet.vtep_addr());
     }
     d
+}
+
+/// The FDB6 map for `want`: every usable peer's flannel-v6 VtepMAC → its
+/// public IPv6 address, IPv6 subnet and stats slot.
+pub fn fdb6_entries<'a>(
+    want: &Desired6,
+    leases: impl IntoIterator<Item = &'a Lease>,
+    slot_of: impl Fn(&Lease) -> u32,
+) -> BTreeMap<Mac, Fdb6Value> {
+    leases
+        .into_iter()
+        .filter_map(|l| {
+            let v6 = l.v6?;
+            let mac = v6.vtep_mac?;
+            (want.fdb.get(&mac) == Some(&v6.public_ip) && want.routes.contains_key(&v6.subnet))
+                .then(|| {
+                    (
+                        mac,
+                        Fdb6Value {
+                            node_ip6: v6.public_ip.octets(),
+                            subnet6: v6.subnet.addr().octets(),
+                            subnet6_len: v6.subnet.prefix_len(),
+                            _pad: [0; 3],
+                            peer_slot: slot_of(l),
+                        },
+                    )
+                })
+        })
+        .collect()
 }
 
 /// How many kernel entries one pass added (or replaced) and removed.
@@ -182,14 +215,44 @@ impl Overlay6 {
             .collect()
     }
 
-    /// One pass over the kernel's IPv6 tables for this snapshot.
+    /// What the eBPF programs check VXLAN over IPv6 against (CONFIG6).
+    pub fn node_config(&self) -> NodeConfig6 {
+        NodeConfig6 {
+            ready: 1,
+            public_ip6: self.own.public_ip.octets(),
+            network6: self.conf.network.addr().octets(),
+            vtep_mac6: self.own.vtep_mac.map_or([0; 6], |m| m.0),
+            network6_len: self.conf.network.prefix_len(),
+            _pad: 0,
+        }
+    }
+
+    /// One pass over the kernel's IPv6 tables for this snapshot, and the
+    /// programs' FDB6 mirror of them when the eBPF data path runs (each
+    /// member under its IPv4 lease's stats slot).
     pub async fn sync<'a>(
         &mut self,
         nl: &Netlink,
-        leases: impl IntoIterator<Item = &'a Lease>,
+        leases: impl IntoIterator<Item = &'a Lease> + Clone,
+        tables: Option<&Tables>,
     ) -> anyhow::Result<Changed> {
         let mut skipped = Vec::new();
-        let want = desired(&self.own, &self.conf, leases, &mut skipped);
+        let want = desired(&self.own, &self.conf, leases.clone(), &mut skipped);
+        if let Some(t) = tables {
+            let slots: BTreeMap<Mac, u32> = t
+                .fdb_values()?
+                .into_iter()
+                .map(|(m, v)| (m, v.peer_slot))
+                .collect();
+            let entries = fdb6_entries(&want, leases, |l| {
+                l.backend
+                    .vtep_mac()
+                    .and_then(|m| slots.get(&m).copied())
+                    .unwrap_or(u32::MAX)
+            });
+            t.sync_fdb6(&entries)?;
+            t.set_config6(Some(self.node_config()))?;
+        }
         for (key, why) in &skipped {
             if self.reported.report(key, why) {
                 log::warn!("skipping the IPv6 half of lease {key}: {why}");
@@ -263,6 +326,29 @@ mod tests {
             BTreeMap::from([(Mac::stable_from(b"2"), "fc00::2".parse().unwrap())])
         );
         assert!(skipped.is_empty(), "{skipped:?}");
+    }
+
+    #[test]
+    fn the_fdb6_map_holds_the_usable_peers_under_their_slots() {
+        let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
+        let peers = [
+            lease(2, "fd00:10:244:2::/64", Some(b"2")),
+            lease(3, "fd00:99::/64", Some(b"3")),
+        ];
+        let mut skipped = Vec::new();
+        let d = desired(&own, &conf(), &peers, &mut skipped);
+        let m = fdb6_entries(&d, &peers, |l| u32::from(l.public_ip.octets()[3]));
+        assert_eq!(m.len(), 1);
+        let v = m[&Mac::stable_from(b"2")];
+        assert_eq!(v.node_ip6, "fc00::2".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            (v.subnet6, v.subnet6_len, v.peer_slot),
+            (
+                "fd00:10:244:2::".parse::<Ipv6Addr>().unwrap().octets(),
+                64,
+                2
+            )
+        );
     }
 
     #[test]

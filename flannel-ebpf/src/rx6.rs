@@ -1,0 +1,131 @@
+//! VXLAN over IPv6 from the underlay (dual-stack nodes): the same checks as
+//! IPv4's — VNI, flags, membership by the inner source VtepMAC and outer
+//! source, inner destination, inner source within the member's IPv6 subnet —
+//! then left to the kernel's flannel-v6 device, which decapsulates it.
+//! (The eBPF programs do not strip IPv6 yet; the nftables guard's ip6 table
+//! still sees whatever arrives in a form checked only after reassembly.)
+use flannel_ebpf_common::{Counter, NodeConfig};
+
+use crate::{
+    maps::{config6, count, fdb6_lookup},
+    packet::{ETH_P_IPV6, EthHdr, IPPROTO_UDP, VxlanHdr, be16},
+    rx::{self, Hook},
+};
+
+// Offsets from the outer IPv6 header; each field is read on its own, when
+// needed: whole headers copied out would not fit the BPF stack.
+const NEXT_HEADER: usize = 6;
+const SADDR: usize = 8;
+const DADDR: usize = 24;
+const UDP_DPORT: usize = 40 + 2;
+const VXLAN: usize = 40 + 8;
+const INNER_ETH: usize = VXLAN + 8;
+const INNER_IP6: usize = INNER_ETH + 14;
+
+/// IPv6 extension headers a packet to our VXLAN port could hide behind.
+#[inline(always)]
+fn extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 60)
+}
+
+/// Whether `a` is inside `net`/`len` (two 64-bit halves: the BPF target has
+/// no 128-bit shifts).
+#[inline(always)]
+pub fn in_prefix6(a: &[u8; 16], net: &[u8; 16], len: u8) -> bool {
+    let half = |b: &[u8; 16], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_be_bytes(w)
+    };
+    let len = if len > 128 { 128 } else { len as u32 };
+    let mask = |bits: u32| match bits {
+        0 => 0,
+        64.. => u64::MAX,
+        b => u64::MAX << (64 - b),
+    };
+    let (hi, lo) = (mask(len.min(64)), mask(len.saturating_sub(64)));
+    (half(a, 0) ^ half(net, 0)) & hi == 0 && (half(a, 8) ^ half(net, 8)) & lo == 0
+}
+
+/// An IPv6 frame from the underlay, `l2` bytes of link header in front.
+/// A subprogram of its own: its headers need stack the IPv4 path's
+/// frame cannot share with them.
+#[inline(never)]
+pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> H::Action {
+    // Not a dual-stack node (or not filled yet): the kernel judges.
+    let Some(cfg6) = config6() else {
+        return h.pass();
+    };
+    // Too short for IPv6 + UDP: not VXLAN, the IP layer judges it.
+    let (Some(daddr), Some(next)) = (
+        h.read::<[u8; 16]>(l2 + DADDR),
+        h.read::<[u8; 2]>(l2 + NEXT_HEADER),
+    ) else {
+        return h.pass();
+    };
+    if daddr != cfg6.public_ip6 {
+        return h.pass();
+    }
+    if next[0] != IPPROTO_UDP {
+        if extension(next[0]) {
+            count(Counter::RxPassIpv6ExtHeaders, frame_len);
+        }
+        return h.pass();
+    }
+    match h.read::<[u8; 2]>(l2 + UDP_DPORT) {
+        Some(p) if be16(&p) == cfg.port => {}
+        _ => return h.pass(),
+    }
+    // From here on the frame claims to be ours: checked, passed or dropped.
+    let (Some(saddr), Some(vx), Some(inner), Some(inner_next), Some(inner_src)) = (
+        h.read::<[u8; 16]>(l2 + SADDR),
+        h.read::<VxlanHdr>(l2 + VXLAN),
+        h.read::<EthHdr>(l2 + INNER_ETH),
+        h.read::<[u8; 2]>(l2 + INNER_IP6 + NEXT_HEADER),
+        h.read::<[u8; 16]>(l2 + INNER_IP6 + SADDR),
+    ) else {
+        count(Counter::RxDropTruncated, frame_len);
+        return h.drop();
+    };
+    if !vx.flags_valid() {
+        count(Counter::RxDropBadFlags, frame_len);
+        return h.drop();
+    }
+    if vx.vni() != cfg.vni {
+        count(Counter::RxDropBadVni, frame_len);
+        return h.drop();
+    }
+    let member = match fdb6_lookup(inner.src) {
+        Some(v) if v.node_ip6 == saddr => v,
+        _ => {
+            count(Counter::RxDropNonMember, frame_len);
+            return h.drop();
+        }
+    };
+    let slot = member.peer_slot;
+    if inner.dst != cfg6.vtep_mac6 {
+        rx::member_drop(Counter::RxDropBadInnerDst, slot, frame_len);
+        return h.drop();
+    }
+    if be16(&inner.proto) != ETH_P_IPV6 {
+        // flannel-v6 carries IPv6 only; anything else would be routed past these checks.
+        rx::member_drop(Counter::RxDropInnerNotIpv4, slot, frame_len);
+        return h.drop();
+    }
+    if inner_next[0] == IPPROTO_UDP
+        && h.read::<[u8; 16]>(l2 + INNER_IP6 + DADDR) == Some(cfg6.public_ip6)
+    {
+        rx::member_drop(Counter::RxDropNested, slot, frame_len);
+        return h.drop();
+    }
+    if cfg6.network6_len != 0
+        && in_prefix6(&inner_src, &cfg6.network6, cfg6.network6_len)
+        && !in_prefix6(&inner_src, &member.subnet6, member.subnet6_len)
+    {
+        rx::member_drop(Counter::RxDropSpoofedInner, slot, frame_len);
+        return h.drop();
+    }
+    count(Counter::RxPassIpv6Member, frame_len);
+    rx::from_peer(slot, frame_len.saturating_sub((l2 + INNER_ETH) as u32));
+    h.pass()
+}
