@@ -1,9 +1,11 @@
 //! VXLAN over IPv6 from the underlay (dual-stack nodes): the same checks as
 //! IPv4's — VNI, flags, membership by the inner source VtepMAC and outer
 //! source, inner destination, inner source within the member's IPv6 subnet —
-//! then left to the kernel's flannel-v6 device, which decapsulates it.
-//! (The eBPF programs do not strip IPv6 yet; the nftables guard's ip6 table
-//! still sees whatever arrives in a form checked only after reassembly.)
+//! then decapsulated here, like IPv4: the inner packet enters the stack on
+//! the underlay. Left to the kernel's flannel-v6 device (checked all the
+//! same): GSO aggregates (TC), neighbour discovery and link-local or
+//! multicast inner destinations, which belong to flannel-v6 itself. The
+//! nftables guard's ip6 table judges what hides behind extension headers.
 use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
@@ -112,9 +114,11 @@ pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> 
         rx::member_drop(Counter::RxDropInnerNotIpv4, slot, frame_len);
         return h.drop();
     }
-    if inner_next[0] == IPPROTO_UDP
-        && h.read::<[u8; 16]>(l2 + INNER_IP6 + DADDR) == Some(cfg6.public_ip6)
-    {
+    let Some(inner_dst) = h.read::<[u8; 16]>(l2 + INNER_IP6 + DADDR) else {
+        count(Counter::RxDropTruncated, frame_len);
+        return h.drop();
+    };
+    if inner_next[0] == IPPROTO_UDP && inner_dst == cfg6.public_ip6 {
         rx::member_drop(Counter::RxDropNested, slot, frame_len);
         return h.drop();
     }
@@ -125,7 +129,45 @@ pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> 
         rx::member_drop(Counter::RxDropSpoofedInner, slot, frame_len);
         return h.drop();
     }
-    count(Counter::RxPassIpv6Member, frame_len);
-    rx::from_peer(slot, frame_len.saturating_sub((l2 + INNER_ETH) as u32));
+    let inner_off = l2 + INNER_ETH;
+    let inner_len = frame_len.saturating_sub(inner_off as u32);
+    if !for_a_pod(&inner_dst) || neighbour_discovery(h, l2, inner_next[0]) {
+        count(Counter::RxPassIpv6Member, frame_len);
+        rx::from_peer(slot, inner_len);
+        return h.pass();
+    }
+    if h.gso() {
+        count(Counter::RxPassGso, frame_len);
+        rx::from_peer(slot, inner_len);
+        return h.pass();
+    }
+    // The outer IPv6, UDP and VXLAN headers go; the ethertype stays IPv6.
+    if !h.strip(inner_off, false) {
+        count(Counter::RxDropAdjust, frame_len);
+        return h.drop();
+    }
+    rx::delivered(slot, inner_len);
     h.pass()
+}
+
+/// Not link-local (fe80::/10) and not multicast (ff00::/8): an address the
+/// stack can forward to a pod.
+#[inline(always)]
+fn for_a_pod(dst: &[u8; 16]) -> bool {
+    dst[0] != 0xff && !(dst[0] == 0xfe && dst[1] & 0xc0 == 0x80)
+}
+
+/// Router/neighbour solicitations and advertisements, redirects (ICMPv6
+/// 133–137): flannel-v6's own business, not to be forwarded.
+#[inline(always)]
+fn neighbour_discovery<H: Hook>(h: &H, l2: usize, inner_next: u8) -> bool {
+    const IPPROTO_ICMPV6: u8 = 58;
+    if inner_next != IPPROTO_ICMPV6 {
+        return false;
+    }
+    match h.read::<[u8; 2]>(l2 + INNER_IP6 + 40) {
+        Some(t) => (133..=137).contains(&t[0]),
+        // Too short for an ICMPv6 type: the kernel's device judges it.
+        None => true,
+    }
 }

@@ -17,6 +17,9 @@ pub enum View {
     Arp,
     /// Like `bridge fdb show dev flannel.1`.
     Fdb,
+    /// Dual-stack: like `bridge fdb show dev flannel-v6.1`, with each
+    /// member's IPv6 subnet (what ingress checks VXLAN over IPv6 against).
+    Fdb6,
     /// One line per remote node: subnet, VTEP, VtepMAC, public IP, traffic.
     Peers,
     /// Datapath counters, every drop and fallback reason by name.
@@ -128,6 +131,14 @@ pub fn render(root: &Path, view: View, as_json: bool) -> anyhow::Result<String> 
                 writeln!(s, "{mac} dev {dev} dst {ip} self permanent")?;
             }
             json!(f.iter().map(|(m, (i, _))| json!({"mac": m.to_string(), "dst": i.to_string(), "dev": dev})).collect::<Vec<_>>())
+        }
+        View::Fdb6 => {
+            let f = t.fdb6_entries()?;
+            let dev6 = format!("flannel-v6.{}", cfg.vni);
+            for (mac, (ip, subnet)) in &f {
+                writeln!(s, "{mac} dev {dev6} dst {ip} self permanent  # {subnet}")?;
+            }
+            json!(f.iter().map(|(m, (i, sub))| json!({"mac": m.to_string(), "dst": i.to_string(), "subnet": sub.to_string(), "dev": dev6})).collect::<Vec<_>>())
         }
         View::Peers => {
             let ps = peers(&t)?;

@@ -110,6 +110,19 @@ impl Tables {
         Ok(())
     }
 
+    /// flannel-v6 VtepMAC → (member's public IPv6 address, its IPv6 subnet).
+    pub fn fdb6_entries(
+        &self,
+    ) -> anyhow::Result<BTreeMap<Mac, (std::net::Ipv6Addr, crate::lease::subnet6::Subnet6)>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in self.fdb6.entries().context("reading the FDB6 map")? {
+            let subnet = crate::lease::subnet6::Subnet6::new(v.subnet6.into(), v.subnet6_len)
+                .context("FDB6 map: a subnet with host bits set")?;
+            out.insert(Mac(k.vtep_mac), (v.node_ip6.into(), subnet));
+        }
+        Ok(out)
+    }
+
     /// Make the FDB6 map exactly `want` (flannel-v6 VtepMAC → member).
     pub fn sync_fdb6(&self, want: &BTreeMap<Mac, Fdb6Value>) -> anyhow::Result<usize> {
         let have: BTreeMap<Mac, Fdb6Value> = self
