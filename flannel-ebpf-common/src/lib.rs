@@ -8,6 +8,9 @@
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
+/// The same over IPv6: outer Ethernet + IPv6 + UDP + VXLAN.
+pub const VXLAN6_OVERHEAD: u32 = 14 + 40 + 8 + 8;
+
 /// Bytes the encapsulation adds in front of the inner IPv4 packet, beyond the
 /// inner Ethernet header that is already there: outer Ethernet + IPv4 + UDP + VXLAN.
 pub const VXLAN_OVERHEAD: u32 = 14 + 20 + 8 + 8;
@@ -31,6 +34,8 @@ pub const PROG_DECAP: &str = "flannel_decap";
 pub const PROG_DECAP_TC: &str = "flannel_decap_tc";
 /// The direct path's egress: TC ingress of the pod bridge (cni0).
 pub const PROG_POD_EGRESS: &str = "flannel_pod_egress";
+/// Egress on flannel-v6 (dual-stack): VXLAN over IPv6.
+pub const PROG_ENCAP6: &str = "flannel_encap6";
 
 /// Flows remembered as taking the host stack (the direct path's rule: a flow
 /// the host's conntrack has seen keeps to the stack both ways). LRU: a
@@ -371,9 +376,16 @@ counters! {
     /// Ingress: IPv6 to our address with extension headers (a fragment among
     /// them): the kernel parses them and the guard's ip6 table judges.
     RxPassIpv6ExtHeaders = 31, "rx_pass_ipv6_ext_headers";
+    /// Egress on flannel-v6: a GSO aggregate, left to the kernel's device
+    /// (its segments' outer UDP checksums cannot be asked for from BPF).
+    TxFallbackIpv6Gso = 32, "tx_fallback_ipv6_gso";
+    /// Egress on flannel-v6: an inner packet that is not TCP, UDP or ICMPv6
+    /// right behind its IPv6 header (extension headers): the outer checksum
+    /// is derived from the inner one's pseudo-header, so the kernel sends it.
+    TxFallbackIpv6ExtHeaders = 33, "tx_fallback_ipv6_ext_headers";
 }
 
-pub const COUNTER_SLOTS: u32 = 32;
+pub const COUNTER_SLOTS: u32 = 48;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -9,6 +9,7 @@ mod decap;
 mod decap_tc;
 mod deliver;
 mod encap;
+mod encap6;
 mod flows;
 mod maps;
 mod packet;
@@ -16,6 +17,7 @@ mod pod_egress;
 mod rx;
 mod rx6;
 mod tunnel;
+mod tunnel6;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -50,6 +50,16 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+#[repr(C)]
 pub struct UdpHdr {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
@@ -111,6 +121,16 @@ pub struct Ports {
 pub struct VxlanFrame {
     pub eth: EthHdr,
     pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub vx: VxlanHdr,
+    pub inner: EthHdr,
+}
+
+/// The same over IPv6.
+#[repr(C)]
+pub struct Vxlan6Frame {
+    pub eth: EthHdr,
+    pub ip6: Ipv6Hdr,
     pub udp: UdpHdr,
     pub vx: VxlanHdr,
     pub inner: EthHdr,

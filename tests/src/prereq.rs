@@ -23,7 +23,7 @@ fn missing() -> Option<String> {
         ));
     }
     for tool in [
-        "ip", "bridge", "ping", "nsenter", "iptables", "nft", "bpftool",
+        "ip", "bridge", "ping", "nsenter", "iptables", "nft", "bpftool", "ethtool",
     ] {
         let found = std::process::Command::new("bash")
             .args(["-c", &format!("command -v {tool}")])

@@ -47,11 +47,16 @@ pub fn bench(name: &str) -> Bench {
     let ns = Netns::new(name).unwrap();
     // bpf_fib_lookup only answers for interfaces that forward, as on any Kubernetes node.
     ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+    ns.sh("sysctl -qw net.ipv6.conf.all.forwarding=1").unwrap();
     ns.sh("ip link add ul0 type veth peer name ul1").unwrap();
     ns.sh("ip addr add 10.9.0.1/24 dev ul0").unwrap();
     ns.sh("ip link set ul0 up").unwrap();
     ns.sh("ip link set ul1 up").unwrap();
     ns.sh("ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")
+        .unwrap();
+    // The IPv6 underlay of the dual-stack tests: fc00::1/64, the member fc00::2 resolved.
+    ns.sh("ip -6 addr add fc00::1/64 dev ul0 nodad").unwrap();
+    ns.sh("ip -6 neigh replace fc00::2 lladdr 02:00:00:00:00:02 dev ul0 nud permanent")
         .unwrap();
     ns.sh("ip link add cni0 type bridge").unwrap();
     ns.sh("ip addr add 10.244.1.1/24 dev cni0").unwrap();
@@ -143,6 +148,12 @@ fn load_with(b: &Bench, direct: bool) -> Ebpf {
     p.load().unwrap();
     let p: &mut SchedClassifier = ebpf
         .program_mut(PROG_POD_EGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    p.load().unwrap();
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(flannel_ebpf_common::PROG_ENCAP6)
         .unwrap()
         .try_into()
         .unwrap();

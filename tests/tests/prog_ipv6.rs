@@ -9,10 +9,14 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use flannel_ebpf_common::{Counter, PROG_DECAP, PROG_DECAP_TC};
+use flannel_ebpf_common::{Counter, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP6};
 use flannel_tests::{
+    frames::{csum, eth, ipv6_udp},
     prereq,
-    progs::{Vx6, bench, counter, load, set_v6},
+    progs::{
+        LOCAL_VTEP6, PUBLIC_IP6, REMOTE_IP6, REMOTE_VTEP6, UNDERLAY_PEER_MAC, Vx6, bench, counter,
+        load, set_v6,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -256,4 +260,163 @@ fn vxlan_over_ipv6_is_checked_and_decapsulated_like_ipv4() {
             assert_eq!(counter(&ebpf, Counter::RxDropTruncated), before + 1);
         }
     }
+}
+
+/// flannel-v6 hands the encap program this: our pod fd00:10:244:1::10 →
+/// the member's pod fd00:10:244:2::10, UDP with its checksum right.
+fn inner6(next: u8) -> Vec<u8> {
+    let mut ip = ipv6_udp(
+        "fd00:10:244:1::10".parse().unwrap(),
+        "fd00:10:244:2::10".parse().unwrap(),
+        4000,
+        53,
+        b"flannel over IPv6!",
+    );
+    ip[6] = next;
+    eth(REMOTE_VTEP6, LOCAL_VTEP6, 0x86dd, &ip)
+}
+
+fn run_encap6(ebpf: &mut Ebpf, frame: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
+    let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP6).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct __sk_buff (192 bytes): gso_segs at 164, gso_size at 176.
+    let mut skb = [0u8; 192];
+    skb[164..168].copy_from_slice(&(gso_size.min(1) * 2).to_ne_bytes());
+    skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: (gso_size != 0).then_some(&skb[..]),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| panic!("test_run encap6 on {} bytes: {e}", frame.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+#[test]
+fn encap6_builds_vxlan_over_ipv6_with_its_udp_checksum() {
+    if !prereq::ready("encap6_exact") {
+        return;
+    }
+    let b = bench("fe-encap6");
+    b.ns.run(|| {
+        let mut ebpf = load(&b);
+        let inner = inner6(17);
+        // Not a dual-stack node yet: the kernel's device sends it.
+        assert_eq!(run_encap6(&mut ebpf, &inner, 0), (0, inner.clone()));
+        set_v6(&ebpf);
+        let (rc, out) = run_encap6(&mut ebpf, &inner, 0);
+        let why: Vec<(&str, u64)> = Counter::ALL
+            .iter()
+            .map(|c| (c.name(), counter(&ebpf, *c)))
+            .filter(|(_, n)| *n != 0)
+            .collect();
+        assert_eq!(rc, 7, "TC_ACT_REDIRECT to the underlay; counters {why:?}");
+        assert_eq!(out.len(), inner.len() + 70);
+        assert_eq!(out[0..6], UNDERLAY_PEER_MAC);
+        assert_eq!(out[6..12], b.underlay_mac);
+        assert_eq!(out[12..14], [0x86, 0xdd]);
+        let ip = &out[14..54];
+        assert_eq!(ip[0] >> 4, 6);
+        let udp_len = inner.len() + 16;
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]) as usize, udp_len);
+        assert_eq!((ip[6], ip[7]), (17, 64), "UDP, hop limit 64");
+        assert_eq!(ip[8..24], PUBLIC_IP6.octets());
+        assert_eq!(ip[24..40], REMOTE_IP6.octets());
+        let udp = &out[54..];
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        assert!((32768..61000).contains(&sport), "source port {sport}");
+        assert_eq!(udp[2..4], 8472u16.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, udp_len);
+        assert_ne!(udp[6..8], [0, 0], "IPv6 needs a UDP checksum");
+        // The checksum verifies as a receiver checks it: over the pseudo-header and every byte.
+        let mut pseudo = PUBLIC_IP6.octets().to_vec();
+        pseudo.extend_from_slice(&REMOTE_IP6.octets());
+        pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        pseudo.extend_from_slice(udp);
+        assert_eq!(csum(&pseudo), 0, "outer UDP checksum");
+        assert_eq!(udp[8..16], [0x08, 0, 0, 0, 0, 0, 0x01, 0]);
+        assert_eq!(udp[16..], inner[..], "inner frame untouched");
+        assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
+
+        // What the kernel's device keeps sending, unchanged and counted.
+        let mut unknown = inner.clone();
+        unknown[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x99]);
+        let mut short = inner.clone();
+        short[14 + 5] ^= 1; // a payload length that is not the frame's
+        let cases: [(&str, Vec<u8>, u32, Counter); 5] = [
+            (
+                "a GSO aggregate",
+                inner.clone(),
+                1400,
+                Counter::TxFallbackIpv6Gso,
+            ),
+            (
+                "a hop-by-hop header",
+                inner6(0),
+                0,
+                Counter::TxFallbackIpv6ExtHeaders,
+            ),
+            (
+                "a fragment header",
+                inner6(44),
+                0,
+                Counter::TxFallbackIpv6ExtHeaders,
+            ),
+            ("an unknown VtepMAC", unknown, 0, Counter::TxFallbackNoFdb),
+            (
+                "a wrong payload length",
+                short,
+                0,
+                Counter::TxFallbackMalformed,
+            ),
+        ];
+        for (name, frame, gso, c) in cases {
+            let before = counter(&ebpf, c);
+            assert_eq!(
+                run_encap6(&mut ebpf, &frame, gso),
+                (0, frame.clone()),
+                "{name}"
+            );
+            assert_eq!(
+                counter(&ebpf, c),
+                before + 1,
+                "{name} counted as {}",
+                c.name()
+            );
+        }
+        // ICMPv6 and TCP get their checksum derived the same way.
+        let mut icmp = ipv6_udp(
+            "fd00:10:244:1::10".parse().unwrap(),
+            "fd00:10:244:2::10".parse().unwrap(),
+            0,
+            0,
+            b"",
+        );
+        icmp.truncate(40);
+        let mut echo = vec![128u8, 0, 0, 0, 0, 7, 0, 1, 1, 2, 3, 4];
+        icmp[4..6].copy_from_slice(&(echo.len() as u16).to_be_bytes());
+        icmp[6] = 58;
+        let mut ps = icmp[8..40].to_vec();
+        ps.extend_from_slice(&(echo.len() as u32).to_be_bytes());
+        ps.extend_from_slice(&[0, 0, 0, 58]);
+        ps.extend_from_slice(&echo);
+        let c = csum(&ps);
+        echo[2..4].copy_from_slice(&c.to_be_bytes());
+        icmp.extend_from_slice(&echo);
+        let frame = eth(REMOTE_VTEP6, LOCAL_VTEP6, 0x86dd, &icmp);
+        let (rc, out) = run_encap6(&mut ebpf, &frame, 0);
+        assert_eq!(rc, 7);
+        let udp = &out[54..];
+        let mut pseudo = PUBLIC_IP6.octets().to_vec();
+        pseudo.extend_from_slice(&REMOTE_IP6.octets());
+        pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        pseudo.extend_from_slice(udp);
+        assert_eq!(csum(&pseudo), 0, "outer UDP checksum around ICMPv6");
+    })
+    .unwrap();
 }

@@ -57,6 +57,11 @@ pub const LAB: &[Tool] = &[
     tool("etcd", "etcd-server", "the etcd lease source's tests"),
     tool("etcdctl", "etcd-client", "inspecting etcd leases"),
     tool("openssl", "openssl", "certificates for etcd over TLS"),
+    tool(
+        "ethtool",
+        "ethtool",
+        "checksum offloads off, so IPv6 VXLAN checksums are verified",
+    ),
 ];
 
 /// The benchmark: standard tools against kernel VXLAN and plain routing.

@@ -515,6 +515,12 @@ async fn first_passes(
         }
         log::info!("attached {}", attached.encap);
         log::info!("attached {}", attached.decap);
+        // Dual-stack: VXLAN over IPv6 from flannel-v6's egress too.
+        let vtep6 = state
+            .v6
+            .as_ref()
+            .map(|_| crate::node::overlay6::vtep_name(conf.backend.vni));
+        hook.ensure_encap6(vtep6.as_deref()).map_err(no_ebpf)?;
         if let Some(t) = tables.as_ref() {
             if direct_path(args, &underlay.link) {
                 // The NAT mark first: from the moment the program runs,

@@ -22,7 +22,7 @@ use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey, MAP_ARP,
     MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_PEER_STATS,
     MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop, NodeConfig, NodeConfig6,
-    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, PeerStats, RouteValue,
+    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS, PeerStats, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -119,6 +119,8 @@ pub const MAPS: &[MapSpec] = &[
 ];
 
 pub const LINK_ENCAP: &str = "link_encap";
+/// Dual-stack: the IPv6 encap link on flannel-v6's egress.
+pub const LINK_ENCAP6: &str = "link_encap6";
 pub const LINK_DECAP: &str = "link_decap";
 /// The decap link when it hangs off TC ingress (`--decap tc`).
 pub const LINK_DECAP_TC: &str = "link_decap_tc";
@@ -410,6 +412,7 @@ impl Loaded {
             Ok(())
         };
         tc(&mut self.ebpf, PROG_ENCAP)?;
+        tc(&mut self.ebpf, PROG_ENCAP6)?;
         tc(&mut self.ebpf, PROG_POD_EGRESS)?;
         match hook {
             DecapHook::Tc => tc(&mut self.ebpf, PROG_DECAP_TC),
@@ -518,6 +521,29 @@ impl PodHook {
         );
         self.on = Some(index);
         Ok(Some(index))
+    }
+
+    /// Dual-stack: the IPv6 encap program on `vtep6`'s egress (flannel-v6);
+    /// None: IPv6 is off, and a link left by a dual-stack run is removed.
+    pub fn ensure_encap6(&mut self, vtep6: Option<&str>) -> anyhow::Result<()> {
+        let pin = self.root.join(LINK_ENCAP6);
+        let Some(dev) = vtep6 else {
+            if pin.exists() {
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+                log::info!("IPv6 off: detached {PROG_ENCAP6}");
+            }
+            return Ok(());
+        };
+        let state = attach_tc(
+            &mut self.ebpf,
+            PROG_ENCAP6,
+            &pin,
+            dev,
+            TcAttachType::Egress,
+            self.force,
+        )?;
+        log::info!("attached {PROG_ENCAP6} on {dev} egress (TCX), {state}");
+        Ok(())
     }
 
     /// The bridge's index the program was last attached on (None: not attached).
@@ -700,7 +726,13 @@ fn ensure_link(
 /// Remove every pinned object: links first (detaching the programs), then maps.
 pub fn uninstall(root: &Path) -> anyhow::Result<()> {
     // The direct path first: its packets would otherwise meet a detached decap.
-    for f in [LINK_POD_EGRESS, LINK_ENCAP, LINK_DECAP, LINK_DECAP_TC] {
+    for f in [
+        LINK_POD_EGRESS,
+        LINK_ENCAP6,
+        LINK_ENCAP,
+        LINK_DECAP,
+        LINK_DECAP_TC,
+    ] {
         let p = root.join(f);
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
