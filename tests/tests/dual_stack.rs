@@ -51,6 +51,7 @@ fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
         return;
     }
     let mut lab = Lab::new_dual("ds2", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.nodes[0].agent_args = vec!["--metrics-port".into(), "9466".into()];
     lab.start_stock(1, 2).unwrap();
     lab.start_agent(0).unwrap();
     lab.program_stock_peers().unwrap();
@@ -213,6 +214,16 @@ fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
     assert!(
         lab.counter(0, "tx_encap") - encap > 100,
         "bulk TCP over our IPv6 encap"
+    );
+    // Metrics: the IPv6 peers, and the IPv6 reasons among the datapath's.
+    let m = lab.nodes[0].ns.http_get(9466, "/metrics").unwrap();
+    assert!(
+        m.contains("flannel_ebpf_leases{state=\"applied_ipv6\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("flannel_ebpf_datapath_packets_total{reason=\"tx_fallback_ipv6_gso\"}"),
+        "{m}"
     );
     // Neighbour discovery across the overlay: each pod resolved the other's gateway.
     let nd = lab.nodes[0].pod.sh("ip -6 neigh show dev eth0").unwrap();

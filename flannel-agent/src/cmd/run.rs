@@ -1163,6 +1163,15 @@ impl SyncState {
             o6.sync(nl, snap.leases.values(), tables.as_deref())
                 .await
                 .context("flannel-v6's tables")?;
+            if let Ok(m) = self.metrics.lock() {
+                let label = |v: &str| vec![("state".to_string(), v.to_string())];
+                m.leases
+                    .get_or_create(&label("applied_ipv6"))
+                    .set(o6.peers as i64);
+                m.leases
+                    .get_or_create(&label("skipped_ipv6"))
+                    .set(o6.skipped as i64);
+            }
             if let Some(g) = guard6 {
                 g.set_members(
                     o6.members(snap.leases.values())

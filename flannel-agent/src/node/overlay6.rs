@@ -193,6 +193,9 @@ pub struct Overlay6 {
     pub own: LeaseV6,
     pub conf: NetConf6,
     reported: Reported,
+    /// The last pass's usable IPv6 peers and skipped IPv6 halves (metrics).
+    pub peers: usize,
+    pub skipped: usize,
 }
 
 impl Overlay6 {
@@ -202,6 +205,8 @@ impl Overlay6 {
             own,
             conf,
             reported: Reported::default(),
+            peers: 0,
+            skipped: 0,
         }
     }
 
@@ -260,6 +265,7 @@ impl Overlay6 {
         }
         self.reported
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
+        (self.peers, self.skipped) = (want.routes.len(), skipped.len());
         let c = sync(nl, self.index, &want).await?;
         if c != Changed::default() {
             log::info!(

@@ -51,7 +51,7 @@ impl Default for AgentMetrics {
         );
         registry.register(
             "leases",
-            "Leases seen, by state (applied, skipped)",
+            "Leases seen, by state (applied, skipped; applied_ipv6, skipped_ipv6: their IPv6 halves)",
             leases.clone(),
         );
         registry.register(
