@@ -32,6 +32,12 @@ struct Args {
     /// of one bridge; traffic only (results/bench-routed.*).
     #[arg(long)]
     routed_underlay: bool,
+    /// IPv6 pod traffic on dual-stack labs (flannel-ebpf, kernel VXLAN as
+    /// stock flanneld's flannel-v6.1, IPv6 routes); traffic only, without
+    /// request/response latency (Debian's sockperf 3.7 has no IPv6):
+    /// results/bench-ipv6.*.
+    #[arg(long)]
+    ipv6: bool,
     /// The traffic figures only (no per-packet or control-plane parts).
     #[arg(long, hide = true)]
     traffic_only: bool,
@@ -52,7 +58,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let stem = if args.traffic_only {
+    let stem = if args.ipv6 {
+        "bench-ipv6"
+    } else if args.traffic_only {
         "bench-traffic"
     } else if args.routed_underlay {
         "bench-routed"
@@ -99,8 +107,16 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .filter(|(i, _)| args.only.is_none_or(|o| o == *i))
+        // No direct path for IPv6: "direct path off" would measure the same.
+        .filter(|(_, dp)| !(args.ipv6 && **dp == Datapath::EbpfStack))
         .map(|(_, dp)| {
-            traffic::lab(*dp, args.segmenting_underlay, args.routed_underlay).map(|l| (*dp, l))
+            traffic::lab(
+                *dp,
+                args.segmenting_underlay,
+                args.routed_underlay,
+                args.ipv6,
+            )
+            .map(|l| (*dp, l))
         })
         .collect::<anyhow::Result<_>>()?;
 
@@ -145,9 +161,11 @@ fn main() -> anyhow::Result<()> {
             udp.push(*dp, pps / 1e3);
             loss.push(*dp, l);
             port += 1;
-            let (a, b) = traffic::rr(lab, secs, port)?;
-            p50.push(*dp, a);
-            p99.push(*dp, b);
+            if !args.ipv6 {
+                let (a, b) = traffic::rr(lab, secs, port)?;
+                p50.push(*dp, a);
+                p99.push(*dp, b);
+            }
         }
     }
     drop(labs);
@@ -171,7 +189,7 @@ fn main() -> anyhow::Result<()> {
             .find(|((d, l, n), _)| *d == dp && *l == load && n.starts_with(prefix))
             .map_or(f64::NAN, |(_, v)| report::median_spread(v).0)
     };
-    if args.routed_underlay || args.traffic_only {
+    if args.routed_underlay || args.traffic_only || args.ipv6 {
         return report_traffic_only(
             &args,
             stem,
@@ -351,16 +369,34 @@ fn report_traffic_only(
     stats_md: &str,
     under_traffic: Vec<serde_json::Value>,
 ) -> anyhow::Result<()> {
+    let (title, setup, how) = if args.ipv6 {
+        (
+            "IPv6 (dual-stack)",
+            "Two dual-stack nodes on one bridge, pods measured over IPv6 (flannel-ebpf: our IPv6 encap and decap, GSO aggregates left to flannel-v6; kernel VXLAN: flannel-v6.1 as flanneld configures it; no encap: IPv6 pod-subnet routes); no request/response figures (Debian's sockperf 3.7 has no IPv6)",
+            "--ipv6",
+        )
+    } else {
+        (
+            "routed underlay",
+            "Two nodes, each on its own underlay subnet behind a router namespace, a pod behind cni0 on each (MTU 1450); no encap = pod-subnet routes on the router",
+            "--routed-underlay",
+        )
+    };
     let mut md = format!(
-        "# flannel-ebpf benchmark, routed underlay{}\n\nTwo nodes, each on its own underlay subnet behind a router namespace, a pod behind cni0 on each (MTU 1450); no encap = pod-subnet routes on the router; {rounds} interleaved round(s), {secs} s per run; medians (min–max over rounds).\n\n",
+        "# flannel-ebpf benchmark, {title}{}\n\n{setup}; {rounds} interleaved round(s), {secs} s per run; medians (min–max over rounds).\n\n",
         if args.quick { " (--quick)" } else { "" }
     );
     md.push_str(&table(metrics));
     md.push_str(stats_md);
     let _ = writeln!(
         md,
-        "\n## Targets\n\n{}\n\nReproduce: `sudo cargo xtask bench --routed-underlay`. Took {:.0} s.",
-        traffic_verdicts(metrics).join("\n"),
+        "\n## Targets\n\n{}\n\nReproduce: `sudo cargo xtask bench {how}`. Took {:.0} s.",
+        traffic_verdicts(metrics)
+            .into_iter()
+            // No IPv6 request/response figures to judge.
+            .filter(|v| !(args.ipv6 && v.contains("RR p50")))
+            .collect::<Vec<_>>()
+            .join("\n"),
         started.elapsed().as_secs_f64()
     );
     std::fs::create_dir_all(&args.out)?;

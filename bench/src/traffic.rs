@@ -2,7 +2,7 @@
 //! (iperf3), 64-byte UDP packet rate, request/response latency (sockperf), and
 //! system+softirq CPU per delivered Gbit.
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -46,7 +46,13 @@ impl Datapath {
 /// `routed`), a pod behind cni0 on each (MTU 1450), wired for one data path.
 /// Unencapsulated routing is host-gw's on one bridge and pod-subnet routes
 /// on the router when routed.
-pub fn lab(dp: Datapath, segmenting_underlay: bool, routed: bool) -> anyhow::Result<Lab> {
+/// With `ipv6`, dual-stack labs whose pods are measured over IPv6.
+pub fn lab(
+    dp: Datapath,
+    segmenting_underlay: bool,
+    routed: bool,
+    ipv6: bool,
+) -> anyhow::Result<Lab> {
     let (prefix, kind) = match dp {
         Datapath::Ebpf => ("bench-e", Kind::Ebpf),
         Datapath::EbpfStack => ("bench-s", Kind::Ebpf),
@@ -58,7 +64,11 @@ pub fn lab(dp: Datapath, segmenting_underlay: bool, routed: bool) -> anyhow::Res
     } else {
         Topology::Switched
     };
-    let mut lab = Lab::new(prefix, topology, &[kind, kind])?;
+    let mut lab = if ipv6 {
+        Lab::new_dual(prefix, topology, &[kind, kind])?
+    } else {
+        Lab::new(prefix, topology, &[kind, kind])?
+    };
     match dp {
         Datapath::Ebpf | Datapath::EbpfStack => {
             if dp == Datapath::EbpfStack {
@@ -84,6 +94,10 @@ pub fn lab(dp: Datapath, segmenting_underlay: bool, routed: bool) -> anyhow::Res
                     let subnet = n.subnet.as_deref().context("plain node without a subnet")?;
                     lab.fabric
                         .sh(&format!("ip route replace {subnet} via {}", n.public_ip))?;
+                    if let (Some(s6), Some(ip6)) = (&n.subnet6, n.public_ipv6) {
+                        lab.fabric
+                            .sh(&format!("ip -6 route replace {s6} via {ip6}"))?;
+                    }
                 }
             } else {
                 lab.program_hostgw_routes()?;
@@ -101,12 +115,7 @@ pub fn lab(dp: Datapath, segmenting_underlay: bool, routed: bool) -> anyhow::Res
             ))?;
         }
     }
-    wait_reachable(
-        &lab.nodes[0].pod,
-        lab.nodes[1].pod_ip(),
-        Duration::from_secs(10),
-    )
-    .with_context(|| {
+    wait_reachable(&lab.nodes[0].pod, dst(&lab), Duration::from_secs(10)).with_context(|| {
         format!(
             "{} lab: pods cannot reach each other\n{}",
             dp.name(),
@@ -114,6 +123,15 @@ pub fn lab(dp: Datapath, segmenting_underlay: bool, routed: bool) -> anyhow::Res
         )
     })?;
     Ok(lab)
+}
+
+/// The measured pod's address: IPv6 in the dual-stack labs.
+fn dst(lab: &Lab) -> IpAddr {
+    if lab.ipv6 {
+        lab.nodes[1].pod_ip6().into()
+    } else {
+        lab.nodes[1].pod_ip().into()
+    }
 }
 
 /// system + irq + softirq CPU seconds so far (all CPUs; only the lab runs).
@@ -154,7 +172,7 @@ fn iperf_server(pod: &Netns, port: u16) -> anyhow::Result<std::process::Child> {
 
 fn iperf_client(
     pod: &Netns,
-    dst: Ipv4Addr,
+    dst: IpAddr,
     port: u16,
     args: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
@@ -181,7 +199,7 @@ pub fn tcp(lab: &Lab, streams: u32, secs: u32, port: u16) -> anyhow::Result<(f64
     let cpu0 = kernel_cpu_seconds();
     let v = iperf_client(
         &a.pod,
-        b.pod_ip(),
+        dst(lab),
         port,
         &["-t", &secs.to_string(), "-P", &streams.to_string()],
     );
@@ -201,7 +219,7 @@ pub fn udp64(lab: &Lab, secs: u32, port: u16) -> anyhow::Result<(f64, f64)> {
     let mut srv = iperf_server(&b.pod, port)?;
     let v = iperf_client(
         &a.pod,
-        b.pod_ip(),
+        dst(lab),
         port,
         &["-u", "-l", "64", "-b", "0", "-t", &secs.to_string()],
     );

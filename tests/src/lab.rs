@@ -583,7 +583,11 @@ impl Lab {
     /// Node `i` with a pod in `10.244.<octet>.0/24` and no overlay at all
     /// (host-gw: plain routes, the upper bound on this machine).
     pub fn start_plain(&mut self, i: usize, subnet_third_octet: u8) -> anyhow::Result<()> {
-        self.attach_pod(i, &format!("10.244.{subnet_third_octet}.0/24"))
+        self.attach_pod(i, &format!("10.244.{subnet_third_octet}.0/24"))?;
+        if self.ipv6 {
+            self.attach_pod6(i, &format!("fd00:10:244:{subnet_third_octet:x}::/64"))?;
+        }
+        Ok(())
     }
 
     /// Routes between plain nodes: `<subnet> via <public IP>`.
@@ -592,6 +596,9 @@ impl Lab {
             for (j, p) in self.nodes.iter().enumerate() {
                 if let (true, Some(subnet)) = (i != j, &p.subnet) {
                     n.ns.sh(&format!("ip route replace {subnet} via {}", p.public_ip))?;
+                }
+                if let (true, Some(subnet6), Some(ip6)) = (i != j, &p.subnet6, p.public_ipv6) {
+                    n.ns.sh(&format!("ip -6 route replace {subnet6} via {ip6}"))?;
                 }
             }
         }

@@ -62,6 +62,10 @@ enum Cmd {
         /// (results/control-plane.*).
         #[arg(long)]
         control_plane: bool,
+        /// IPv6 pod traffic on dual-stack labs against flannel-v6.1 and IPv6
+        /// routes; traffic only (results/bench-ipv6.*).
+        #[arg(long)]
+        ipv6: bool,
     },
 }
 
@@ -151,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             segmenting_underlay,
             routed_underlay,
             control_plane,
+            ipv6,
         } => {
             let agent = build_for_labs(&[prereq::BENCH])?;
             let root = root();
@@ -181,6 +186,9 @@ fn main() -> anyhow::Result<()> {
             }
             if control_plane {
                 cmd.arg("--control-plane");
+            }
+            if ipv6 {
+                cmd.arg("--ipv6");
             }
             run(&mut cmd)
         }
