@@ -383,6 +383,10 @@ counters! {
     /// right behind its IPv6 header (extension headers): the outer checksum
     /// is derived from the inner one's pseudo-header, so the kernel sends it.
     TxFallbackIpv6ExtHeaders = 33, "tx_fallback_ipv6_ext_headers";
+    /// Ingress drop: IPv6 to our address with more than one extension header
+    /// in front of the transport: no VTEP sends that, and it would hide
+    /// VXLAN from the checks.
+    RxDropIpv6ExtChain = 34, "rx_drop_ipv6_ext_chain";
 }
 
 pub const COUNTER_SLOTS: u32 = 48;

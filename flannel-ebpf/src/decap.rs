@@ -62,12 +62,12 @@ impl Hook for Xdp {
         // Here (before the kernel strips it) an 802.1p priority tag can still be
         // in front of the IPv4 header: such frames get the same checks.
         let tag = ptr_at::<[u8; 4]>(start, end, ETH_LEN).map(|t| unsafe { *t });
-        if be16(&eth.proto) == ETH_P_IPV6 {
-            return Link::Ipv6 { l2: ETH_LEN };
-        }
-        let Some(l2) = rx::l2_len(be16(&eth.proto), tag) else {
+        let Some((l2, l3)) = rx::l2_len(be16(&eth.proto), tag) else {
             return Link::NotOurs;
         };
+        if l3 == ETH_P_IPV6 {
+            return Link::Ipv6 { l2 };
+        }
         let ip = if l2 == ETH_LEN {
             ptr_at::<Ipv4Hdr>(start, end, ETH_LEN)
         } else {

@@ -7,7 +7,7 @@ use flannel_ebpf_common::{Counter, NODE_NATIVE_POD_SOURCES, NodeConfig, in_prefi
 
 use crate::{
     maps::{count, fdb_lookup, peer},
-    packet::{ETH_LEN, ETH_P_ARP, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
+    packet::{ETH_LEN, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
 };
 
 /// What the outer IPv4 header says about a frame.
@@ -218,17 +218,19 @@ pub fn from_peer(slot: u32, inner_len: u32) {
     }
 }
 
-/// Ethernet header length in front of the IPv4 header, with an 802.1Q
-/// priority tag (VLAN 0) allowed; None when the frame is not IPv4 (or is a
-/// real VLAN's, which is not ours to judge).
+/// Ethernet header length in front of the IP header and the IP version's
+/// ethertype, with an 802.1Q priority tag (VLAN 0) allowed; None when the
+/// frame is neither IPv4 nor IPv6 (or is a real VLAN's, which is not ours to
+/// judge).
 #[inline(always)]
-pub fn l2_len(proto: u16, tag: Option<[u8; 4]>) -> Option<usize> {
+pub fn l2_len(proto: u16, tag: Option<[u8; 4]>) -> Option<(usize, u16)> {
     match proto {
-        ETH_P_IPV4 => Some(ETH_LEN),
+        ETH_P_IPV4 | ETH_P_IPV6 => Some((ETH_LEN, proto)),
         ETH_P_8021Q => {
             let t = tag?;
             let vid = u16::from_be_bytes([t[0], t[1]]) & 0x0fff;
-            (vid == 0 && u16::from_be_bytes([t[2], t[3]]) == ETH_P_IPV4).then_some(ETH_LEN + 4)
+            let inner = u16::from_be_bytes([t[2], t[3]]);
+            (vid == 0 && (inner == ETH_P_IPV4 || inner == ETH_P_IPV6)).then_some((ETH_LEN + 4, inner))
         }
         _ => None,
     }

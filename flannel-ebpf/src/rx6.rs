@@ -6,7 +6,7 @@
 //! same): GSO aggregates (TC), neighbour discovery and link-local or
 //! multicast inner destinations, which belong to flannel-v6 itself. The
 //! nftables guard's ip6 table judges what hides behind extension headers.
-use flannel_ebpf_common::{Counter, NodeConfig};
+use flannel_ebpf_common::{Counter, NODE_NATIVE_POD_SOURCES, NodeConfig};
 
 use crate::{
     maps::{config6, count, fdb6_lookup},
@@ -14,15 +14,19 @@ use crate::{
     rx::{self, Hook},
 };
 
-// Offsets from the outer IPv6 header; each field is read on its own, when
-// needed: whole headers copied out would not fit the BPF stack.
+// Offsets from the outer IPv6 header, and from the UDP header (`l4`); each
+// field is read on its own, when needed: whole headers copied out would not
+// fit the BPF stack.
 const NEXT_HEADER: usize = 6;
 const SADDR: usize = 8;
 const DADDR: usize = 24;
-const UDP_DPORT: usize = 40 + 2;
-const VXLAN: usize = 40 + 8;
+const UDP_DPORT: usize = 2;
+const VXLAN: usize = 8;
 const INNER_ETH: usize = VXLAN + 8;
 const INNER_IP6: usize = INNER_ETH + 14;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_FRAGMENT: u8 = 44;
 
 /// IPv6 extension headers a packet to our VXLAN port could hide behind.
 #[inline(always)]
@@ -58,33 +62,85 @@ pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> 
     let Some(cfg6) = config6() else {
         return h.pass();
     };
-    // Too short for IPv6 + UDP: not VXLAN, the IP layer judges it.
-    let (Some(daddr), Some(next)) = (
+    // Too short for an IPv6 header: the IP layer judges it.
+    let (Some(daddr), Some(saddr), Some(next)) = (
         h.read::<[u8; 16]>(l2 + DADDR),
+        h.read::<[u8; 16]>(l2 + SADDR),
         h.read::<[u8; 2]>(l2 + NEXT_HEADER),
     ) else {
         return h.pass();
     };
+    // Pods of other nodes reach ours only through the overlay, as for IPv4:
+    // a plain packet from the underlay with an IPv6 pod source is spoofed.
+    if cfg.flags & NODE_NATIVE_POD_SOURCES == 0
+        && cfg6.network6_len != 0
+        && in_prefix6(&saddr, &cfg6.network6, cfg6.network6_len)
+    {
+        count(Counter::RxDropPodSourceOnUnderlay, frame_len);
+        return h.drop();
+    }
     if daddr != cfg6.public_ip6 {
         return h.pass();
     }
-    if next[0] != IPPROTO_UDP {
-        if extension(next[0]) {
+    // VXLAN behind one extension header (a fragment header, options) gets
+    // the same checks; what it carries is then the kernel's to reassemble or
+    // parse (never stripped here). A chain of them to our VXLAN port is not
+    // what any VTEP sends: dropped.
+    let mut l4 = l2 + 40;
+    let mut behind_ext = false;
+    let mut proto = next[0];
+    if extension(proto) {
+        let Some(ext) = h.read::<[u8; 4]>(l4) else {
+            return h.pass();
+        };
+        if proto == IPPROTO_FRAGMENT && u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+            // A later fragment: useless without the first, which is checked.
+            count(Counter::RxPassIpv6ExtHeaders, frame_len);
+            return h.pass();
+        }
+        let len = if proto == IPPROTO_FRAGMENT { 8 } else { (ext[1] as usize + 1) * 8 };
+        proto = ext[0];
+        l4 += len;
+        behind_ext = true;
+        if extension(proto) {
+            count(Counter::RxDropIpv6ExtChain, frame_len);
+            return h.drop();
+        }
+    }
+    if proto != IPPROTO_UDP {
+        if behind_ext {
             count(Counter::RxPassIpv6ExtHeaders, frame_len);
         }
         return h.pass();
     }
-    match h.read::<[u8; 2]>(l2 + UDP_DPORT) {
+    match h.read::<[u8; 2]>(l4 + UDP_DPORT) {
         Some(p) if be16(&p) == cfg.port => {}
         _ => return h.pass(),
     }
     // From here on the frame claims to be ours: checked, passed or dropped.
-    let (Some(saddr), Some(vx), Some(inner), Some(inner_next), Some(inner_src)) = (
-        h.read::<[u8; 16]>(l2 + SADDR),
-        h.read::<VxlanHdr>(l2 + VXLAN),
-        h.read::<EthHdr>(l2 + INNER_ETH),
-        h.read::<[u8; 2]>(l2 + INNER_IP6 + NEXT_HEADER),
-        h.read::<[u8; 16]>(l2 + INNER_IP6 + SADDR),
+    // The headers read must lie within the IPv6 payload: beyond it is
+    // padding the kernel trims (a first fragment's would be replaced by the
+    // next fragment's bytes on reassembly).
+    let within = h
+        .read::<[u8; 2]>(l2 + 4)
+        .is_some_and(|p| l2 + 40 + be16(&p) as usize >= l4 + INNER_IP6 + 40);
+    if !within {
+        count(
+            if behind_ext {
+                Counter::RxDropTinyFragment
+            } else {
+                Counter::RxDropTruncated
+            },
+            frame_len,
+        );
+        return h.drop();
+    }
+    let (Some(vx), Some(inner), Some(inner_next), Some(inner_src), Some(inner_dst)) = (
+        h.read::<VxlanHdr>(l4 + VXLAN),
+        h.read::<EthHdr>(l4 + INNER_ETH),
+        h.read::<[u8; 2]>(l4 + INNER_IP6 + NEXT_HEADER),
+        h.read::<[u8; 16]>(l4 + INNER_IP6 + SADDR),
+        h.read::<[u8; 16]>(l4 + INNER_IP6 + DADDR),
     ) else {
         count(Counter::RxDropTruncated, frame_len);
         return h.drop();
@@ -114,11 +170,10 @@ pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> 
         rx::member_drop(Counter::RxDropInnerNotIpv4, slot, frame_len);
         return h.drop();
     }
-    let Some(inner_dst) = h.read::<[u8; 16]>(l2 + INNER_IP6 + DADDR) else {
-        count(Counter::RxDropTruncated, frame_len);
-        return h.drop();
-    };
-    if inner_next[0] == IPPROTO_UDP && inner_dst == cfg6.public_ip6 {
+    // Nothing but TCP and ICMPv6 to our own address through the overlay (that
+    // route is the underlay's): UDP there, or anything behind extension
+    // headers, may be VXLAN in VXLAN.
+    if inner_dst == cfg6.public_ip6 && !matches!(inner_next[0], IPPROTO_TCP | IPPROTO_ICMPV6) {
         rx::member_drop(Counter::RxDropNested, slot, frame_len);
         return h.drop();
     }
@@ -129,9 +184,14 @@ pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> 
         rx::member_drop(Counter::RxDropSpoofedInner, slot, frame_len);
         return h.drop();
     }
-    let inner_off = l2 + INNER_ETH;
+    let inner_off = l4 + INNER_ETH;
     let inner_len = frame_len.saturating_sub(inner_off as u32);
-    if !for_a_pod(&inner_dst) || neighbour_discovery(h, l2, inner_next[0]) {
+    if behind_ext {
+        count(Counter::RxPassIpv6ExtHeaders, frame_len);
+        rx::from_peer(slot, inner_len);
+        return h.pass();
+    }
+    if !for_a_pod(&inner_dst) || neighbour_discovery(h, l4, inner_next[0]) {
         count(Counter::RxPassIpv6Member, frame_len);
         rx::from_peer(slot, inner_len);
         return h.pass();
@@ -160,12 +220,11 @@ fn for_a_pod(dst: &[u8; 16]) -> bool {
 /// Router/neighbour solicitations and advertisements, redirects (ICMPv6
 /// 133–137): flannel-v6's own business, not to be forwarded.
 #[inline(always)]
-fn neighbour_discovery<H: Hook>(h: &H, l2: usize, inner_next: u8) -> bool {
-    const IPPROTO_ICMPV6: u8 = 58;
+fn neighbour_discovery<H: Hook>(h: &H, l4: usize, inner_next: u8) -> bool {
     if inner_next != IPPROTO_ICMPV6 {
         return false;
     }
-    match h.read::<[u8; 2]>(l2 + INNER_IP6 + 40) {
+    match h.read::<[u8; 2]>(l4 + INNER_IP6 + 40) {
         Some(t) => (133..=137).contains(&t[0]),
         // Too short for an ICMPv6 type: the kernel's device judges it.
         None => true,

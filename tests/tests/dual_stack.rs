@@ -377,8 +377,9 @@ fn only_members_reach_flannel_v6() {
     );
     assert_eq!(lab.counter(0, "rx_drop_spoofed_inner_source") - drops, 1);
     // A host that is not a member: whole, fragmented, to other local addresses.
-    // Whole, the programs drop it at the underlay; in fragments they leave
-    // it to the kernel, and the guard drops it once reassembled.
+    // Whole, the programs drop it at the underlay; in fragments they check
+    // the first one (behind its fragment header) and drop it, and the rest
+    // can never be reassembled. The guard, behind them, sees none of it.
     let (non_member, ebpf_non_member, ext_headers) = (
         guard6(ours, "vxlan_from_non_member"),
         lab.counter(0, "rx_drop_non_member"),
@@ -389,8 +390,16 @@ fn only_members_reach_flannel_v6() {
     assert_eq!(lab.counter(0, "rx_drop_non_member") - ebpf_non_member, 1);
     let big = datagram("fragmented", 2500);
     assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &big)), 0);
-    assert!(lab.counter(0, "rx_pass_ipv6_ext_headers") - ext_headers >= 2);
-    assert_eq!(guard6(ours, "vxlan_from_non_member") - non_member, 1);
+    assert_eq!(
+        lab.counter(0, "rx_drop_non_member") - ebpf_non_member,
+        2,
+        "the first fragment"
+    );
+    assert!(
+        lab.counter(0, "rx_pass_ipv6_ext_headers") - ext_headers >= 1,
+        "the later ones"
+    );
+    assert_eq!(guard6(ours, "vxlan_from_non_member") - non_member, 0);
     let elsewhere = guard6(ours, "vxlan_not_to_public_ip");
     let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
     for local in [gw, ours.subnet6_base()] {
@@ -404,4 +413,47 @@ fn only_members_reach_flannel_v6() {
     // `show stats` names the ip6 guard's drops.
     let stats = ours.show("stats").unwrap();
     assert!(stats.contains("guard6_vxlan_from_non_member"), "{stats}");
+}
+
+#[test]
+fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
+    if !prereq::ready("pins_before_ipv6") {
+        return;
+    }
+    let mut lab = Lab::new("ds6up", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.nodes[0].stop_agent().unwrap();
+    // What an earlier version pinned: no IPv6 maps.
+    let root = lab.nodes[0].pin_root.clone();
+    for m in ["config6", "fdb6"] {
+        fs::remove_file(root.join(m)).unwrap();
+    }
+    let routes = lab.nodes[0].show("routes").unwrap();
+    assert!(routes.contains("10.244.2.0/24"), "{routes}");
+    assert_eq!(lab.nodes[0].show("fdb6").unwrap().trim(), "");
+    // The agent of this version adds them and carries on.
+    lab.spawn_agent(0).unwrap();
+    flannel_tests::wait_for(
+        "the IPv6 maps to be pinned",
+        Duration::from_secs(10),
+        || (root.join("config6").exists() && root.join("fdb6").exists()).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    lab.nodes[0].stop_agent().unwrap();
+    fs::remove_file(root.join("fdb6")).unwrap();
+    // Uninstall hands the peers back to the kernel all the same.
+    let out = lab.nodes[0]
+        .ns
+        .nsenter(&format!(
+            "{} uninstall --pin-root {}",
+            flannel_tests::agent_path().display(),
+            root.display()
+        ))
+        .unwrap_or_else(|e| panic!("uninstall: {e}"));
+    let _ = out;
+    let fdb = lab.nodes[0].ns.sh("bridge fdb show dev flannel.1").unwrap();
+    assert!(fdb.contains("dst 10.1.5.12 self permanent"), "{fdb}");
+    assert!(!root.exists(), "pin root left behind");
 }

@@ -84,6 +84,20 @@ fn vxlan_over_ipv6_is_checked_and_decapsulated_like_ipv4() {
         assert_eq!(counter(&ebpf, Counter::RxDecap), before + 1, "{hook}");
 
         let d = Vx6::default;
+        // Hop-by-hop options, then destination options: a chain.
+        let mut chain = Vx6 {
+            next_header: 0,
+            ..d()
+        }
+        .frame();
+        chain[14 + 40] = 60;
+        // A fragment at offset 8.
+        let mut later = Vx6 {
+            next_header: 44,
+            ..d()
+        }
+        .frame();
+        later[14 + 40 + 3] = 8;
         let mut nd = Vx6::default().frame();
         nd[14 + 56 + 14 + 40] = 135; // ICMPv6 neighbour solicitation
         let cases: Vec<(&str, Vec<u8>, Verdict, Option<Counter>)> = vec![
@@ -191,7 +205,7 @@ fn vxlan_over_ipv6_is_checked_and_decapsulated_like_ipv4() {
                 Some(Counter::RxDecap),
             ),
             (
-                "a fragment header",
+                "a member's frame behind a fragment header",
                 Vx6 {
                     next_header: 44,
                     ..d()
@@ -199,6 +213,61 @@ fn vxlan_over_ipv6_is_checked_and_decapsulated_like_ipv4() {
                 .frame(),
                 Pass,
                 Some(Counter::RxPassIpv6ExtHeaders),
+            ),
+            (
+                "a non-member's frame behind a fragment header",
+                Vx6 {
+                    next_header: 44,
+                    src_ip: "fc00::99".parse().unwrap(),
+                    ..d()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropNonMember),
+            ),
+            (
+                "a spoofed inner source behind options",
+                Vx6 {
+                    next_header: 60,
+                    inner_src_ip: "fd00:10:244:5::10".parse().unwrap(),
+                    ..d()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropSpoofedInner),
+            ),
+            (
+                "two extension headers",
+                chain,
+                Drop,
+                Some(Counter::RxDropIpv6ExtChain),
+            ),
+            (
+                "a later fragment",
+                later,
+                Pass,
+                Some(Counter::RxPassIpv6ExtHeaders),
+            ),
+            (
+                "a pod source on the underlay",
+                Vx6 {
+                    src_ip: "fd00:10:244:2::10".parse().unwrap(),
+                    ..d()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropPodSourceOnUnderlay),
+            ),
+            (
+                "options then UDP inside, to our address (VXLAN in VXLAN)",
+                Vx6 {
+                    inner_next: 0,
+                    inner_dst_ip: "fc00::1".parse().unwrap(),
+                    ..d()
+                }
+                .frame(),
+                Drop,
+                Some(Counter::RxDropNested),
             ),
             (
                 "a hop-by-hop options header",
@@ -248,6 +317,25 @@ fn vxlan_over_ipv6_is_checked_and_decapsulated_like_ipv4() {
                     c.name()
                 );
             }
+        }
+        if xdp {
+            // Behind a priority tag (VLAN 0) at XDP: the same checks.
+            let tagged = |f: Vec<u8>| {
+                let mut t = f[..12].to_vec();
+                t.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+                t.extend_from_slice(&f[12..]);
+                t
+            };
+            let before = counter(&ebpf, Counter::RxDropNonMember);
+            let forged = tagged(
+                Vx6 {
+                    src_ip: "fc00::99".parse().unwrap(),
+                    ..d()
+                }
+                .frame(),
+            );
+            assert_eq!(run(&mut ebpf, xdp, &forged).0, Drop, "tagged non-member");
+            assert_eq!(counter(&ebpf, Counter::RxDropNonMember), before + 1);
         }
         // Cut anywhere past the UDP header: truncated, dropped.
         for cut in [14 + 48 + 4, 14 + 48 + 8 + 10, 14 + 48 + 8 + 14 + 20] {

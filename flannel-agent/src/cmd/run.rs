@@ -327,6 +327,13 @@ async fn set_up_v6(
 > {
     use crate::node::overlay6;
     let (Some(c6), Some(v6)) = (&conf.ipv6, joined.own.v6) else {
+        // IPv6 switched off: the device goes before its guard, so its
+        // socket is never open unguarded.
+        let name = crate::node::overlay6::vtep_name(conf.backend.vni);
+        if let Some(l) = nl.link_by_name(&name).await?.filter(|l| l.vxlan.is_some()) {
+            nl.delete_link(l.index).await?;
+            log::info!("IPv6 off: deleted {name}");
+        }
         crate::node::guard::remove6();
         if let Some(t) = tables {
             // IPv6 switched off: the programs stop judging it.

@@ -63,6 +63,9 @@ fn batched<T>(
     out
 }
 
+type Config6Map = TypedMap<u32, NodeConfig6>;
+type Fdb6Map = TypedMap<FdbKey, Fdb6Value>;
+
 pub struct Tables {
     pub config: TypedMap<u32, NodeConfig>,
     pub route: TypedMap<RouteKey, RouteValue>,
@@ -71,8 +74,9 @@ pub struct Tables {
     pub counters: TypedMap<u32, CounterValue>,
     pub peer_stats: TypedMap<u32, PeerStats>,
     /// Dual-stack nodes: what ingress checks VXLAN over IPv6 against.
-    pub config6: TypedMap<u32, NodeConfig6>,
-    pub fdb6: TypedMap<FdbKey, Fdb6Value>,
+    /// (None under a pin root from before IPv6, until the agent loads.)
+    pub config6: Option<Config6Map>,
+    pub fdb6: Option<Fdb6Map>,
 }
 
 impl Tables {
@@ -94,18 +98,26 @@ impl Tables {
             fdb: TypedMap::new(take(MAP_FDB)?),
             counters: TypedMap::new(take(MAP_COUNTERS)?),
             peer_stats: TypedMap::new(take(MAP_PEER_STATS)?),
-            config6: TypedMap::new(take(MAP_CONFIG6)?),
-            fdb6: TypedMap::new(take(MAP_FDB6)?),
+            config6: maps.remove(MAP_CONFIG6).map(TypedMap::new),
+            fdb6: maps.remove(MAP_FDB6).map(TypedMap::new),
         })
+    }
+
+    fn ipv6_maps(&self) -> anyhow::Result<(&Config6Map, &Fdb6Map)> {
+        self.config6.as_ref().zip(self.fdb6.as_ref()).context(
+            "the pinned data path predates IPv6 (no config6/fdb6 maps): restart the agent to load this version's",
+        )
     }
 
     /// Write (or clear, with None) the IPv6 checks' config.
     pub fn set_config6(&self, cfg: Option<NodeConfig6>) -> anyhow::Result<()> {
+        if cfg.is_none() && self.config6.is_none() {
+            return Ok(());
+        }
+        let (config6, _) = self.ipv6_maps()?;
         let cfg = cfg.unwrap_or_default();
-        if self.config6.get(&0).ok().flatten() != Some(cfg) {
-            self.config6
-                .set(&0, &cfg)
-                .context("writing the CONFIG6 map")?;
+        if config6.get(&0).ok().flatten() != Some(cfg) {
+            config6.set(&0, &cfg).context("writing the CONFIG6 map")?;
         }
         Ok(())
     }
@@ -115,7 +127,10 @@ impl Tables {
         &self,
     ) -> anyhow::Result<BTreeMap<Mac, (std::net::Ipv6Addr, crate::lease::subnet6::Subnet6)>> {
         let mut out = BTreeMap::new();
-        for (k, v) in self.fdb6.entries().context("reading the FDB6 map")? {
+        let Some(fdb6) = &self.fdb6 else {
+            return Ok(out);
+        };
+        for (k, v) in fdb6.entries().context("reading the FDB6 map")? {
             let subnet = crate::lease::subnet6::Subnet6::new(v.subnet6.into(), v.subnet6_len)
                 .context("FDB6 map: a subnet with host bits set")?;
             out.insert(Mac(k.vtep_mac), (v.node_ip6.into(), subnet));
@@ -125,8 +140,11 @@ impl Tables {
 
     /// Make the FDB6 map exactly `want` (flannel-v6 VtepMAC → member).
     pub fn sync_fdb6(&self, want: &BTreeMap<Mac, Fdb6Value>) -> anyhow::Result<usize> {
-        let have: BTreeMap<Mac, Fdb6Value> = self
-            .fdb6
+        if want.is_empty() && self.fdb6.is_none() {
+            return Ok(0);
+        }
+        let (_, fdb6) = self.ipv6_maps()?;
+        let have: BTreeMap<Mac, Fdb6Value> = fdb6
             .entries()
             .context("reading the FDB6 map")?
             .into_iter()
@@ -134,14 +152,12 @@ impl Tables {
             .collect();
         let mut changed = 0;
         for mac in have.keys().filter(|m| !want.contains_key(m)) {
-            self.fdb6
-                .remove(&FdbKey::new(mac.0))
+            fdb6.remove(&FdbKey::new(mac.0))
                 .with_context(|| format!("FDB6 map: deleting {mac}"))?;
             changed += 1;
         }
         for (mac, v) in want.iter().filter(|(m, v)| have.get(m) != Some(v)) {
-            self.fdb6
-                .set(&FdbKey::new(mac.0), v)
+            fdb6.set(&FdbKey::new(mac.0), v)
                 .map_err(|e| full(e, MAP_FDB6))
                 .with_context(|| format!("FDB6 map: {mac}"))?;
             changed += 1;

@@ -131,11 +131,17 @@ pub struct Changed {
 /// in flanneld's order (FDB, neighbour, then the route that uses them),
 /// stale ones in the reverse order. Kernel-made entries (link-local routes,
 /// learnt neighbours) are left alone.
-pub async fn sync(nl: &Netlink, index: u32, want: &Desired6) -> anyhow::Result<Changed> {
+pub async fn sync(
+    nl: &Netlink,
+    index: u32,
+    network: &Subnet6,
+    want: &Desired6,
+) -> anyhow::Result<Changed> {
     let mut c = Changed::default();
     let routes = nl.routes6_via(index).await?;
     for r in &routes {
-        let ours = r.gateway.is_some();
+        // Ours: gateway routes into the IPv6Network; anything else an operator's.
+        let ours = r.gateway.is_some() && network.contains_subnet(&r.dst);
         if ours && want.routes.get(&r.dst) != r.gateway.as_ref() {
             nl.delete_route6(r).await?;
             c.removed += 1;
@@ -266,7 +272,7 @@ impl Overlay6 {
         self.reported
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
         (self.peers, self.skipped) = (want.routes.len(), skipped.len());
-        let c = sync(nl, self.index, &want).await?;
+        let c = sync(nl, self.index, &self.conf.network, &want).await?;
         if c != Changed::default() {
             log::info!(
                 "flannel-v6: {} IPv6 peers; {} kernel entries written, {} removed",

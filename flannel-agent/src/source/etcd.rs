@@ -203,12 +203,21 @@ impl EtcdSource {
         // Ours: any key holding our PublicIP, a reservation ({"PublicIP":…} without TTL) included.
         let by_ip = all.iter().find_map(|l| {
             let (subnet, _) = crate::lease::parse_key(&l.name).ok()?;
+            // A reservation's key may name its IPv6 subnet with no IPv6 attributes yet.
             let v6 = l
                 .parsed
                 .as_ref()
                 .ok()
                 .and_then(|p| p.as_ref())
-                .and_then(|p| p.v6);
+                .and_then(|p| p.v6)
+                .or_else(|| {
+                    let s6 = crate::lease::parse_key(&l.name).ok()?.1?;
+                    Some(crate::lease::LeaseV6 {
+                        subnet: s6,
+                        public_ip: std::net::Ipv6Addr::UNSPECIFIED,
+                        vtep_mac: None,
+                    })
+                });
             (l.public_ip == Some(public_ip)
                 && conf.network.contains_subnet(&subnet)
                 && subnet.prefix_len() == conf.subnet_len)

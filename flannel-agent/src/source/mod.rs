@@ -78,7 +78,9 @@ pub fn own_v6(
         public_ip,
         vtep_mac,
     };
-    if let Some(h) = have.filter(|h| c6.is_leasable(&h.subnet)) {
+    if let Some(h) =
+        have.filter(|h| c6.is_leasable(&h.subnet) && !taken.iter().any(|t| t.overlaps(&h.subnet)))
+    {
         return Ok(Some(mine(h.subnet)));
     }
     if let Some(p) = want
