@@ -14,7 +14,9 @@ use flannel_ebpf_common::NodeConfig;
 
 use crate::{
     maps::config,
-    packet::{ETH_LEN, ETH_P_IPV6, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at},
+    packet::{
+        ETH_LEN, ETH_P_IPV6, EthHdr, IPV4_LEN, Ipv4Hdr, UDP_LEN, UdpHdr, VXLAN_LEN, be16, ptr_at,
+    },
     rx::{self, Hook, Link, Overlay},
 };
 
@@ -163,8 +165,6 @@ fn load<T>(ctx: &XdpContext, off: usize) -> Option<T> {
 const PLAIN_L4: usize = ETH_LEN + IPV4_LEN;
 const PLAIN_VX: usize = PLAIN_L4 + UDP_LEN;
 
-
-
 #[inline(always)]
 fn write_inner_macs(
     ctx: &XdpContext,
@@ -184,6 +184,8 @@ fn write_inner_macs(
             None => false,
         }
     } else {
-        unsafe { bpf_xdp_store_bytes(ctx.ctx, inner_off as u32, macs.as_mut_ptr() as *mut _, 12) == 0 }
+        unsafe {
+            bpf_xdp_store_bytes(ctx.ctx, inner_off as u32, macs.as_mut_ptr() as *mut _, 12) == 0
+        }
     }
 }

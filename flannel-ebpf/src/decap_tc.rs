@@ -5,7 +5,9 @@
 //! TC's own: headers copied out with bpf_skb_load_bytes (an skb's headers
 //! need not all be linear), GSO aggregates, and the direct path after.
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -114,7 +116,11 @@ impl Hook for Tc {
     #[inline(always)]
     fn strip(&self, inner_off: usize, _plain: bool) -> bool {
         self.0
-            .adjust_room(-(inner_off as i32), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
+            .adjust_room(
+                -(inner_off as i32),
+                BPF_ADJ_ROOM_MAC,
+                BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+            )
             .is_ok()
     }
 

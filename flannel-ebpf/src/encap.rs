@@ -29,7 +29,10 @@ pub fn flannel_encap(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
-    let (Some(eth), Some(ip)) = (skb_read::<EthHdr>(ctx, 0), skb_read::<Ipv4Hdr>(ctx, ETH_LEN)) else {
+    let (Some(eth), Some(ip)) = (
+        skb_read::<EthHdr>(ctx, 0),
+        skb_read::<Ipv4Hdr>(ctx, ETH_LEN),
+    ) else {
         count(Counter::TxFallbackMalformed, ctx.len());
         return TC_ACT_OK;
     };
@@ -60,7 +63,10 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
             }) = fdb_lookup(mac)
             else {
                 // Diagnostics only at debug level: the verifier prunes them otherwise.
-                debug!(ctx, "encap: no route or FDB entry for VtepMAC {:mac}, left to the kernel", mac);
+                debug!(
+                    ctx,
+                    "encap: no route or FDB entry for VtepMAC {:mac}, left to the kernel", mac
+                );
                 count(Counter::TxFallbackNoFdb, ctx.len());
                 return TC_ACT_OK;
             };
@@ -74,7 +80,12 @@ fn encap(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
     match tunnel::encapsulate(ctx, cfg, &peer, &ip, false) {
         Ok(action) => action,
         Err(reason) => {
-            debug!(ctx, "encap: cannot send to node {:i} (counter {}), left to the kernel", peer.node_ip, reason as u32);
+            debug!(
+                ctx,
+                "encap: cannot send to node {:i} (counter {}), left to the kernel",
+                peer.node_ip,
+                reason as u32
+            );
             count(reason, ctx.len());
             TC_ACT_OK
         }

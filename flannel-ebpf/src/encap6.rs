@@ -5,7 +5,10 @@
 //! redirected to the underlay; what cannot be (GSO aggregates, extension
 //! headers, an unknown VtepMAC, no route) goes on unchanged to the kernel's
 //! vxlan6 device, counted.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::generated::bpf_skb_pull_data, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK, helpers::generated::bpf_skb_pull_data, macros::classifier,
+    programs::TcContext,
+};
 use flannel_ebpf_common::{Counter, FdbKey, NodeConfig, NodeConfig6};
 
 use crate::{

@@ -62,7 +62,11 @@ pub fn key_at(ctx: &TcContext, ip: &Ipv4Hdr, ip_off: usize, side: Side) -> FlowK
 fn l4_offset(ip: &Ipv4Hdr, ip_off: usize) -> usize {
     let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
     // Constant offset in the common case keeps the verifier's view simple.
-    if ihl == IPV4_LEN { ip_off + IPV4_LEN } else { ip_off + (ihl & 0x3c) }
+    if ihl == IPV4_LEN {
+        ip_off + IPV4_LEN
+    } else {
+        ip_off + (ihl & 0x3c)
+    }
 }
 
 /// An ICMP error (not an echo or echo reply): it quotes a flow conntrack may

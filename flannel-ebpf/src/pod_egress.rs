@@ -39,7 +39,10 @@ pub fn flannel_pod_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn pod_egress(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
-    let (Some(eth), Some(ip)) = (skb_read::<EthHdr>(ctx, 0), skb_read::<Ipv4Hdr>(ctx, ETH_LEN)) else {
+    let (Some(eth), Some(ip)) = (
+        skb_read::<EthHdr>(ctx, 0),
+        skb_read::<Ipv4Hdr>(ctx, ETH_LEN),
+    ) else {
         return TC_ACT_OK;
     };
     // Only unicast IPv4 addressed to the host (the pods' gateway MAC) is

@@ -7,7 +7,10 @@ use flannel_ebpf_common::{Counter, NODE_NATIVE_POD_SOURCES, NodeConfig, in_prefi
 
 use crate::{
     maps::{count, fdb_lookup, peer},
-    packet::{ETH_LEN, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, UDP_LEN, VxlanHdr, be16},
+    packet::{
+        ETH_LEN, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr,
+        UDP_LEN, VxlanHdr, be16,
+    },
 };
 
 /// What the outer IPv4 header says about a frame.
@@ -122,7 +125,10 @@ pub fn overlay<C: EbpfContext>(
     let (vx, inner) = (&ov.vx, &ov.inner);
     // Diagnostics only at debug level: the verifier prunes them otherwise.
     if !vx.flags_valid() {
-        debug!(ctx, "decap: drop, VXLAN flags {:x} from {:i}", vx.flags, saddr);
+        debug!(
+            ctx,
+            "decap: drop, VXLAN flags {:x} from {:i}", vx.flags, saddr
+        );
         count(Counter::RxDropBadFlags, frame_len);
         return Verdict::Drop;
     }
@@ -134,7 +140,10 @@ pub fn overlay<C: EbpfContext>(
     let member = match fdb_lookup(inner.src) {
         Some(v) if v.node_ip == saddr => v,
         _ => {
-            debug!(ctx, "decap: drop, non-member {:i} (inner source {:mac})", saddr, inner.src);
+            debug!(
+                ctx,
+                "decap: drop, non-member {:i} (inner source {:mac})", saddr, inner.src
+            );
             count(Counter::RxDropNonMember, frame_len);
             return Verdict::Drop;
         }
@@ -195,7 +204,13 @@ pub const fn inner_offset(l4: usize) -> usize {
 /// lies beyond before reassembling, so headers read from padding would not
 /// be the ones the next fragment brings.
 #[inline(always)]
-pub fn holds_overlay(l2: usize, l4: usize, frame_len: u32, first_fragment: bool, ip_len: usize) -> bool {
+pub fn holds_overlay(
+    l2: usize,
+    l4: usize,
+    frame_len: u32,
+    first_fragment: bool,
+    ip_len: usize,
+) -> bool {
     let need = l4 + UDP_LEN + OVERLAY_LEN;
     frame_len as usize >= need && (!first_fragment || l2 + ip_len >= need)
 }
@@ -230,7 +245,8 @@ pub fn l2_len(proto: u16, tag: Option<[u8; 4]>) -> Option<(usize, u16)> {
             let t = tag?;
             let vid = u16::from_be_bytes([t[0], t[1]]) & 0x0fff;
             let inner = u16::from_be_bytes([t[2], t[3]]);
-            (vid == 0 && (inner == ETH_P_IPV4 || inner == ETH_P_IPV6)).then_some((ETH_LEN + 4, inner))
+            (vid == 0 && (inner == ETH_P_IPV4 || inner == ETH_P_IPV6))
+                .then_some((ETH_LEN + 4, inner))
         }
         _ => None,
     }
@@ -296,7 +312,13 @@ pub fn receive<H: Hook>(h: &H, cfg: &NodeConfig) -> H::Action {
 
 /// An IPv4 frame from the underlay, `l2` bytes of link header in front.
 #[inline(never)]
-fn receive4<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, ip: &Ipv4Hdr, frame_len: u32) -> H::Action {
+fn receive4<H: Hook>(
+    h: &H,
+    cfg: &NodeConfig,
+    l2: usize,
+    ip: &Ipv4Hdr,
+    frame_len: u32,
+) -> H::Action {
     let (ihl, first_fragment, ip_len) = match outer(ip, cfg, frame_len) {
         Outer::Udp {
             ihl,
@@ -321,7 +343,14 @@ fn receive4<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, ip: &Ipv4Hdr, frame_len
     } else {
         None
     };
-    let slot = match overlay(h.ctx(), ov.as_ref(), ip.saddr, frame_len, first_fragment, cfg) {
+    let slot = match overlay(
+        h.ctx(),
+        ov.as_ref(),
+        ip.saddr,
+        frame_len,
+        first_fragment,
+        cfg,
+    ) {
         Verdict::Decap { slot } => slot,
         Verdict::Drop => return h.drop(),
         Verdict::Pass => return h.pass(),

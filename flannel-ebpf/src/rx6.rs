@@ -98,7 +98,11 @@ pub fn receive6<H: Hook>(h: &H, cfg: &NodeConfig, l2: usize, frame_len: u32) -> 
             count(Counter::RxPassIpv6ExtHeaders, frame_len);
             return h.pass();
         }
-        let len = if proto == IPPROTO_FRAGMENT { 8 } else { (ext[1] as usize + 1) * 8 };
+        let len = if proto == IPPROTO_FRAGMENT {
+            8
+        } else {
+            (ext[1] as usize + 1) * 8
+        };
         proto = ext[0];
         l4 += len;
         behind_ext = true;

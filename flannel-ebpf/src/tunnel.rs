@@ -5,8 +5,8 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
@@ -83,9 +83,22 @@ pub fn encapsulate(
     {
         return Err(Counter::TxFallbackAdjust);
     }
-    let hdr = headers(cfg, &hop, peer, inner.tos, src_port, inner_len + VXLAN_OVERHEAD);
+    let hdr = headers(
+        cfg,
+        &hop,
+        peer,
+        inner.tos,
+        src_port,
+        inner_len + VXLAN_OVERHEAD,
+    );
     let stored = unsafe {
-        bpf_skb_store_bytes(ctx.skb.skb, 0, hdr.as_bytes().as_ptr() as *const _, HDR_LEN as u32, 0)
+        bpf_skb_store_bytes(
+            ctx.skb.skb,
+            0,
+            hdr.as_bytes().as_ptr() as *const _,
+            HDR_LEN as u32,
+            0,
+        )
     };
     if stored != 0 || (forwarded && !decrement_ttl(ctx, HDR_LEN, inner)) {
         // The packet is already grown: it cannot go back to the kernel path.
@@ -118,15 +131,21 @@ pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Hdr) -> bool {
     let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
     let new = u16::from_ne_bytes([ip.ttl.wrapping_sub(1), ip.proto]);
     ctx.store(off + 8, &ip.ttl.wrapping_sub(1), 0).is_ok()
-        && ctx.l3_csum_replace(off + 10, old as u64, new as u64, 2).is_ok()
+        && ctx
+            .l3_csum_replace(off + 10, old as u64, new as u64, 2)
+            .is_ok()
 }
 
 /// The skb's flow hash, computed only when nobody has yet (a socket or the
 /// receive path usually has).
 #[inline(always)]
-fn flow_hash(ctx: &TcContext) -> u32 {
+pub(crate) fn flow_hash(ctx: &TcContext) -> u32 {
     let hash = unsafe { (*ctx.skb.skb).hash };
-    if hash != 0 { hash } else { unsafe { bpf_get_hash_recalc(ctx.skb.skb) } }
+    if hash != 0 {
+        hash
+    } else {
+        unsafe { bpf_get_hash_recalc(ctx.skb.skb) }
+    }
 }
 
 /// The underlay next hop toward `peer`: this CPU's cached lookup while it is
@@ -195,7 +214,7 @@ fn fib_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Result<H
 /// The kernel's udp_flow_src_port() arithmetic, so ECMP on the underlay
 /// spreads flows as it does for flannel.1.
 #[inline(always)]
-fn flow_src_port(hash: u32, min: u16, max: u16) -> u16 {
+pub(crate) fn flow_src_port(hash: u32, min: u16, max: u16) -> u16 {
     let hash = hash ^ (hash << 16);
     let span = max.saturating_sub(min) as u64;
     (((hash as u64 * span) >> 32) as u16).wrapping_add(min)
@@ -213,9 +232,20 @@ fn outer_tos(inner: u8) -> u8 {
 
 /// The headers flannel.1 would put in front of the inner IPv4 packet.
 #[inline(always)]
-fn headers(cfg: &NodeConfig, hop: &Hop, peer: &Peer, inner_tos: u8, src_port: u16, outer_len: u32) -> VxlanFrame {
+fn headers(
+    cfg: &NodeConfig,
+    hop: &Hop,
+    peer: &Peer,
+    inner_tos: u8,
+    src_port: u16,
+    outer_len: u32,
+) -> VxlanFrame {
     let ip_len = outer_len - ETH_LEN as u32;
-    let tot_len = if ip_len > 0xffff { 0xffff } else { ip_len as u16 };
+    let tot_len = if ip_len > 0xffff {
+        0xffff
+    } else {
+        ip_len as u16
+    };
     let vni = cfg.vni.to_be_bytes();
     let mut f = VxlanFrame {
         eth: EthHdr {

@@ -10,10 +10,10 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
@@ -21,7 +21,10 @@ use flannel_ebpf_common::{Counter, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
 use crate::{
     csum::{fold, pseudo6, sum16},
     maps::{count, peer as peer_stats},
-    packet::{ETH_LEN, ETH_P_IPV6, EthHdr, IPPROTO_UDP, Ipv6Hdr, VXLAN_FLAG_I, Vxlan6Frame, ptr_at},
+    packet::{
+        ETH_LEN, ETH_P_IPV6, EthHdr, IPPROTO_UDP, Ipv6Hdr, VXLAN_FLAG_I, Vxlan6Frame, ptr_at,
+    },
+    tunnel::{flow_hash, flow_src_port},
 };
 
 const AF_INET6: u8 = 10;
@@ -73,7 +76,12 @@ pub fn take(inner: &Inner6) -> Taken {
         + w([ip6.next_header, ip6.hop_limit])
         + sum16(&ip6.saddr)
         + sum16(&ip6.daddr);
-    let pseudo = fold(pseudo6(&ip6.saddr, &ip6.daddr, w(ip6.payload_len), ip6.next_header));
+    let pseudo = fold(pseudo6(
+        &ip6.saddr,
+        &ip6.daddr,
+        w(ip6.payload_len),
+        ip6.next_header,
+    ));
     Taken {
         dst: e.dst,
         src: e.src,
@@ -108,7 +116,10 @@ pub fn encapsulate6(
     let sport = flow_src_port(hash, cfg.src_port_min, cfg.src_port_max);
     let udp_len = inner_len + 16;
     let vni = cfg.vni.to_be_bytes();
-    if ctx.adjust_room(VXLAN6_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ADJ_FLAGS).is_err() {
+    if ctx
+        .adjust_room(VXLAN6_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ADJ_FLAGS)
+        .is_err()
+    {
         return Err(Counter::TxFallbackAdjust);
     }
     let Some(f) = ptr_at::<Vxlan6Frame>(ctx.data(), ctx.data_end(), 0) else {
@@ -169,20 +180,6 @@ pub fn encapsulate6(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-#[inline(always)]
-fn flow_hash(ctx: &TcContext) -> u32 {
-    let hash = unsafe { (*ctx.skb.skb).hash };
-    if hash != 0 { hash } else { unsafe { bpf_get_hash_recalc(ctx.skb.skb) } }
-}
-
-/// The kernel's udp_flow_src_port() arithmetic (as for IPv4).
-#[inline(always)]
-fn flow_src_port(hash: u32, min: u16, max: u16) -> u16 {
-    let hash = hash ^ (hash << 16);
-    let span = max.saturating_sub(min) as u64;
-    (((hash as u64 * span) >> 32) as u16).wrapping_add(min)
-}
-
 /// The underlay next hop toward `node_ip6`: (ifindex, smac, dmac, resolve).
 #[inline(always)]
 fn next_hop6(
@@ -208,7 +205,12 @@ fn next_hop6(
     p.__bindgen_anon_3.ipv6_src = words(&cfg6.public_ip6);
     p.__bindgen_anon_4.ipv6_dst = words(node_ip6);
     let rc = unsafe {
-        fib_lookup(ctx.skb.skb as *mut _, &mut p, size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok((p.ifindex, p.smac, p.dmac, false)),
