@@ -230,7 +230,16 @@ impl Netlink {
 
     /// The interface of the IPv4 default route in the main table.
     pub async fn default_route_link(&self) -> anyhow::Result<Option<Link>> {
-        let mut req = self.handle.route().get(IpVersion::V4).execute();
+        self.default_link_of(IpVersion::V4).await
+    }
+
+    /// The interface of the IPv6 default route in the main table.
+    pub async fn default_route6_link(&self) -> anyhow::Result<Option<Link>> {
+        self.default_link_of(IpVersion::V6).await
+    }
+
+    async fn default_link_of(&self, family: IpVersion) -> anyhow::Result<Option<Link>> {
+        let mut req = self.handle.route().get(family).execute();
         let mut index = None;
         while let Some(r) = req.try_next().await.context("listing routes")? {
             if r.header.destination_prefix_length != 0 || r.header.table != 254 {

@@ -2,6 +2,7 @@
 //! command line that picks one.
 pub mod cli;
 pub mod run;
+pub mod run6;
 pub mod show;
 pub mod uninstall;
 

@@ -118,6 +118,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )?;
     }
     let object = read_object(&args, &conf)?;
+    if !conf.ipv4 {
+        return super::run6::run(&args, &conf, &health, &mut source, object, guarded).await;
+    }
     let nl = Netlink::connect()?;
     let joined = join(&args, &conf, &nl, &mut source).await?;
     // Nothing on the node changes before the source has listed every lease:
@@ -202,10 +205,10 @@ fn read_object(args: &RunArgs, conf: &crate::lease::netconf::NetConf) -> anyhow:
 }
 
 /// This node as a cluster member: its underlay, its VTEP's name, its lease.
-struct Joined {
-    underlay: underlay::Underlay,
-    vtep_name: String,
-    own: Lease,
+pub(super) struct Joined {
+    pub(super) underlay: underlay::Underlay,
+    pub(super) vtep_name: String,
+    pub(super) own: Lease,
 }
 
 /// Pick the underlay and our public IP, settle the VtepMAC and take our lease.
@@ -311,7 +314,7 @@ async fn join_v6(
 /// The IPv6 half of a dual-stack node (EnableIPv6): the guard's ip6 table
 /// first (before flannel-v6's socket can exist), then flannel-v6.<VNI> as
 /// flanneld configures it, and its first pass. Returns the IPv6 VTEP's MTU.
-async fn set_up_v6(
+pub(super) async fn set_up_v6(
     conf: &crate::lease::netconf::NetConf,
     nl: &Netlink,
     joined: &Joined,
@@ -410,7 +413,7 @@ fn install_guard(
     g.set_members(
         snap.leases
             .values()
-            .filter(|l| l.public_ip != public_ip && l.backend.vtep_mac().is_some())
+            .filter(|l| l.has_v4() && l.public_ip != public_ip && l.backend.vtep_mac().is_some())
             .map(|l| std::net::IpAddr::V4(l.public_ip))
             .collect(),
     )
@@ -512,7 +515,7 @@ async fn first_passes(
         let t = Instant::now();
         let (attached, mut hook) = loaded
             .attach(
-                vtep_name,
+                Some(vtep_name),
                 &underlay.link.name,
                 decap_hook(args, &underlay.link),
             )
@@ -633,8 +636,7 @@ async fn announce(
     subnet_env::write(
         &args.subnet_file,
         &subnet_env::render(
-            conf.network,
-            subnet,
+            Some((conf.network, subnet)),
             conf.ipv6
                 .as_ref()
                 .zip(joined.own.v6)
@@ -982,7 +984,7 @@ async fn refuse_vni_change(
 /// The decap hook `--decap` asks for on this underlay: with `auto`, TC on
 /// veth underlays (XDP there would turn off the peer's GSO) and wherever the
 /// direct path runs (it delivers from TC), else XDP.
-fn decap_hook(args: &RunArgs, underlay: &crate::netlink::Link) -> DecapHook {
+pub(super) fn decap_hook(args: &RunArgs, underlay: &crate::netlink::Link) -> DecapHook {
     match args.decap {
         DecapMode::Xdp => DecapHook::Xdp,
         DecapMode::Tc => DecapHook::Tc,
@@ -999,7 +1001,7 @@ fn direct_path(args: &RunArgs, underlay: &crate::netlink::Link) -> bool {
 }
 
 /// Why the eBPF data path failed, and the way out.
-fn no_ebpf(e: anyhow::Error) -> anyhow::Error {
+pub(super) fn no_ebpf(e: anyhow::Error) -> anyhow::Error {
     anyhow::anyhow!(
         "the eBPF data path cannot run on this host: {e:#}; use --datapath kernel to run with the kernel's VXLAN device instead"
     )
@@ -1026,7 +1028,7 @@ async fn stable_vtep_mac(
 }
 
 /// Forward the programs' aya-log records (debug level only) to our logger.
-fn ebpf_logs(prog_id: u32) -> anyhow::Result<()> {
+pub(super) fn ebpf_logs(prog_id: u32) -> anyhow::Result<()> {
     let logger =
         aya_log::EbpfLogger::init_from_id(prog_id).context("reading the programs' log ring")?;
     // SAFETY: the ring's fd is owned by `logger`, which the AsyncFd owns for its whole life.

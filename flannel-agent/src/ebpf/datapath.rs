@@ -260,7 +260,8 @@ fn flock(file: fs::File, what: &str, flag: &str) -> anyhow::Result<NodeLock> {
 pub struct Attached {
     pub encap: String,
     pub decap: String,
-    /// The program now running in the encap link (its log ring is shared with decap).
+    /// A program now running in the encap link, or the decap link when
+    /// there is no IPv4 VTEP (IPv6-only); its log ring is shared by all.
     pub encap_prog_id: u32,
 }
 
@@ -275,7 +276,7 @@ pub fn install(
     log_level: log::LevelFilter,
 ) -> anyhow::Result<Attached> {
     Ok(load(root, object, config, log_level)?
-        .attach(vtep_if, underlay_if, DecapHook::Xdp)?
+        .attach(Some(vtep_if), underlay_if, DecapHook::Xdp)?
         .0)
 }
 
@@ -364,9 +365,11 @@ impl Loaded {
     /// do not, attaching and pinning them when there are none. A failed
     /// attach on a fresh pin root leaves nothing behind (an encap
     /// link attached before the decap failed is detached again).
+    /// `vtep_if` None: an IPv6-only node, without flannel.1 (an encap link
+    /// left by an earlier dual-stack run is detached).
     pub fn attach(
         mut self,
-        vtep_if: &str,
+        vtep_if: Option<&str>,
         underlay_if: &str,
         hook: DecapHook,
     ) -> anyhow::Result<(Attached, PodHook)> {
@@ -438,21 +441,31 @@ impl Loaded {
 
     fn attach_links(
         &mut self,
-        vtep_if: &str,
+        vtep_if: Option<&str>,
         underlay_if: &str,
         hook: DecapHook,
     ) -> anyhow::Result<Attached> {
         let (root, force) = (self.root.as_path(), self.force);
         let ebpf = &mut self.ebpf;
         let encap_link = root.join(LINK_ENCAP);
-        let encap_state = attach_tc(
-            ebpf,
-            PROG_ENCAP,
-            &encap_link,
-            vtep_if,
-            TcAttachType::Egress,
-            force,
-        )?;
+        let encap_state = match vtep_if {
+            Some(vtep_if) => Some(attach_tc(
+                ebpf,
+                PROG_ENCAP,
+                &encap_link,
+                vtep_if,
+                TcAttachType::Egress,
+                force,
+            )?),
+            None => {
+                if encap_link.exists() {
+                    fs::remove_file(&encap_link)
+                        .with_context(|| format!("removing {}", encap_link.display()))?;
+                    log::info!("IPv6-only: detached the IPv4 encap program ({LINK_ENCAP})");
+                }
+                None
+            }
+        };
         let (decap_state, decap) = match hook {
             DecapHook::Tc => {
                 let state = attach_tc(
@@ -483,12 +496,22 @@ impl Loaded {
             fs::remove_file(&other).with_context(|| format!("removing {}", other.display()))?;
             log::info!("detached the decap program of {}", other.display());
         }
-        let encap_prog_id = FdLink::from(PinnedLink::from_pin(&encap_link)?)
+        let logged_link = match vtep_if {
+            Some(_) => encap_link,
+            None => root.join(match hook {
+                DecapHook::Tc => LINK_DECAP_TC,
+                DecapHook::Xdp => LINK_DECAP,
+            }),
+        };
+        let encap_prog_id = FdLink::from(PinnedLink::from_pin(&logged_link)?)
             .info()?
             .program_id();
         Ok(Attached {
             encap_prog_id,
-            encap: format!("{PROG_ENCAP} on {vtep_if} egress (TCX), {encap_state}"),
+            encap: match (vtep_if, encap_state) {
+                (Some(v), Some(state)) => format!("{PROG_ENCAP} on {v} egress (TCX), {state}"),
+                _ => format!("no {PROG_ENCAP}: no IPv4 VTEP (IPv6-only)"),
+            },
             decap: format!("{decap}, {decap_state}"),
         })
     }

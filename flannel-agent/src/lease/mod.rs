@@ -25,7 +25,11 @@ pub struct LeaseAttrs {
     pub public_ipv6: Option<String>,
     #[serde(rename = "BackendType")]
     pub backend_type: String,
-    #[serde(rename = "BackendData", default)]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<serde_json::Value>,
     #[serde(
         rename = "BackendV6Data",
@@ -79,6 +83,9 @@ impl std::fmt::Display for LeaseBackend {
 }
 
 /// A validated lease of a node we can reach (VXLAN or host-gw).
+/// An IPv6-only lease (EnableIPv4 false) has no IPv4 half: `subnet` is
+/// [`Subnet::NONE`] and `public_ip` unspecified, as flanneld leaves them, and
+/// `backend` carries flannel-v6's VtepMAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub subnet: Subnet,
@@ -105,6 +112,15 @@ pub fn parse_key(key: &str) -> anyhow::Result<(Subnet, Option<Subnet6>)> {
     }
 }
 
+/// A store key as [`Lease::key`] writes it (e.g. `10.244.01.0-24` is
+/// `10.244.1.0-24`); None if it names no lease.
+pub fn canonical_key(key: &str) -> Option<String> {
+    match parse_key(key).ok()? {
+        (s, None) => Some(s.to_key()),
+        (s, Some(s6)) => Some(format!("{}&{}", s.to_key(), s6.to_key())),
+    }
+}
+
 impl Lease {
     /// Parse a lease value as stored under `<prefix>/subnets/<key>`.
     /// Returns Ok(None) for leases of backends we do not speak (udp,
@@ -114,6 +130,16 @@ impl Lease {
         let (subnet, subnet6) = parse_key(key)?;
         let attrs: LeaseAttrs =
             serde_json::from_slice(value).context("lease is not Flannel's lease JSON")?;
+        if subnet == Subnet::NONE {
+            // `0.0.0.0-0&<v6>-<len>`: an IPv6-only node's lease.
+            let s6 = subnet6.with_context(|| format!("lease key {key:?} names no subnet"))?;
+            return Lease::v6_only(
+                s6,
+                &attrs.backend_type,
+                attrs.public_ipv6.as_deref(),
+                attrs.backend_v6_data,
+            );
+        }
         let Some(lease) = Lease::from_parts(
             subnet,
             &attrs.backend_type,
@@ -130,6 +156,46 @@ impl Lease {
                 .with_v6(s6, attrs.public_ipv6.as_deref(), attrs.backend_v6_data)
                 .map(Some),
         }
+    }
+
+    /// An IPv6-only node's lease (EnableIPv4 false), from its IPv6 half's
+    /// parts; Ok(None) for a backend we do not speak.
+    pub fn v6_only(
+        subnet: Subnet6,
+        backend_type: &str,
+        public_ipv6: Option<&str>,
+        backend_v6_data: Option<serde_json::Value>,
+    ) -> anyhow::Result<Option<Lease>> {
+        if !Lease::speaks(backend_type) {
+            return Ok(None);
+        }
+        if backend_type != "vxlan" {
+            bail!(
+                "IPv6-only lease {subnet}: BackendType {backend_type} (flannel-ebpf speaks vxlan for IPv6)"
+            );
+        }
+        let text =
+            public_ipv6.with_context(|| format!("IPv6 subnet {subnet} has no PublicIPv6"))?;
+        let public_ip = parse_public_ipv6(text)?;
+        let data = backend_v6_data
+            .filter(|d| !d.is_null())
+            .with_context(|| format!("IPv6 subnet {subnet} has no BackendV6Data"))?;
+        let mac = vxlan_vtep_mac(data).context("BackendV6Data")?;
+        Ok(Some(Lease {
+            subnet: Subnet::NONE,
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            backend: LeaseBackend::Vxlan { vtep_mac: mac },
+            v6: Some(LeaseV6 {
+                subnet,
+                public_ip,
+                vtep_mac: Some(mac),
+            }),
+        }))
+    }
+
+    /// Whether the lease has an IPv4 half (not an IPv6-only node's).
+    pub fn has_v4(&self) -> bool {
+        self.subnet != Subnet::NONE
     }
 
     /// The store key naming this lease.
@@ -210,11 +276,16 @@ impl Lease {
     /// BackendData is null, as flanneld's empty one serializes).
     pub fn to_json(&self, vni: u32) -> String {
         let data = |mac: Mac| serde_json::json!({ "VNI": vni, "VtepMAC": mac.to_string() });
+        // IPv6-only: PublicIP 0.0.0.0 and no BackendData, as flanneld writes it.
         let attrs = LeaseAttrs {
             public_ip: self.public_ip.to_string(),
             public_ipv6: self.v6.map(|v6| v6.public_ip.to_string()),
             backend_type: self.backend.type_name().into(),
-            backend_data: self.backend.vtep_mac().map(data),
+            backend_data: self.has_v4().then(|| {
+                self.backend
+                    .vtep_mac()
+                    .map_or(serde_json::Value::Null, data)
+            }),
             backend_v6_data: self.v6.and_then(|v6| v6.vtep_mac).map(data),
         };
         // Serializing plain strings and numbers cannot fail.
@@ -316,6 +387,37 @@ mod tests {
         for bad_key in ["10.244.1.0-24&", "10.244.1.0-24&fd00::5-64", "fd00::-64"] {
             assert!(Lease::parse(bad_key, v).is_err(), "{bad_key}");
         }
+    }
+
+    #[test]
+    fn ipv6_only_leases_as_flanneld_writes_them() {
+        // flanneld with EnableIPv4 false: the empty IPv4 subnet in the key,
+        // PublicIP 0.0.0.0, no BackendData.
+        let key = "0.0.0.0-0&fd00:10:244:3::-64";
+        let v = br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::13","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}}"#;
+        let l = Lease::parse(key, v).unwrap().unwrap();
+        assert!(!l.has_v4());
+        let v6 = l.v6.unwrap();
+        assert_eq!(v6.subnet.to_string(), "fd00:10:244:3::/64");
+        assert_eq!(v6.public_ip.to_string(), "fc00::13");
+        assert_eq!(l.key(), key);
+        let json = l.to_json(1);
+        assert!(json.contains(r#""PublicIP":"0.0.0.0""#), "{json}");
+        assert!(!json.contains("\"BackendData\""), "{json}");
+        assert_eq!(Lease::parse(key, json.as_bytes()).unwrap(), Some(l));
+        for (bad, why) in [
+            (&br#"{"PublicIP":"0.0.0.0","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}}"#[..], "PublicIPv6"),
+            (br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::13","BackendType":"vxlan"}"#, "BackendV6Data"),
+            (br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::13","BackendType":"host-gw"}"#, "host-gw"),
+        ] {
+            let err = format!("{:#}", Lease::parse(key, bad).unwrap_err());
+            assert!(err.contains(why), "{err}");
+        }
+        // The empty IPv4 subnet alone names nothing.
+        assert!(Lease::parse("0.0.0.0-0", v).is_err());
+        // A v4 lease is still a v4 lease.
+        let v4 = br#"{"PublicIP":"172.18.0.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"e6:7c:02:8e:e8:7e"}}"#;
+        assert!(Lease::parse(KEY, v4).unwrap().unwrap().has_v4());
     }
 
     #[test]

@@ -8,6 +8,9 @@ use flannel_ebpf_common::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NetConf {
+    /// `EnableIPv4` (default true). False: an IPv6-only cluster, and the
+    /// IPv4 fields are [`Subnet::NONE`] (flanneld ignores them then).
+    pub ipv4: bool,
     pub network: Subnet,
     pub subnet_len: u8,
     pub subnet_min: Subnet,
@@ -127,10 +130,29 @@ impl NetConf {
         } else {
             None
         };
+        let backend = match field(&obj, "Backend") {
+            None => Backend::default(),
+            Some(Value::Object(b)) => Backend::parse(b)?,
+            Some(v) => bail!("Backend: {v} is not an object"),
+        };
         if !boolean(&obj, "EnableIPv4")?.unwrap_or(true) {
-            bail!(
-                "EnableIPv4: IPv6-only clusters are not supported by flannel-ebpf yet (dual-stack is: keep EnableIPv4 true)"
-            );
+            if ipv6.is_none() {
+                bail!("EnableIPv4 is false and EnableIPv6 is not true: no address family to run");
+            }
+            if backend.kind != BackendType::Vxlan {
+                bail!(
+                    "EnableIPv4 false (IPv6-only) needs Backend.Type vxlan: flannel-ebpf has no IPv6 host-gw yet"
+                );
+            }
+            return Ok(NetConf {
+                ipv4: false,
+                network: Subnet::NONE,
+                subnet_len: 0,
+                subnet_min: Subnet::NONE,
+                subnet_max: Subnet::NONE,
+                backend,
+                ipv6,
+            });
         }
         let network =
             subnet(&obj, "Network")?.context("Network: missing (e.g. \"10.244.0.0/16\")")?;
@@ -169,12 +191,8 @@ impl NetConf {
                 subnet_min.addr()
             );
         }
-        let backend = match field(&obj, "Backend") {
-            None => Backend::default(),
-            Some(Value::Object(b)) => Backend::parse(b)?,
-            Some(v) => bail!("Backend: {v} is not an object"),
-        };
         Ok(NetConf {
+            ipv4: true,
             network,
             subnet_len,
             subnet_min,
@@ -416,6 +434,23 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_as_flanneld() {
+        // EnableIPv4 false: Network is not needed (flanneld ignores it then).
+        let c = NetConf::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert!(!c.ipv4);
+        assert_eq!(c.network, Subnet::NONE);
+        assert_eq!(c.ipv6.unwrap().subnet_len, 64);
+        assert!(
+            NetConf::parse(r#"{"Network":"10.244.0.0/16"}"#)
+                .unwrap()
+                .ipv4
+        );
+    }
+
+    #[test]
     fn keys_are_case_insensitive() {
         let c = NetConf::parse(r#"{"network":"10.244.0.0/16","subnetlen":25,"backend":{"type":"VXLAN","vni":4,"port":4789}}"#).unwrap();
         assert_eq!(c.subnet_len, 25);
@@ -467,10 +502,12 @@ mod tests {
                 r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125"}"#,
                 "too small",
             ),
+            (r#"{"EnableIPv4":false}"#, "EnableIPv6"),
             (
-                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48"}"#,
-                "EnableIPv4",
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"host-gw"}}"#,
+                "host-gw",
             ),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true}"#, "IPv6Network"),
             ("not json", "JSON"),
         ];
         for (text, name) in cases {

@@ -10,6 +10,13 @@ pub struct Subnet {
 }
 
 impl Subnet {
+    /// No IPv4 subnet: flanneld's empty IP4Net, `0.0.0.0-0` in the key of an
+    /// IPv6-only lease.
+    pub const NONE: Subnet = Subnet {
+        addr: Ipv4Addr::UNSPECIFIED,
+        len: 0,
+    };
+
     /// A subnet whose address has no host bits set.
     pub fn new(addr: Ipv4Addr, len: u8) -> anyhow::Result<Self> {
         if len > 32 {

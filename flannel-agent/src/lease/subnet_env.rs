@@ -5,19 +5,22 @@ use anyhow::Context;
 
 use crate::lease::{subnet::Subnet, subnet6::Subnet6};
 
-/// flanneld's order: the IPv4 pair, the IPv6 pair (dual-stack), MTU, masquerade.
+/// flanneld's order: the IPv4 pair (none when IPv6-only), the IPv6 pair
+/// (EnableIPv6), MTU, masquerade.
 pub fn render(
-    network: Subnet,
-    subnet: Subnet,
+    v4: Option<(Subnet, Subnet)>,
     v6: Option<(Subnet6, Subnet6)>,
     mtu: u32,
     ip_masq: bool,
 ) -> String {
-    let mut out = format!(
-        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\n",
-        subnet.gateway(),
-        subnet.prefix_len()
-    );
+    let mut out = String::new();
+    if let Some((network, subnet)) = v4 {
+        out += &format!(
+            "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\n",
+            subnet.gateway(),
+            subnet.prefix_len()
+        );
+    }
     if let Some((network6, subnet6)) = v6 {
         out += &format!(
             "FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={}/{}\n",
@@ -76,8 +79,10 @@ mod tests {
     #[test]
     fn renders_like_flanneld() {
         let text = render(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.1.0/24".parse().unwrap(),
+            Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.1.0/24".parse().unwrap(),
+            )),
             None,
             1450,
             false,
@@ -95,8 +100,10 @@ mod tests {
     #[test]
     fn renders_dual_stack_like_flanneld() {
         let text = render(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.1.0/24".parse().unwrap(),
+            Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.1.0/24".parse().unwrap(),
+            )),
             Some((
                 "fd00:10:244::/56".parse().unwrap(),
                 "fd00:10:244:1::/64".parse().unwrap(),
@@ -116,6 +123,23 @@ mod tests {
             "fd00:10:244:1::/64"
         );
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn renders_ipv6_only_like_flanneld() {
+        let text = render(
+            None,
+            Some((
+                "fd00:10:244::/56".parse().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap(),
+            )),
+            1430,
+            false,
+        );
+        assert_eq!(
+            text,
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Picking the underlay interface and public IP, as flanneld does.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, bail};
 
@@ -102,6 +102,107 @@ pub async fn select(nl: &Netlink, choice: &Choice) -> anyhow::Result<Underlay> {
         bail!("{} has MTU {}: too small for VXLAN", link.name, link.mtu);
     }
     Ok(Underlay { link, public_ip })
+}
+
+/// IPv6-only (EnableIPv4 false): the underlay and public IPv6 address, in
+/// flanneld's order — `--iface` (a name or an IPv6 address), `--iface-regex`
+/// (an IPv6 address or a name), `--public-ipv6`'s interface, else the IPv6
+/// default route's; the address is `--public-ipv6` or the first global one.
+pub async fn select6(
+    nl: &Netlink,
+    choice: &Choice,
+    public_ipv6: Option<Ipv6Addr>,
+) -> anyhow::Result<(Link, Ipv6Addr)> {
+    if choice.can_reach.is_some() {
+        bail!(
+            "--iface-can-reach takes an IPv4 address: with EnableIPv4 false use --iface or --public-ipv6"
+        );
+    }
+    let links = nl.links().await?;
+    let holding = async |ip: Ipv6Addr| -> anyhow::Result<Option<Link>> {
+        for l in &links {
+            if nl.ipv6_addrs(l.index).await?.iter().any(|(a, _)| *a == ip) {
+                return Ok(Some(l.clone()));
+            }
+        }
+        Ok(None)
+    };
+    let mut found: Option<(Link, Option<Ipv6Addr>)> = None;
+    if !choice.iface.is_empty() {
+        for spec in &choice.iface {
+            found = match spec.parse::<Ipv6Addr>() {
+                Ok(ip) => holding(ip).await?.map(|l| (l, Some(ip))),
+                Err(_) => links
+                    .iter()
+                    .find(|l| l.name == *spec)
+                    .map(|l| (l.clone(), None)),
+            };
+            if found.is_some() {
+                break;
+            }
+        }
+        if found.is_none() {
+            bail!(
+                "--iface {}: none of these interfaces or IPv6 addresses exists here",
+                choice.iface.join(",")
+            );
+        }
+    } else if !choice.iface_regex.is_empty() {
+        'patterns: for p in &choice.iface_regex {
+            let re = regex::Regex::new(p).with_context(|| format!("--iface-regex {p:?}"))?;
+            for l in &links {
+                for (ip, _) in nl.ipv6_addrs(l.index).await? {
+                    if re.is_match(&ip.to_string()) {
+                        found = Some((l.clone(), Some(ip)));
+                        break 'patterns;
+                    }
+                }
+            }
+            if let Some(l) = links.iter().find(|l| re.is_match(&l.name)) {
+                found = Some((l.clone(), None));
+                break;
+            }
+        }
+        if found.is_none() {
+            bail!(
+                "--iface-regex {}: no interface IPv6 address or name matches",
+                choice.iface_regex.join(",")
+            );
+        }
+    } else if let Some(ip) = public_ipv6 {
+        found = holding(ip).await?.map(|l| (l, Some(ip)));
+    }
+    let (link, addr) = match found {
+        Some(f) => f,
+        None => (
+            nl.default_route6_link().await?.context(
+                "EnableIPv4 is false, no --iface given and no IPv6 default route to pick the underlay interface from",
+            )?,
+            None,
+        ),
+    };
+    let ip6 = match public_ipv6.or(addr) {
+        Some(ip) => ip,
+        None => nl
+            .ipv6_addrs(link.index)
+            .await?
+            .first()
+            .map(|(ip, _)| *ip)
+            .with_context(|| {
+                format!(
+                    "{} has no global IPv6 address to use as the public IPv6 address",
+                    link.name
+                )
+            })?,
+    };
+    if link.mtu < 1280 + 70 {
+        bail!(
+            "{} has MTU {}: too small for VXLAN over IPv6",
+            link.name,
+            link.mtu
+        );
+    }
+    Ok((link, ip6))
 }
 
 async fn default_link(nl: &Netlink) -> anyhow::Result<Link> {

@@ -131,7 +131,16 @@ impl Desired {
         let (mut fdb, mut arp, mut routes, mut direct) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut skipped = Vec::new();
-        let leases: Vec<&Lease> = leases.into_iter().collect();
+        // An IPv6-only node's lease has no IPv4 half to route to (its empty
+        // 0.0.0.0/0 would overlap every lease).
+        let (leases, v6_only): (Vec<&Lease>, Vec<&Lease>) =
+            leases.into_iter().partition(|l| l.has_v4());
+        for l in v6_only {
+            skipped.push((
+                l.subnet,
+                format!("{} is an IPv6-only node's lease (no IPv4 subnet)", l.key()),
+            ));
+        }
         let is_live = |s: &Subnet| live.routes.contains_key(s) || live.direct.contains_key(s);
         let index = SubnetIndex::new(leases.iter().map(|l| l.subnet).chain([own.subnet]));
         // Every (VtepMAC, node) announced, sorted: a MAC's nodes are a range.

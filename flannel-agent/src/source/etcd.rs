@@ -37,7 +37,7 @@ pub struct EtcdOptions {
 /// What the watch task has seen.
 #[derive(Default)]
 struct WatchState {
-    leases: BTreeMap<Subnet, Lease>,
+    leases: BTreeMap<String, Lease>,
     /// Keys present under subnets/, parseable or not (taken for allocation).
     keys: BTreeSet<String>,
     revision: i64,
@@ -218,21 +218,25 @@ impl EtcdSource {
                         vtep_mac: None,
                     })
                 });
-            (l.public_ip == Some(public_ip)
+            (conf.ipv4
+                && l.public_ip == Some(public_ip)
                 && conf.network.contains_subnet(&subnet)
                 && subnet.prefix_len() == conf.subnet_len)
                 .then_some((subnet, v6, l.lease_id, l.name.clone()))
         });
-        // After our address changed: the lease of our last subnet.env with our VtepMAC.
+        // After our address changed: the lease of our last subnet.env with
+        // our VtepMAC. (IPv6-only: the lease holding our public IPv6.)
         let moved = || {
             all.iter().find_map(|l| {
                 let parsed = l.parsed.as_ref().ok()?.as_ref()?;
-                super::is_own_lease(parsed, conf, public_ip, backend, previous).then(|| {
-                    log::warn!(
+                super::is_own_lease(parsed, conf, want).then(|| {
+                    if conf.ipv4 {
+                        log::warn!(
                         "this node's address changed from {} to {public_ip}: lease {} moves with it",
                         parsed.public_ip,
                         parsed.subnet
                     );
+                    }
                     (parsed.subnet, parsed.v6, l.lease_id, l.name.clone())
                 })
             })
@@ -241,7 +245,7 @@ impl EtcdSource {
         if let Some((subnet, have6, lease_id, name)) = mine {
             let others6: Vec<Subnet6> = keys
                 .iter()
-                .filter(|k| k.0 != subnet)
+                .filter(|k| **k != (subnet, have6.map(|v| v.subnet)))
                 .filter_map(|k| k.1)
                 .collect();
             let lease = want.lease(conf, subnet, have6, &others6)?;
@@ -271,29 +275,27 @@ impl EtcdSource {
                 renew_at: Instant::now() + self.renew_after(),
                 revision: r.header().map_or(0, |h| h.revision()),
             });
-            log::info!("reusing {what} {} (PublicIP {public_ip})", lease.key());
+            log::info!("reusing {what} {} ({})", lease.key(), want.addresses());
             return Ok(lease);
         }
         let taken: BTreeSet<Subnet> = keys.iter().map(|k| k.0).collect();
-        let taken6: Vec<Subnet6> = keys.iter().filter_map(|k| k.1).collect();
+        let mut taken6: Vec<Subnet6> = keys.iter().filter_map(|k| k.1).collect();
         for subnet in super::lease_candidates(conf, previous, &taken, Some(public_ip)) {
             let lease = want.lease(conf, subnet, None, &taken6)?;
             if let Some(own) = self.create(&lease).await? {
                 self.own = Some(own);
                 log::info!(
-                    "acquired lease {} (PublicIP {public_ip}, {backend}) with a {:?} TTL",
+                    "acquired lease {} ({}, {backend}) with a {:?} TTL",
                     lease.key(),
+                    want.addresses(),
                     self.opts.lease_ttl
                 );
                 return Ok(lease);
             }
+            // Taken meanwhile (IPv6-only: the key is the IPv6 subnet's).
+            taken6.extend(lease.v6.map(|v| v.subnet));
         }
-        bail!(
-            "no free subnet left in [{}, {}] of {}",
-            conf.subnet_min,
-            conf.subnet_max,
-            conf.network
-        )
+        bail!("{}", super::no_free_subnet(conf))
     }
 
     /// Create our lease key if absent, attached to a fresh etcd lease.
@@ -459,17 +461,17 @@ impl WatchState {
             None => {
                 self.keys.remove(name);
                 self.reported.clear(name);
-                if let Ok((s, _)) = crate::lease::parse_key(name) {
-                    self.leases.remove(&s);
+                if let Some(k) = crate::lease::canonical_key(name) {
+                    self.leases.remove(&k);
                 }
             }
             Some(v) => {
                 self.keys.insert(name.to_string());
-                let subnet = crate::lease::parse_key(name).ok().map(|k| k.0);
+                let subnet = crate::lease::canonical_key(name);
                 match parse(name, v) {
                     Ok(Some(l)) => {
                         self.reported.clear(name);
-                        self.leases.insert(l.subnet, l);
+                        self.leases.insert(l.key(), l);
                     }
                     other => {
                         if let Some(s) = subnet {

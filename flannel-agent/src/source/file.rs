@@ -133,7 +133,7 @@ impl FileSource {
             match read_lease(&path, name) {
                 Ok(Some(l)) => {
                     self.reported.clear(name);
-                    snap.leases.insert(l.subnet, l);
+                    snap.leases.insert(l.key(), l);
                 }
                 Ok(None) => self.reported.clear(name),
                 Err(e) => {
@@ -165,14 +165,11 @@ impl FileSource {
         let mine = snap
             .leases
             .values()
-            .find(|l| {
-                l.public_ip == public_ip
-                    && super::is_own_lease(l, conf, public_ip, backend, previous)
-            })
+            .find(|l| l.public_ip == public_ip && super::is_own_lease(l, conf, want))
             .or_else(|| {
                 snap.leases
                     .values()
-                    .find(|l| super::is_own_lease(l, conf, public_ip, backend, previous))
+                    .find(|l| super::is_own_lease(l, conf, want))
             });
         if let Some(l) = mine {
             if l.public_ip != public_ip {
@@ -184,7 +181,7 @@ impl FileSource {
             }
             let others6: Vec<Subnet6> = keys
                 .iter()
-                .filter(|k| k.0 != l.subnet)
+                .filter(|k| **k != (l.subnet, l.v6.map(|v| v.subnet)))
                 .filter_map(|k| k.1)
                 .collect();
             let lease = want.lease(conf, l.subnet, l.v6, &others6)?;
@@ -195,26 +192,24 @@ impl FileSource {
                     let _ = fs::remove_file(self.subnets_dir().join(l.key()));
                 }
             }
-            log::info!("reusing lease {} (PublicIP {public_ip})", lease.key());
+            log::info!("reusing lease {} ({})", lease.key(), want.addresses());
             return Ok(lease);
         }
-        let taken6: Vec<Subnet6> = keys.iter().filter_map(|k| k.1).collect();
+        let mut taken6: Vec<Subnet6> = keys.iter().filter_map(|k| k.1).collect();
         for subnet in super::lease_candidates(conf, previous, &taken, None) {
             let lease = want.lease(conf, subnet, None, &taken6)?;
             if self.write_lease(&lease, conf.backend.vni, false)? {
                 log::info!(
-                    "acquired lease {} (PublicIP {public_ip}, {backend})",
-                    lease.key()
+                    "acquired lease {} ({}, {backend})",
+                    lease.key(),
+                    want.addresses()
                 );
                 return Ok(lease);
             }
+            // Taken meanwhile (IPv6-only: the key is the IPv6 subnet's).
+            taken6.extend(lease.v6.map(|v| v.subnet));
         }
-        bail!(
-            "no free subnet left in [{}, {}] of {}",
-            conf.subnet_min,
-            conf.subnet_max,
-            conf.network
-        )
+        bail!("{}", super::no_free_subnet(conf))
     }
 
     /// Whether our lease file still says what we wrote.
@@ -418,6 +413,44 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_leases_are_named_and_kept_as_flanneld_names_them() {
+        let d = dir("v6only");
+        fs::write(
+            d.join("config"),
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let mut src = FileSource::new(&d);
+        let conf = src.read_config().unwrap();
+        let want = |ip: &str, seed: &[u8]| {
+            let mac = crate::lease::mac::Mac::stable_from(seed);
+            Want {
+                public_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                backend: LeaseBackend::Vxlan { vtep_mac: mac },
+                v6: Some((ip.parse().unwrap(), Some(mac))),
+                previous: None,
+                previous6: None,
+            }
+        };
+        let a = src.acquire(&conf, &want("fc00::11", b"a")).unwrap();
+        assert!(!a.has_v4());
+        let key = a.key();
+        assert!(key.starts_with("0.0.0.0-0&fd00:10:244:"), "{key}");
+        let text = fs::read_to_string(d.join("subnets").join(&key)).unwrap();
+        assert!(text.contains(r#""PublicIP":"0.0.0.0""#), "{text}");
+        assert!(!text.contains(r#""BackendData""#), "{text}");
+        // Other nodes get other IPv6 subnets, though every key starts alike.
+        let b = src.acquire(&conf, &want("fc00::12", b"b")).unwrap();
+        let c = src.acquire(&conf, &want("fc00::13", b"c")).unwrap();
+        let subnets: BTreeSet<_> = [a, b, c].iter().map(|l| l.v6.unwrap().subnet).collect();
+        assert_eq!(subnets.len(), 3);
+        // A restart keeps the lease of our public IPv6 address.
+        assert_eq!(src.acquire(&conf, &want("fc00::12", b"b")).unwrap(), b);
+        assert_eq!(src.read().unwrap().leases.len(), 3);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn create_if_absent_never_overwrites() {
         let d = dir("excl");
         let src = FileSource::new(&d);
@@ -463,7 +496,7 @@ mod tests {
                 .keys()
                 .map(|s| s.to_string())
                 .collect::<Vec<_>>(),
-            ["10.244.2.0/24"]
+            ["10.244.2.0-24"]
         );
         let why: BTreeMap<String, String> = src
             .reported
@@ -542,7 +575,10 @@ mod tests {
         assert_eq!(again, first);
         let snap = src.read().unwrap();
         assert_eq!(snap.leases.len(), 1);
-        assert_eq!(snap.leases[&first].public_ip.to_string(), "10.1.5.31");
+        assert_eq!(
+            snap.leases[&first.to_key()].public_ip.to_string(),
+            "10.1.5.31"
+        );
         // Another node's VtepMAC does not take it over.
         let other = LeaseBackend::Vxlan {
             vtep_mac: crate::lease::mac::Mac::stable_from(b"other"),

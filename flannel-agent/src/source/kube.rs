@@ -117,7 +117,20 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
     let Some(backend_type) = annotation(node, BACKEND_TYPE).filter(|t| Lease::speaks(t)) else {
         return Ok(None);
     };
-    let subnet = pod_cidr(node)?;
+    let ip6 = annotation(node, PUBLIC_IPV6_OVERWRITE).or(annotation(node, PUBLIC_IPV6));
+    let Ok(subnet) = pod_cidr(node) else {
+        // An IPv6-only node (EnableIPv4 false): only an IPv6 podCIDR, and
+        // no public-ip or backend-data, as flanneld announces it.
+        if let Some(s6) = pod_cidr6(node) {
+            return Lease::v6_only(
+                s6,
+                backend_type,
+                ip6,
+                json_annotation(node, BACKEND_V6_DATA)?,
+            );
+        }
+        return pod_cidr(node).map(|_| None);
+    };
     let data = json_annotation(node, BACKEND_DATA)?;
     // Peers use the overwrite when a node has one, as flanneld does.
     let ip = annotation(node, PUBLIC_IP_OVERWRITE)
@@ -128,7 +141,6 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
         return Ok(None);
     };
     // Dual-stack: an IPv6 podCIDR announced with a public-ipv6.
-    let ip6 = annotation(node, PUBLIC_IPV6_OVERWRITE).or(annotation(node, PUBLIC_IPV6));
     match (pod_cidr6(node), ip6) {
         (Some(s6), Some(ip6)) => lease
             .with_v6(s6, Some(ip6), json_annotation(node, BACKEND_V6_DATA)?)
@@ -251,6 +263,9 @@ impl KubeSource {
     pub async fn acquire(&mut self, conf: &NetConf, want: &Want) -> anyhow::Result<Lease> {
         let (public_ip, backend) = (want.public_ip, want.backend);
         let node = self.own_node().await?;
+        if !conf.ipv4 {
+            return self.acquire_v6_only(conf, want, &node).await;
+        }
         let subnet = pod_cidr(&node).with_context(|| format!("node {}", self.opts.node_name))?;
         if !conf.network.contains_subnet(&subnet) {
             bail!(
@@ -276,39 +291,7 @@ impl KubeSource {
             PUBLIC_IP: announced,
             KUBE_SUBNET_MANAGER: "true",
         });
-        // The IPv6 half: the node's IPv6 podCIDR, announced as flanneld does.
-        let v6 = match (&conf.ipv6, want.v6) {
-            (Some(c6), Some((ip6, mac6))) => {
-                let s6 = pod_cidr6(&node).with_context(|| {
-                    format!(
-                        "node {} has no IPv6 podCIDR while EnableIPv6 is true",
-                        self.opts.node_name
-                    )
-                })?;
-                if !c6.network.contains_subnet(&s6) {
-                    bail!(
-                        "node {} has IPv6 podCIDR {s6}, outside the IPv6Network {}",
-                        self.opts.node_name,
-                        c6.network
-                    );
-                }
-                let announced6 = annotation(&node, PUBLIC_IPV6_OVERWRITE)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| ip6.to_string());
-                let data6 = match mac6 {
-                    Some(m) => format!(r#"{{"VNI":{},"VtepMAC":"{m}"}}"#, conf.backend.vni),
-                    None => "null".to_string(),
-                };
-                annotations[PUBLIC_IPV6] = announced6.into();
-                annotations[BACKEND_V6_DATA] = data6.into();
-                Some(crate::lease::LeaseV6 {
-                    subnet: s6,
-                    public_ip: ip6,
-                    vtep_mac: mac6,
-                })
-            }
-            _ => None,
-        };
+        let v6 = self.announce_v6(conf, want, &node, &mut annotations)?;
         let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
         self.patch_own_status(&patch)
             .await
@@ -324,6 +307,83 @@ impl KubeSource {
             public_ip,
             backend,
             v6,
+        })
+    }
+
+    /// IPv6-only (EnableIPv4 false): the node's IPv6 podCIDR is our lease;
+    /// flanneld announces no public-ip or backend-data then.
+    async fn acquire_v6_only(
+        &mut self,
+        conf: &NetConf,
+        want: &Want,
+        node: &Node,
+    ) -> anyhow::Result<Lease> {
+        let mut annotations = serde_json::json!({
+            BACKEND_TYPE: want.backend.type_name(),
+            KUBE_SUBNET_MANAGER: "true",
+        });
+        let v6 = self
+            .announce_v6(conf, want, node, &mut annotations)?
+            .context("EnableIPv4 is false: IPv6-only needs EnableIPv6 and --public-ipv6")?;
+        let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
+        self.patch_own_status(&patch)
+            .await
+            .with_context(|| format!("annotating node {} ({PREFIX}*)", self.opts.node_name))?;
+        log::info!(
+            "node {}: IPv6 podCIDR {}, announced {} and public IPv6 {} (IPv6-only)",
+            self.opts.node_name,
+            v6.subnet,
+            want.backend,
+            v6.public_ip
+        );
+        Ok(Lease {
+            subnet: Subnet::NONE,
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            backend: want.backend,
+            v6: Some(v6),
+        })
+    }
+
+    /// The IPv6 half: the node's IPv6 podCIDR, announced as flanneld does
+    /// (public-ipv6, backend-v6-data) into `annotations`.
+    fn announce_v6(
+        &self,
+        conf: &NetConf,
+        want: &Want,
+        node: &Node,
+        annotations: &mut serde_json::Value,
+    ) -> anyhow::Result<Option<crate::lease::LeaseV6>> {
+        Ok(match (&conf.ipv6, want.v6) {
+            (Some(c6), Some((ip6, mac6))) => {
+                let s6 = pod_cidr6(node).with_context(|| {
+                    format!(
+                        "node {} has no IPv6 podCIDR while EnableIPv6 is true",
+                        self.opts.node_name
+                    )
+                })?;
+                if !c6.network.contains_subnet(&s6) {
+                    bail!(
+                        "node {} has IPv6 podCIDR {s6}, outside the IPv6Network {}",
+                        self.opts.node_name,
+                        c6.network
+                    );
+                }
+                let announced6 = annotation(node, PUBLIC_IPV6_OVERWRITE)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| ip6.to_string());
+                let data6 = match mac6 {
+                    Some(m) => format!(r#"{{"VNI":{},"VtepMAC":"{m}"}}"#, conf.backend.vni),
+                    None => "null".to_string(),
+                };
+                annotations[PUBLIC_IPV6] = announced6.into();
+                annotations[BACKEND_V6_DATA] = data6.into();
+                Some(crate::lease::LeaseV6 {
+                    subnet: s6,
+                    public_ip: ip6,
+                    vtep_mac: mac6,
+                })
+            }
+            _ => None,
         })
     }
 
@@ -437,7 +497,7 @@ impl KubeSource {
         }
         s.dirty = false;
         Ok(Some(Snapshot {
-            leases: s.by_node.values().map(|l| (l.subnet, *l)).collect(),
+            leases: s.by_node.values().map(|l| (l.key(), *l)).collect(),
         }))
     }
 }
@@ -544,6 +604,34 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(l.public_ip, Ipv4Addr::new(203, 0, 113, 9));
+    }
+
+    #[test]
+    fn an_ipv6_only_node_makes_an_ipv6_only_lease() {
+        // flanneld with EnableIPv4 false announces no public-ip or backend-data.
+        let n = node(
+            &[
+                (KUBE_SUBNET_MANAGER, "true"),
+                (BACKEND_TYPE, "vxlan"),
+                (
+                    BACKEND_V6_DATA,
+                    r#"{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}"#,
+                ),
+                (PUBLIC_IPV6, "fc00::13"),
+            ],
+            Some("fd00:10:244:3::/64"),
+        );
+        let l = node_lease(&n).unwrap().unwrap();
+        assert!(!l.has_v4());
+        assert_eq!(l.key(), "0.0.0.0-0&fd00:10:244:3::-64");
+        assert_eq!(l.v6.unwrap().public_ip.to_string(), "fc00::13");
+        // Without its public-ipv6 it is unusable, and says so.
+        let bare = node(
+            &[(KUBE_SUBNET_MANAGER, "true"), (BACKEND_TYPE, "vxlan")],
+            Some("fd00:10:244:3::/64"),
+        );
+        let err = format!("{:#}", node_lease(&bare).unwrap_err());
+        assert!(err.contains("PublicIPv6"), "{err}");
     }
 
     #[test]

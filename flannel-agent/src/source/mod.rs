@@ -48,6 +48,32 @@ impl Want {
     }
 }
 
+impl Want {
+    /// Our addresses, for log lines: `PublicIP …`, with ` PublicIPv6 …` when set.
+    pub fn addresses(&self) -> String {
+        let v6 = self.v6.map(|(ip6, _)| ip6);
+        match (self.public_ip.is_unspecified(), v6) {
+            (true, Some(ip6)) => format!("PublicIPv6 {ip6}"),
+            (false, Some(ip6)) => format!("PublicIP {} PublicIPv6 {ip6}", self.public_ip),
+            _ => format!("PublicIP {}", self.public_ip),
+        }
+    }
+}
+
+/// Why no lease could be taken: the range that is full.
+pub fn no_free_subnet(conf: &NetConf) -> String {
+    match (&conf.ipv6, conf.ipv4) {
+        (Some(c6), false) => format!(
+            "no free IPv6 subnet left in [{}, {}] of {}",
+            c6.subnet_min, c6.subnet_max, c6.network
+        ),
+        _ => format!(
+            "no free subnet left in [{}, {}] of {}",
+            conf.subnet_min, conf.subnet_max, conf.network
+        ),
+    }
+}
+
 /// A node's wish without IPv6, for the sources' tests.
 #[cfg(test)]
 pub fn want_v4(public_ip: &str, backend: LeaseBackend, previous: Option<Subnet>) -> Want {
@@ -121,17 +147,23 @@ pub async fn woken() {
 /// our public IP, or (after the node's address changed) it is the subnet of
 /// our last subnet.env announced with our VtepMAC. Re-keying it keeps the
 /// pods' subnet instead of orphaning the lease and taking a new one.
-pub fn is_own_lease(
-    l: &Lease,
-    conf: &NetConf,
-    public_ip: Ipv4Addr,
-    backend: LeaseBackend,
-    previous: Option<Subnet>,
-) -> bool {
+pub fn is_own_lease(l: &Lease, conf: &NetConf, want: &Want) -> bool {
+    let (public_ip, backend, previous) = (want.public_ip, want.backend, want.previous);
+    if !conf.ipv4 {
+        // IPv6-only: every lease has the same empty IPv4 half; ours holds
+        // our public IPv6 address.
+        return match (l.v6, want.v6, &conf.ipv6) {
+            (Some(v6), Some((ip6, _)), Some(c6)) => {
+                !l.has_v4() && v6.public_ip == ip6 && c6.is_leasable(&v6.subnet)
+            }
+            _ => false,
+        };
+    }
     let moved = previous == Some(l.subnet)
         && backend.vtep_mac().is_some()
         && l.backend.vtep_mac() == backend.vtep_mac();
     (l.public_ip == public_ip || moved)
+        && l.has_v4()
         && conf.network.contains_subnet(&l.subnet)
         && l.subnet.prefix_len() == conf.subnet_len
 }
@@ -151,6 +183,11 @@ pub fn lease_candidates(
     let mut free: Vec<Subnet> = conf.leasable().filter(|s| !taken.contains(s)).collect();
     if let Some(seed) = shuffle_seed {
         shuffle(&mut free, seed);
+    }
+    if !conf.ipv4 {
+        // IPv6-only: the key is `0.0.0.0-0&<IPv6 subnet>`, own_v6 picks the
+        // IPv6 subnet anew for each try.
+        return vec![Subnet::NONE; 8];
     }
     let first = previous.filter(|s| conf.is_leasable(s) && !taken.contains(s));
     first
@@ -333,10 +370,11 @@ impl LeaseSource {
     }
 }
 
-/// All usable VXLAN leases at one moment, keyed by subnet.
+/// All usable VXLAN leases at one moment, keyed by their store key
+/// ([`Lease::key`]: IPv6-only leases share the empty IPv4 subnet).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    pub leases: BTreeMap<Subnet, Lease>,
+    pub leases: BTreeMap<String, Lease>,
 }
 
 /// How many leases were added, changed and removed between two snapshots.

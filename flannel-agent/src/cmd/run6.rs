@@ -1,0 +1,290 @@
+//! `run` on an IPv6-only cluster (EnableIPv4 false), as flanneld runs it:
+//! flannel-v6.<VNI> on the IPv6 underlay and no flannel.1. On the eBPF data
+//! path the decap program runs on the underlay and the encap6 program on
+//! flannel-v6's egress; there are no IPv4 tables to keep.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use flannel_ebpf_common::NodeConfig;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::run::{Joined, decap_hook, ebpf_logs, no_ebpf, set_up_v6};
+use crate::{
+    cmd::cli::{DatapathKind, RunArgs},
+    ebpf::{datapath, tables::Tables},
+    lease::{LeaseBackend, mac::Mac, netconf::NetConf, subnet_env},
+    netlink::Netlink,
+    node::{overlay6, sysctl, underlay},
+    ops::{
+        health::Health,
+        metrics::{self, AgentMetrics},
+    },
+    source::{LeaseSource, Want, log_changes},
+};
+
+pub async fn run(
+    args: &RunArgs,
+    conf: &NetConf,
+    health: &Health,
+    source: &mut LeaseSource,
+    object: Vec<u8>,
+    guarded: bool,
+) -> anyhow::Result<()> {
+    let c6 = conf
+        .ipv6
+        .clone()
+        .context("EnableIPv4 is false but EnableIPv6 is not true")?;
+    if args.ip_masq {
+        bail!(
+            "--ip-masq with EnableIPv4 false: flannel-ebpf masquerades IPv4 only so far (run without --ip-masq)"
+        );
+    }
+    if args.public_ip.is_some() {
+        bail!("--public-ip is an IPv4 address: with EnableIPv4 false give --public-ipv6");
+    }
+    let nl = Netlink::connect()?;
+    let (link, ip6) = underlay::select6(
+        &nl,
+        &underlay::Choice {
+            iface: args.iface.clone(),
+            iface_regex: args.iface_regex.clone(),
+            can_reach: args.iface_can_reach,
+            public_ip: None,
+        },
+        args.public_ipv6,
+    )
+    .await?;
+    crate::lease::parse_public_ipv6(&ip6.to_string()).context("the public IPv6 address")?;
+    let name = overlay6::vtep_name(conf.backend.vni);
+    // flannel-v6's MAC survives restarts, as flannel.1's does.
+    let mac = nl
+        .link_by_name(&name)
+        .await?
+        .filter(|l| l.vxlan.is_some())
+        .and_then(|l| l.mac)
+        .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf-v6/{ip6}").as_bytes()));
+    let want = Want {
+        public_ip: Ipv4Addr::UNSPECIFIED,
+        backend: LeaseBackend::Vxlan { vtep_mac: mac },
+        v6: Some((ip6, Some(mac))),
+        previous: None,
+        previous6: subnet_env::previous_subnet6(&args.subnet_file),
+    };
+    let own = source.acquire(conf, &want).await?;
+    let own6 = own.v6.context("our IPv6-only lease has no IPv6 half")?;
+    let joined = Joined {
+        underlay: underlay::Underlay {
+            link,
+            public_ip: Ipv4Addr::UNSPECIFIED,
+        },
+        vtep_name: name.clone(),
+        own,
+    };
+    let v4_vtep = format!("flannel.{}", conf.backend.vni);
+    if nl.link_by_name(&v4_vtep).await?.is_some() {
+        log::warn!(
+            "{v4_vtep} remains from an IPv4 run; EnableIPv4 is false, so nothing programs it: remove it with `ip link del {v4_vtep}`"
+        );
+    }
+    // Nothing on the node changes before the source has listed every lease.
+    let snap = source.first_snapshot().await?;
+    let root = &args.pins.pin_root;
+    let underlay_link = joined.underlay.link.clone();
+    let ebpf = match args.datapath {
+        DatapathKind::Kernel => {
+            log::info!(
+                "data path: the kernel's VXLAN device {name}, programmed as flanneld does (--datapath kernel)"
+            );
+            None
+        }
+        DatapathKind::Ebpf => {
+            crate::node::xfrm::refuse_if_covered(conf.backend.port)?;
+            let (src_port_min, src_port_max) = sysctl::local_port_range();
+            // No IPv4 half: the programs pass every IPv4 frame (no address
+            // of ours matches) and judge VXLAN over IPv6 from CONFIG6.
+            let node = NodeConfig {
+                public_ip: [0; 4],
+                vni: conf.backend.vni,
+                port: conf.backend.port,
+                src_port_min,
+                src_port_max,
+                vtep_mac: [0; 6],
+                underlay_ifindex: underlay_link.index,
+                vtep_ifindex: 0,
+                ready: 1,
+                network: [0; 4],
+                network_mask: [0; 4],
+                flags: 0,
+                subnet: [0; 4],
+                subnet_mask: [0; 4],
+                bridge_ifindex: 0,
+                vtep_mtu: 0,
+            };
+            let hook = decap_hook(args, &underlay_link);
+            let mut loaded =
+                datapath::load(root, &object, node, log::max_level()).map_err(no_ebpf)?;
+            loaded.verify(hook).map_err(no_ebpf)?;
+            Some((Tables::open(root)?, loaded, hook))
+        }
+    };
+    let (tables, loaded) = match ebpf {
+        Some((t, l, h)) => (Some(t), Some((l, h))),
+        None => (None, None),
+    };
+    let (mut o6, mut guard6, mtu) = set_up_v6(conf, &nl, &joined, &snap, guarded, tables.as_ref())
+        .await?
+        .context("IPv6-only: flannel-v6 was not set up")?;
+    if let (Some(t), Some((loaded, hook))) = (&tables, loaded) {
+        // The maps hold every IPv6 peer now: attach.
+        let (attached, mut pod) = loaded
+            .attach(None, &underlay_link.name, hook)
+            .map_err(no_ebpf)?;
+        if log::max_level() >= log::LevelFilter::Debug {
+            ebpf_logs(attached.encap_prog_id)?;
+        }
+        log::info!("attached {}", attached.decap);
+        pod.ensure_encap6(Some(&name)).map_err(no_ebpf)?;
+        log::info!(
+            "attached {} on {name} egress",
+            flannel_ebpf_common::PROG_ENCAP6
+        );
+        // The direct path carries IPv4 only: off, and its program detached.
+        t.set_bridge(0)?;
+        if datapath::remove_pod_link(root)? {
+            log::info!("IPv6-only: detached the direct path's program (IPv4 only)");
+        }
+    }
+    subnet_env::write(
+        &args.subnet_file,
+        &subnet_env::render(None, Some((c6.network, own6.subnet)), mtu, false),
+    )?;
+    source.ready().await?;
+    health.set_ready();
+    log::info!(
+        "node {ip6} (IPv6-only): lease {}, VTEP {name} {}/128 {mac} MTU {mtu}, VNI {} port {}",
+        own6.subnet,
+        own6.subnet.vtep_addr(),
+        conf.backend.vni,
+        conf.backend.port
+    );
+    if tables.is_some() {
+        log::info!(
+            "pin root {}; inspect with: flannel-agent show fdb6|stats --pin-root {}",
+            root.display(),
+            root.display()
+        );
+    }
+    let metrics = Arc::new(Mutex::new(AgentMetrics::default()));
+    if let Some(port) = args.metrics_port {
+        metrics::serve(args.metrics_ip, port, metrics.clone(), root.clone()).await?;
+    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let poll = Duration::from_millis(args.poll_interval_ms.max(10));
+    let resync = Duration::from_secs(args.resync_interval.max(1));
+    let mut next_resync = Instant::now();
+    let mut last = snap;
+    let mut last_lease_error = None;
+    loop {
+        // One pass per change (and per resync): flannel-v6's tables, FDB6,
+        // the guard's members.
+        let started = Instant::now();
+        let pass = async {
+            o6.sync(&nl, last.leases.values(), tables.as_ref())
+                .await
+                .context("flannel-v6's tables")?;
+            if let Some(g) = guard6.as_mut() {
+                g.set_members(
+                    o6.members(last.leases.values())
+                        .into_iter()
+                        .map(IpAddr::V6)
+                        .collect(),
+                )
+                .context("the IPv6 membership guard (nftables)")?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Ok(m) = metrics.lock() {
+            m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            let label = |v: &str| vec![("state".to_string(), v.to_string())];
+            m.leases
+                .get_or_create(&label("applied_ipv6"))
+                .set(o6.peers as i64);
+            m.leases
+                .get_or_create(&label("skipped_ipv6"))
+                .set(o6.skipped as i64);
+            if pass.is_err() {
+                m.reconcile_errors.inc();
+            }
+        }
+        match pass {
+            Ok(()) => health.set_tables(None),
+            Err(e) => {
+                log::warn!("reconcile failed, retrying at the next resync: {e:#}");
+                health.set_tables(Some(format!("{e:#}")));
+            }
+        }
+        next_resync = next_resync.max(Instant::now()) + resync;
+        // Wait for the next change or resync.
+        let snap = loop {
+            tokio::select! {
+                _ = term.recv() => return stopped(root),
+                _ = int.recv() => return stopped(root),
+                _ = tokio::time::sleep(poll) => {}
+                _ = crate::source::woken() => {}
+            }
+            health.beat();
+            let down = source.degraded();
+            if let Ok(m) = metrics.lock() {
+                m.lease_source_up.set(i64::from(down.is_none()));
+            }
+            health.set_source(down);
+            if let Err(e) = source.maintain(&joined.own, conf.backend.vni).await
+                && last_lease_error.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10))
+            {
+                log::error!("keeping our lease: {e:#}");
+                last_lease_error = Some(Instant::now());
+            }
+            let due = Instant::now() >= next_resync;
+            match source.changed().await {
+                Ok(false) if !due => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("checking leases: {e:#}");
+                    continue;
+                }
+            }
+            match source.snapshot().await {
+                Ok(Some(s)) => break s,
+                Ok(None) => continue,
+                Err(e) => log::warn!("reading leases: {e:#}"),
+            }
+        };
+        let changes = log_changes(&last, &snap);
+        if let Ok(m) = metrics.lock() {
+            for (kind, n) in [
+                ("added", changes.added),
+                ("changed", changes.changed),
+                ("removed", changes.removed),
+            ] {
+                m.lease_changes
+                    .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+                    .inc_by(n);
+            }
+        }
+        last = snap;
+    }
+}
+
+fn stopped(root: &std::path::Path) -> anyhow::Result<()> {
+    log::info!(
+        "stopping: programs, maps and flannel-v6's routes stay in place (pinned under {}), traffic keeps flowing",
+        root.display()
+    );
+    Ok(())
+}
