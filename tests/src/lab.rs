@@ -183,6 +183,9 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     /// A dual-stack lab: IPv6 underlay, EnableIPv6 in net-conf.json, pods with both families.
     pub ipv6: bool,
+    /// False in an IPv6-only lab (EnableIPv4 false): no IPv4 on the
+    /// underlay, the pods or the overlay.
+    pub ipv4: bool,
 }
 
 /// Underlay subnet (third octet) of node `i` in the routed topology; seed 000 uses 5, 8, 9.
@@ -196,16 +199,28 @@ fn routed_octet(i: usize) -> u8 {
 impl Lab {
     /// Namespaces are named `<prefix>-…`: give every test its own prefix.
     pub fn new(prefix: &str, topology: Topology, kinds: &[Kind]) -> anyhow::Result<Lab> {
-        Lab::build(prefix, topology, kinds, false)
+        Lab::build(prefix, topology, kinds, false, true)
+    }
+
+    /// An IPv6-only lab (EnableIPv4 false): nodes have only IPv6 underlay
+    /// addresses and routes, pods only IPv6 addresses.
+    pub fn new_v6_only(prefix: &str, topology: Topology, kinds: &[Kind]) -> anyhow::Result<Lab> {
+        Lab::build(prefix, topology, kinds, true, false)
     }
 
     /// A dual-stack lab: every node also has an IPv6 underlay address and
     /// its pod an IPv6 address, net-conf.json has EnableIPv6 and [`NETWORK6`].
     pub fn new_dual(prefix: &str, topology: Topology, kinds: &[Kind]) -> anyhow::Result<Lab> {
-        Lab::build(prefix, topology, kinds, true)
+        Lab::build(prefix, topology, kinds, true, true)
     }
 
-    fn build(prefix: &str, topology: Topology, kinds: &[Kind], ipv6: bool) -> anyhow::Result<Lab> {
+    fn build(
+        prefix: &str,
+        topology: Topology,
+        kinds: &[Kind],
+        ipv6: bool,
+        ipv4: bool,
+    ) -> anyhow::Result<Lab> {
         let dir = std::env::temp_dir().join(format!("flannel-lab-{prefix}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("leases/subnets"))?;
@@ -214,10 +229,12 @@ impl Lab {
         } else {
             String::new()
         };
-        fs::write(
-            dir.join("leases/config"),
-            format!(r#"{{"Network":"{NETWORK}"{v6},"Backend":{{"Type":"vxlan"}}}}"#),
-        )?;
+        let config = if ipv4 {
+            format!(r#"{{"Network":"{NETWORK}"{v6},"Backend":{{"Type":"vxlan"}}}}"#)
+        } else {
+            format!(r#"{{"EnableIPv4":false{v6},"Backend":{{"Type":"vxlan"}}}}"#)
+        };
+        fs::write(dir.join("leases/config"), config)?;
         let fabric = Netns::new(&format!("{prefix}-fab"))?;
         let mut lab = Lab {
             prefix: prefix.into(),
@@ -226,6 +243,7 @@ impl Lab {
             fabric,
             nodes: Vec::new(),
             ipv6,
+            ipv4,
         };
         match topology {
             Topology::Switched => {
@@ -300,6 +318,10 @@ impl Lab {
         } else {
             None
         };
+        if !self.ipv4 {
+            // IPv6-only: the node has no IPv4 address or route at all.
+            ns.sh("ip -4 addr flush dev eth0")?;
+        }
         ns.sh("sysctl -qw net.ipv4.ip_forward=1")?;
         ns.sh("ip link add cni0 type bridge")?;
         ns.sh("ip link set cni0 up")?;
@@ -402,8 +424,12 @@ impl Lab {
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let _ = fs::remove_file(&self.nodes[i].subnet_file);
         self.spawn_agent(i)?;
-        let subnet = self.wait_subnet_env(i)?;
-        self.attach_pod(i, &subnet)?;
+        if self.ipv4 {
+            let subnet = self.wait_subnet_env(i)?;
+            self.attach_pod(i, &subnet)?;
+        } else {
+            self.wait_subnet_env_line(i, "FLANNEL_IPV6_SUBNET=")?;
+        }
         // Our VtepMAC: the address of the flannel.1 the agent set up (none with host-gw).
         self.nodes[i].vtep_mac = self.nodes[i]
             .ns
@@ -454,6 +480,30 @@ impl Lab {
         node.pod
             .sh(&format!("ip -6 route replace default via {gw}"))?;
         Ok(())
+    }
+
+    /// Wait for the agent's subnet.env to have a line starting with `prefix`.
+    pub fn wait_subnet_env_line(&mut self, i: usize, prefix: &str) -> anyhow::Result<String> {
+        let file = self.nodes[i].subnet_file.clone();
+        let res = wait_for(
+            "the agent to write subnet.env",
+            Duration::from_secs(20),
+            || {
+                let text = fs::read_to_string(&file).ok()?;
+                text.lines()
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .map(str::to_string)
+            },
+        );
+        if res.is_err() || !self.nodes[i].agent_running() {
+            bail!(
+                "agent on {} did not come up: {:?}\n--- log ---\n{}",
+                self.nodes[i].name,
+                res.as_ref().err(),
+                self.nodes[i].log_text()
+            );
+        }
+        res
     }
 
     /// Wait for the agent's subnet.env and return the pod subnet it names.
@@ -511,7 +561,7 @@ impl Lab {
     pub fn start_stock_device(&mut self, i: usize, subnet_third_octet: u8) -> anyhow::Result<()> {
         let subnet = format!("10.244.{subnet_third_octet}.0/24");
         let mac = format!("02:42:8f:11:22:{:02x}", 0x10 * (i as u8 + 1));
-        {
+        if self.ipv4 {
             let node = &self.nodes[i];
             let ip = node.public_ip;
             node.ns.sh(&format!(
@@ -523,8 +573,10 @@ impl Lab {
                 "ip addr add 10.244.{subnet_third_octet}.0/32 dev flannel.1"
             ))?;
         }
-        self.attach_pod(i, &subnet)?;
-        self.nodes[i].vtep_mac = Some(mac);
+        if self.ipv4 {
+            self.attach_pod(i, &subnet)?;
+            self.nodes[i].vtep_mac = Some(mac);
+        }
         if let Some(ip6) = self.nodes[i].public_ipv6 {
             // flannel-v6.1 as flanneld creates it: the same VNI and port as
             // flannel.1, on the underlay's IPv6 address, no RAs. flanneld asks
@@ -553,6 +605,19 @@ impl Lab {
     /// Node `i`'s lease key (`10.244.2.0-24`) and value, exactly as flanneld writes them.
     pub fn lease_kv(&self, i: usize) -> anyhow::Result<(String, String)> {
         let n = &self.nodes[i];
+        if !self.ipv4 {
+            // flanneld with EnableIPv4 false: the empty IPv4 subnet in the
+            // key, PublicIP 0.0.0.0, no BackendData.
+            let (ip6, subnet6, mac6) = (
+                n.public_ipv6.context("node has no IPv6 address")?,
+                n.subnet6.as_deref().context("node has no IPv6 subnet")?,
+                n.vtep_mac6.as_deref().context("node has no IPv6 VtepMAC")?,
+            );
+            let value = format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{ip6}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#
+            );
+            return Ok((format!("0.0.0.0-0&{}", subnet6.replace('/', "-")), value));
+        }
         let subnet = n.subnet.as_deref().context("node has no subnet")?;
         let mac = n.vtep_mac.as_deref().context("node has no VtepMAC")?;
         if let (Some(ip6), Some(subnet6), Some(mac6)) = (n.public_ipv6, &n.subnet6, &n.vtep_mac6) {
@@ -609,27 +674,26 @@ impl Lab {
     /// Flannel's order: neighbour, FDB entry, route.
     pub fn program_stock_peers(&self) -> anyhow::Result<()> {
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.kind != Kind::Stock || n.subnet.is_none() {
+            if n.kind != Kind::Stock || (n.subnet.is_none() && n.subnet6.is_none()) {
                 continue; // not a stock node, or not started yet
             }
             for (j, p) in self.nodes.iter().enumerate() {
-                let (Some(subnet), Some(mac)) = (&p.subnet, &p.vtep_mac) else {
-                    continue;
-                };
                 if i == j {
                     continue;
                 }
-                let vtep = p.subnet_base();
-                n.ns.sh(&format!(
-                    "ip neigh replace {vtep} lladdr {mac} dev flannel.1 nud permanent"
-                ))?;
-                n.ns.sh(&format!(
-                    "bridge fdb replace {mac} dev flannel.1 dst {} self permanent",
-                    p.public_ip
-                ))?;
-                n.ns.sh(&format!(
-                    "ip route replace {subnet} via {vtep} dev flannel.1 onlink"
-                ))?;
+                if let (Some(subnet), Some(mac)) = (&p.subnet, &p.vtep_mac) {
+                    let vtep = p.subnet_base();
+                    n.ns.sh(&format!(
+                        "ip neigh replace {vtep} lladdr {mac} dev flannel.1 nud permanent"
+                    ))?;
+                    n.ns.sh(&format!(
+                        "bridge fdb replace {mac} dev flannel.1 dst {} self permanent",
+                        p.public_ip
+                    ))?;
+                    n.ns.sh(&format!(
+                        "ip route replace {subnet} via {vtep} dev flannel.1 onlink"
+                    ))?;
+                }
                 // flannel-v6.1, in the same order (dual-stack nodes).
                 if let (Some(subnet6), Some(mac6), Some(ip6), true) =
                     (&p.subnet6, &p.vtep_mac6, p.public_ipv6, n.subnet6.is_some())

@@ -606,3 +606,66 @@ fn dual_stack_leases_in_etcd_as_flanneld_writes_them() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
 }
+
+#[test]
+fn ipv6_only_leases_in_etcd_as_flanneld_writes_them() {
+    if !ready("etcd_ipv6_only") {
+        return;
+    }
+    let mut lab =
+        Lab::new_v6_only("etcd6o", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    // etcd listens on IPv4 loopback inside node 1's namespace.
+    lab.nodes[0].ns.sh("ip link set lo up").unwrap();
+    let etcd = Etcd::start(&lab.nodes[0].ns, 2379).unwrap();
+    etcd.client(&lab.nodes[0].ns, async |c| {
+        c.put(
+            format!("{PREFIX}/config"),
+            format!(
+                r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"vxlan"}}}}"#
+            ),
+            None,
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+    lab.start_stock_device(1, 2).unwrap();
+    put_flanneld_lease(&etcd, &lab, 1);
+    lab.nodes[0].agent_args = etcd_args(&etcd, &[]);
+    lab.start_agent(0).unwrap();
+    let key = format!(
+        "0.0.0.0-0&{}",
+        lab.nodes[0].subnet6.as_deref().unwrap().replace('/', "-")
+    );
+    let (value, lease) =
+        get(&etcd, &lab, &key).unwrap_or_else(|| panic!("no {key}\n{}", lab.logs()));
+    assert_ne!(lease, 0, "a lease with a TTL");
+    let v: serde_json::Value = serde_json::from_str(&value).unwrap();
+    assert_eq!(v["PublicIP"], "0.0.0.0", "{value}");
+    assert!(v.get("BackendData").is_none(), "{value}");
+    assert_ne!(
+        lab.nodes[0].subnet6, lab.nodes[1].subnet6,
+        "the stock node's IPv6 subnet is taken"
+    );
+    lab.program_stock_peers().unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert_eq!(ping(&b.pod, a.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+    // A restart keeps the lease of our public IPv6 address.
+    let before = lab.nodes[0].subnet6.clone();
+    lab.nodes[0].stop_agent().unwrap();
+    lab.start_agent(0).unwrap();
+    assert_eq!(lab.nodes[0].subnet6, before, "{}", lab.logs());
+    let k = key.clone();
+    // Deleted by someone else: written back under the same key.
+    etcd.client(&lab.nodes[0].ns, async move |c| {
+        c.delete(format!("{PREFIX}/subnets/{k}"), None).await?;
+        Ok(())
+    })
+    .unwrap();
+    wait_for("our lease to be re-created", Duration::from_secs(5), || {
+        get(&etcd, &lab, &key)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+}

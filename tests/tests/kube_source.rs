@@ -524,3 +524,65 @@ fn kube_dual_stack_nodes_as_flanneld_annotates_them() {
         .unwrap();
     assert!(!routes.contains("fd00:10:244:3::"), "{routes}");
 }
+
+#[test]
+fn kube_ipv6_only_nodes_as_flanneld_annotates_them() {
+    if !prereq::ready("kube_ipv6_only") {
+        return;
+    }
+    const BD6: &str = "flannel.alpha.coreos.com/backend-v6-data";
+    const IP6: &str = "flannel.alpha.coreos.com/public-ipv6";
+    let mut lab =
+        Lab::new_v6_only("kube6o", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let api = FakeApi::start(&lab.nodes[0].ns, 6443).unwrap();
+    api.put_node(node("n1", "fd00:10:244:1::/64", &[]));
+    // A stock IPv6-only node: no public-ip or backend-data, as flanneld announces it.
+    api.put_node(node(
+        "n2",
+        "fd00:10:244:2::/64",
+        &[
+            (SM, "true"),
+            (BT, "vxlan"),
+            (BD6, r#"{"VNI":1,"VtepMAC":"02:42:8f:66:22:20"}"#),
+            (IP6, "fc00::12"),
+        ],
+    ));
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let netconf = lab.dir.join("net-conf.json");
+    std::fs::write(
+        &netconf,
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"vxlan"}}}}"#
+        ),
+    )
+    .unwrap();
+    lab.nodes[0].agent_args = vec![
+        "--subnet-mgr".into(),
+        "kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        "n1".into(),
+        "--net-config-path".into(),
+        netconf.display().to_string(),
+    ];
+    lab.start_stock_device(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    assert_eq!(lab.nodes[0].subnet6.as_deref(), Some("fd00:10:244:1::/64"));
+    let ann = api.node("n1").unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(ann[IP6], "fc00::11");
+    assert_eq!(
+        ann[BD6],
+        format!(
+            r#"{{"VNI":1,"VtepMAC":"{}"}}"#,
+            lab.nodes[0].vtep_mac6.as_deref().unwrap()
+        )
+    );
+    assert!(ann.get(IP).is_none() && ann.get(BD).is_none(), "{ann}");
+    lab.program_stock_peers().unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert_eq!(ping(&b.pod, a.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+}

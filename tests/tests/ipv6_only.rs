@@ -1,0 +1,322 @@
+//! IPv6-only overlays as Flannel builds them (EnableIPv4 false): no IPv4
+//! anywhere — underlay, pods, overlay — and flannel-v6.1 the only VTEP, next
+//! to stock nodes whose flannel-v6.1 is the kernel's VXLAN device programmed
+//! as flanneld programs it.
+use std::{fs, net::Ipv6Addr, time::Duration};
+
+use flannel_tests::{
+    frames::{eth, ipv6_udp, mac, vxlan},
+    lab::{Kind, Lab, Topology},
+    prereq,
+    traffic::{UdpSink, ping, tcp_exchange, wait_reachable},
+};
+
+/// Every pod reaches every other pod over IPv6, both ways.
+fn all_pairs(lab: &Lab) {
+    for (i, a) in lab.nodes.iter().enumerate() {
+        for (j, b) in lab.nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10)).unwrap_or_else(|e| {
+                panic!(
+                    "{} → {}: {e}\n{}\n{}",
+                    a.name,
+                    b.name,
+                    lab.ipv6_tables(),
+                    lab.logs()
+                )
+            });
+            assert_eq!(
+                ping(&a.pod, b.pod_ip6(), 5, 0.05).unwrap(),
+                (5, 5),
+                "{} → {}",
+                a.name,
+                b.name
+            );
+        }
+    }
+}
+
+fn rx_packets(n: &flannel_tests::lab::Node, dev: &str) -> u64 {
+    n.ns.sh(&format!("cat /sys/class/net/{dev}/statistics/rx_packets"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
+    if !prereq::ready("ipv6_only_with_stock") {
+        return;
+    }
+    let mut lab = Lab::new_v6_only("v6o2", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.nodes[0].agent_args = vec!["--metrics-port".into(), "9467".into()];
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let (ours, stock) = (&lab.nodes[0], &lab.nodes[1]);
+
+    // subnet.env as flanneld writes it with EnableIPv4 false: no IPv4 pair.
+    let env = fs::read_to_string(&ours.subnet_file).unwrap();
+    assert!(!env.contains("FLANNEL_NETWORK="), "{env}");
+    assert!(!env.contains("FLANNEL_SUBNET="), "{env}");
+    assert!(
+        env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"),
+        "{env}"
+    );
+    assert!(env.contains("FLANNEL_MTU=1430\n"), "{env}");
+    // Our lease, as a stock IPv6-only node writes and reads it.
+    let subnet6 = ours.subnet6.clone().unwrap();
+    let key = format!("0.0.0.0-0&{}", subnet6.replace('/', "-"));
+    let lease = fs::read_to_string(lab.lease_dir().join("subnets").join(&key))
+        .unwrap_or_else(|e| panic!("lease {key}: {e}\n{}", lab.logs()));
+    let v: serde_json::Value = serde_json::from_str(&lease).unwrap();
+    assert_eq!(v["PublicIP"], "0.0.0.0", "{lease}");
+    assert_eq!(
+        v["PublicIPv6"],
+        ours.public_ipv6.unwrap().to_string(),
+        "{lease}"
+    );
+    assert!(v.get("BackendData").is_none(), "{lease}");
+    assert_eq!(
+        v["BackendV6Data"]["VtepMAC"],
+        ours.vtep_mac6.clone().unwrap(),
+        "{lease}"
+    );
+    // No IPv4 VTEP: flannel-v6.1 only, programmed as flanneld programs it.
+    assert!(ours.ns.sh("ip link show flannel.1").is_err());
+    let dev = ours.ns.sh("ip -d link show flannel-v6.1").unwrap();
+    assert!(
+        dev.contains("vxlan id 1") && dev.contains(&format!("local {}", ours.public_ipv6.unwrap())),
+        "{dev}"
+    );
+    let vtep6 = stock.subnet6_base();
+    let stock6 = stock.subnet6.clone().unwrap();
+    let routes = ours.ns.sh("ip -6 route show dev flannel-v6.1").unwrap();
+    assert!(
+        routes.contains(&format!("{stock6} via {vtep6} metric 1024 onlink")),
+        "{routes}"
+    );
+    let fdb6 = ours.show("fdb6").unwrap();
+    assert!(
+        fdb6.contains(&format!(
+            "{} dev flannel-v6.1 dst {} self permanent  # {stock6}",
+            stock.vtep_mac6.clone().unwrap(),
+            stock.public_ipv6.unwrap()
+        )),
+        "{fdb6}"
+    );
+    // The decap program on the underlay, no IPv4 encap link, encap6 on flannel-v6.
+    use flannel_agent::ebpf::datapath::{LINK_DECAP_TC, LINK_ENCAP, LINK_ENCAP6};
+    for (link, pinned) in [
+        (LINK_DECAP_TC, true),
+        (LINK_ENCAP6, true),
+        (LINK_ENCAP, false),
+    ] {
+        assert_eq!(
+            ours.pin_root.join(link).exists(),
+            pinned,
+            "{link} under {}",
+            ours.pin_root.display()
+        );
+    }
+
+    all_pairs(&lab);
+    // IPv6 from the stock node is decapsulated by our programs.
+    let (decap, kernel) = (lab.counter(0, "rx_decap"), rx_packets(ours, "flannel-v6.1"));
+    assert_eq!(
+        ping(&stock.pod, ours.pod_ip6(), 10, 0.02).unwrap(),
+        (10, 10)
+    );
+    assert!(lab.counter(0, "rx_decap") - decap >= 10, "{}", lab.logs());
+    assert_eq!(rx_packets(ours, "flannel-v6.1") - kernel, 0);
+    // And encapsulated by them towards it; its kernel decapsulates.
+    let (encap, theirs) = (
+        lab.counter(0, "tx_encap"),
+        rx_packets(stock, "flannel-v6.1"),
+    );
+    assert_eq!(
+        ping(&ours.pod, stock.pod_ip6(), 10, 0.02).unwrap(),
+        (10, 10)
+    );
+    assert!(lab.counter(0, "tx_encap") - encap >= 10, "{}", lab.logs());
+    assert!(rx_packets(stock, "flannel-v6.1") - theirs >= 10);
+    // Bulk TCP both ways, content checked.
+    tcp_exchange(&ours.pod, &stock.pod, stock.pod_ip6(), 5301, 4 << 20)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    tcp_exchange(&stock.pod, &ours.pod, ours.pod_ip6(), 5302, 4 << 20)
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // Neighbour discovery across the overlay.
+    let nd = ours.pod.sh("ip -6 neigh show dev eth0").unwrap();
+    assert!(nd.contains("lladdr"), "{nd}");
+    let m = ours.ns.http_get(9467, "/metrics").unwrap();
+    assert!(
+        m.contains("flannel_ebpf_leases{state=\"applied_ipv6\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn three_ipv6_only_nodes_over_a_routed_underlay() {
+    if !prereq::ready("ipv6_only_routed") {
+        return;
+    }
+    let mut lab = Lab::new_v6_only(
+        "v6o3",
+        Topology::Routed,
+        &[Kind::Ebpf, Kind::Ebpf, Kind::Stock],
+    )
+    .unwrap();
+    lab.start_stock(2, 9).unwrap();
+    // One node decapsulates at XDP, the other at TC.
+    lab.nodes[1].agent_args = vec!["--decap".into(), "xdp".into()];
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.program_stock_peers().unwrap();
+    // Nothing of IPv4 on the nodes: the underlay has IPv6 alone.
+    let v4 = lab.nodes[0].ns.sh("ip -4 addr show dev eth0").unwrap();
+    assert!(!v4.contains("inet "), "{v4}");
+    all_pairs(&lab);
+    let (a, b, c) = (&lab.nodes[0], &lab.nodes[1], &lab.nodes[2]);
+    let decap = (lab.counter(0, "rx_decap"), lab.counter(1, "rx_decap"));
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip6(), 5311, 2 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.pod, a.pod_ip6(), 5312, 2 << 20).unwrap();
+    tcp_exchange(&c.pod, &a.pod, a.pod_ip6(), 5313, 1 << 20).unwrap();
+    tcp_exchange(&b.pod, &c.pod, c.pod_ip6(), 5314, 1 << 20).unwrap();
+    assert!(lab.counter(0, "rx_decap") > decap.0 && lab.counter(1, "rx_decap") > decap.1);
+    // A restarted agent keeps its lease (by its public IPv6) and the traffic flows.
+    let before = lab.nodes[0].subnet6.clone();
+    lab.nodes[0].stop_agent().unwrap();
+    lab.start_agent(0).unwrap();
+    assert_eq!(lab.nodes[0].subnet6, before);
+    let leases = fs::read_dir(lab.lease_dir().join("subnets"))
+        .unwrap()
+        .count();
+    assert_eq!(leases, 3, "one lease per node");
+    all_pairs(&lab);
+    // A node leaves: its IPv6 routes and FDB entries go with it.
+    let (s6, mac6) = (
+        lab.nodes[1].subnet6.clone().unwrap(),
+        lab.nodes[1].vtep_mac6.clone().unwrap(),
+    );
+    lab.nodes[1].stop_agent().unwrap();
+    fs::remove_file(
+        lab.lease_dir()
+            .join("subnets")
+            .join(format!("0.0.0.0-0&{}", s6.replace('/', "-"))),
+    )
+    .unwrap();
+    let n0 = &lab.nodes[0];
+    flannel_tests::wait_for(
+        "the departed node's IPv6 entries to go",
+        Duration::from_secs(10),
+        || {
+            let r = n0.ns.sh("ip -6 route show dev flannel-v6.1").ok()?;
+            let f = n0.ns.sh("bridge fdb show dev flannel-v6.1").ok()?;
+            (!r.contains(&s6) && !f.contains(&mac6)).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert_eq!(
+        ping(&n0.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
+        (3, 3)
+    );
+}
+
+/// A named counter of the guard's ip6 table on node `n`.
+fn guard6(n: &flannel_tests::lab::Node, name: &str) -> u64 {
+    n.ns.run(|| flannel_agent::node::guard::counters("ip6"))
+        .unwrap_or_default()
+        .get(name)
+        .map_or(0, |(packets, _)| *packets)
+}
+
+/// A VXLAN datagram over IPv6 from `ns`, bound to `src`, to `[dst]:8472`.
+fn send_vxlan6(ns: &flannel_tests::netns::Netns, src: Ipv6Addr, dst: Ipv6Addr, bytes: &[u8]) {
+    ns.run(|| -> anyhow::Result<()> {
+        let s = std::net::UdpSocket::bind((src, 0))?;
+        s.send_to(bytes, (dst, 8472))?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("sending from {src} to {dst}: {e}"));
+}
+
+/// The membership promise on an IPv6-only node: VXLAN from a host that is
+/// not a member (whole, fragmented, to other local addresses) and a
+/// member's packet spoofed inside never reach the pod.
+#[test]
+fn only_members_reach_an_ipv6_only_node() {
+    if !prereq::ready("ipv6_only_membership") {
+        return;
+    }
+    const PORT: u16 = 5557;
+    let mut lab = Lab::new_v6_only("v6og", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let (ext, _) = lab.outside_host().unwrap();
+    let ext_ip: Ipv6Addr = "fc00::100".parse().unwrap();
+    ext.sh(&format!("ip -6 addr add {ext_ip}/64 dev eth0 nodad"))
+        .unwrap();
+    ext.sh("ip -6 route add fd00:10:244::/56 via fc00::11")
+        .unwrap();
+    let (ours, stock) = (&lab.nodes[0], &lab.nodes[1]);
+    wait_reachable(&stock.pod, ours.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    let public6 = ours.public_ipv6.unwrap();
+    let datagram_from = |src: Ipv6Addr, tag: &str, pad: usize| -> Vec<u8> {
+        let mut payload = tag.as_bytes().to_vec();
+        payload.resize(tag.len() + pad, b'.');
+        let inner = ipv6_udp(src, ours.pod_ip6(), 4000, PORT, &payload);
+        let frame = eth(
+            mac(ours.vtep_mac6.as_deref().unwrap()),
+            mac(stock.vtep_mac6.as_deref().unwrap()),
+            0x86dd,
+            &inner,
+        );
+        vxlan(1, &frame)
+    };
+    let datagram = |tag: &str, pad: usize| datagram_from(stock.pod_ip6(), tag, pad);
+    let delivered = |send: &dyn Fn()| -> usize {
+        let sink = UdpSink::start6(&ours.pod, PORT, Duration::from_millis(1500)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        send();
+        sink.finish().len()
+    };
+    // A member's datagram arrives: the frames are right, the test can fail.
+    let member = datagram("member", 0);
+    assert_eq!(
+        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &member)),
+        1,
+        "{}",
+        lab.logs()
+    );
+    // Spoofed inside: a member speaking for another node's pods.
+    let spoofed = datagram_from("fd00:10:244:5::10".parse().unwrap(), "spoofed", 0);
+    let drops = lab.counter(0, "rx_drop_spoofed_inner_source");
+    assert_eq!(
+        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &spoofed)),
+        0
+    );
+    assert_eq!(lab.counter(0, "rx_drop_spoofed_inner_source") - drops, 1);
+    // Not a member: whole, fragmented, to our other local addresses.
+    let non_member = lab.counter(0, "rx_drop_non_member");
+    let whole = datagram("whole", 0);
+    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &whole)), 0);
+    let big = datagram("fragmented", 2500);
+    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &big)), 0);
+    assert_eq!(lab.counter(0, "rx_drop_non_member") - non_member, 2);
+    let elsewhere = guard6(ours, "vxlan_not_to_public_ip");
+    let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
+    for local in [gw, ours.subnet6_base()] {
+        assert_eq!(
+            delivered(&|| send_vxlan6(&ext, ext_ip, local, &whole)),
+            0,
+            "to {local}"
+        );
+    }
+    assert_eq!(guard6(ours, "vxlan_not_to_public_ip") - elsewhere, 2);
+}
