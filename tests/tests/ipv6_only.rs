@@ -148,6 +148,19 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     tcp_exchange(&stock.pod, &ours.pod, ours.pod_ip6(), 5302, 4 << 20)
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // Per-peer counters: the stock node has its own stats slot, both ways.
+    let peers: serde_json::Value =
+        serde_json::from_str(&ours.show("peers --json").unwrap()).unwrap();
+    let peer = peers
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|p| p["public_ip"] == stock.public_ipv6.unwrap().to_string())
+        })
+        .unwrap_or_else(|| panic!("no IPv6-only peer in {peers}"));
+    assert_eq!(peer["subnets"][0], stock6, "{peer}");
+    assert!(peer["tx_packets"].as_u64().unwrap() >= 10, "{peer}");
+    assert!(peer["rx_packets"].as_u64().unwrap() >= 10, "{peer}");
     // Neighbour discovery across the overlay.
     let nd = ours.pod.sh("ip -6 neigh show dev eth0").unwrap();
     assert!(nd.contains("lladdr"), "{nd}");

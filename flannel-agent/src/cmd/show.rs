@@ -7,7 +7,7 @@ use clap::ValueEnum;
 use flannel_ebpf_common::{NodeConfig, PeerStats};
 use serde_json::{Value, json};
 
-use crate::{ebpf::tables::Tables, lease::mac::Mac, lease::subnet::Subnet};
+use crate::{ebpf::tables::Tables, lease::mac::Mac};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum View {
@@ -29,19 +29,36 @@ pub enum View {
 /// One remote node, joined across the tables.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub subnets: Vec<Subnet>,
-    pub vtep_addrs: Vec<Ipv4Addr>,
+    pub subnets: Vec<String>,
+    pub vtep_addrs: Vec<String>,
     pub vtep_mac: Mac,
-    pub public_ip: Ipv4Addr,
+    pub public_ip: std::net::IpAddr,
     pub stats: PeerStats,
 }
 
-/// Remote nodes, from the FDB (one per VtepMAC) joined with ARP and route entries.
+/// Remote nodes, from the FDB (one per VtepMAC) joined with ARP and route
+/// entries, then IPv6-only nodes from the FDB6 (their own stats slots).
 pub fn peers(t: &Tables) -> anyhow::Result<Vec<Peer>> {
     let routes = t.route_entries()?;
     let arp = t.arp_entries()?;
     let mut out = Vec::new();
-    for (mac, (ip, slot)) in t.fdb_entries()? {
+    let fdb = t.fdb_entries()?;
+    let v4_slots: std::collections::BTreeSet<u32> = fdb.values().map(|(_, s)| *s).collect();
+    for (mac, v) in t.fdb6_values()? {
+        if v4_slots.contains(&v.peer_slot) || v.peer_slot >= flannel_ebpf_common::MAX_NODES {
+            continue; // a dual-stack node, shown with its IPv4 half
+        }
+        let subnet = crate::lease::subnet6::Subnet6::new(v.subnet6.into(), v.subnet6_len)
+            .context("FDB6 map: a subnet with host bits set")?;
+        out.push(Peer {
+            subnets: vec![subnet.to_string()],
+            vtep_addrs: vec![subnet.vtep_addr().to_string()],
+            vtep_mac: mac,
+            public_ip: std::net::Ipv6Addr::from(v.node_ip6).into(),
+            stats: t.peer(v.peer_slot)?,
+        });
+    }
+    for (mac, (ip, slot)) in fdb {
         let vtep_addrs: Vec<Ipv4Addr> = arp
             .iter()
             .filter(|(_, m)| **m == mac)
@@ -50,13 +67,13 @@ pub fn peers(t: &Tables) -> anyhow::Result<Vec<Peer>> {
         let subnets = routes
             .iter()
             .filter(|(_, v)| vtep_addrs.contains(v))
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s.to_string())
             .collect();
         out.push(Peer {
             subnets,
-            vtep_addrs,
+            vtep_addrs: vtep_addrs.iter().map(|a| a.to_string()).collect(),
             vtep_mac: mac,
-            public_ip: ip,
+            public_ip: ip.into(),
             stats: t.peer(slot)?,
         });
     }

@@ -139,6 +139,19 @@ impl Tables {
     }
 
     /// Make the FDB6 map exactly `want` (flannel-v6 VtepMAC → member).
+    /// The FDB6 map as it is: flannel-v6 VtepMAC → entry (stats slot included).
+    pub fn fdb6_values(&self) -> anyhow::Result<BTreeMap<Mac, flannel_ebpf_common::Fdb6Value>> {
+        let Some(fdb6) = &self.fdb6 else {
+            return Ok(BTreeMap::new());
+        };
+        Ok(fdb6
+            .entries()
+            .context("reading the FDB6 map")?
+            .into_iter()
+            .map(|(k, v)| (Mac(k.vtep_mac), v))
+            .collect())
+    }
+
     pub fn sync_fdb6(&self, want: &BTreeMap<Mac, Fdb6Value>) -> anyhow::Result<usize> {
         if want.is_empty() && self.fdb6.is_none() {
             return Ok(0);

@@ -11,7 +11,8 @@ use std::{
     net::Ipv6Addr,
 };
 
-use flannel_ebpf_common::{Fdb6Value, NodeConfig6};
+use anyhow::Context;
+use flannel_ebpf_common::{Fdb6Value, MAX_NODES, NodeConfig6};
 
 use crate::{
     ebpf::tables::Tables,
@@ -118,6 +119,40 @@ pub fn fdb6_entries<'a>(
                 })
         })
         .collect()
+}
+
+/// Stats slots for IPv6-only peers (no IPv4 FDB entry to share one with):
+/// the one their FDB6 entry holds, else the lowest no peer uses. Returns
+/// them by flannel-v6 VtepMAC, and the newly taken ones (to be zeroed).
+pub fn v6_only_slots<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+    v4_slots: &BTreeMap<Mac, u32>,
+    held6: &BTreeMap<Mac, u32>,
+) -> (BTreeMap<Mac, u32>, Vec<u32>) {
+    let macs: BTreeSet<Mac> = leases
+        .into_iter()
+        .filter(|l| !l.has_v4())
+        .filter_map(|l| l.v6?.vtep_mac)
+        .collect();
+    let mut used: BTreeSet<u32> = v4_slots.values().chain(held6.values()).copied().collect();
+    let (mut out, mut fresh) = (BTreeMap::new(), Vec::new());
+    let mut next = 0u32;
+    for mac in macs {
+        if let Some(s) = held6.get(&mac).filter(|s| **s < MAX_NODES) {
+            out.insert(mac, *s);
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        if next >= MAX_NODES {
+            break; // more peers than slots: the rest go uncounted
+        }
+        used.insert(next);
+        out.insert(mac, next);
+        fresh.push(next);
+    }
+    (out, fresh)
 }
 
 /// How many kernel entries one pass added (or replaced) and removed.
@@ -255,11 +290,23 @@ impl Overlay6 {
                 .into_iter()
                 .map(|(m, v)| (m, v.peer_slot))
                 .collect();
+            let held6: BTreeMap<Mac, u32> = t
+                .fdb6_values()?
+                .into_iter()
+                .map(|(m, v)| (m, v.peer_slot))
+                .collect();
+            let (own_slots, fresh) = v6_only_slots(leases.clone(), &slots, &held6);
+            for r in t.reset_peers(&fresh) {
+                r.context("zeroing an IPv6-only peer's stats slot")?;
+            }
             let entries = fdb6_entries(&want, leases, |l| {
-                l.backend
-                    .vtep_mac()
-                    .and_then(|m| slots.get(&m).copied())
-                    .unwrap_or(u32::MAX)
+                let slot = if l.has_v4() {
+                    l.backend.vtep_mac().and_then(|m| slots.get(&m))
+                } else {
+                    l.v6.and_then(|v6| v6.vtep_mac)
+                        .and_then(|m| own_slots.get(&m))
+                };
+                slot.copied().unwrap_or(u32::MAX)
             });
             t.sync_fdb6(&entries)?;
             t.set_config6(Some(self.node_config()))?;
@@ -361,6 +408,35 @@ mod tests {
                 2
             )
         );
+    }
+
+    #[test]
+    fn ipv6_only_peers_get_their_own_stats_slots_and_keep_them() {
+        let v6_only = |n: u8| {
+            let mac = Mac::stable_from(&[n]);
+            Lease::v6_only(
+                format!("fd00:10:244:{n}::/64").parse().unwrap(),
+                "vxlan",
+                Some(&format!("fc00::{n}")),
+                Some(serde_json::json!({"VNI": 1, "VtepMAC": mac.to_string()})),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let (a, b, c) = (v6_only(2), v6_only(3), v6_only(4));
+        let mac = |l: &Lease| l.v6.unwrap().vtep_mac.unwrap();
+        // Slot 0 is an IPv4 peer's; b already holds 5.
+        let v4 = BTreeMap::from([(Mac::stable_from(b"v4"), 0)]);
+        let held = BTreeMap::from([(mac(&b), 5)]);
+        let (slots, fresh) = v6_only_slots([&a, &b, &c], &v4, &held);
+        assert_eq!(slots[&mac(&b)], 5);
+        let mut got = vec![slots[&mac(&a)], slots[&mac(&c)]];
+        got.sort();
+        assert_eq!(got, [1, 2]);
+        assert_eq!(fresh.len(), 2);
+        // Dual-stack leases share their IPv4 slot: none of their own.
+        let dual = lease(7, "fd00:10:244:7::/64", Some(b"7"));
+        assert!(v6_only_slots([&dual], &v4, &held).0.is_empty());
     }
 
     #[test]
