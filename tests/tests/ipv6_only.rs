@@ -169,6 +169,29 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
         m.contains("flannel_ebpf_leases{state=\"applied_ipv6\"} 1"),
         "{m}"
     );
+    // flannel-v6.1 deleted under the agent: start-up runs again and rebuilds it.
+    let index = ours
+        .ns
+        .sh("cat /sys/class/net/flannel-v6.1/ifindex")
+        .unwrap();
+    ours.ns.sh("ip link del flannel-v6.1").unwrap();
+    flannel_tests::wait_for(
+        "flannel-v6.1 to be re-created",
+        Duration::from_secs(20),
+        || {
+            let now = ours.ns.sh("cat /sys/class/net/flannel-v6.1/ifindex").ok()?;
+            (now != index).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_reachable(&stock.pod, ours.pod_ip6(), Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    let logs = lab.logs();
+    assert!(lab.nodes[0].agent_running(), "{logs}");
+    assert!(
+        lab.nodes[0].log_text().contains("flannel-v6.1 was deleted"),
+        "{logs}"
+    );
 }
 
 #[test]

@@ -712,7 +712,7 @@ async fn control_loop(
         underlay_index: underlay.link.index,
         underlay_name: underlay.link.name.clone(),
         underlay_mtu: underlay.link.mtu,
-        public_ip,
+        public_ip: std::net::IpAddr::V4(public_ip),
         public_ip_local: crate::node::watchdog::check_public_ip(
             nl,
             underlay.link.index,
@@ -721,7 +721,9 @@ async fn control_loop(
             vtep.is_some(),
         )
         .await?,
-        pins: tables.as_ref().map(|_| root.clone()),
+        pins: tables
+            .as_ref()
+            .map(|_| (root.clone(), datapath::LINK_ENCAP)),
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

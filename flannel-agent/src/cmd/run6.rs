@@ -182,6 +182,23 @@ pub async fn run(
     if let Some(port) = args.metrics_port {
         metrics::serve(args.metrics_ip, port, metrics.clone(), root.clone()).await?;
     }
+    // What start-up set, watched: flannel-v6, the underlay, our address, the pins.
+    let node = crate::node::watchdog::NodeState {
+        vtep: Some((name.clone(), o6.index)),
+        underlay_index: underlay_link.index,
+        underlay_name: underlay_link.name.clone(),
+        underlay_mtu: underlay_link.mtu,
+        public_ip: IpAddr::V6(ip6),
+        // A --public-ipv6 that is not the underlay's (NAT) is not watched.
+        public_ip_local: nl
+            .ipv6_addrs(underlay_link.index)
+            .await?
+            .iter()
+            .any(|(a, _)| *a == ip6),
+        pins: tables
+            .as_ref()
+            .map(|_| (root.clone(), datapath::LINK_ENCAP6)),
+    };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let poll = Duration::from_millis(args.poll_interval_ms.max(10));
@@ -239,6 +256,11 @@ pub async fn run(
                 _ = crate::source::woken() => {}
             }
             health.beat();
+            match node.drift(&nl).await {
+                Ok(Some(why)) => return Err(crate::node::watchdog::restart_self(&why)),
+                Ok(None) => {}
+                Err(e) => log::warn!("checking the node's devices: {e:#}"),
+            }
             let down = source.degraded();
             if let Ok(m) = metrics.lock() {
                 m.lease_source_up.set(i64::from(down.is_none()));

@@ -3,7 +3,7 @@
 //! them changes under us the agent runs its start-up again (re-executing
 //! itself), which is the one path that builds all of them consistently.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -11,17 +11,19 @@ use crate::{ebpf::datapath, netlink::Netlink};
 
 /// The node as start-up left it.
 pub struct NodeState {
-    /// flannel.<VNI>: (name, ifindex); none with host-gw.
+    /// flannel.<VNI> (flannel-v6.<VNI> when IPv6-only): (name, ifindex);
+    /// none with host-gw.
     pub vtep: Option<(String, u32)>,
     pub underlay_index: u32,
     pub underlay_name: String,
     pub underlay_mtu: u32,
-    pub public_ip: Ipv4Addr,
+    pub public_ip: IpAddr,
     /// Whether the public IP was on the underlay at start-up (a --public-ip
     /// that is not is reported then; only losing it later is drift).
     pub public_ip_local: bool,
-    /// The pin root, for the eBPF data path.
-    pub pins: Option<PathBuf>,
+    /// The pin root, for the eBPF data path, and the encap link pinned
+    /// there (link_encap, or link_encap6 on an IPv6-only node).
+    pub pins: Option<(PathBuf, &'static str)>,
 }
 
 impl NodeState {
@@ -48,15 +50,26 @@ impl NodeState {
                 self.underlay_name, self.underlay_mtu, underlay.mtu
             )));
         }
-        let addrs = nl.ipv4_addrs(self.underlay_index).await?;
-        if self.public_ip_local && !addrs.iter().any(|(a, _)| *a == self.public_ip) {
+        let present = match self.public_ip {
+            IpAddr::V4(ip) => nl
+                .ipv4_addrs(self.underlay_index)
+                .await?
+                .iter()
+                .any(|(a, _)| *a == ip),
+            IpAddr::V6(ip) => nl
+                .ipv6_addrs(self.underlay_index)
+                .await?
+                .iter()
+                .any(|(a, _)| *a == ip),
+        };
+        if self.public_ip_local && !present {
             return Ok(Some(format!(
                 "the public IP {} is no longer on the underlay {}",
                 self.public_ip, self.underlay_name
             )));
         }
-        if let Some(root) = &self.pins
-            && let Some(missing) = missing_pin(root)
+        if let Some((root, encap)) = &self.pins
+            && let Some(missing) = missing_pin(root, encap)
         {
             return Ok(Some(format!(
                 "{} is gone (bpffs unmounted or the pin removed)",
@@ -94,8 +107,8 @@ pub async fn check_public_ip(
     Ok(local)
 }
 
-fn missing_pin(root: &Path) -> Option<PathBuf> {
-    let encap = root.join(datapath::LINK_ENCAP);
+fn missing_pin(root: &Path, encap_link: &str) -> Option<PathBuf> {
+    let encap = root.join(encap_link);
     if !encap.exists() {
         return Some(encap);
     }
