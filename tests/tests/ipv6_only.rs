@@ -259,6 +259,24 @@ fn three_ipv6_only_nodes_over_a_routed_underlay() {
         ping(&n0.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
         (3, 3)
     );
+    // Handed back to the kernel: the pins go, flannel-v6.1 carries on alone.
+    lab.nodes[0].stop_agent().unwrap();
+    let n0 = &lab.nodes[0];
+    n0.ns
+        .nsenter(&format!(
+            "{} uninstall --pin-root {}",
+            flannel_tests::agent_path().display(),
+            n0.pin_root.display()
+        ))
+        .unwrap_or_else(|e| panic!("uninstall: {e}"));
+    assert!(!n0.pin_root.exists(), "pin root left behind");
+    // The replies are decapsulated by n1's own flannel-v6.1 now.
+    let rx = rx_packets(n0, "flannel-v6.1");
+    assert_eq!(
+        ping(&n0.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
+        (3, 3)
+    );
+    assert!(rx_packets(n0, "flannel-v6.1") >= rx + 3);
 }
 
 /// A named counter of the guard's ip6 table on node `n`.

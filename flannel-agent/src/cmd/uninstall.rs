@@ -18,6 +18,16 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
     match Tables::open(root) {
         Ok(t) => {
             let cfg = t.node_config()?;
+            if cfg.vtep_ifindex == 0 && cfg.ready != 0 {
+                // IPv6-only: flannel-v6's kernel tables were kept as
+                // flanneld keeps them all along; detaching hands it over.
+                datapath::uninstall(root)?;
+                log::info!(
+                    "removed the IPv6-only data path under {}; flannel-v6 carries the traffic",
+                    root.display()
+                );
+                return Ok(());
+            }
             let nl = Netlink::connect()?;
             // The same index in another namespace is another device: match the MAC too.
             let vtep = nl
