@@ -279,19 +279,21 @@ async fn join_v6(
             "EnableIPv6 with Backend.Type host-gw is not supported by flannel-ebpf yet (vxlan is)"
         );
     }
-    let ip6 = match args.public_ipv6 {
+    let addrs6 = nl.ipv6_addrs(underlay.link.index).await?;
+    // `--iface <IPv6 address>` picked the underlay by it: that address.
+    let by_iface = args
+        .iface
+        .iter()
+        .filter_map(|s| s.parse::<std::net::Ipv6Addr>().ok())
+        .find(|ip| addrs6.iter().any(|(a, _)| a == ip));
+    let ip6 = match args.public_ipv6.or(by_iface) {
         Some(ip) => ip,
-        None => nl
-            .ipv6_addrs(underlay.link.index)
-            .await?
-            .first()
-            .map(|(ip, _)| *ip)
-            .with_context(|| {
-                format!(
-                    "EnableIPv6 is true but {} has no global IPv6 address; give one with --public-ipv6",
-                    underlay.link.name
-                )
-            })?,
+        None => addrs6.first().map(|(ip, _)| *ip).with_context(|| {
+            format!(
+                "EnableIPv6 is true but {} has no global IPv6 address; give one with --public-ipv6",
+                underlay.link.name
+            )
+        })?,
     };
     crate::lease::parse_public_ipv6(&ip6.to_string()).context("--public-ipv6")?;
     let name = crate::node::overlay6::vtep_name(conf.backend.vni);

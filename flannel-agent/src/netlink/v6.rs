@@ -285,6 +285,24 @@ impl Netlink {
         gone_is_fine(res).with_context(|| format!("bridge fdb del {} dst {}", e.mac, e.dst))
     }
 
+    /// The interface holding the global IPv6 address `ip`, if one does.
+    pub async fn link_with_addr6(
+        &self,
+        ip: Ipv6Addr,
+    ) -> anyhow::Result<Option<crate::netlink::Link>> {
+        for l in self.links().await? {
+            if self
+                .ipv6_addrs(l.index)
+                .await?
+                .iter()
+                .any(|(a, _)| *a == ip)
+            {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+
     /// Global IPv6 addresses on the interface, with their prefix lengths.
     pub async fn ipv6_addrs(&self, index: u32) -> anyhow::Result<Vec<(Ipv6Addr, u8)>> {
         let mut req = self

@@ -22,9 +22,12 @@ pub struct Choice {
 /// The first of `--iface` (name or address) that exists here.
 async fn by_iface(nl: &Netlink, specs: &[String]) -> anyhow::Result<(Link, Option<Ipv4Addr>)> {
     for spec in specs {
-        let found = match spec.parse::<Ipv4Addr>() {
-            Ok(ip) => nl.link_with_addr(ip).await?.map(|l| (l, Some(ip))),
-            Err(_) => nl.link_by_name(spec).await?.map(|l| (l, None)),
+        // An IPv6 address names its interface (dual-stack: the IPv4 public
+        // IP is then that interface's first).
+        let found = match (spec.parse::<Ipv4Addr>(), spec.parse::<Ipv6Addr>()) {
+            (Ok(ip), _) => nl.link_with_addr(ip).await?.map(|l| (l, Some(ip))),
+            (_, Ok(ip6)) => nl.link_with_addr6(ip6).await?.map(|l| (l, None)),
+            _ => nl.link_by_name(spec).await?.map(|l| (l, None)),
         };
         if let Some(f) = found {
             return Ok(f);
@@ -119,19 +122,11 @@ pub async fn select6(
         );
     }
     let links = nl.links().await?;
-    let holding = async |ip: Ipv6Addr| -> anyhow::Result<Option<Link>> {
-        for l in &links {
-            if nl.ipv6_addrs(l.index).await?.iter().any(|(a, _)| *a == ip) {
-                return Ok(Some(l.clone()));
-            }
-        }
-        Ok(None)
-    };
     let mut found: Option<(Link, Option<Ipv6Addr>)> = None;
     if !choice.iface.is_empty() {
         for spec in &choice.iface {
             found = match spec.parse::<Ipv6Addr>() {
-                Ok(ip) => holding(ip).await?.map(|l| (l, Some(ip))),
+                Ok(ip) => nl.link_with_addr6(ip).await?.map(|l| (l, Some(ip))),
                 Err(_) => links
                     .iter()
                     .find(|l| l.name == *spec)
@@ -170,7 +165,7 @@ pub async fn select6(
             );
         }
     } else if let Some(ip) = public_ipv6 {
-        found = holding(ip).await?.map(|l| (l, Some(ip)));
+        found = nl.link_with_addr6(ip).await?.map(|l| (l, Some(ip)));
     }
     let (link, addr) = match found {
         Some(f) => f,
