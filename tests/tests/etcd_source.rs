@@ -657,6 +657,26 @@ fn ipv6_only_leases_in_etcd_as_flanneld_writes_them() {
     lab.nodes[0].stop_agent().unwrap();
     lab.start_agent(0).unwrap();
     assert_eq!(lab.nodes[0].subnet6, before, "{}", lab.logs());
+    // Overwritten by someone else (a stock IPv6-only flanneld on etcd takes
+    // any PublicIP-0.0.0.0 lease for its own): ours is written back.
+    let (k, ours6) = (key.clone(), lab.nodes[0].public_ipv6.unwrap().to_string());
+    etcd.client(&lab.nodes[0].ns, async move |c| {
+        c.put(
+            format!("{PREFIX}/subnets/{k}"),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::99","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}"#,
+            None,
+        )
+        .await?;
+        Ok(())
+    })
+    .unwrap();
+    wait_for(
+        "our lease to be written back",
+        Duration::from_secs(5),
+        || get(&etcd, &lab, &key).filter(|(v, _)| v.contains(&ours6)),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(lab.nodes[0].log_text().contains("WAS OVERWRITTEN"));
     let k = key.clone();
     // Deleted by someone else: written back under the same key.
     etcd.client(&lab.nodes[0].ns, async move |c| {

@@ -66,6 +66,8 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
         env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"),
         "{env}"
     );
+    // The MTU flannel-v6 carries (underlay - 70); flanneld writes underlay
+    // - 50 here, more than its own flannel-v6 takes.
     assert!(env.contains("FLANNEL_MTU=1430\n"), "{env}");
     // Our lease, as a stock IPv6-only node writes and reads it.
     let subnet6 = ours.subnet6.clone().unwrap();

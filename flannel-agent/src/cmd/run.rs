@@ -351,7 +351,7 @@ pub(super) async fn set_up_v6(
         .vtep_mac
         .context("our IPv6 lease has no flannel-v6 VtepMAC")?;
     let underlay = &joined.underlay;
-    let mut o6 = overlay6::Overlay6::new(0, v6, c6.clone());
+    let mut o6 = overlay6::Overlay6::new(0, v6, c6.clone(), !conf.ipv4);
     let guard = if guarded {
         let mut g = crate::node::guard::Guard::new(crate::node::guard::Spec {
             port: conf.backend.port,
@@ -944,7 +944,7 @@ async fn set_up_node(
 /// and speaks to peers on that VNI: switching would leave the old device and
 /// its routes behind, and split this node from nodes not yet switched.
 /// Refuse, saying how to do it, rather than half-apply it.
-async fn refuse_vni_change(
+pub(super) async fn refuse_vni_change(
     nl: &Netlink,
     root: &Path,
     vni: u32,

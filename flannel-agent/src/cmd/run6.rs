@@ -92,6 +92,8 @@ pub async fn run(
     }
     // Nothing on the node changes before the source has listed every lease.
     let snap = source.first_snapshot().await?;
+    // flannel.1's guard, if an IPv4 run left one: there is no IPv4 VTEP.
+    crate::node::guard::remove4();
     let root = &args.pins.pin_root;
     let underlay_link = joined.underlay.link.clone();
     let ebpf = match args.datapath {
@@ -102,6 +104,7 @@ pub async fn run(
             None
         }
         DatapathKind::Ebpf => {
+            super::run::refuse_vni_change(&nl, root, conf.backend.vni, &name).await?;
             crate::node::xfrm::refuse_if_covered(conf.backend.port)?;
             let (src_port_min, src_port_max) = sysctl::local_port_range();
             // No IPv4 half: the programs pass every IPv4 frame (no address
@@ -128,7 +131,13 @@ pub async fn run(
             let mut loaded =
                 datapath::load(root, &object, node, log::max_level()).map_err(no_ebpf)?;
             loaded.verify(hook).map_err(no_ebpf)?;
-            Some((Tables::open(root)?, loaded, hook))
+            let mut tables = Tables::open(root)?;
+            // Left by an IPv4 or dual-stack run: no IPv4 peer is one now.
+            let stale = tables.clear_ipv4()?;
+            if stale > 0 {
+                log::info!("IPv6-only: removed {stale} IPv4 map entries of an earlier run");
+            }
+            Some((tables, loaded, hook))
         }
     };
     let (tables, loaded) = match ebpf {

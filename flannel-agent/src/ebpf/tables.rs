@@ -110,6 +110,25 @@ impl Tables {
     }
 
     /// Write (or clear, with None) the IPv6 checks' config.
+    /// Empty the IPv4 route, ARP and FDB maps (an IPv6-only node has no
+    /// IPv4 peers; entries left by an earlier run would still count).
+    pub fn clear_ipv4(&mut self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for s in self.route_entries()?.into_keys() {
+            self.del_route(s)?;
+            n += 1;
+        }
+        for a in self.arp_entries()?.into_keys() {
+            self.del_arp(a)?;
+            n += 1;
+        }
+        for m in self.fdb_entries()?.into_keys() {
+            self.del_fdb(m)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn set_config6(&self, cfg: Option<NodeConfig6>) -> anyhow::Result<()> {
         if cfg.is_none() && self.config6.is_none() {
             return Ok(());

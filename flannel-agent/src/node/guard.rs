@@ -198,6 +198,11 @@ pub fn remove() {
     remove6();
 }
 
+/// Remove the ip table alone (an IPv6-only node has no flannel.1 socket).
+pub fn remove4() {
+    crate::node::masq::nft_delete_table(TABLE);
+}
+
 /// Remove the ip6 table alone (IPv6 switched off).
 pub fn remove6() {
     crate::node::masq::nft_delete_table_in("ip6", TABLE);

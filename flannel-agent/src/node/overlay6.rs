@@ -65,9 +65,12 @@ fn unusable(v6: &LeaseV6, own: &LeaseV6, conf: &NetConf6, accepted: &Desired6) -
 
 /// One FDB entry, neighbour and route per usable peer; every other lease's
 /// IPv6 half is skipped with its reason (in lease order: the first wins).
+/// `v6_only`: an IPv6-only cluster; in a dual-stack one an IPv6-only
+/// node's lease does not belong and is skipped.
 pub fn desired<'a>(
     own: &LeaseV6,
     conf: &NetConf6,
+    v6_only: bool,
     leases: impl IntoIterator<Item = &'a Lease>,
     skipped: &mut Vec<(String, String)>,
 ) -> Desired6 {
@@ -75,6 +78,13 @@ pub fn desired<'a>(
     for l in leases {
         let Some(v6) = l.v6 else { continue };
         if l.v6 == Some(*own) {
+            continue;
+        }
+        if !v6_only && !l.has_v4() {
+            skipped.push((
+                l.key(),
+                "an IPv6-only node's lease in a dual-stack cluster (EnableIPv4 differs)".into(),
+            ));
             continue;
         }
         if let Some(why) = unusable(&v6, own, conf, &d) {
@@ -125,20 +135,28 @@ pub fn fdb6_entries<'a>(
 /// the one their FDB6 entry holds, else the lowest no peer uses. Returns
 /// them by flannel-v6 VtepMAC, and the newly taken ones (to be zeroed).
 pub fn v6_only_slots<'a>(
+    want: &Desired6,
     leases: impl IntoIterator<Item = &'a Lease>,
     v4_slots: &BTreeMap<Mac, u32>,
     held6: &BTreeMap<Mac, u32>,
 ) -> (BTreeMap<Mac, u32>, Vec<u32>) {
+    // Only peers that get an FDB6 entry (not ours, not skipped ones).
     let macs: BTreeSet<Mac> = leases
         .into_iter()
         .filter(|l| !l.has_v4())
         .filter_map(|l| l.v6?.vtep_mac)
+        .filter(|m| want.fdb.contains_key(m))
         .collect();
-    let mut used: BTreeSet<u32> = v4_slots.values().chain(held6.values()).copied().collect();
+    let v4: BTreeSet<u32> = v4_slots.values().copied().collect();
+    let mut used: BTreeSet<u32> = v4.iter().chain(held6.values()).copied().collect();
     let (mut out, mut fresh) = (BTreeMap::new(), Vec::new());
     let mut next = 0u32;
     for mac in macs {
-        if let Some(s) = held6.get(&mac).filter(|s| **s < MAX_NODES) {
+        // Kept unless an IPv4 peer took it (left from a dual-stack run).
+        if let Some(s) = held6
+            .get(&mac)
+            .filter(|s| **s < MAX_NODES && !v4.contains(s))
+        {
             out.insert(mac, *s);
             continue;
         }
@@ -233,6 +251,8 @@ pub struct Overlay6 {
     pub index: u32,
     pub own: LeaseV6,
     pub conf: NetConf6,
+    /// An IPv6-only cluster (EnableIPv4 false).
+    pub v6_only: bool,
     reported: Reported,
     /// The last pass's usable IPv6 peers and skipped IPv6 halves (metrics).
     pub peers: usize,
@@ -240,11 +260,12 @@ pub struct Overlay6 {
 }
 
 impl Overlay6 {
-    pub fn new(index: u32, own: LeaseV6, conf: NetConf6) -> Overlay6 {
+    pub fn new(index: u32, own: LeaseV6, conf: NetConf6, v6_only: bool) -> Overlay6 {
         Overlay6 {
             index,
             own,
             conf,
+            v6_only,
             reported: Reported::default(),
             peers: 0,
             skipped: 0,
@@ -255,6 +276,7 @@ impl Overlay6 {
     pub fn members<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>) -> BTreeSet<Ipv6Addr> {
         leases
             .into_iter()
+            .filter(|l| self.v6_only || l.has_v4())
             .filter_map(|l| l.v6)
             .filter(|v6| v6.public_ip != self.own.public_ip && v6.vtep_mac.is_some())
             .map(|v6| v6.public_ip)
@@ -283,7 +305,13 @@ impl Overlay6 {
         tables: Option<&Tables>,
     ) -> anyhow::Result<Changed> {
         let mut skipped = Vec::new();
-        let want = desired(&self.own, &self.conf, leases.clone(), &mut skipped);
+        let want = desired(
+            &self.own,
+            &self.conf,
+            self.v6_only,
+            leases.clone(),
+            &mut skipped,
+        );
         if let Some(t) = tables {
             let slots: BTreeMap<Mac, u32> = t
                 .fdb_values()?
@@ -295,7 +323,11 @@ impl Overlay6 {
                 .into_iter()
                 .map(|(m, v)| (m, v.peer_slot))
                 .collect();
-            let (own_slots, fresh) = v6_only_slots(leases.clone(), &slots, &held6);
+            let (own_slots, fresh) = if self.v6_only {
+                v6_only_slots(&want, leases.clone(), &slots, &held6)
+            } else {
+                Default::default()
+            };
             for r in t.reset_peers(&fresh) {
                 r.context("zeroing an IPv6-only peer's stats slot")?;
             }
@@ -373,7 +405,7 @@ mod tests {
             },
         ];
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), &peers, &mut skipped);
+        let d = desired(&own, &conf(), false, &peers, &mut skipped);
         let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
         assert_eq!(d.routes, BTreeMap::from([(s2, s2.addr())]));
         assert_eq!(
@@ -395,7 +427,7 @@ mod tests {
             lease(3, "fd00:99::/64", Some(b"3")),
         ];
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), &peers, &mut skipped);
+        let d = desired(&own, &conf(), false, &peers, &mut skipped);
         let m = fdb6_entries(&d, &peers, |l| u32::from(l.public_ip.octets()[3]));
         assert_eq!(m.len(), 1);
         let v = m[&Mac::stable_from(b"2")];
@@ -428,7 +460,10 @@ mod tests {
         // Slot 0 is an IPv4 peer's; b already holds 5.
         let v4 = BTreeMap::from([(Mac::stable_from(b"v4"), 0)]);
         let held = BTreeMap::from([(mac(&b), 5)]);
-        let (slots, fresh) = v6_only_slots([&a, &b, &c], &v4, &held);
+        let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
+        let mut skipped = Vec::new();
+        let want = desired(&own, &conf(), true, [&a, &b, &c], &mut skipped);
+        let (slots, fresh) = v6_only_slots(&want, [&a, &b, &c], &v4, &held);
         assert_eq!(slots[&mac(&b)], 5);
         let mut got = vec![slots[&mac(&a)], slots[&mac(&c)]];
         got.sort();
@@ -436,7 +471,16 @@ mod tests {
         assert_eq!(fresh.len(), 2);
         // Dual-stack leases share their IPv4 slot: none of their own.
         let dual = lease(7, "fd00:10:244:7::/64", Some(b"7"));
-        assert!(v6_only_slots([&dual], &v4, &held).0.is_empty());
+        assert!(v6_only_slots(&want, [&dual], &v4, &held).0.is_empty());
+        // A held slot an IPv4 peer has taken since is given up.
+        let taken = BTreeMap::from([(Mac::stable_from(b"v4"), 5)]);
+        let (slots, _) = v6_only_slots(&want, [&b], &taken, &held);
+        assert_ne!(slots[&mac(&b)], 5);
+        // In a dual-stack cluster an IPv6-only lease is skipped, said why.
+        let mut skipped = Vec::new();
+        let d = desired(&own, &conf(), false, [&a], &mut skipped);
+        assert!(d.fdb.is_empty());
+        assert!(skipped[0].1.contains("IPv6-only"), "{skipped:?}");
     }
 
     #[test]
@@ -452,7 +496,7 @@ mod tests {
             lease(8, "fd00:10:244:8::/64", Some(b"8")),
         ];
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), &peers, &mut skipped);
+        let d = desired(&own, &conf(), false, &peers, &mut skipped);
         assert_eq!(d.routes.len(), 2, "{d:?}");
         let why: BTreeMap<String, String> = skipped.into_iter().collect();
         let of = |n: u8, s6: &str| why[&lease(n, s6, None).key()].clone();

@@ -141,6 +141,7 @@ impl Desired {
                 format!("{} is an IPv6-only node's lease (no IPv4 subnet)", l.key()),
             ));
         }
+        let leases = one_lease_per_subnet(leases, live, &mut skipped);
         let is_live = |s: &Subnet| live.routes.contains_key(s) || live.direct.contains_key(s);
         let index = SubnetIndex::new(leases.iter().map(|l| l.subnet).chain([own.subnet]));
         // Every (VtepMAC, node) announced, sorted: a MAC's nodes are a range.
@@ -293,6 +294,72 @@ fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Store keys name a lease by both halves, so two keys may name one IPv4
+/// subnet (`10.244.1.0-24` and `10.244.1.0-24&…`). Where their IPv4 halves
+/// agree one stands for both; where they differ the live one stays and the
+/// other is skipped, and where neither is live both are (which is right
+/// cannot be told here).
+fn one_lease_per_subnet<'a>(
+    leases: Vec<&'a Lease>,
+    live: &Desired,
+    skipped: &mut Vec<(Subnet, String)>,
+) -> Vec<&'a Lease> {
+    let mut by_subnet: BTreeMap<Subnet, Vec<usize>> = BTreeMap::new();
+    for (i, l) in leases.iter().enumerate() {
+        by_subnet.entry(l.subnet).or_default().push(i);
+    }
+    if by_subnet.len() == leases.len() {
+        return leases; // the usual case: one key per subnet
+    }
+    let is_live = |l: &Lease| match l.backend.vtep_mac() {
+        Some(mac) => live.fdb.get(&mac) == Some(&l.public_ip),
+        None => live.direct.get(&l.subnet) == Some(&l.public_ip),
+    };
+    let mut drop = vec![false; leases.len()];
+    for group in by_subnet.values().filter(|g| g.len() > 1) {
+        let first = leases[group[0]];
+        let agree = group
+            .iter()
+            .all(|&i| leases[i].public_ip == first.public_ip && leases[i].backend == first.backend);
+        let live_ones: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&i| is_live(leases[i]))
+            .collect();
+        let keep = match (agree, live_ones.as_slice()) {
+            (true, _) => Some(group[0]),
+            (false, [k]) => Some(*k),
+            _ => None,
+        };
+        for &i in group.iter().filter(|&&i| Some(i) != keep) {
+            drop[i] = true;
+            if agree {
+                continue; // the same node under another key: one peer
+            }
+            let why = match keep {
+                Some(k) => format!(
+                    "{} names the subnet of the live lease {}",
+                    leases[i].key(),
+                    leases[k].key()
+                ),
+                None => format!(
+                    "{} names a subnet another key gives a different node",
+                    leases[i].key()
+                ),
+            };
+            skipped.push((leases[i].subnet, why));
+        }
+        if keep.is_none() {
+            drop[group[0]] = true;
+        }
+    }
+    leases
+        .into_iter()
+        .zip(drop)
+        .filter_map(|(l, d)| (!d).then_some(l))
+        .collect()
+}
+
 /// A PEER_STATS slot per node IP: the one it has, else the lowest free. A
 /// slot still named by an FDB entry that goes in this pass is not free yet
 /// (the departing node's packets may still count into it until its entry is
@@ -378,6 +445,51 @@ mod tests {
             want.sort();
             assert_eq!(got, want, "overlaps of {s}");
         }
+    }
+
+    #[test]
+    fn two_keys_for_one_subnet_never_give_one_node_two_routes() {
+        let with_v6 = |mut l: Lease, s6: &str| {
+            l.v6 = Some(crate::lease::LeaseV6 {
+                subnet: s6.parse().unwrap(),
+                public_ip: "fc00::9".parse().unwrap(),
+                vtep_mac: None,
+            });
+            l
+        };
+        let peer = lease("10.244.2.0-24", "10.1.8.10", "02:42:8f:11:22:20");
+        // The same node under both keys: one peer.
+        let twin = with_v6(peer, "fd00:10:244:2::/64");
+        let (d, skipped) = Desired::from_leases(&[peer, twin], &own(), &Desired::default());
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!((d.routes.len(), d.fdb.len()), (1, 1));
+        // Another node claiming the subnet under a dual-stack key: the live
+        // peer stays, the claim is skipped and never becomes an FDB member.
+        let claim = with_v6(
+            lease("10.244.2.0-24", "10.1.9.66", "02:42:8f:11:22:66"),
+            "fd00:10:244:2::/64",
+        );
+        let (live, _) = Desired::from_leases(&[peer], &own(), &Desired::default());
+        let (d, skipped) = Desired::from_leases(&[peer, claim], &own(), &live);
+        assert_eq!(d, live);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].1.contains("live lease"), "{skipped:?}");
+        // Neither live: both skipped.
+        let (d, skipped) = Desired::from_leases(&[peer, claim], &own(), &Desired::default());
+        assert!(d.fdb.is_empty() && d.routes.is_empty(), "{d:?}");
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        // An IPv6-only lease in an IPv4 cluster: skipped, never 0.0.0.0/0.
+        let v6_only = Lease::v6_only(
+            "fd00:10:244:5::/64".parse().unwrap(),
+            "vxlan",
+            Some("fc00::5"),
+            Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:42:8f:11:22:55"})),
+        )
+        .unwrap()
+        .unwrap();
+        let (d, skipped) = Desired::from_leases(&[peer, v6_only], &own(), &live);
+        assert_eq!(d, live);
+        assert!(skipped[0].1.contains("IPv6-only"), "{skipped:?}");
     }
 
     #[test]

@@ -366,14 +366,39 @@ impl EtcdSource {
     /// loudly and write it back (flanneld exits instead and is restarted).
     pub async fn maintain(&mut self) -> anyhow::Result<()> {
         let Some(own) = self.own else { return Ok(()) };
-        let (seen_rev, present) = match self.state.lock() {
-            Ok(s) => (s.revision, s.keys.contains(&own.lease.key())),
+        let (seen_rev, present, ours) = match self.state.lock() {
+            Ok(s) => (
+                s.revision,
+                s.keys.contains(&own.lease.key()),
+                s.leases.get(&own.lease.key()) == Some(&own.lease),
+            ),
             Err(_) => return Ok(()),
         };
+        if seen_rev >= own.revision && present && !ours {
+            // Someone wrote another node's lease under our key (a stock
+            // IPv6-only flanneld on etcd takes any lease with PublicIP
+            // 0.0.0.0 as its own): ours goes back, and it is said loudly.
+            let key = self.lease_key(&own.lease);
+            log::error!(
+                "OUR LEASE {} WAS OVERWRITTEN in etcd by someone else: writing ours back",
+                own.lease.key()
+            );
+            let opts = (own.lease_id != 0).then(|| PutOptions::new().with_lease(own.lease_id));
+            let r = self
+                .client
+                .put(key.as_str(), own.lease.to_json(self.vni), opts)
+                .await
+                .with_context(|| format!("re-writing {key}"))?;
+            self.own = Some(Own {
+                revision: r.header().map_or(0, |h| h.revision()),
+                ..own
+            });
+            return Ok(());
+        }
         if seen_rev >= own.revision && !present {
             log::error!(
                 "OUR LEASE {} WAS DELETED from etcd by someone else: re-creating it (PublicIP {}, {})",
-                own.lease.subnet,
+                own.lease.key(),
                 own.lease.public_ip,
                 own.lease.backend
             );

@@ -57,6 +57,9 @@ struct WatchState {
     error: Option<String>,
     dirty: bool,
     reported: super::Reported,
+    /// EnableIPv4 false: nodes are read as flanneld's nodeToLease reads
+    /// them then, by their IPv6 half alone.
+    v6_only: bool,
 }
 
 pub struct KubeSource {
@@ -149,6 +152,25 @@ pub fn node_lease(node: &Node) -> anyhow::Result<Option<Lease>> {
     }
 }
 
+/// A peer's lease in an IPv6-only cluster: its IPv6 podCIDR, public-ipv6
+/// (or its overwrite) and backend-v6-data, whatever IPv4 it also has.
+pub fn node_lease_v6_only(node: &Node) -> anyhow::Result<Option<Lease>> {
+    if annotation(node, KUBE_SUBNET_MANAGER) != Some("true") {
+        return Ok(None);
+    }
+    let Some(backend_type) = annotation(node, BACKEND_TYPE).filter(|t| Lease::speaks(t)) else {
+        return Ok(None);
+    };
+    let s6 = pod_cidr6(node).context("no IPv6 podCIDR")?;
+    let ip6 = annotation(node, PUBLIC_IPV6_OVERWRITE).or(annotation(node, PUBLIC_IPV6));
+    Lease::v6_only(
+        s6,
+        backend_type,
+        ip6,
+        json_annotation(node, BACKEND_V6_DATA)?,
+    )
+}
+
 /// RFC 3339 UTC, seconds precision, for condition timestamps.
 fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
@@ -215,7 +237,11 @@ impl KubeSource {
         let p = &self.opts.net_config_path;
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("reading net-conf.json from {}", p.display()))?;
-        NetConf::parse(&text).with_context(|| format!("{}", p.display()))
+        let conf = NetConf::parse(&text).with_context(|| format!("{}", p.display()))?;
+        if let Ok(mut s) = self.state.lock() {
+            s.v6_only = !conf.ipv4;
+        }
+        Ok(conf)
     }
 
     /// `node-public-ip` on our node: the address to use as our public IP.
@@ -513,7 +539,12 @@ async fn api_answers(api: &Api<Node>) -> bool {
 impl WatchState {
     fn lease(&mut self, node: &Node) -> Option<(String, Lease)> {
         let name = node.metadata.name.clone()?;
-        match node_lease(node) {
+        let lease = if self.v6_only {
+            node_lease_v6_only(node)
+        } else {
+            node_lease(node)
+        };
+        match lease {
             Ok(Some(l)) => {
                 self.reported.clear(&name);
                 Some((name, l))
@@ -625,6 +656,19 @@ mod tests {
         assert!(!l.has_v4());
         assert_eq!(l.key(), "0.0.0.0-0&fd00:10:244:3::-64");
         assert_eq!(l.v6.unwrap().public_ip.to_string(), "fc00::13");
+        // In an IPv6-only cluster a node with both podCIDRs is read by its
+        // IPv6 half (flanneld: nodeToLease without EnableIPv4).
+        let mut both = n.clone();
+        if let Some(spec) = both.spec.as_mut() {
+            spec.pod_cidrs = Some(vec!["10.244.3.0/24".into(), "fd00:10:244:3::/64".into()]);
+            spec.pod_cidr = Some("10.244.3.0/24".into());
+        }
+        assert!(
+            node_lease(&both).is_err(),
+            "no public-ip: not an IPv4 lease"
+        );
+        let l6 = node_lease_v6_only(&both).unwrap().unwrap();
+        assert_eq!(l6, l);
         // Without its public-ipv6 it is unusable, and says so.
         let bare = node(
             &[(KUBE_SUBNET_MANAGER, "true"), (BACKEND_TYPE, "vxlan")],

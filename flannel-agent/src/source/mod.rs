@@ -125,7 +125,12 @@ pub fn own_v6(
         );
     }
     let mut order: Vec<usize> = (0..free.len()).collect();
-    shuffle(&mut order, want.public_ip);
+    // Seeded by our address too: IPv6-only nodes have no IPv4 one.
+    let o = public_ip.octets();
+    let seed = Ipv4Addr::from(
+        u32::from(want.public_ip) ^ u32::from_be_bytes([o[12], o[13], o[14], o[15]]),
+    );
+    shuffle(&mut order, seed);
     Ok(Some(mine(free[order[0]])))
 }
 
@@ -152,9 +157,13 @@ pub fn is_own_lease(l: &Lease, conf: &NetConf, want: &Want) -> bool {
     if !conf.ipv4 {
         // IPv6-only: every lease has the same empty IPv4 half; ours holds
         // our public IPv6 address.
+        // After our address changed: the lease of our last subnet.env's
+        // IPv6 subnet with our flannel-v6 VtepMAC moves with us.
         return match (l.v6, want.v6, &conf.ipv6) {
-            (Some(v6), Some((ip6, _)), Some(c6)) => {
-                !l.has_v4() && v6.public_ip == ip6 && c6.is_leasable(&v6.subnet)
+            (Some(v6), Some((ip6, mac6)), Some(c6)) => {
+                let moved =
+                    want.previous6 == Some(v6.subnet) && mac6.is_some() && v6.vtep_mac == mac6;
+                !l.has_v4() && (v6.public_ip == ip6 || moved) && c6.is_leasable(&v6.subnet)
             }
             _ => false,
         };
@@ -355,7 +364,7 @@ impl LeaseSource {
                     // flanneld would exit here; we keep the node reachable by writing it back.
                     log::error!(
                         "OUR LEASE {} WAS DELETED OR CHANGED by someone else: writing it back (PublicIP {}, {})",
-                        own.subnet,
+                        own.key(),
                         own.public_ip,
                         own.backend
                     );
@@ -519,6 +528,55 @@ mod tests {
         assert!(err.contains("no free IPv6 subnet"), "{err}");
         want.v6 = None;
         assert_eq!(own_v6(&conf, &want, Some(have), &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn an_ipv6_only_lease_is_ours_by_its_public_ipv6_or_after_a_move() {
+        let conf = NetConf::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+        )
+        .unwrap();
+        let mac = Mac::stable_from(b"ours");
+        let lease = |ip: &str, s6: &str, m: Mac| {
+            Lease::v6_only(
+                s6.parse().unwrap(),
+                "vxlan",
+                Some(ip),
+                Some(serde_json::json!({"VNI": 1, "VtepMAC": m.to_string()})),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let want = Want {
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            backend: LeaseBackend::Vxlan { vtep_mac: mac },
+            v6: Some(("fc00::11".parse().unwrap(), Some(mac))),
+            previous: None,
+            previous6: Some("fd00:10:244:7::/64".parse().unwrap()),
+        };
+        assert!(is_own_lease(
+            &lease("fc00::11", "fd00:10:244:3::/64", mac),
+            &conf,
+            &want
+        ));
+        // Another node's: not ours, though every IPv6-only PublicIP is 0.0.0.0.
+        let other = Mac::stable_from(b"other");
+        assert!(!is_own_lease(
+            &lease("fc00::12", "fd00:10:244:4::/64", other),
+            &conf,
+            &want
+        ));
+        // Our address changed: the previous subnet with our VtepMAC moves with us.
+        assert!(is_own_lease(
+            &lease("fc00::99", "fd00:10:244:7::/64", mac),
+            &conf,
+            &want
+        ));
+        assert!(!is_own_lease(
+            &lease("fc00::99", "fd00:10:244:7::/64", other),
+            &conf,
+            &want
+        ));
     }
 
     #[test]
