@@ -60,6 +60,37 @@ pub struct Node {
 }
 
 impl Node {
+    /// A named counter of the membership guard's `family` table (ip, ip6) here.
+    pub fn guard_counter(&self, family: &str, name: &str) -> u64 {
+        self.ns
+            .run(|| flannel_agent::node::guard::counters(family))
+            .unwrap_or_default()
+            .get(name)
+            .map_or(0, |(packets, _)| *packets)
+    }
+
+    /// What a member `from` would send this node's pod over VXLAN on IPv6: a
+    /// UDP datagram from `src` to the pod's `[pod_ip6]:port`, framed for our
+    /// flannel-v6 (`pad` bytes of padding after `tag`).
+    pub fn vxlan6_to_pod(
+        &self,
+        from: &Node,
+        src: Ipv6Addr,
+        port: u16,
+        tag: &str,
+        pad: usize,
+    ) -> Vec<u8> {
+        let mut payload = tag.as_bytes().to_vec();
+        payload.resize(tag.len() + pad, b'.');
+        let inner = crate::frames::ipv6_udp(src, self.pod_ip6(), 4000, port, &payload);
+        let frame = crate::frames::eth(
+            crate::frames::mac(self.vtep_mac6.as_deref().unwrap_or_default()),
+            crate::frames::mac(from.vtep_mac6.as_deref().unwrap_or_default()),
+            0x86dd,
+            &inner,
+        );
+        crate::frames::vxlan(1, &frame)
+    }
     /// The pod's address: `<subnet>.10`.
     pub fn pod_ip(&self) -> Ipv4Addr {
         let s = self.subnet.as_deref().unwrap_or("0.0.0.0/24");
@@ -508,29 +539,13 @@ impl Lab {
 
     /// Wait for the agent's subnet.env and return the pod subnet it names.
     pub fn wait_subnet_env(&mut self, i: usize) -> anyhow::Result<String> {
-        let file = self.nodes[i].subnet_file.clone();
-        let res = wait_for(
-            "the agent to write subnet.env",
-            Duration::from_secs(20),
-            || {
-                let text = fs::read_to_string(&file).ok()?;
-                let gw = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
-                let (ip, len) = gw.split_once('/')?;
-                let ip: Ipv4Addr = ip.parse().ok()?;
-                Some(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) - 1)))
-            },
-        );
-        if res.is_err() || !self.nodes[i].agent_running() {
-            bail!(
-                "agent on {} did not come up: {:?}\n--- log ---\n{}",
-                self.nodes[i].name,
-                res.as_ref().err(),
-                self.nodes[i].log_text()
-            );
-        }
-        res
+        let gw = self.wait_subnet_env_line(i, "FLANNEL_SUBNET=")?;
+        let (ip, len) = gw
+            .trim()
+            .split_once('/')
+            .with_context(|| format!("FLANNEL_SUBNET={gw}"))?;
+        let ip: Ipv4Addr = ip.parse().with_context(|| format!("FLANNEL_SUBNET={gw}"))?;
+        Ok(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) - 1)))
     }
 
     fn attach_pod(&mut self, i: usize, subnet: &str) -> anyhow::Result<()> {

@@ -394,6 +394,23 @@ impl UdpSink {
     }
 }
 
+/// One UDP datagram from `ns`, bound to `src`, to `[dst]:port` (the kernel
+/// fragments it when it is larger than the path MTU).
+pub fn send_udp6(
+    ns: &Netns,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    port: u16,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    ns.run(|| -> anyhow::Result<()> {
+        let s = std::net::UdpSocket::bind((src, 0))?;
+        s.send_to(bytes, (dst, port))?;
+        Ok(())
+    })?
+    .with_context(|| format!("sending from {src} to [{dst}]:{port}"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

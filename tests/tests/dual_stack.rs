@@ -5,10 +5,9 @@
 use std::{fs, net::Ipv6Addr, time::Duration};
 
 use flannel_tests::{
-    frames::{eth, ipv6_udp, mac, vxlan},
     lab::{Kind, Lab, Topology},
     prereq,
-    traffic::{UdpSink, ping, tcp_exchange, wait_reachable},
+    traffic::{UdpSink, ping, send_udp6, tcp_exchange, wait_reachable},
 };
 
 /// Every pod reaches every other pod in both families, both ways.
@@ -295,26 +294,6 @@ fn three_dual_stack_nodes_over_a_routed_underlay() {
     );
 }
 
-/// A named counter of the guard's ip6 table on node `n`.
-fn guard6(n: &flannel_tests::lab::Node, name: &str) -> u64 {
-    n.ns.run(|| flannel_agent::node::guard::counters("ip6"))
-        .unwrap_or_default()
-        .get(name)
-        .map_or(0, |(packets, _)| *packets)
-}
-
-/// A VXLAN datagram over IPv6 from `ns`, bound to `src`, to `[dst]:8472`
-/// (the kernel fragments it when it is larger than the path MTU).
-fn send_vxlan6(ns: &flannel_tests::netns::Netns, src: Ipv6Addr, dst: Ipv6Addr, bytes: &[u8]) {
-    ns.run(|| -> anyhow::Result<()> {
-        let s = std::net::UdpSocket::bind((src, 0))?;
-        s.send_to(bytes, (dst, 8472))?;
-        Ok(())
-    })
-    .unwrap()
-    .unwrap_or_else(|e| panic!("sending from {src} to {dst}: {e}"));
-}
-
 #[test]
 fn only_members_reach_flannel_v6() {
     if !prereq::ready("dual_stack_membership") {
@@ -336,18 +315,8 @@ fn only_members_reach_flannel_v6() {
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
     let public6 = ours.public_ipv6.unwrap();
     // What a member's pod would send ours, in VXLAN: inner frame to our flannel-v6.
-    let datagram_from = |src: Ipv6Addr, tag: &str, pad: usize| -> Vec<u8> {
-        let mut payload = tag.as_bytes().to_vec();
-        payload.resize(tag.len() + pad, b'.');
-        let inner = ipv6_udp(src, ours.pod_ip6(), 4000, PORT, &payload);
-        let frame = eth(
-            mac(ours.vtep_mac6.as_deref().unwrap()),
-            mac(stock.vtep_mac6.as_deref().unwrap()),
-            0x86dd,
-            &inner,
-        );
-        vxlan(1, &frame)
-    };
+    let datagram_from =
+        |src: Ipv6Addr, tag: &str, pad: usize| ours.vxlan6_to_pod(stock, src, PORT, tag, pad);
     let datagram = |tag: &str, pad: usize| datagram_from(stock.pod_ip6(), tag, pad);
     let delivered = |send: &dyn Fn()| -> usize {
         let sink = UdpSink::start6(&ours.pod, PORT, Duration::from_millis(1500)).unwrap();
@@ -359,7 +328,14 @@ fn only_members_reach_flannel_v6() {
     let decap_before = lab.counter(0, "rx_decap");
     let from_member = datagram("member", 0);
     assert_eq!(
-        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &from_member)),
+        delivered(&|| send_udp6(
+            &stock.ns,
+            stock.public_ipv6.unwrap(),
+            public6,
+            8472,
+            &from_member
+        )
+        .unwrap()),
         1,
         "a member's VXLAN over IPv6 must reach the pod\n{}",
         lab.logs()
@@ -371,7 +347,14 @@ fn only_members_reach_flannel_v6() {
     let spoofed = datagram_from("fd00:10:244:5::10".parse().unwrap(), "spoofed", 0);
     let drops = lab.counter(0, "rx_drop_spoofed_inner_source");
     assert_eq!(
-        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &spoofed)),
+        delivered(&|| send_udp6(
+            &stock.ns,
+            stock.public_ipv6.unwrap(),
+            public6,
+            8472,
+            &spoofed
+        )
+        .unwrap()),
         0,
         "a member's packet from another node's IPv6 pod must not arrive"
     );
@@ -381,15 +364,21 @@ fn only_members_reach_flannel_v6() {
     // the first one (behind its fragment header) and drop it, and the rest
     // can never be reassembled. The guard, behind them, sees none of it.
     let (non_member, ebpf_non_member, ext_headers) = (
-        guard6(ours, "vxlan_from_non_member"),
+        ours.guard_counter("ip6", "vxlan_from_non_member"),
         lab.counter(0, "rx_drop_non_member"),
         lab.counter(0, "rx_pass_ipv6_ext_headers"),
     );
     let whole = datagram("whole", 0);
-    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &whole)), 0);
+    assert_eq!(
+        delivered(&|| send_udp6(&ext, ext_ip, public6, 8472, &whole).unwrap()),
+        0
+    );
     assert_eq!(lab.counter(0, "rx_drop_non_member") - ebpf_non_member, 1);
     let big = datagram("fragmented", 2500);
-    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &big)), 0);
+    assert_eq!(
+        delivered(&|| send_udp6(&ext, ext_ip, public6, 8472, &big).unwrap()),
+        0
+    );
     assert_eq!(
         lab.counter(0, "rx_drop_non_member") - ebpf_non_member,
         2,
@@ -399,17 +388,23 @@ fn only_members_reach_flannel_v6() {
         lab.counter(0, "rx_pass_ipv6_ext_headers") - ext_headers >= 1,
         "the later ones"
     );
-    assert_eq!(guard6(ours, "vxlan_from_non_member") - non_member, 0);
-    let elsewhere = guard6(ours, "vxlan_not_to_public_ip");
+    assert_eq!(
+        ours.guard_counter("ip6", "vxlan_from_non_member") - non_member,
+        0
+    );
+    let elsewhere = ours.guard_counter("ip6", "vxlan_not_to_public_ip");
     let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
     for local in [gw, ours.subnet6_base()] {
         assert_eq!(
-            delivered(&|| send_vxlan6(&ext, ext_ip, local, &whole)),
+            delivered(&|| send_udp6(&ext, ext_ip, local, 8472, &whole).unwrap()),
             0,
             "to {local}"
         );
     }
-    assert_eq!(guard6(ours, "vxlan_not_to_public_ip") - elsewhere, 2);
+    assert_eq!(
+        ours.guard_counter("ip6", "vxlan_not_to_public_ip") - elsewhere,
+        2
+    );
     // `show stats` names the ip6 guard's drops.
     let stats = ours.show("stats").unwrap();
     assert!(stats.contains("guard6_vxlan_from_non_member"), "{stats}");

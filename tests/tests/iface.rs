@@ -14,6 +14,19 @@ fn chosen(lab: &mut Lab, args: &[&str]) -> String {
 
 /// As `chosen`, with flags given as `FLANNELD_<NAME>` environment variables.
 fn chosen_with(lab: &mut Lab, args: &[&str], env: &[(&str, &str)]) -> String {
+    let lease = lease_of_run(lab, args, env, "FLANNEL_SUBNET=");
+    lease["PublicIP"].as_str().unwrap().to_string()
+}
+
+/// Run the agent on node 0 with `args` and `env` until subnet.env has
+/// `line`, then hand the node back (uninstall, VTEPs deleted); the lease it
+/// took.
+fn lease_of_run(
+    lab: &mut Lab,
+    args: &[&str],
+    env: &[(&str, &str)],
+    line: &str,
+) -> serde_json::Value {
     let _ = lab.nodes[0].stop_agent();
     let _ = std::fs::remove_file(&lab.nodes[0].subnet_file);
     let _ = std::fs::remove_dir_all(lab.lease_dir().join("subnets"));
@@ -24,7 +37,7 @@ fn chosen_with(lab: &mut Lab, args: &[&str], env: &[(&str, &str)]) -> String {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     lab.spawn_agent(0).unwrap();
-    lab.wait_subnet_env(0).unwrap();
+    lab.wait_subnet_env_line(0, line).unwrap();
     let lease = std::fs::read_dir(lab.lease_dir().join("subnets"))
         .unwrap()
         .next()
@@ -32,7 +45,6 @@ fn chosen_with(lab: &mut Lab, args: &[&str], env: &[(&str, &str)]) -> String {
         .unwrap();
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(lease.path()).unwrap()).unwrap();
-    let ip = v["PublicIP"].as_str().unwrap().to_string();
     lab.nodes[0].stop_agent().unwrap();
     let root = lab.nodes[0].pin_root.clone();
     lab.nodes[0]
@@ -43,8 +55,9 @@ fn chosen_with(lab: &mut Lab, args: &[&str], env: &[(&str, &str)]) -> String {
             root.display()
         ))
         .unwrap();
-    lab.nodes[0].ns.sh("ip link del flannel.1").unwrap();
-    ip
+    let _ = lab.nodes[0].ns.sh("ip link del flannel.1");
+    let _ = lab.nodes[0].ns.sh("ip link del flannel-v6.1");
+    v
 }
 
 #[test]
@@ -120,37 +133,11 @@ fn underlay_selection_flags() {
 
 /// As `chosen`, for labs with IPv6: the lease's (PublicIP, PublicIPv6).
 fn chosen6(lab: &mut Lab, args: &[&str]) -> (String, String) {
-    let _ = lab.nodes[0].stop_agent();
-    let _ = std::fs::remove_file(&lab.nodes[0].subnet_file);
-    let _ = std::fs::remove_dir_all(lab.lease_dir().join("subnets"));
-    std::fs::create_dir_all(lab.lease_dir().join("subnets")).unwrap();
-    lab.nodes[0].agent_args = args.iter().map(|s| s.to_string()).collect();
-    lab.spawn_agent(0).unwrap();
-    lab.wait_subnet_env_line(0, "FLANNEL_IPV6_SUBNET=").unwrap();
-    let lease = std::fs::read_dir(lab.lease_dir().join("subnets"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(lease.path()).unwrap()).unwrap();
-    let ips = (
+    let v = lease_of_run(lab, args, &[], "FLANNEL_IPV6_SUBNET=");
+    (
         v["PublicIP"].as_str().unwrap().to_string(),
         v["PublicIPv6"].as_str().unwrap().to_string(),
-    );
-    lab.nodes[0].stop_agent().unwrap();
-    let root = lab.nodes[0].pin_root.clone();
-    lab.nodes[0]
-        .ns
-        .nsenter(&format!(
-            "{} uninstall --pin-root {}",
-            flannel_tests::agent_path().display(),
-            root.display()
-        ))
-        .unwrap();
-    let _ = lab.nodes[0].ns.sh("ip link del flannel.1");
-    lab.nodes[0].ns.sh("ip link del flannel-v6.1").unwrap();
-    ips
+    )
 }
 
 /// A second interface with an IPv6 (and, dual-stack, an IPv4) address.

@@ -5,10 +5,9 @@
 use std::{fs, net::Ipv6Addr, time::Duration};
 
 use flannel_tests::{
-    frames::{eth, ipv6_udp, mac, vxlan},
     lab::{Kind, Lab, Topology},
     prereq,
-    traffic::{UdpSink, ping, tcp_exchange, wait_reachable},
+    traffic::{UdpSink, ping, send_udp6, tcp_exchange, wait_reachable},
 };
 
 /// Every pod reaches every other pod over IPv6, both ways.
@@ -281,25 +280,6 @@ fn three_ipv6_only_nodes_over_a_routed_underlay() {
     assert!(rx_packets(n0, "flannel-v6.1") >= rx + 3);
 }
 
-/// A named counter of the guard's ip6 table on node `n`.
-fn guard6(n: &flannel_tests::lab::Node, name: &str) -> u64 {
-    n.ns.run(|| flannel_agent::node::guard::counters("ip6"))
-        .unwrap_or_default()
-        .get(name)
-        .map_or(0, |(packets, _)| *packets)
-}
-
-/// A VXLAN datagram over IPv6 from `ns`, bound to `src`, to `[dst]:8472`.
-fn send_vxlan6(ns: &flannel_tests::netns::Netns, src: Ipv6Addr, dst: Ipv6Addr, bytes: &[u8]) {
-    ns.run(|| -> anyhow::Result<()> {
-        let s = std::net::UdpSocket::bind((src, 0))?;
-        s.send_to(bytes, (dst, 8472))?;
-        Ok(())
-    })
-    .unwrap()
-    .unwrap_or_else(|e| panic!("sending from {src} to {dst}: {e}"));
-}
-
 /// The membership promise on an IPv6-only node: VXLAN from a host that is
 /// not a member (whole, fragmented, to other local addresses) and a
 /// member's packet spoofed inside never reach the pod.
@@ -323,18 +303,8 @@ fn only_members_reach_an_ipv6_only_node() {
     wait_reachable(&stock.pod, ours.pod_ip6(), Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
     let public6 = ours.public_ipv6.unwrap();
-    let datagram_from = |src: Ipv6Addr, tag: &str, pad: usize| -> Vec<u8> {
-        let mut payload = tag.as_bytes().to_vec();
-        payload.resize(tag.len() + pad, b'.');
-        let inner = ipv6_udp(src, ours.pod_ip6(), 4000, PORT, &payload);
-        let frame = eth(
-            mac(ours.vtep_mac6.as_deref().unwrap()),
-            mac(stock.vtep_mac6.as_deref().unwrap()),
-            0x86dd,
-            &inner,
-        );
-        vxlan(1, &frame)
-    };
+    let datagram_from =
+        |src: Ipv6Addr, tag: &str, pad: usize| ours.vxlan6_to_pod(stock, src, PORT, tag, pad);
     let datagram = |tag: &str, pad: usize| datagram_from(stock.pod_ip6(), tag, pad);
     let delivered = |send: &dyn Fn()| -> usize {
         let sink = UdpSink::start6(&ours.pod, PORT, Duration::from_millis(1500)).unwrap();
@@ -345,7 +315,14 @@ fn only_members_reach_an_ipv6_only_node() {
     // A member's datagram arrives: the frames are right, the test can fail.
     let member = datagram("member", 0);
     assert_eq!(
-        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &member)),
+        delivered(&|| send_udp6(
+            &stock.ns,
+            stock.public_ipv6.unwrap(),
+            public6,
+            8472,
+            &member
+        )
+        .unwrap()),
         1,
         "{}",
         lab.logs()
@@ -354,25 +331,41 @@ fn only_members_reach_an_ipv6_only_node() {
     let spoofed = datagram_from("fd00:10:244:5::10".parse().unwrap(), "spoofed", 0);
     let drops = lab.counter(0, "rx_drop_spoofed_inner_source");
     assert_eq!(
-        delivered(&|| send_vxlan6(&stock.ns, stock.public_ipv6.unwrap(), public6, &spoofed)),
+        delivered(&|| send_udp6(
+            &stock.ns,
+            stock.public_ipv6.unwrap(),
+            public6,
+            8472,
+            &spoofed
+        )
+        .unwrap()),
         0
     );
     assert_eq!(lab.counter(0, "rx_drop_spoofed_inner_source") - drops, 1);
     // Not a member: whole, fragmented, to our other local addresses.
     let non_member = lab.counter(0, "rx_drop_non_member");
     let whole = datagram("whole", 0);
-    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &whole)), 0);
+    assert_eq!(
+        delivered(&|| send_udp6(&ext, ext_ip, public6, 8472, &whole).unwrap()),
+        0
+    );
     let big = datagram("fragmented", 2500);
-    assert_eq!(delivered(&|| send_vxlan6(&ext, ext_ip, public6, &big)), 0);
+    assert_eq!(
+        delivered(&|| send_udp6(&ext, ext_ip, public6, 8472, &big).unwrap()),
+        0
+    );
     assert_eq!(lab.counter(0, "rx_drop_non_member") - non_member, 2);
-    let elsewhere = guard6(ours, "vxlan_not_to_public_ip");
+    let elsewhere = ours.guard_counter("ip6", "vxlan_not_to_public_ip");
     let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
     for local in [gw, ours.subnet6_base()] {
         assert_eq!(
-            delivered(&|| send_vxlan6(&ext, ext_ip, local, &whole)),
+            delivered(&|| send_udp6(&ext, ext_ip, local, 8472, &whole).unwrap()),
             0,
             "to {local}"
         );
     }
-    assert_eq!(guard6(ours, "vxlan_not_to_public_ip") - elsewhere, 2);
+    assert_eq!(
+        ours.guard_counter("ip6", "vxlan_not_to_public_ip") - elsewhere,
+        2
+    );
 }
