@@ -4,6 +4,7 @@ pub mod etcd;
 pub mod frames;
 pub mod kube_api;
 pub mod lab;
+pub mod membership6;
 pub mod netns;
 pub mod prereq;
 pub mod progs;

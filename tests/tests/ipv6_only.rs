@@ -2,12 +2,12 @@
 //! anywhere — underlay, pods, overlay — and flannel-v6.1 the only VTEP, next
 //! to stock nodes whose flannel-v6.1 is the kernel's VXLAN device programmed
 //! as flanneld programs it.
-use std::{fs, net::Ipv6Addr, time::Duration};
+use std::{fs, time::Duration};
 
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
     prereq,
-    traffic::{UdpSink, ping, send_udp6, tcp_exchange, wait_reachable},
+    traffic::{ping, tcp_exchange, wait_reachable},
 };
 
 /// Every pod reaches every other pod over IPv6, both ways.
@@ -293,79 +293,5 @@ fn only_members_reach_an_ipv6_only_node() {
     lab.start_stock(1, 2).unwrap();
     lab.start_agent(0).unwrap();
     lab.program_stock_peers().unwrap();
-    let (ext, _) = lab.outside_host().unwrap();
-    let ext_ip: Ipv6Addr = "fc00::100".parse().unwrap();
-    ext.sh(&format!("ip -6 addr add {ext_ip}/64 dev eth0 nodad"))
-        .unwrap();
-    ext.sh("ip -6 route add fd00:10:244::/56 via fc00::11")
-        .unwrap();
-    let (ours, stock) = (&lab.nodes[0], &lab.nodes[1]);
-    wait_reachable(&stock.pod, ours.pod_ip6(), Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
-    let public6 = ours.public_ipv6.unwrap();
-    let datagram_from =
-        |src: Ipv6Addr, tag: &str, pad: usize| ours.vxlan6_to_pod(stock, src, PORT, tag, pad);
-    let datagram = |tag: &str, pad: usize| datagram_from(stock.pod_ip6(), tag, pad);
-    let delivered = |send: &dyn Fn()| -> usize {
-        let sink = UdpSink::start6(&ours.pod, PORT, Duration::from_millis(1500)).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        send();
-        sink.finish().len()
-    };
-    // A member's datagram arrives: the frames are right, the test can fail.
-    let member = datagram("member", 0);
-    assert_eq!(
-        delivered(&|| send_udp6(
-            &stock.ns,
-            stock.public_ipv6.unwrap(),
-            public6,
-            8472,
-            &member
-        )
-        .unwrap()),
-        1,
-        "{}",
-        lab.logs()
-    );
-    // Spoofed inside: a member speaking for another node's pods.
-    let spoofed = datagram_from("fd00:10:244:5::10".parse().unwrap(), "spoofed", 0);
-    let drops = lab.counter(0, "rx_drop_spoofed_inner_source");
-    assert_eq!(
-        delivered(&|| send_udp6(
-            &stock.ns,
-            stock.public_ipv6.unwrap(),
-            public6,
-            8472,
-            &spoofed
-        )
-        .unwrap()),
-        0
-    );
-    assert_eq!(lab.counter(0, "rx_drop_spoofed_inner_source") - drops, 1);
-    // Not a member: whole, fragmented, to our other local addresses.
-    let non_member = lab.counter(0, "rx_drop_non_member");
-    let whole = datagram("whole", 0);
-    assert_eq!(
-        delivered(&|| send_udp6(&ext, ext_ip, public6, 8472, &whole).unwrap()),
-        0
-    );
-    let big = datagram("fragmented", 2500);
-    assert_eq!(
-        delivered(&|| send_udp6(&ext, ext_ip, public6, 8472, &big).unwrap()),
-        0
-    );
-    assert_eq!(lab.counter(0, "rx_drop_non_member") - non_member, 2);
-    let elsewhere = ours.guard_counter("ip6", "vxlan_not_to_public_ip");
-    let gw = Ipv6Addr::from(u128::from(ours.subnet6_base()) + 1);
-    for local in [gw, ours.subnet6_base()] {
-        assert_eq!(
-            delivered(&|| send_udp6(&ext, ext_ip, local, 8472, &whole).unwrap()),
-            0,
-            "to {local}"
-        );
-    }
-    assert_eq!(
-        ours.guard_counter("ip6", "vxlan_not_to_public_ip") - elsewhere,
-        2
-    );
+    flannel_tests::membership6::only_members_reach_flannel_v6(&lab, PORT);
 }
