@@ -1,11 +1,48 @@
-//! The membership promise over IPv6, checked the same way on dual-stack and
-//! IPv6-only labs.
+//! Reachability and the membership promise over IPv6, checked the same way
+//! on dual-stack and IPv6-only labs.
 use std::{net::Ipv6Addr, time::Duration};
 
 use crate::{
     lab::Lab,
-    traffic::{UdpSink, send_udp6, wait_reachable},
+    traffic::{UdpSink, ping, send_udp6, wait_reachable},
 };
+
+/// Every pod reaches every other pod over IPv6 (and IPv4 too if the lab
+/// has it), both ways.
+pub fn all_pairs_reach(lab: &Lab) {
+    for (i, a) in lab.nodes.iter().enumerate() {
+        for (j, b) in lab.nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10)).unwrap_or_else(|e| {
+                panic!(
+                    "{} → {} (IPv6): {e}\n{}\n{}",
+                    a.name,
+                    b.name,
+                    lab.ipv6_tables(),
+                    lab.logs()
+                )
+            });
+            assert_eq!(
+                ping(&a.pod, b.pod_ip6(), 5, 0.05).unwrap(),
+                (5, 5),
+                "{} → {} over IPv6",
+                a.name,
+                b.name
+            );
+            if lab.ipv4 {
+                assert_eq!(
+                    ping(&a.pod, b.pod_ip(), 5, 0.05).unwrap(),
+                    (5, 5),
+                    "{} → {} over IPv4",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+}
 
 /// Node 0 runs flannel-agent, node 1 is a member (a stock node): a
 /// member's VXLAN over IPv6 reaches node 0's pod; spoofed inside, from a

@@ -6,43 +6,10 @@ use std::{fs, time::Duration};
 
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
+    membership6::all_pairs_reach,
     prereq,
-    traffic::{ping, tcp_exchange, wait_reachable},
+    traffic::{ping, tcp_exchange},
 };
-
-/// Every pod reaches every other pod in both families, both ways.
-fn all_pairs_both_families(lab: &Lab) {
-    for (i, a) in lab.nodes.iter().enumerate() {
-        for (j, b) in lab.nodes.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10)).unwrap_or_else(|e| {
-                panic!(
-                    "{} → {} (IPv6): {e}\n{}\n{}",
-                    a.name,
-                    b.name,
-                    lab.ipv6_tables(),
-                    lab.logs()
-                )
-            });
-            assert_eq!(
-                ping(&a.pod, b.pod_ip6(), 5, 0.05).unwrap(),
-                (5, 5),
-                "{} → {} over IPv6",
-                a.name,
-                b.name
-            );
-            assert_eq!(
-                ping(&a.pod, b.pod_ip(), 5, 0.05).unwrap(),
-                (5, 5),
-                "{} → {} over IPv4",
-                a.name,
-                b.name
-            );
-        }
-    }
-}
 
 #[test]
 fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
@@ -136,7 +103,7 @@ fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
         )),
         "{fdb6}"
     );
-    all_pairs_both_families(&lab);
+    all_pairs_reach(&lab);
     // IPv6 from the stock node is decapsulated by our programs, not by flannel-v6.
     let v6_rx = || -> u64 {
         lab.nodes[0]
@@ -254,7 +221,7 @@ fn three_dual_stack_nodes_over_a_routed_underlay() {
     lab.start_agent(0).unwrap();
     lab.start_agent(1).unwrap();
     lab.program_stock_peers().unwrap();
-    all_pairs_both_families(&lab);
+    all_pairs_reach(&lab);
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
     let decap = (lab.counter(0, "rx_decap"), lab.counter(1, "rx_decap"));
     tcp_exchange(&a.pod, &b.pod, b.pod_ip6(), 5211, 2 << 20).unwrap();

@@ -6,36 +6,10 @@ use std::{fs, time::Duration};
 
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
+    membership6::all_pairs_reach,
     prereq,
     traffic::{ping, tcp_exchange, wait_reachable},
 };
-
-/// Every pod reaches every other pod over IPv6, both ways.
-fn all_pairs(lab: &Lab) {
-    for (i, a) in lab.nodes.iter().enumerate() {
-        for (j, b) in lab.nodes.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10)).unwrap_or_else(|e| {
-                panic!(
-                    "{} → {}: {e}\n{}\n{}",
-                    a.name,
-                    b.name,
-                    lab.ipv6_tables(),
-                    lab.logs()
-                )
-            });
-            assert_eq!(
-                ping(&a.pod, b.pod_ip6(), 5, 0.05).unwrap(),
-                (5, 5),
-                "{} → {}",
-                a.name,
-                b.name
-            );
-        }
-    }
-}
 
 fn rx_packets(n: &flannel_tests::lab::Node, dev: &str) -> u64 {
     n.ns.sh(&format!("cat /sys/class/net/{dev}/statistics/rx_packets"))
@@ -124,7 +98,7 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
         );
     }
 
-    all_pairs(&lab);
+    all_pairs_reach(&lab);
     // IPv6 from the stock node is decapsulated by our programs.
     let (decap, kernel) = (lab.counter(0, "rx_decap"), rx_packets(ours, "flannel-v6.1"));
     assert_eq!(
@@ -215,7 +189,7 @@ fn three_ipv6_only_nodes_over_a_routed_underlay() {
     // Nothing of IPv4 on the nodes: the underlay has IPv6 alone.
     let v4 = lab.nodes[0].ns.sh("ip -4 addr show dev eth0").unwrap();
     assert!(!v4.contains("inet "), "{v4}");
-    all_pairs(&lab);
+    all_pairs_reach(&lab);
     let (a, b, c) = (&lab.nodes[0], &lab.nodes[1], &lab.nodes[2]);
     let decap = (lab.counter(0, "rx_decap"), lab.counter(1, "rx_decap"));
     tcp_exchange(&a.pod, &b.pod, b.pod_ip6(), 5311, 2 << 20).unwrap();
@@ -232,7 +206,7 @@ fn three_ipv6_only_nodes_over_a_routed_underlay() {
         .unwrap()
         .count();
     assert_eq!(leases, 3, "one lease per node");
-    all_pairs(&lab);
+    all_pairs_reach(&lab);
     // A node leaves: its IPv6 routes and FDB entries go with it.
     let (s6, mac6) = (
         lab.nodes[1].subnet6.clone().unwrap(),
