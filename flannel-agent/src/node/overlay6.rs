@@ -64,18 +64,29 @@ fn unusable(v6: &LeaseV6, own: &LeaseV6, conf: &NetConf6, accepted: &Desired6) -
 }
 
 /// One FDB entry, neighbour and route per usable peer; every other lease's
-/// IPv6 half is skipped with its reason (in lease order: the first wins).
+/// IPv6 half is skipped with its reason. Where two conflict (one IPv6
+/// subnet, one VtepMAC) the one `live` (the last pass) applied wins, then
+/// the first in lease order: a newcomer never evicts a working peer.
 /// `v6_only`: an IPv6-only cluster; in a dual-stack one an IPv6-only
 /// node's lease does not belong and is skipped.
 pub fn desired<'a>(
     own: &LeaseV6,
     conf: &NetConf6,
     v6_only: bool,
+    live: &Desired6,
     leases: impl IntoIterator<Item = &'a Lease>,
     skipped: &mut Vec<(String, String)>,
 ) -> Desired6 {
     let mut d = Desired6::default();
-    for l in leases {
+    let is_live = |l: &Lease| {
+        l.v6.is_some_and(|v6| {
+            v6.vtep_mac
+                .is_some_and(|m| live.fdb.get(&m) == Some(&v6.public_ip))
+                && live.routes.contains_key(&v6.subnet)
+        })
+    };
+    let (first, rest): (Vec<&Lease>, Vec<&Lease>) = leases.into_iter().partition(|l| is_live(l));
+    for l in first.into_iter().chain(rest) {
         let Some(v6) = l.v6 else { continue };
         if l.v6 == Some(*own) {
             continue;
@@ -253,6 +264,8 @@ pub struct Overlay6 {
     pub conf: NetConf6,
     /// An IPv6-only cluster (EnableIPv4 false).
     pub v6_only: bool,
+    /// What the last pass applied (conflicts keep its peers).
+    applied: Desired6,
     reported: Reported,
     /// The last pass's usable IPv6 peers and skipped IPv6 halves (metrics).
     pub peers: usize,
@@ -266,6 +279,7 @@ impl Overlay6 {
             own,
             conf,
             v6_only,
+            applied: Desired6::default(),
             reported: Reported::default(),
             peers: 0,
             skipped: 0,
@@ -309,6 +323,7 @@ impl Overlay6 {
             &self.own,
             &self.conf,
             self.v6_only,
+            &self.applied,
             leases.clone(),
             &mut skipped,
         );
@@ -352,6 +367,7 @@ impl Overlay6 {
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
         (self.peers, self.skipped) = (want.routes.len(), skipped.len());
         let c = sync(nl, self.index, &self.conf.network, &want).await?;
+        self.applied = want.clone();
         if c != Changed::default() {
             log::info!(
                 "flannel-v6: {} IPv6 peers; {} kernel entries written, {} removed",
@@ -405,7 +421,14 @@ mod tests {
             },
         ];
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), false, &peers, &mut skipped);
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            &Desired6::default(),
+            &peers,
+            &mut skipped,
+        );
         let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
         assert_eq!(d.routes, BTreeMap::from([(s2, s2.addr())]));
         assert_eq!(
@@ -427,7 +450,14 @@ mod tests {
             lease(3, "fd00:99::/64", Some(b"3")),
         ];
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), false, &peers, &mut skipped);
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            &Desired6::default(),
+            &peers,
+            &mut skipped,
+        );
         let m = fdb6_entries(&d, &peers, |l| u32::from(l.public_ip.octets()[3]));
         assert_eq!(m.len(), 1);
         let v = m[&Mac::stable_from(b"2")];
@@ -462,7 +492,14 @@ mod tests {
         let held = BTreeMap::from([(mac(&b), 5)]);
         let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
         let mut skipped = Vec::new();
-        let want = desired(&own, &conf(), true, [&a, &b, &c], &mut skipped);
+        let want = desired(
+            &own,
+            &conf(),
+            true,
+            &Desired6::default(),
+            [&a, &b, &c],
+            &mut skipped,
+        );
         let (slots, fresh) = v6_only_slots(&want, [&a, &b, &c], &v4, &held);
         assert_eq!(slots[&mac(&b)], 5);
         let mut got = vec![slots[&mac(&a)], slots[&mac(&c)]];
@@ -478,9 +515,46 @@ mod tests {
         assert_ne!(slots[&mac(&b)], 5);
         // In a dual-stack cluster an IPv6-only lease is skipped, said why.
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), false, [&a], &mut skipped);
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            &Desired6::default(),
+            [&a],
+            &mut skipped,
+        );
         assert!(d.fdb.is_empty());
         assert!(skipped[0].1.contains("IPv6-only"), "{skipped:?}");
+    }
+
+    #[test]
+    fn a_newcomer_never_evicts_a_live_ipv6_peer() {
+        let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
+        let live_peer = lease(9, "fd00:10:244:2::/64", Some(b"9"));
+        // Sorts first (a lower key) and claims the live peer's IPv6 subnet.
+        let claim = lease(3, "fd00:10:244:2::/64", Some(b"3"));
+        let mut skipped = Vec::new();
+        let live = desired(
+            &own,
+            &conf(),
+            false,
+            &Desired6::default(),
+            [&live_peer],
+            &mut skipped,
+        );
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            &live,
+            [&claim, &live_peer],
+            &mut skipped,
+        );
+        assert_eq!(d, live);
+        assert!(
+            skipped.iter().any(|(k, _)| *k == claim.key()),
+            "{skipped:?}"
+        );
     }
 
     #[test]
@@ -496,7 +570,14 @@ mod tests {
             lease(8, "fd00:10:244:8::/64", Some(b"8")),
         ];
         let mut skipped = Vec::new();
-        let d = desired(&own, &conf(), false, &peers, &mut skipped);
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            &Desired6::default(),
+            &peers,
+            &mut skipped,
+        );
         assert_eq!(d.routes.len(), 2, "{d:?}");
         let why: BTreeMap<String, String> = skipped.into_iter().collect();
         let of = |n: u8, s6: &str| why[&lease(n, s6, None).key()].clone();
