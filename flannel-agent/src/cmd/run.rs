@@ -956,10 +956,11 @@ pub(super) async fn refuse_vni_change(
             bail!(
                 "net-conf.json says VNI {vni} ({vtep_name}), but the data path pinned under {} runs VNI {}: \
                  a VNI change needs every node switched together; on this node first run \
-                 `flannel-agent uninstall --pin-root {}` and delete flannel.{}, then start again",
+                 `flannel-agent uninstall --pin-root {}` and delete flannel.{} (and flannel-v6.{}), then start again",
                 root.display(),
                 pinned.vni,
                 root.display(),
+                pinned.vni,
                 pinned.vni
             );
         }
@@ -970,7 +971,7 @@ pub(super) async fn refuse_vni_change(
         if let Some((old, _)) = l.vxlan
             && old != vni
             && l.name != vtep_name
-            && l.name.starts_with("flannel.")
+            && (l.name.starts_with("flannel.") || l.name.starts_with("flannel-v6."))
         {
             bail!(
                 "net-conf.json says VNI {vni} ({vtep_name}), but {} (VNI {old}) from an earlier run remains: \

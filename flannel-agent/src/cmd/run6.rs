@@ -96,6 +96,8 @@ pub async fn run(
     crate::node::guard::remove4();
     let root = &args.pins.pin_root;
     let underlay_link = joined.underlay.link.clone();
+    // Either data path: a VTEP or pins of another VNI would split the node.
+    super::run::refuse_vni_change(&nl, root, conf.backend.vni, &name).await?;
     let ebpf = match args.datapath {
         DatapathKind::Kernel => {
             log::info!(
@@ -104,7 +106,6 @@ pub async fn run(
             None
         }
         DatapathKind::Ebpf => {
-            super::run::refuse_vni_change(&nl, root, conf.backend.vni, &name).await?;
             crate::node::xfrm::refuse_if_covered(conf.backend.port)?;
             let (src_port_min, src_port_max) = sysctl::local_port_range();
             // No IPv4 half: the programs pass every IPv4 frame (no address

@@ -109,7 +109,6 @@ impl Tables {
         )
     }
 
-    /// Write (or clear, with None) the IPv6 checks' config.
     /// Empty the IPv4 route, ARP and FDB maps (an IPv6-only node has no
     /// IPv4 peers; entries left by an earlier run would still count).
     pub fn clear_ipv4(&mut self) -> anyhow::Result<usize> {
@@ -129,6 +128,7 @@ impl Tables {
         Ok(n)
     }
 
+    /// Write (or clear, with None) the IPv6 checks' config.
     pub fn set_config6(&self, cfg: Option<NodeConfig6>) -> anyhow::Result<()> {
         if cfg.is_none() && self.config6.is_none() {
             return Ok(());
@@ -157,7 +157,6 @@ impl Tables {
         Ok(out)
     }
 
-    /// Make the FDB6 map exactly `want` (flannel-v6 VtepMAC → member).
     /// The FDB6 map as it is: flannel-v6 VtepMAC → entry (stats slot included).
     pub fn fdb6_values(&self) -> anyhow::Result<BTreeMap<Mac, flannel_ebpf_common::Fdb6Value>> {
         let Some(fdb6) = &self.fdb6 else {
@@ -171,6 +170,7 @@ impl Tables {
             .collect())
     }
 
+    /// Make the FDB6 map exactly `want` (flannel-v6 VtepMAC → member).
     pub fn sync_fdb6(&self, want: &BTreeMap<Mac, Fdb6Value>) -> anyhow::Result<usize> {
         if want.is_empty() && self.fdb6.is_none() {
             return Ok(0);

@@ -80,9 +80,10 @@ pub fn desired<'a>(
     let mut d = Desired6::default();
     let is_live = |l: &Lease| {
         l.v6.is_some_and(|v6| {
-            v6.vtep_mac
-                .is_some_and(|m| live.fdb.get(&m) == Some(&v6.public_ip))
-                && live.routes.contains_key(&v6.subnet)
+            v6.vtep_mac.is_some_and(|m| {
+                live.fdb.get(&m) == Some(&v6.public_ip)
+                    && live.neigh.get(&v6.subnet.vtep_addr()) == Some(&m)
+            }) && live.routes.contains_key(&v6.subnet)
         })
     };
     let (first, rest): (Vec<&Lease>, Vec<&Lease>) = leases.into_iter().partition(|l| is_live(l));

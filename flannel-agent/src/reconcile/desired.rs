@@ -141,7 +141,7 @@ impl Desired {
                 format!("{} is an IPv6-only node's lease (no IPv4 subnet)", l.key()),
             ));
         }
-        let leases = one_lease_per_subnet(leases, live, &mut skipped);
+        let leases = one_lease_per_subnet(leases, own.subnet, live, &mut skipped);
         let is_live = |s: &Subnet| live.routes.contains_key(s) || live.direct.contains_key(s);
         let index = SubnetIndex::new(leases.iter().map(|l| l.subnet).chain([own.subnet]));
         // Every (VtepMAC, node) announced, sorted: a MAC's nodes are a range.
@@ -301,6 +301,7 @@ fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
 /// cannot be told here).
 fn one_lease_per_subnet<'a>(
     leases: Vec<&'a Lease>,
+    own: Subnet,
     live: &Desired,
     skipped: &mut Vec<(Subnet, String)>,
 ) -> Vec<&'a Lease> {
@@ -311,29 +312,38 @@ fn one_lease_per_subnet<'a>(
     if by_subnet.len() == leases.len() {
         return leases; // the usual case: one key per subnet
     }
-    let is_live = |l: &Lease| match l.backend.vtep_mac() {
-        Some(mac) => live.fdb.get(&mac) == Some(&l.public_ip),
-        None => live.direct.get(&l.subnet) == Some(&l.public_ip),
+    // Live: what the last pass routed for this subnet went to this node
+    // (over VXLAN: its VTEP address to its MAC to its IP; DirectRouting and
+    // host-gw: the subnet straight to its IP).
+    let is_live = |l: &Lease| {
+        live.direct.get(&l.subnet) == Some(&l.public_ip)
+            || l.backend.vtep_mac().is_some_and(|mac| {
+                live.arp.get(&l.subnet.vtep_addr()) == Some(&mac)
+                    && live.fdb.get(&mac) == Some(&l.public_ip)
+            })
     };
+    let node = |l: &Lease| (l.public_ip, l.backend);
     let mut drop = vec![false; leases.len()];
-    for group in by_subnet.values().filter(|g| g.len() > 1) {
+    // Claims on our own subnet are the main loop's to judge.
+    for (_, group) in by_subnet.iter().filter(|(s, g)| g.len() > 1 && **s != own) {
         let first = leases[group[0]];
-        let agree = group
-            .iter()
-            .all(|&i| leases[i].public_ip == first.public_ip && leases[i].backend == first.backend);
+        let agree = group.iter().all(|&i| node(leases[i]) == node(first));
+        // The same live node under two keys is one live node.
         let live_ones: Vec<usize> = group
             .iter()
             .copied()
             .filter(|&i| is_live(leases[i]))
             .collect();
-        let keep = match (agree, live_ones.as_slice()) {
+        let live_nodes: HashSet<_> = live_ones.iter().map(|&i| node(leases[i])).collect();
+        let keep = match (agree, live_nodes.len()) {
             (true, _) => Some(group[0]),
-            (false, [k]) => Some(*k),
+            (false, 1) => Some(live_ones[0]),
             _ => None,
         };
+        let kept = keep.map(|k| node(leases[k]));
         for &i in group.iter().filter(|&&i| Some(i) != keep) {
             drop[i] = true;
-            if agree {
+            if Some(node(leases[i])) == kept {
                 continue; // the same node under another key: one peer
             }
             let why = match keep {
@@ -348,9 +358,6 @@ fn one_lease_per_subnet<'a>(
                 ),
             };
             skipped.push((leases[i].subnet, why));
-        }
-        if keep.is_none() {
-            drop[group[0]] = true;
         }
     }
     leases
@@ -474,6 +481,10 @@ mod tests {
         assert_eq!(d, live);
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert!(skipped[0].1.contains("live lease"), "{skipped:?}");
+        // The live peer under two keys, and a claim: the peer stays.
+        let (d, skipped) = Desired::from_leases(&[peer, twin, claim], &own(), &live);
+        assert_eq!(d, live);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
         // Neither live: both skipped.
         let (d, skipped) = Desired::from_leases(&[peer, claim], &own(), &Desired::default());
         assert!(d.fdb.is_empty() && d.routes.is_empty(), "{d:?}");

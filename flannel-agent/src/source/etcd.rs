@@ -66,6 +66,8 @@ pub struct EtcdSource {
     opts: EtcdOptions,
     state: Arc<Mutex<WatchState>>,
     own: Option<Own>,
+    /// When we last wrote our lease back over someone else's value.
+    written_back: Option<Instant>,
     vni: u32,
     watching: bool,
 }
@@ -108,6 +110,7 @@ impl EtcdSource {
             opts,
             state: Arc::new(Mutex::new(WatchState::default())),
             own: None,
+            written_back: None,
             vni: 1,
             watching: false,
         })
@@ -375,6 +378,19 @@ impl EtcdSource {
             Err(_) => return Ok(()),
         };
         if seen_rev >= own.revision && present && !ours {
+            // Overwritten again soon after our write-back: another node
+            // claims the key too. Writing back and forth would flip every
+            // peer's tables; stop and say so (flanneld would exit).
+            if self
+                .written_back
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+            {
+                bail!(
+                    "our lease {} keeps being overwritten: another node claims it too (same public address?); not writing it back again",
+                    own.lease.key()
+                );
+            }
+            self.written_back = Some(Instant::now());
             // Someone wrote another node's lease under our key (a stock
             // IPv6-only flanneld on etcd takes any lease with PublicIP
             // 0.0.0.0 as its own): ours goes back, and it is said loudly.
