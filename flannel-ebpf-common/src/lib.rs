@@ -27,6 +27,7 @@ pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
 /// The IPv6 half of a dual-stack node (EnableIPv6).
 pub const MAP_CONFIG6: &str = "CONFIG6";
 pub const MAP_FDB6: &str = "FDB6";
+pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
@@ -129,7 +130,25 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The outer IPv4 ID last sent to this peer from this CPU: a counter
+    /// per destination, as the kernel's ip_select_ident keeps, with a random
+    /// start when the entry is resolved for a new node. (In what was padding:
+    /// the layout of the fields before it is unchanged.)
+    pub ip_id: u16,
+    pub _pad: u16,
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the lookup.
+    pub resolved_ns: u64,
+}
+
+/// [`NextHop`] toward a peer's public IPv6 address (VXLAN over IPv6), in
+/// NEXT_HOPS6 by the same slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop6 {
+    pub node_ip6: [u8; 16],
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
     pub resolved_ns: u64,
 }
 
@@ -404,6 +423,7 @@ mod pod {
     unsafe impl aya::Pod for PeerStats {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for NextHop6 {}
     unsafe impl aya::Pod for NodeConfig6 {}
     unsafe impl aya::Pod for Fdb6Value {}
 }

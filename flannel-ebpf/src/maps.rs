@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey,
-    MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NodeConfig, NodeConfig6, PeerStats,
-    RouteValue,
+    MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NextHop6, NodeConfig, NodeConfig6,
+    PeerStats, RouteValue,
 };
 
 #[btf_map]
@@ -47,6 +47,10 @@ pub static CONFIG6: Array<NodeConfig6, 1> = Array::new();
 /// Mirror of `bridge fdb … dev flannel-v6.1 dst <ipv6>`: flannel-v6 VtepMAC → member.
 #[btf_map]
 pub static FDB6: HashMap<FdbKey, Fdb6Value, { MAX_NODES as usize }> = HashMap::new();
+
+/// Per peer slot and CPU: the IPv6 underlay next hop last resolved.
+#[btf_map]
+pub static NEXT_HOPS6: PerCpuArray<NextHop6, { MAX_NODES as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -119,6 +123,13 @@ pub fn note_stack_flow(key: &FlowKey) {
 pub fn next_hop_slot(slot: u32) -> Option<&'static mut NextHop> {
     // Per-CPU slot: no other writer while this program runs on this CPU.
     NEXT_HOPS.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
+}
+
+/// This CPU's cached IPv6 next hop of a peer slot.
+#[inline(always)]
+pub fn next_hop6_slot(slot: u32) -> Option<&'static mut NextHop6> {
+    // Per-CPU slot: no other writer while this program runs on this CPU.
+    NEXT_HOPS6.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
 }
 
 /// The node behind a VtepMAC: public IP, stats slot, pod subnet.

@@ -44,12 +44,14 @@ pub struct Peer {
 }
 
 /// Where the outer packet goes.
-struct Hop {
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+pub(crate) struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
     /// The neighbour is not resolved yet: let `bpf_redirect_neigh` resolve it.
-    resolve: bool,
+    pub resolve: bool,
+    /// The outer IPv4 ID to send (unused over IPv6).
+    pub ip_id: u16,
 }
 
 /// Encapsulate the IPv4 packet in `ctx` for `peer` and redirect it to the
@@ -153,24 +155,31 @@ pub(crate) fn flow_hash(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> Result<Hop, Counter> {
     let now = now_ns();
-    let cached = next_hop_slot(peer.slot);
-    if let Some(c) = &cached
+    let mut cached = next_hop_slot(peer.slot);
+    if let Some(c) = &mut cached
         && c.ifindex != 0
         && c.node_ip == peer.node_ip
         && now.wrapping_sub(c.resolved_ns) < NEXT_HOP_TTL_NS
     {
+        c.ip_id = c.ip_id.wrapping_add(1);
         return Ok(Hop {
             ifindex: c.ifindex,
             smac: c.smac,
             dmac: c.dmac,
             resolve: false,
+            ip_id: c.ip_id,
         });
     }
-    let hop = fib_next_hop(ctx, cfg, peer.node_ip)?;
+    let mut hop = fib_next_hop(ctx, cfg, peer.node_ip)?;
+    // A random ID where no counter runs yet (a new node, an unresolved one).
+    hop.ip_id = unsafe { bpf_get_prandom_u32() } as u16;
     if let Some(c) = cached
         && !hop.resolve
     {
-        c.node_ip = peer.node_ip;
+        if c.node_ip != peer.node_ip {
+            c.node_ip = peer.node_ip;
+            c.ip_id = hop.ip_id;
+        }
         c.ifindex = hop.ifindex;
         c.smac = hop.smac;
         c.dmac = hop.dmac;
@@ -208,6 +217,7 @@ fn fib_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Result<H
         smac: p.smac,
         dmac: p.dmac,
         resolve,
+        ip_id: 0,
     })
 }
 
@@ -253,12 +263,12 @@ fn headers(
             src: hop.smac,
             proto: ETH_P_IPV4.to_be_bytes(),
         },
-        // DF clear, a fresh ID, TTL 64 (flannel.1's "ttl auto").
+        // DF clear, the next ID toward this peer, TTL 64 (flannel.1's "ttl auto").
         ip: Ipv4Hdr {
             ver_ihl: IPV4_VER_IHL,
             tos: outer_tos(inner_tos),
             tot_len: tot_len.to_be_bytes(),
-            id: (unsafe { bpf_get_prandom_u32() } as u16).to_be_bytes(),
+            id: hop.ip_id.to_be_bytes(),
             frag_off: [0; 2],
             ttl: 64,
             proto: IPPROTO_UDP,

@@ -16,15 +16,15 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use flannel_ebpf_common::{Counter, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
+use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
 
 use crate::{
     csum::{fold, pseudo6, sum16},
-    maps::{count, peer as peer_stats},
+    maps::{count, next_hop6_slot, now_ns, peer as peer_stats},
     packet::{
         ETH_LEN, ETH_P_IPV6, EthHdr, IPPROTO_UDP, Ipv6Hdr, VXLAN_FLAG_I, Vxlan6Frame, ptr_at,
     },
-    tunnel::{flow_hash, flow_src_port},
+    tunnel::{Hop, flow_hash, flow_src_port},
 };
 
 const AF_INET6: u8 = 10;
@@ -102,7 +102,7 @@ pub fn encapsulate6(
     slot: u32,
     inner: &Taken,
 ) -> Result<i32, Counter> {
-    let (ifindex, smac, dmac, resolve) = match next_hop6(ctx, cfg, cfg6, node_ip6) {
+    let hop = match next_hop6(ctx, cfg, cfg6, node_ip6, slot) {
         Ok(h) => h,
         Err(reason) => {
             if let Some(p) = peer_stats(slot) {
@@ -129,8 +129,8 @@ pub fn encapsulate6(
     };
     // SAFETY: bounds checked by ptr_at; the header types are plain bytes (align 1).
     let f = unsafe { &mut *f };
-    f.eth.dst = dmac;
-    f.eth.src = smac;
+    f.eth.dst = hop.dmac;
+    f.eth.src = hop.smac;
     f.eth.proto = ETH_P_IPV6.to_be_bytes();
     let label = hash & 0xf_ffff;
     f.ip6.ver_tc_flow = [
@@ -173,21 +173,59 @@ pub fn encapsulate6(
         p.tx_packets += 1;
         p.tx_bytes += inner_len as u64;
     }
-    if resolve {
+    if hop.resolve {
         count(Counter::TxRedirectNeigh, inner_len);
-        return Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32);
+        return Ok(unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
     }
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
 }
 
-/// The underlay next hop toward `node_ip6`: (ifindex, smac, dmac, resolve).
+/// The underlay next hop toward `node_ip6` (stats `slot`): this CPU's
+/// cached lookup while it is fresh and for the same address, else a FIB
+/// lookup (cached when resolved), as over IPv4.
 #[inline(always)]
 fn next_hop6(
     ctx: &TcContext,
     cfg: &NodeConfig,
     cfg6: &NodeConfig6,
     node_ip6: &[u8; 16],
-) -> Result<(u32, [u8; 6], [u8; 6], bool), Counter> {
+    slot: u32,
+) -> Result<Hop, Counter> {
+    let now = now_ns();
+    let cached = next_hop6_slot(slot);
+    if let Some(c) = &cached
+        && c.ifindex != 0
+        && c.node_ip6 == *node_ip6
+        && now.wrapping_sub(c.resolved_ns) < NEXT_HOP_TTL_NS
+    {
+        return Ok(Hop {
+            ifindex: c.ifindex,
+            smac: c.smac,
+            dmac: c.dmac,
+            resolve: false,
+            ip_id: 0,
+        });
+    }
+    let hop = fib_next_hop6(ctx, cfg, cfg6, node_ip6)?;
+    if let Some(c) = cached
+        && !hop.resolve
+    {
+        c.node_ip6 = *node_ip6;
+        c.ifindex = hop.ifindex;
+        c.smac = hop.smac;
+        c.dmac = hop.dmac;
+        c.resolved_ns = now;
+    }
+    Ok(hop)
+}
+
+#[inline(always)]
+fn fib_next_hop6(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    cfg6: &NodeConfig6,
+    node_ip6: &[u8; 16],
+) -> Result<Hop, Counter> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET6;
     p.l4_protocol = IPPROTO_UDP;
@@ -212,11 +250,18 @@ fn next_hop6(
             BPF_FIB_LOOKUP_OUTPUT,
         )
     };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok((p.ifindex, p.smac, p.dmac, false)),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok((p.ifindex, p.smac, p.dmac, true)),
+    let resolve = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => false,
+        BPF_FIB_LKUP_RET_NO_NEIGH => true,
         // IPv6 lookups answer only on interfaces that forward IPv6.
-        BPF_FIB_LKUP_RET_FWD_DISABLED => Err(Counter::TxFallbackForwardingOff),
-        _ => Err(Counter::TxFallbackNoRoute),
-    }
+        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(Counter::TxFallbackForwardingOff),
+        _ => return Err(Counter::TxFallbackNoRoute),
+    };
+    Ok(Hop {
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+        resolve,
+        ip_id: 0,
+    })
 }

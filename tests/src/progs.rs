@@ -76,6 +76,30 @@ pub fn bench(name: &str) -> Bench {
     }
 }
 
+/// Keep the calling thread on the CPU it runs on: BPF_PROG_TEST_RUN runs a
+/// program on the caller's CPU, and what a test reads back from a per-CPU
+/// cache must have been written on that same CPU.
+pub fn stay_on_this_cpu() {
+    // SAFETY: plain syscalls on this thread's own affinity mask.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> BorrowedFd<'a> {
     fd_of(ebpf.map(name).unwrap()).unwrap()
 }

@@ -286,7 +286,7 @@ fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
     lab.nodes[0].stop_agent().unwrap();
     // What an earlier version pinned: no IPv6 maps.
     let root = lab.nodes[0].pin_root.clone();
-    for m in ["config6", "fdb6"] {
+    for m in ["config6", "fdb6", "next_hops6"] {
         fs::remove_file(root.join(m)).unwrap();
     }
     let routes = lab.nodes[0].show("routes").unwrap();
@@ -297,7 +297,12 @@ fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
     flannel_tests::wait_for(
         "the IPv6 maps to be pinned",
         Duration::from_secs(10),
-        || (root.join("config6").exists() && root.join("fdb6").exists()).then_some(()),
+        || {
+            ["config6", "fdb6", "next_hops6"]
+                .iter()
+                .all(|m| root.join(m).exists())
+                .then_some(())
+        },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     lab.nodes[0].stop_agent().unwrap();

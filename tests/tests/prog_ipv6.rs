@@ -9,13 +9,16 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use flannel_ebpf_common::{Counter, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP6};
+use flannel_agent::ebpf::bpf_sys::{lookup, lookup_per_cpu, update};
+use flannel_ebpf_common::{
+    Counter, Fdb6Value, FdbKey, NextHop6, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP6,
+};
 use flannel_tests::{
     frames::{csum, eth, ipv6_udp},
     prereq,
     progs::{
-        LOCAL_VTEP6, PUBLIC_IP6, REMOTE_IP6, REMOTE_VTEP6, UNDERLAY_PEER_MAC, Vx6, bench, counter,
-        load, set_v6,
+        LOCAL_VTEP6, PUBLIC_IP6, REMOTE_IP6, REMOTE_SLOT, REMOTE_VTEP6, UNDERLAY_PEER_MAC, Vx6,
+        bench, counter, load, map_fd, set_v6,
     },
 };
 
@@ -390,6 +393,7 @@ fn encap6_builds_vxlan_over_ipv6_with_its_udp_checksum() {
     }
     let b = bench("fe-encap6");
     b.ns.run(|| {
+        flannel_tests::progs::stay_on_this_cpu();
         let mut ebpf = load(&b);
         let inner = inner6(17);
         // Not a dual-stack node yet: the kernel's device sends it.
@@ -429,6 +433,38 @@ fn encap6_builds_vxlan_over_ipv6_with_its_udp_checksum() {
         assert_eq!(udp[8..16], [0x08, 0, 0, 0, 0, 0, 0x01, 0]);
         assert_eq!(udp[16..], inner[..], "inner frame untouched");
         assert_eq!(counter(&ebpf, Counter::TxEncap), 1);
+        // The next hop is cached for the peer's slot (what bpftool shows)...
+        let hops = lookup_per_cpu::<u32, NextHop6>(map_fd(&ebpf, "NEXT_HOPS6"), &REMOTE_SLOT)
+            .unwrap()
+            .unwrap();
+        assert!(
+            hops.iter()
+                .any(|h| h.node_ip6 == REMOTE_IP6.octets() && h.dmac == UNDERLAY_PEER_MAC),
+            "{hops:?}"
+        );
+        // ...and a second packet takes it: the neighbour's new MAC is not
+        // looked up again within the second.
+        b.ns.sh("ip -6 neigh replace fc00::2 lladdr 02:00:00:00:00:99 dev ul0 nud permanent")
+            .unwrap();
+        let (rc, again) = run_encap6(&mut ebpf, &inner, 0);
+        assert_eq!(rc, 7);
+        assert_eq!(again[0..6], UNDERLAY_PEER_MAC, "cached next hop");
+        assert_eq!(again[14..54], out[14..54]);
+        // Another address in the same slot (reused) is looked up afresh.
+        let other: std::net::Ipv6Addr = "fc00::3".parse().unwrap();
+        b.ns.sh("ip -6 neigh replace fc00::3 lladdr 02:00:00:00:00:33 dev ul0 nud permanent")
+            .unwrap();
+        let mut v = lookup::<FdbKey, Fdb6Value>(map_fd(&ebpf, "FDB6"), &FdbKey::new(REMOTE_VTEP6))
+            .unwrap()
+            .unwrap();
+        v.node_ip6 = other.octets();
+        update(map_fd(&ebpf, "FDB6"), &FdbKey::new(REMOTE_VTEP6), &v).unwrap();
+        let (rc, moved) = run_encap6(&mut ebpf, &inner, 0);
+        assert_eq!(rc, 7);
+        assert_eq!(moved[0..6], [2, 0, 0, 0, 0, 0x33], "looked up for fc00::3");
+        assert_eq!(moved[38..54], other.octets());
+        v.node_ip6 = REMOTE_IP6.octets();
+        update(map_fd(&ebpf, "FDB6"), &FdbKey::new(REMOTE_VTEP6), &v).unwrap();
 
         // What the kernel's device keeps sending, unchanged and counted.
         let mut unknown = inner.clone();

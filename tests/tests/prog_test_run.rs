@@ -758,6 +758,7 @@ fn direct_egress_encapsulates_at_the_bridge_as_flannel_1_would() {
     }
     let b = bench("ptr-dirout");
     b.ns.run(|| {
+        flannel_tests::progs::stay_on_this_cpu();
         let mut ebpf = load_direct(&b);
         set_route(&ebpf, [10, 244, 2, 0], 24, REMOTE_IP.octets());
         let frame = pod_frame(&b, Ipv4Addr::new(10, 244, 2, 10));
@@ -794,6 +795,10 @@ fn direct_egress_encapsulates_at_the_bridge_as_flannel_1_would() {
         assert_eq!(again[0..18], out[0..18]);
         assert_eq!(again[22..24], out[22..24]);
         assert_eq!(again[26..], out[26..]);
+        // The outer IP ID counts per peer from the first one.
+        let id = |f: &[u8]| u16::from_be_bytes([f[18], f[19]]);
+        assert_eq!(id(&again), id(&out).wrapping_add(1), "outer IP ID");
+        assert_eq!(csum(&again[14..34]), 0, "outer IPv4 checksum, next ID");
     })
     .unwrap();
 }

@@ -20,9 +20,10 @@ use aya::{
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey, MAP_ARP,
-    MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_PEER_STATS,
-    MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop, NodeConfig, NodeConfig6,
-    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS, PeerStats, RouteValue,
+    MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
+    MAP_PEER_STATS, MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop, NextHop6,
+    NodeConfig, NodeConfig6, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS,
+    PeerStats, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -109,6 +110,14 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: MAX_NODES,
     },
     MapSpec {
+        name: MAP_NEXT_HOPS6,
+        file: "next_hops6",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<NextHop6>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
         name: MAP_COUNTERS,
         file: "counters",
         kind: MapType::PerCpuArray,
@@ -167,7 +176,7 @@ fn check_map(spec: &MapSpec, info: &MapInfo, path: &Path) -> anyhow::Result<()> 
 }
 
 /// Maps a pin root from an earlier version may not have.
-const ADDED_LATER: &[&str] = &[MAP_CONFIG6, MAP_FDB6];
+const ADDED_LATER: &[&str] = &[MAP_CONFIG6, MAP_FDB6, MAP_NEXT_HOPS6];
 
 /// Every pinned map, opened and checked. Errors when nothing is pinned.
 pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, MapData)>> {
