@@ -28,6 +28,7 @@ pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
 pub const MAP_CONFIG6: &str = "CONFIG6";
 pub const MAP_FDB6: &str = "FDB6";
 pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
+pub const MAP_POD_HOPS: &str = "POD_HOPS";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
@@ -151,6 +152,28 @@ pub struct NextHop6 {
     pub dmac: [u8; 6],
     pub resolved_ns: u64,
 }
+
+/// The direct path's delivery to a local pod, cached per CPU in POD_HOPS so
+/// a decapsulated packet needs no FIB and neighbour lookup per packet.
+/// Direct-mapped by the pod address's low bits; the entry says whose it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodHop {
+    pub pod_ip: [u8; 4],
+    /// The largest packet (IPv4 total length) the route was checked for: a
+    /// bigger one is looked up again (the route's MTU check).
+    pub max_len: u16,
+    pub _pad: u16,
+    /// The pod's MAC, and cni0's.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub _pad2: u32,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the lookup.
+    pub resolved_ns: u64,
+}
+
+/// Slots of POD_HOPS: a power of two, more than a node's pods.
+pub const POD_HOP_SLOTS: u32 = 4096;
 
 /// How long a cached next hop is used before it is looked up again: a
 /// changed underlay neighbour or route is followed within this.
@@ -424,6 +447,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for NextHop6 {}
+    unsafe impl aya::Pod for PodHop {}
     unsafe impl aya::Pod for NodeConfig6 {}
     unsafe impl aya::Pod for Fdb6Value {}
 }

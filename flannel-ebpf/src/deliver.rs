@@ -8,11 +8,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::TcContext,
 };
-use flannel_ebpf_common::{Counter, NodeConfig, in_prefix};
+use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, PodHop, in_prefix};
 
 use crate::{
     flows::{self, Side, icmp_error},
-    maps::{count, direct_path, note_stack_flow, on_stack, remember_stack_flow},
+    maps::{
+        count, direct_path, note_stack_flow, now_ns, on_stack, pod_hop_slot, remember_stack_flow,
+    },
     packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
     tunnel::decrement_ttl,
 };
@@ -80,11 +82,43 @@ pub fn stack_carries(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr, ip_off: us
     }
 }
 
-/// The host's route and neighbour for a pod behind cni0: its MAC and
-/// cni0's. None for anything else (the host, an unresolved neighbour, a
-/// packet bigger than the route's MTU).
+/// The host's route and neighbour for a pod behind cni0: this CPU's cached
+/// answer while it is fresh, for this pod and a packet no bigger than the
+/// one it was checked for; else a FIB lookup (cached when it succeeds). The
+/// cache is by destination alone: routes to a local pod that depend on the
+/// source or TOS are not followed (a second at most for a changed one).
 #[inline(always)]
 fn pod_hop(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) -> Option<Macs> {
+    let now = now_ns();
+    let len = be16(&ip.tot_len);
+    let mut slot = pod_hop_slot(ip.daddr);
+    let fresh =
+        |c: &PodHop| c.pod_ip == ip.daddr && now.wrapping_sub(c.resolved_ns) < NEXT_HOP_TTL_NS;
+    if let Some(c) = &mut slot
+        && fresh(c)
+        && len <= c.max_len
+    {
+        return Some(Macs {
+            dst: c.dmac,
+            src: c.smac,
+        });
+    }
+    let macs = fib_pod_hop(ctx, cfg, ip)?;
+    if let Some(c) = slot {
+        // A bigger packet checked widens the entry; a new answer starts it.
+        c.max_len = if fresh(c) { c.max_len.max(len) } else { len };
+        c.pod_ip = ip.daddr;
+        c.dmac = macs.dst;
+        c.smac = macs.src;
+        c.resolved_ns = now;
+    }
+    Some(macs)
+}
+
+/// [`pod_hop`]'s lookup: None for anything but a pod behind cni0 (the
+/// host, an unresolved neighbour, a packet bigger than the route's MTU).
+#[inline(always)]
+fn fib_pod_hop(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) -> Option<Macs> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = ip.proto;

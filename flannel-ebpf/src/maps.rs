@@ -7,7 +7,7 @@ use aya_ebpf::{
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey,
     MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NextHop6, NodeConfig, NodeConfig6,
-    PeerStats, RouteValue,
+    POD_HOP_SLOTS, PeerStats, PodHop, RouteValue,
 };
 
 #[btf_map]
@@ -51,6 +51,10 @@ pub static FDB6: HashMap<FdbKey, Fdb6Value, { MAX_NODES as usize }> = HashMap::n
 /// Per peer slot and CPU: the IPv6 underlay next hop last resolved.
 #[btf_map]
 pub static NEXT_HOPS6: PerCpuArray<NextHop6, { MAX_NODES as usize }> = PerCpuArray::new();
+
+/// Per CPU: the direct path's last delivery answers for local pods.
+#[btf_map]
+pub static POD_HOPS: PerCpuArray<PodHop, { POD_HOP_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -130,6 +134,14 @@ pub fn next_hop_slot(slot: u32) -> Option<&'static mut NextHop> {
 pub fn next_hop6_slot(slot: u32) -> Option<&'static mut NextHop6> {
     // Per-CPU slot: no other writer while this program runs on this CPU.
     NEXT_HOPS6.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
+}
+
+/// This CPU's POD_HOPS slot for a pod address (whoever holds it now).
+#[inline(always)]
+pub fn pod_hop_slot(pod_ip: [u8; 4]) -> Option<&'static mut PodHop> {
+    let slot = u32::from_be_bytes(pod_ip) & (POD_HOP_SLOTS - 1);
+    // Per-CPU slot: no other writer while this program runs on this CPU.
+    POD_HOPS.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
 }
 
 /// The node behind a VtepMAC: public IP, stats slot, pod subnet.

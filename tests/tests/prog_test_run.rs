@@ -8,7 +8,8 @@ use aya::{
 };
 use flannel_agent::ebpf::bpf_sys::lookup_per_cpu;
 use flannel_ebpf_common::{
-    Counter, FlowKey, NAT_MARK, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_POD_EGRESS, PeerStats,
+    Counter, FlowKey, NAT_MARK, POD_HOP_SLOTS, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+    PROG_POD_EGRESS, PeerStats, PodHop,
 };
 use flannel_tests::{
     frames::{csum, eth, ipv4},
@@ -972,6 +973,7 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
     }
     let b = bench("ptr-dirin");
     b.ns.run(|| {
+        flannel_tests::progs::stay_on_this_cpu();
         let mut ebpf = load_direct(&b);
         let frame = Vx::default().frame();
         let (rc, out) = run_named(&mut ebpf, PROG_DECAP_TC, &frame);
@@ -984,6 +986,26 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
         assert_eq!(counter(&ebpf, Counter::RxDirect), 1);
         assert_eq!(counter(&ebpf, Counter::RxDecap), 1);
         assert_eq!(peer3(&ebpf).rx_packets, 1);
+        // The pod's delivery is cached (per CPU, in its POD_HOPS slot): a
+        // second packet within the second is addressed without a lookup,
+        // so the neighbour's new MAC is not seen yet.
+        let hops = flannel_agent::ebpf::bpf_sys::lookup_per_cpu::<u32, PodHop>(
+            map_fd(&ebpf, "POD_HOPS"),
+            &(u32::from_be_bytes([10, 244, 1, 10]) & (POD_HOP_SLOTS - 1)),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            hops.iter()
+                .any(|h| h.pod_ip == [10, 244, 1, 10] && h.dmac == POD_MAC),
+            "{hops:?}"
+        );
+        b.ns.sh("ip neigh replace 10.244.1.10 lladdr 0a:58:0a:f4:01:99 dev cni0 nud permanent")
+            .unwrap();
+        let (rc, again) = run_named(&mut ebpf, PROG_DECAP_TC, &frame);
+        assert_eq!((rc, again), (TC_ACT_REDIRECT, expect.clone()), "cached");
+        b.ns.sh("ip neigh replace 10.244.1.10 lladdr 0a:58:0a:f4:01:0a dev cni0 nud permanent")
+            .unwrap();
         // A pod the host has no neighbour for: the stack resolves it, and
         // the flow is the stack's from then on, both ways.
         let unknown = Vx {
@@ -1047,7 +1069,7 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
         let c = csum(&host[64..84]);
         host[74..76].copy_from_slice(&c.to_be_bytes());
         assert_eq!(run_named(&mut ebpf, PROG_DECAP_TC, &host).0, TC_ACT_OK);
-        assert_eq!(counter(&ebpf, Counter::RxDirect), 1);
+        assert_eq!(counter(&ebpf, Counter::RxDirect), 2);
     })
     .unwrap();
 }

@@ -21,9 +21,9 @@ use aya::{
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey, MAP_ARP,
     MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
-    MAP_PEER_STATS, MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop, NextHop6,
-    NodeConfig, NodeConfig6, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS,
-    PeerStats, RouteValue,
+    MAP_PEER_STATS, MAP_POD_HOPS, MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop,
+    NextHop6, NodeConfig, NodeConfig6, POD_HOP_SLOTS, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
+    PROG_ENCAP6, PROG_POD_EGRESS, PeerStats, PodHop, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -118,6 +118,14 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: MAX_NODES,
     },
     MapSpec {
+        name: MAP_POD_HOPS,
+        file: "pod_hops",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<PodHop>() as u32,
+        max_entries: POD_HOP_SLOTS,
+    },
+    MapSpec {
         name: MAP_COUNTERS,
         file: "counters",
         kind: MapType::PerCpuArray,
@@ -176,7 +184,7 @@ fn check_map(spec: &MapSpec, info: &MapInfo, path: &Path) -> anyhow::Result<()> 
 }
 
 /// Maps a pin root from an earlier version may not have.
-const ADDED_LATER: &[&str] = &[MAP_CONFIG6, MAP_FDB6, MAP_NEXT_HOPS6];
+const ADDED_LATER: &[&str] = &[MAP_CONFIG6, MAP_FDB6, MAP_NEXT_HOPS6, MAP_POD_HOPS];
 
 /// Every pinned map, opened and checked. Errors when nothing is pinned.
 pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, MapData)>> {
