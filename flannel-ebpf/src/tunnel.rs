@@ -198,10 +198,17 @@ fn fib_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Result<H
     p.ifindex = cfg.underlay_ifindex;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.public_ip);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(node_ip);
+    outer_fib_lookup(ctx, &mut p)
+}
+
+/// Look up the outer packet's route and neighbour (`p` filled in) for
+/// either family. IPv6 lookups answer only on interfaces forwarding IPv6.
+#[inline(always)]
+pub(crate) fn outer_fib_lookup(ctx: &TcContext, p: &mut bpf_fib_lookup) -> Result<Hop, Counter> {
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut p,
+            p,
             size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
         )

@@ -9,11 +9,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
@@ -24,7 +22,7 @@ use crate::{
     packet::{
         ETH_LEN, ETH_P_IPV6, EthHdr, IPPROTO_UDP, Ipv6Hdr, VXLAN_FLAG_I, Vxlan6Frame, ptr_at,
     },
-    tunnel::{Hop, flow_hash, flow_src_port},
+    tunnel::{Hop, flow_hash, flow_src_port, outer_fib_lookup},
 };
 
 const AF_INET6: u8 = 10;
@@ -242,26 +240,5 @@ fn fib_next_hop6(
     };
     p.__bindgen_anon_3.ipv6_src = words(&cfg6.public_ip6);
     p.__bindgen_anon_4.ipv6_dst = words(node_ip6);
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    let resolve = match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => false,
-        BPF_FIB_LKUP_RET_NO_NEIGH => true,
-        // IPv6 lookups answer only on interfaces that forward IPv6.
-        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(Counter::TxFallbackForwardingOff),
-        _ => return Err(Counter::TxFallbackNoRoute),
-    };
-    Ok(Hop {
-        ifindex: p.ifindex,
-        smac: p.smac,
-        dmac: p.dmac,
-        resolve,
-        ip_id: 0,
-    })
+    outer_fib_lookup(ctx, &mut p)
 }
