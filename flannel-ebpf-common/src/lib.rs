@@ -132,11 +132,13 @@ pub struct NextHop {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     /// The outer IPv4 ID last sent to this peer from this CPU: a counter
-    /// per destination, as the kernel's ip_select_ident keeps, with a random
-    /// start when the entry is resolved for a new node. (In what was padding:
-    /// the layout of the fields before it is unchanged.)
+    /// per destination and CPU (a GSO aggregate takes one per segment), with
+    /// a random start when the entry is resolved for a new node. (In what
+    /// was padding: the layout of the fields before it is unchanged.)
     pub ip_id: u16,
-    pub _pad: u16,
+    /// Non-zero once `ip_id` has had its random start (0 in an entry an
+    /// earlier version left).
+    pub id_seeded: u16,
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the lookup.
     pub resolved_ns: u64,
 }

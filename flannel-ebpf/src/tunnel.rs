@@ -14,7 +14,7 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, VXLAN_OVERHEAD};
+use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NextHop, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
@@ -155,37 +155,54 @@ pub(crate) fn flow_hash(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> Result<Hop, Counter> {
     let now = now_ns();
+    // A GSO aggregate's segments take consecutive IDs (as the kernel's
+    // ip_select_ident_segs reserves them): the counter moves past all.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u16;
     let mut cached = next_hop_slot(peer.slot);
     if let Some(c) = &mut cached
         && c.ifindex != 0
         && c.node_ip == peer.node_ip
         && now.wrapping_sub(c.resolved_ns) < NEXT_HOP_TTL_NS
     {
-        c.ip_id = c.ip_id.wrapping_add(1);
         return Ok(Hop {
             ifindex: c.ifindex,
             smac: c.smac,
             dmac: c.dmac,
             resolve: false,
-            ip_id: c.ip_id,
+            ip_id: next_ip_id(c, segs),
         });
     }
     let mut hop = fib_next_hop(ctx, cfg, peer.node_ip)?;
-    // A random ID where no counter runs yet (a new node, an unresolved one).
-    hop.ip_id = unsafe { bpf_get_prandom_u32() } as u16;
-    if let Some(c) = cached
-        && !hop.resolve
-    {
-        if c.node_ip != peer.node_ip {
-            c.node_ip = peer.node_ip;
-            c.ip_id = hop.ip_id;
+    match cached {
+        Some(c) if !hop.resolve => {
+            if c.node_ip != peer.node_ip {
+                c.node_ip = peer.node_ip;
+                c.id_seeded = 0;
+            }
+            c.ifindex = hop.ifindex;
+            c.smac = hop.smac;
+            c.dmac = hop.dmac;
+            c.resolved_ns = now;
+            hop.ip_id = next_ip_id(c, segs);
         }
-        c.ifindex = hop.ifindex;
-        c.smac = hop.smac;
-        c.dmac = hop.dmac;
-        c.resolved_ns = now;
+        // No counter runs (an unresolved neighbour): a random ID.
+        _ => hop.ip_id = unsafe { bpf_get_prandom_u32() } as u16,
     }
     Ok(hop)
+}
+
+/// The first of `segs` consecutive outer IDs toward the cached peer `c`,
+/// its counter started at random for a new node (and for an entry an
+/// earlier version left, whose counter every CPU would share from zero).
+#[inline(always)]
+fn next_ip_id(c: &mut NextHop, segs: u16) -> u16 {
+    if c.id_seeded == 0 {
+        c.ip_id = unsafe { bpf_get_prandom_u32() } as u16;
+        c.id_seeded = 1;
+    }
+    let id = c.ip_id.wrapping_add(1);
+    c.ip_id = c.ip_id.wrapping_add(segs);
+    id
 }
 
 #[inline(always)]
