@@ -31,6 +31,7 @@ const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// The element commands' part of `union bpf_attr`; the kernel zero-fills
 /// the rest of the union when the size passed is smaller.
@@ -340,6 +341,39 @@ pub fn update_batch_per_cpu<K: Pod, V: Pod>(
 /// that interface is gone (the link is then defunct). aya 0.14 exposes
 /// neither a pinned link's fd nor this field.
 pub fn pinned_link_ifindex(path: &std::path::Path) -> io::Result<u32> {
+    link_ifindex(open_pinned(path)?.as_fd())
+}
+
+/// Detach the program of the link pinned at `path` now. Unlinking the pin
+/// alone frees the link only after an RCU grace period and a work item, so
+/// the program could still see packets after `uninstall` returned.
+pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
+    let fd = open_pinned(path)?;
+    #[repr(C)]
+    struct DetachAttr {
+        link_fd: u32,
+    }
+    let mut attr = DetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    let attr_ptr = std::hint::black_box(ptr::from_mut(&mut attr));
+    // SAFETY: attr points to a live DetachAttr naming an open link fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr_ptr,
+            size_of::<DetachAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An fd for the object pinned at `path` (BPF_OBJ_GET).
+fn open_pinned(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -368,8 +402,7 @@ pub fn pinned_link_ifindex(path: &std::path::Path) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    link_ifindex(fd.as_fd())
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {

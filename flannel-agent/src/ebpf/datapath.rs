@@ -783,6 +783,11 @@ pub fn uninstall(root: &Path) -> anyhow::Result<()> {
     ] {
         let p = root.join(f);
         if p.exists() {
+            // Detached now, not when the kernel frees the unpinned link;
+            // if it refuses, removing the pin still detaches, only later.
+            if let Err(e) = crate::ebpf::bpf_sys::detach_pinned_link(&p) {
+                log::warn!("detaching {}: {e}; removing the pin", p.display());
+            }
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
