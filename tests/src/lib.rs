@@ -1,5 +1,6 @@
 //! Test support: real network namespaces, veth/bridge/vxlan devices, the real
 //! agent binary and the real kernel object. Everything made here is removed on drop.
+pub mod capture;
 pub mod etcd;
 pub mod frames;
 pub mod kube_api;
