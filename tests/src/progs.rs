@@ -212,6 +212,8 @@ pub struct Vx {
     pub inner_src_ip: Ipv4Addr,
     /// An 802.1Q tag (TCI) in front of the outer IPv4 header.
     pub vlan: Option<u16>,
+    /// Zero bytes added to the inner ICMP echo (its checksum stays right).
+    pub inner_pad: usize,
 }
 
 impl Default for Vx {
@@ -228,6 +230,7 @@ impl Default for Vx {
             inner_proto: 0x0800,
             inner_src_ip: Ipv4Addr::new(10, 244, 2, 10),
             vlan: None,
+            inner_pad: 0,
         }
     }
 }
@@ -240,7 +243,13 @@ pub fn inner_ip() -> Vec<u8> {
 
 /// An ICMP echo to our pod 10.244.1.10 from `src`.
 pub fn inner_ip_from(src: Ipv4Addr) -> Vec<u8> {
-    let icmp = [8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+    inner_ip_padded(src, 0)
+}
+
+/// The same echo with `pad` zero bytes of data.
+pub fn inner_ip_padded(src: Ipv4Addr, pad: usize) -> Vec<u8> {
+    let mut icmp = vec![8u8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+    icmp.resize(8 + pad, 0);
     ipv4(src, Ipv4Addr::new(10, 244, 1, 10), 1, 0, &icmp)
 }
 
@@ -250,7 +259,7 @@ impl Vx {
             self.inner_dst,
             self.inner_src,
             self.inner_proto,
-            &inner_ip_from(self.inner_src_ip),
+            &inner_ip_padded(self.inner_src_ip, self.inner_pad),
         );
         let mut vxlan = self.flags.to_vec();
         vxlan.extend_from_slice(&(self.vni << 8).to_be_bytes());

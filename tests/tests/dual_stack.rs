@@ -284,9 +284,9 @@ fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
     lab.start_agent(0).unwrap();
     lab.wait_fdb_entries(0, 1).unwrap();
     lab.nodes[0].stop_agent().unwrap();
-    // What an earlier version pinned: no IPv6 maps.
+    // What an earlier version pinned: no IPv6 maps, no pod delivery cache.
     let root = lab.nodes[0].pin_root.clone();
-    for m in ["config6", "fdb6", "next_hops6"] {
+    for m in ["config6", "fdb6", "next_hops6", "pod_hops"] {
         fs::remove_file(root.join(m)).unwrap();
     }
     let routes = lab.nodes[0].show("routes").unwrap();
@@ -295,10 +295,10 @@ fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
     // The agent of this version adds them and carries on.
     lab.spawn_agent(0).unwrap();
     flannel_tests::wait_for(
-        "the IPv6 maps to be pinned",
+        "the maps added since to be pinned",
         Duration::from_secs(10),
         || {
-            ["config6", "fdb6", "next_hops6"]
+            ["config6", "fdb6", "next_hops6", "pod_hops"]
                 .iter()
                 .all(|m| root.join(m).exists())
                 .then_some(())

@@ -1004,6 +1004,29 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
             .unwrap();
         let (rc, again) = run_named(&mut ebpf, PROG_DECAP_TC, &frame);
         assert_eq!((rc, again), (TC_ACT_REDIRECT, expect.clone()), "cached");
+        // A bigger packet than the entry was checked for is looked up
+        // again (the route's MTU), and so meets the new MAC.
+        let big = Vx {
+            inner_pad: 200,
+            ..Vx::default()
+        };
+        let (rc, out) = run_named(&mut ebpf, PROG_DECAP_TC, &big.frame());
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(
+            &out[..6],
+            &[0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x99],
+            "looked up again"
+        );
+        let hops = flannel_agent::ebpf::bpf_sys::lookup_per_cpu::<u32, PodHop>(
+            map_fd(&ebpf, "POD_HOPS"),
+            &(u32::from_be_bytes([10, 244, 1, 10]) & (POD_HOP_SLOTS - 1)),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            hops.iter().any(|h| h.max_len == 20 + 8 + 200),
+            "the entry widened to the bigger packet: {hops:?}"
+        );
         b.ns.sh("ip neigh replace 10.244.1.10 lladdr 0a:58:0a:f4:01:0a dev cni0 nud permanent")
             .unwrap();
         // A pod the host has no neighbour for: the stack resolves it, and
@@ -1069,7 +1092,7 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
         let c = csum(&host[64..84]);
         host[74..76].copy_from_slice(&c.to_be_bytes());
         assert_eq!(run_named(&mut ebpf, PROG_DECAP_TC, &host).0, TC_ACT_OK);
-        assert_eq!(counter(&ebpf, Counter::RxDirect), 2);
+        assert_eq!(counter(&ebpf, Counter::RxDirect), 3);
     })
     .unwrap();
 }
