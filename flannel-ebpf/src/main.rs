@@ -12,6 +12,7 @@ mod encap;
 mod encap6;
 mod flows;
 mod maps;
+mod next_hop;
 mod packet;
 mod pod_egress;
 mod rx;

@@ -4,21 +4,19 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_store_bytes,
+        bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_store_bytes,
     },
     programs::TcContext,
 };
-use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NextHop, NodeConfig, VXLAN_OVERHEAD};
+use flannel_ebpf_common::{Counter, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
-    maps::{count, next_hop_slot, now_ns, peer as peer_stats},
+    maps::{count, next_hop_slot, peer as peer_stats},
+    next_hop::{self, Hop},
     packet::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, IPV4_VER_IHL, Ipv4Hdr, UdpHdr,
         VXLAN_FLAG_I, VxlanFrame, VxlanHdr,
@@ -41,17 +39,6 @@ pub struct Peer {
     pub vtep_mac: [u8; 6],
     pub node_ip: [u8; 4],
     pub slot: u32,
-}
-
-/// Where the outer packet goes.
-pub(crate) struct Hop {
-    pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-    /// The neighbour is not resolved yet: let `bpf_redirect_neigh` resolve it.
-    pub resolve: bool,
-    /// The outer IPv4 ID to send (unused over IPv6).
-    pub ip_id: u16,
 }
 
 /// Encapsulate the IPv4 packet in `ctx` for `peer` and redirect it to the
@@ -150,59 +137,13 @@ pub(crate) fn flow_hash(ctx: &TcContext) -> u32 {
     }
 }
 
-/// The underlay next hop toward `peer`: this CPU's cached lookup while it is
-/// fresh and for the same node, else a FIB lookup (cached when resolved).
+/// The underlay next hop toward `peer`, cached per CPU in its NEXT_HOPS slot.
 #[inline(always)]
 fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> Result<Hop, Counter> {
-    let now = now_ns();
-    // A GSO aggregate's segments take consecutive IDs (as the kernel's
-    // ip_select_ident_segs reserves them): the counter moves past all.
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u16;
-    let mut cached = next_hop_slot(peer.slot);
-    if let Some(c) = &mut cached
-        && c.ifindex != 0
-        && c.node_ip == peer.node_ip
-        && now.wrapping_sub(c.resolved_ns) < NEXT_HOP_TTL_NS
-    {
-        return Ok(Hop {
-            ifindex: c.ifindex,
-            smac: c.smac,
-            dmac: c.dmac,
-            resolve: false,
-            ip_id: next_ip_id(c, segs),
-        });
-    }
-    let mut hop = fib_next_hop(ctx, cfg, peer.node_ip)?;
-    match cached {
-        Some(c) if !hop.resolve => {
-            if c.node_ip != peer.node_ip {
-                c.node_ip = peer.node_ip;
-                c.id_seeded = 0;
-            }
-            c.ifindex = hop.ifindex;
-            c.smac = hop.smac;
-            c.dmac = hop.dmac;
-            c.resolved_ns = now;
-            hop.ip_id = next_ip_id(c, segs);
-        }
-        // No counter runs (an unresolved neighbour): a random ID.
-        _ => hop.ip_id = unsafe { bpf_get_prandom_u32() } as u16,
-    }
-    Ok(hop)
-}
-
-/// The first of `segs` consecutive outer IDs toward the cached peer `c`,
-/// its counter started at random for a new node (and for an entry an
-/// earlier version left, whose counter every CPU would share from zero).
-#[inline(always)]
-fn next_ip_id(c: &mut NextHop, segs: u16) -> u16 {
-    if c.id_seeded == 0 {
-        c.ip_id = unsafe { bpf_get_prandom_u32() } as u16;
-        c.id_seeded = 1;
-    }
-    let id = c.ip_id.wrapping_add(1);
-    c.ip_id = c.ip_id.wrapping_add(segs);
-    id
+    next_hop::cached(next_hop_slot(peer.slot), &peer.node_ip, segs, || {
+        fib_next_hop(ctx, cfg, peer.node_ip)
+    })
 }
 
 #[inline(always)]
@@ -215,34 +156,7 @@ fn fib_next_hop(ctx: &TcContext, cfg: &NodeConfig, node_ip: [u8; 4]) -> Result<H
     p.ifindex = cfg.underlay_ifindex;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.public_ip);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(node_ip);
-    outer_fib_lookup(ctx, &mut p)
-}
-
-/// Look up the outer packet's route and neighbour (`p` filled in) for
-/// either family. IPv6 lookups answer only on interfaces forwarding IPv6.
-#[inline(always)]
-pub(crate) fn outer_fib_lookup(ctx: &TcContext, p: &mut bpf_fib_lookup) -> Result<Hop, Counter> {
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb as *mut _,
-            p,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    let resolve = match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => false,
-        BPF_FIB_LKUP_RET_NO_NEIGH => true,
-        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(Counter::TxFallbackForwardingOff),
-        _ => return Err(Counter::TxFallbackNoRoute),
-    };
-    Ok(Hop {
-        ifindex: p.ifindex,
-        smac: p.smac,
-        dmac: p.dmac,
-        resolve,
-        ip_id: 0,
-    })
+    next_hop::fib_lookup_outer(ctx, &mut p)
 }
 
 /// The kernel's udp_flow_src_port() arithmetic, so ECMP on the underlay

@@ -14,15 +14,16 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
+use flannel_ebpf_common::{Counter, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
 
 use crate::{
     csum::{fold, pseudo6, sum16},
-    maps::{count, next_hop6_slot, now_ns, peer as peer_stats},
+    maps::{count, next_hop6_slot, peer as peer_stats},
+    next_hop::{self, Hop},
     packet::{
         ETH_LEN, ETH_P_IPV6, EthHdr, IPPROTO_UDP, Ipv6Hdr, VXLAN_FLAG_I, Vxlan6Frame, ptr_at,
     },
-    tunnel::{Hop, flow_hash, flow_src_port, outer_fib_lookup},
+    tunnel::{flow_hash, flow_src_port},
 };
 
 const AF_INET6: u8 = 10;
@@ -178,9 +179,8 @@ pub fn encapsulate6(
     Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
 }
 
-/// The underlay next hop toward `node_ip6` (stats `slot`): this CPU's
-/// cached lookup while it is fresh and for the same address, else a FIB
-/// lookup (cached when resolved), as over IPv4.
+/// The underlay next hop toward `node_ip6`, cached per CPU in NEXT_HOPS6
+/// by the peer's `slot`.
 #[inline(always)]
 fn next_hop6(
     ctx: &TcContext,
@@ -189,32 +189,9 @@ fn next_hop6(
     node_ip6: &[u8; 16],
     slot: u32,
 ) -> Result<Hop, Counter> {
-    let now = now_ns();
-    let cached = next_hop6_slot(slot);
-    if let Some(c) = &cached
-        && c.ifindex != 0
-        && c.node_ip6 == *node_ip6
-        && now.wrapping_sub(c.resolved_ns) < NEXT_HOP_TTL_NS
-    {
-        return Ok(Hop {
-            ifindex: c.ifindex,
-            smac: c.smac,
-            dmac: c.dmac,
-            resolve: false,
-            ip_id: 0,
-        });
-    }
-    let hop = fib_next_hop6(ctx, cfg, cfg6, node_ip6)?;
-    if let Some(c) = cached
-        && !hop.resolve
-    {
-        c.node_ip6 = *node_ip6;
-        c.ifindex = hop.ifindex;
-        c.smac = hop.smac;
-        c.dmac = hop.dmac;
-        c.resolved_ns = now;
-    }
-    Ok(hop)
+    next_hop::cached(next_hop6_slot(slot), node_ip6, 1, || {
+        fib_next_hop6(ctx, cfg, cfg6, node_ip6)
+    })
 }
 
 #[inline(always)]
@@ -240,5 +217,5 @@ fn fib_next_hop6(
     };
     p.__bindgen_anon_3.ipv6_src = words(&cfg6.public_ip6);
     p.__bindgen_anon_4.ipv6_dst = words(node_ip6);
-    outer_fib_lookup(ctx, &mut p)
+    next_hop::fib_lookup_outer(ctx, &mut p)
 }
