@@ -54,6 +54,10 @@ struct Args {
     /// With --control-plane: the in-process apply times only (no agent cold starts).
     #[arg(long, hide = true)]
     apply_only: bool,
+    /// Only the programs' BPF_PROG_TEST_RUN cost per call, printed (no
+    /// labs, nothing written): for working on the per-packet code.
+    #[arg(long, hide = true)]
+    progs_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +81,12 @@ fn main() -> anyhow::Result<()> {
     };
     let object = std::fs::read(flannel_tests::object_path())
         .context("the kernel object (cargo xtask build-ebpf)")?;
+    if args.progs_only {
+        for (case, ns) in prog::costs(prog_n)? {
+            println!("{ns:8.1} ns  {case}");
+        }
+        return Ok(());
+    }
     if args.control_plane {
         let (md, verdicts, json) = control_plane(&args, &object)?;
         let md = format!(

@@ -36,6 +36,10 @@ pub enum Kind {
     Stock,
 }
 
+/// The outside host's IPv6 address on a switched underlay (see
+/// [`Lab::outside_host`]); it has no route to the pods either.
+pub const OUTSIDE_IP6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0x100);
+
 pub struct Node {
     pub name: String,
     pub kind: Kind,
@@ -397,6 +401,7 @@ impl Lab {
         ))?;
         self.fabric.sh("ip link set px master br0 up")?;
         ext.sh("ip addr add 10.1.5.100/24 dev eth0")?;
+        ext.sh(&format!("ip -6 addr add {OUTSIDE_IP6}/64 dev eth0 nodad"))?;
         ext.sh("ip link set eth0 up")?;
         Ok((ext, Ipv4Addr::new(10, 1, 5, 100)))
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flannel_tests::{
     agent_path,
-    lab::{Kind, Lab, Topology},
+    lab::{Kind, Lab, OUTSIDE_IP6, Topology},
     prereq, sh,
     traffic::{BackgroundPing, ping, wait_reachable},
 };
@@ -113,6 +113,86 @@ fn ip_masq_rules_nftables_and_iptables() {
     assert!(!n.ns.sh("iptables -w -S").unwrap().contains("FLANNEL"));
     assert_eq!(
         ping(&n.pod, outside, 2, 0.2).unwrap().1,
+        0,
+        "still masqueraded after uninstall"
+    );
+}
+
+/// `--ip-masq` on IPv6, as flanneld does it: table `ip6 flannel-ipv6` (or
+/// ip6tables' chains) masquerades pod traffic leaving the IPv6 Network; a
+/// host outside, with no route to the pods, is reached only through it.
+#[test]
+fn ip_masq_for_ipv6_nftables_and_ip6tables() {
+    if !prereq::ready("ip_masq6") {
+        return;
+    }
+    // Dual-stack, nftables: both families' tables.
+    let mut lab = Lab::new_dual("msq6", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let (_ext, _) = lab.outside_host().unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.nodes[0].agent_args = vec!["--ip-masq".into()];
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let n = &lab.nodes[0];
+    let table = n.ns.sh("nft list table ip6 flannel-ipv6").unwrap();
+    assert!(
+        table.contains("ip6 daddr != ff00::/8 masquerade fully-random")
+            && table.contains("0x00004000"),
+        "{table}"
+    );
+    assert!(n.ns.sh("nft list table ip flannel-ipv4").is_ok());
+    assert!(
+        std::fs::read_to_string(&n.subnet_file)
+            .unwrap()
+            .contains("FLANNEL_IPMASQ=true")
+    );
+    wait_reachable(&n.pod, OUTSIDE_IP6, Duration::from_secs(10)).unwrap();
+    wait_reachable(&n.pod, lab.nodes[1].pod_ip6(), Duration::from_secs(10)).unwrap();
+    // Without the rules the outside host cannot answer: they were the reason.
+    n.ns.sh("nft delete table ip6 flannel-ipv6").unwrap();
+    assert_eq!(ping(&n.pod, OUTSIDE_IP6, 2, 0.2).unwrap().1, 0);
+    drop(lab);
+
+    // IPv6-only, ip6tables; uninstall removes the chains.
+    let mut lab =
+        Lab::new_v6_only("msq6o", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    let (_ext, _) = lab.outside_host().unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.nodes[0].agent_args = vec![
+        "--ip-masq".into(),
+        "--masq-backend".into(),
+        "iptables".into(),
+    ];
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    let n = &lab.nodes[0];
+    let nat = n.ns.sh("ip6tables -w -t nat -S").unwrap();
+    assert!(
+        nat.contains("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG")
+            && nat.contains("! -d ff00::/8"),
+        "{nat}"
+    );
+    wait_reachable(&n.pod, OUTSIDE_IP6, Duration::from_secs(10)).unwrap();
+    lab.nodes[0].stop_agent().unwrap();
+    let root = lab.nodes[0].pin_root.clone();
+    lab.nodes[0]
+        .ns
+        .nsenter(&format!(
+            "{} uninstall --pin-root {}",
+            agent_path().display(),
+            root.display()
+        ))
+        .unwrap();
+    let n = &lab.nodes[0];
+    assert!(
+        !n.ns
+            .sh("ip6tables -w -t nat -S")
+            .unwrap()
+            .contains("FLANNEL")
+    );
+    assert!(!n.ns.sh("ip6tables -w -S").unwrap().contains("FLANNEL"));
+    assert_eq!(
+        ping(&n.pod, OUTSIDE_IP6, 2, 0.2).unwrap().1,
         0,
         "still masqueraded after uninstall"
     );

@@ -634,6 +634,13 @@ async fn announce(
     // traffic is masqueraded.
     if args.ip_masq {
         crate::node::masq::install(args.masq_backend, conf.network, subnet)?;
+        match conf.ipv6.as_ref().zip(joined.own.v6) {
+            Some((c6, v6)) => {
+                crate::node::masq::install6(args.masq_backend, c6.network, v6.subnet)?
+            }
+            // IPv6 switched off since: its rules go with it.
+            None => crate::node::masq::remove_family(crate::node::masq::Family::V6),
+        }
     }
     subnet_env::write(
         &args.subnet_file,

@@ -38,11 +38,6 @@ pub async fn run(
         .ipv6
         .clone()
         .context("EnableIPv4 is false but EnableIPv6 is not true")?;
-    if args.ip_masq {
-        bail!(
-            "--ip-masq with EnableIPv4 false: flannel-ebpf masquerades IPv4 only so far (run without --ip-masq)"
-        );
-    }
     if args.public_ip.is_some() {
         bail!("--public-ip is an IPv4 address: with EnableIPv4 false give --public-ipv6");
     }
@@ -168,9 +163,15 @@ pub async fn run(
             log::info!("IPv6-only: detached the direct path's program (IPv4 only)");
         }
     }
+    // Rules before subnet.env: once the CNI plugin can start pods, their
+    // traffic is masqueraded.
+    if args.ip_masq {
+        crate::node::masq::install6(args.masq_backend, c6.network, own6.subnet)?;
+        crate::node::masq::remove_family(crate::node::masq::Family::V4);
+    }
     subnet_env::write(
         &args.subnet_file,
-        &subnet_env::render(None, Some((c6.network, own6.subnet)), mtu, false),
+        &subnet_env::render(None, Some((c6.network, own6.subnet)), mtu, args.ip_masq),
     )?;
     source.ready().await?;
     health.set_ready();

@@ -22,8 +22,9 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
                 // IPv6-only: flannel-v6's kernel tables were kept as
                 // flanneld keeps them all along; detaching hands it over.
                 datapath::uninstall(root)?;
+                remove_node_rules();
                 log::info!(
-                    "removed the IPv6-only data path under {}; flannel-v6 carries the traffic",
+                    "removed the IPv6-only data path under {} and the ip-masq rules; flannel-v6 carries the traffic",
                     root.display()
                 );
                 return Ok(());
@@ -79,12 +80,18 @@ pub async fn uninstall(root: &Path) -> anyhow::Result<()> {
         Err(e) => log::info!("nothing to hand back: {e:#}"),
     }
     datapath::uninstall(root)?;
-    crate::node::masq::remove_all();
-    crate::node::guard::remove();
-    crate::node::nat_mark::remove();
+    remove_node_rules();
     log::info!(
         "removed every pinned object under {} and the ip-masq rules",
         root.display()
     );
     Ok(())
+}
+
+/// The node's nftables/iptables rules the agent installed: --ip-masq's
+/// (both families), the membership guard, the NAT mark.
+fn remove_node_rules() {
+    crate::node::masq::remove_all();
+    crate::node::guard::remove();
+    crate::node::nat_mark::remove();
 }
