@@ -49,10 +49,9 @@ pub fn all_pairs_reach(lab: &Lab) {
 /// host that is not a member (whole, fragmented, to other local addresses),
 /// it does not.
 pub fn only_members_reach_flannel_v6(lab: &Lab, port: u16) {
+    // The outside host has fc00::100 on the IPv6 underlay already.
     let (ext, _) = lab.outside_host().unwrap();
-    let ext_ip: Ipv6Addr = "fc00::100".parse().unwrap();
-    ext.sh(&format!("ip -6 addr add {ext_ip}/64 dev eth0 nodad"))
-        .unwrap();
+    let ext_ip: Ipv6Addr = crate::lab::OUTSIDE_IP6;
     ext.sh("ip -6 route add fd00:10:244::/56 via fc00::11")
         .unwrap();
     let (ours, stock) = (&lab.nodes[0], &lab.nodes[1]);
