@@ -274,11 +274,6 @@ async fn join_v6(
     underlay: &underlay::Underlay,
     backend: LeaseBackend,
 ) -> anyhow::Result<(std::net::Ipv6Addr, Option<Mac>)> {
-    if backend == LeaseBackend::HostGw {
-        bail!(
-            "EnableIPv6 with Backend.Type host-gw is not supported by flannel-ebpf yet (vxlan is)"
-        );
-    }
     let addrs6 = nl.ipv6_addrs(underlay.link.index).await?;
     // `--iface <IPv6 address>` picked the underlay by it: that address.
     let by_iface = args
@@ -296,6 +291,10 @@ async fn join_v6(
         })?,
     };
     crate::lease::parse_public_ipv6(&ip6.to_string()).context("--public-ipv6")?;
+    if backend == LeaseBackend::HostGw {
+        // host-gw: no flannel-v6, no BackendV6Data.
+        return Ok((ip6, None));
+    }
     let name = crate::node::overlay6::vtep_name(conf.backend.vni);
     let existing = nl
         .link_by_name(&name)
@@ -347,11 +346,42 @@ pub(super) async fn set_up_v6(
         }
         return Ok(None);
     };
+    let underlay = &joined.underlay;
+    let routing = match (conf.backend.kind, conf.backend.direct_routing) {
+        (BackendType::HostGw, _) => overlay6::Routing6::HostGw,
+        (BackendType::Vxlan, true) => overlay6::Routing6::DirectRouting,
+        (BackendType::Vxlan, false) => overlay6::Routing6::Vxlan,
+    };
+    let mut o6 = overlay6::Overlay6::new(
+        v6,
+        c6.clone(),
+        !conf.ipv4,
+        routing,
+        (underlay.link.index, underlay.link.name.clone()),
+    );
+    if routing == overlay6::Routing6::HostGw {
+        // As flanneld's route network: `<subnet> via <PublicIPv6>` per peer
+        // on the underlay, nothing listening, so no guard.
+        let name = overlay6::vtep_name(conf.backend.vni);
+        if nl.link_by_name(&name).await?.is_some() {
+            log::warn!(
+                "{name} remains from a vxlan run; host-gw does not use it: remove it with `ip link del {name}`"
+            );
+        }
+        crate::node::guard::remove6();
+        sysctl::warn_if_not_forwarding6();
+        o6.sync(nl, snap.leases.values(), None).await?;
+        log::info!(
+            "IPv6: lease {}, host-gw routes to peers' public IPv6 addresses on {}",
+            v6.subnet,
+            underlay.link.name
+        );
+        let mtu = conf.backend.mtu.unwrap_or(underlay.link.mtu);
+        return Ok(Some((o6, None, mtu)));
+    }
     let mac = v6
         .vtep_mac
         .context("our IPv6 lease has no flannel-v6 VtepMAC")?;
-    let underlay = &joined.underlay;
-    let mut o6 = overlay6::Overlay6::new(0, v6, c6.clone(), !conf.ipv4);
     let guard = if guarded {
         let mut g = crate::node::guard::Guard::new(crate::node::guard::Spec {
             port: conf.backend.port,
@@ -1183,7 +1213,7 @@ impl SyncState {
         if let Some((o6, guard6)) = self.v6.as_mut() {
             o6.sync(nl, snap.leases.values(), tables.as_deref())
                 .await
-                .context("flannel-v6's tables")?;
+                .context("the IPv6 tables (flannel-v6, direct routes)")?;
             if let Ok(m) = self.metrics.lock() {
                 let label = |v: &str| vec![("state".to_string(), v.to_string())];
                 m.leases

@@ -117,7 +117,12 @@ pub async fn run(
                 ready: 1,
                 network: [0; 4],
                 network_mask: [0; 4],
-                flags: 0,
+                // DirectRouting peers send pod traffic unencapsulated.
+                flags: if conf.backend.direct_routing {
+                    flannel_ebpf_common::NODE_NATIVE_POD_SOURCES
+                } else {
+                    0
+                },
                 subnet: [0; 4],
                 subnet_mask: [0; 4],
                 bridge_ifindex: 0,

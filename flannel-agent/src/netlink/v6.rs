@@ -115,6 +115,18 @@ impl Netlink {
 
     /// IPv6 routes in the main table whose output device is `index`.
     pub async fn routes6_via(&self, index: u32) -> anyhow::Result<Vec<KernelRoute6>> {
+        Ok(self
+            .routes6()
+            .await?
+            .into_iter()
+            .filter(|(oif, _)| *oif == Some(index))
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// Every IPv6 route in the main table, with its output device (None:
+    /// several next hops, or none).
+    pub async fn routes6(&self) -> anyhow::Result<Vec<(Option<u32>, KernelRoute6)>> {
         let mut out = Vec::new();
         let mut req = self.handle.route().get(IpVersion::V6).execute();
         while let Some(r) = req.try_next().await.context("listing IPv6 routes")? {
@@ -132,27 +144,29 @@ impl Netlink {
                     _ => {}
                 }
             }
-            if oif != Some(index) {
-                continue;
-            }
             let Ok(dst) = Subnet6::new(dst, r.header.destination_prefix_length) else {
                 continue;
             };
-            out.push(KernelRoute6 {
-                dst,
-                gateway,
-                message: r,
-            });
+            out.push((
+                oif,
+                KernelRoute6 {
+                    dst,
+                    gateway,
+                    message: r,
+                },
+            ));
         }
         Ok(out)
     }
 
-    /// `ip -6 route replace <dst> via <gw> dev <index> onlink`
+    /// `ip -6 route replace <dst> via <gw> dev <index> [onlink]` (onlink:
+    /// flannel-v6's routes, whose gateway is no neighbour the kernel knows).
     pub async fn replace_route6(
         &self,
         index: u32,
         dst: Subnet6,
         gw: Ipv6Addr,
+        onlink: bool,
     ) -> anyhow::Result<()> {
         let mut req = self
             .handle
@@ -165,10 +179,13 @@ impl Netlink {
             .protocol(RouteProtocol::Boot)
             .scope(RouteScope::Universe)
             .replace();
-        req.message_mut().header.flags.push(RouteFlag::Onlink);
+        if onlink {
+            req.message_mut().header.flags.push(RouteFlag::Onlink);
+        }
+        let flag = if onlink { " onlink" } else { "" };
         req.execute()
             .await
-            .with_context(|| format!("ip -6 route replace {dst} via {gw} onlink (ifindex {index})"))
+            .with_context(|| format!("ip -6 route replace {dst} via {gw}{flag} (ifindex {index})"))
     }
 
     pub async fn delete_route6(&self, route: &KernelRoute6) -> anyhow::Result<()> {
@@ -327,4 +344,14 @@ impl Netlink {
         }
         Ok(out)
     }
+}
+
+/// Whether `ip` is on-link through `underlay`: the longest matching route
+/// leaves by that device with no gateway (Flannel's DirectRouting test).
+pub fn onlink6(routes: &[(Option<u32>, KernelRoute6)], underlay: u32, ip: Ipv6Addr) -> bool {
+    routes
+        .iter()
+        .filter(|(_, r)| r.dst.contains(ip))
+        .max_by_key(|(_, r)| r.dst.prefix_len())
+        .is_some_and(|(oif, r)| *oif == Some(underlay) && r.gateway.is_none())
 }

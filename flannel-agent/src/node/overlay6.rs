@@ -6,6 +6,9 @@
 //! device carries IPv6; with the eBPF data path the ingress programs check
 //! every VXLAN-over-IPv6 frame first (FDB6, CONFIG6: membership and inner
 //! sources, as for IPv4), and the guard's ip6 table keeps the socket to members.
+//! With DirectRouting an on-link peer gets `<subnet> via <PublicIPv6>` on the
+//! underlay instead (no VXLAN); with host-gw every peer does and there is no
+//! flannel-v6 at all, as flanneld's route network programs it.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv6Addr,
@@ -16,8 +19,8 @@ use flannel_ebpf_common::{Fdb6Value, MAX_NODES, NodeConfig6};
 
 use crate::{
     ebpf::tables::Tables,
-    lease::{Lease, LeaseV6, mac::Mac, netconf::NetConf6, subnet6::Subnet6},
-    netlink::Netlink,
+    lease::{Lease, LeaseBackend, LeaseV6, mac::Mac, netconf::NetConf6, subnet6::Subnet6},
+    netlink::{Netlink, v6::KernelRoute6},
     source::Reported,
 };
 
@@ -36,6 +39,40 @@ pub struct Desired6 {
     pub fdb: BTreeMap<Mac, Ipv6Addr>,
     pub neigh: BTreeMap<Ipv6Addr, Mac>,
     pub routes: BTreeMap<Subnet6, Ipv6Addr>,
+    /// DirectRouting and host-gw: subnet → the peer's public IPv6, routed
+    /// on the underlay.
+    pub direct: BTreeMap<Subnet6, Ipv6Addr>,
+}
+
+/// How IPv6 peers are reached (Backend.Type and DirectRouting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing6 {
+    /// vxlan: every peer over flannel-v6.
+    Vxlan,
+    /// vxlan with DirectRouting: on-link peers by a plain route, the rest
+    /// over flannel-v6.
+    DirectRouting,
+    /// host-gw: plain routes only; a peer that is not on-link gets none.
+    HostGw,
+}
+
+/// [`Routing6`] with the on-link test of this pass (Flannel's DirectRouting
+/// test: the route to the address leaves by the underlay with no gateway).
+#[derive(Clone, Copy)]
+pub struct Reach6<'a> {
+    pub routing: Routing6,
+    pub onlink: &'a dyn Fn(Ipv6Addr) -> bool,
+    /// The underlay's name, for the reason a host-gw peer is skipped.
+    pub underlay: &'a str,
+}
+
+impl Reach6<'static> {
+    /// Every peer over flannel-v6.
+    pub const VXLAN: Reach6<'static> = Reach6 {
+        routing: Routing6::Vxlan,
+        onlink: &|_| false,
+        underlay: "",
+    };
 }
 
 /// Why a peer's IPv6 half cannot be used, if it cannot.
@@ -53,7 +90,12 @@ fn unusable(v6: &LeaseV6, own: &LeaseV6, conf: &NetConf6, accepted: &Desired6) -
     if s.overlaps(&own.subnet) {
         return Some(format!("IPv6 subnet {s} overlaps ours ({})", own.subnet));
     }
-    if let Some(o) = accepted.routes.keys().find(|o| o.overlaps(&s)) {
+    if let Some(o) = accepted
+        .routes
+        .keys()
+        .chain(accepted.direct.keys())
+        .find(|o| o.overlaps(&s))
+    {
         return Some(format!("IPv6 subnet {s} overlaps {o}, leased first"));
     }
     let mac = v6.vtep_mac?;
@@ -68,11 +110,13 @@ fn unusable(v6: &LeaseV6, own: &LeaseV6, conf: &NetConf6, accepted: &Desired6) -
 /// subnet, one VtepMAC) the one `live` (the last pass) applied wins, then
 /// the first in lease order: a newcomer never evicts a working peer.
 /// `v6_only`: an IPv6-only cluster; in a dual-stack one an IPv6-only
-/// node's lease does not belong and is skipped.
+/// node's lease does not belong and is skipped. `reach`: which peers get a
+/// plain route on the underlay instead of VXLAN.
 pub fn desired<'a>(
     own: &LeaseV6,
     conf: &NetConf6,
     v6_only: bool,
+    reach: Reach6,
     live: &Desired6,
     leases: impl IntoIterator<Item = &'a Lease>,
     skipped: &mut Vec<(String, String)>,
@@ -80,10 +124,11 @@ pub fn desired<'a>(
     let mut d = Desired6::default();
     let is_live = |l: &Lease| {
         l.v6.is_some_and(|v6| {
-            v6.vtep_mac.is_some_and(|m| {
-                live.fdb.get(&m) == Some(&v6.public_ip)
-                    && live.neigh.get(&v6.subnet.vtep_addr()) == Some(&m)
-            }) && live.routes.contains_key(&v6.subnet)
+            live.direct.get(&v6.subnet) == Some(&v6.public_ip)
+                || v6.vtep_mac.is_some_and(|m| {
+                    live.fdb.get(&m) == Some(&v6.public_ip)
+                        && live.neigh.get(&v6.subnet.vtep_addr()) == Some(&m)
+                }) && live.routes.contains_key(&v6.subnet)
         })
     };
     let (first, rest): (Vec<&Lease>, Vec<&Lease>) = leases.into_iter().partition(|l| is_live(l));
@@ -103,10 +148,33 @@ pub fn desired<'a>(
             skipped.push((l.key(), why));
             continue;
         }
+        if reach.routing == Routing6::HostGw {
+            if l.backend != LeaseBackend::HostGw {
+                skipped.push((
+                    l.key(),
+                    format!("BackendType {} (this node's is host-gw)", l.backend.type_name()),
+                ));
+            } else if !(reach.onlink)(v6.public_ip) {
+                skipped.push((
+                    l.key(),
+                    format!(
+                        "host-gw cannot reach node {}: it is not on-link on {} (a route to it has a gateway); host-gw needs every node on one L2 segment, use Backend.Type vxlan (with DirectRouting) across routers",
+                        v6.public_ip, reach.underlay
+                    ),
+                ));
+            } else {
+                d.direct.insert(v6.subnet, v6.public_ip);
+            }
+            continue;
+        }
         let Some(mac) = v6.vtep_mac else {
             skipped.push((l.key(), "no flannel-v6 VtepMAC (not a vxlan lease)".into()));
             continue;
         };
+        if reach.routing == Routing6::DirectRouting && (reach.onlink)(v6.public_ip) {
+            d.direct.insert(v6.subnet, v6.public_ip);
+            continue;
+        }
         d.fdb.insert(mac, v6.public_ip);
         d.neigh.insert(v6.subnet.vtep_addr(), mac);
         d.routes.insert(v6.subnet, v6.subnet.vtep_addr());
@@ -192,22 +260,57 @@ pub struct Changed {
     pub removed: usize,
 }
 
-/// Make flannel-v6's FDB, neighbours and routes exactly `want`: new entries
-/// in flanneld's order (FDB, neighbour, then the route that uses them),
-/// stale ones in the reverse order. Kernel-made entries (link-local routes,
-/// learnt neighbours) are left alone.
+/// Make the underlay's direct routes and flannel-v6's FDB, neighbours and
+/// routes exactly `want` (`vtep` 0: there is no flannel-v6, host-gw): new
+/// entries in flanneld's order (FDB, neighbour, then the route that uses
+/// them), stale ones in the reverse order, every stale one before any new
+/// one (a peer moving between the underlay and flannel-v6 keeps its subnet
+/// in one place). Kernel-made entries (link-local routes, learnt
+/// neighbours) and routes outside the IPv6Network are left alone.
 pub async fn sync(
     nl: &Netlink,
-    index: u32,
+    vtep: u32,
+    underlay: u32,
     network: &Subnet6,
     want: &Desired6,
 ) -> anyhow::Result<Changed> {
     let mut c = Changed::default();
+    // Ours: gateway routes into the IPv6Network; anything else an operator's.
+    let ours = |r: &KernelRoute6| r.gateway.is_some() && network.contains_subnet(&r.dst);
+    let direct = nl.routes6_via(underlay).await?;
+    for r in direct.iter().filter(|r| ours(r)) {
+        if want.direct.get(&r.dst) != r.gateway.as_ref() {
+            nl.delete_route6(r).await?;
+            c.removed += 1;
+        }
+    }
+    if vtep != 0 {
+        sync_vtep(nl, vtep, &ours, want, &mut c).await?;
+    }
+    let have: BTreeSet<(Subnet6, Ipv6Addr)> = direct
+        .iter()
+        .filter_map(|r| Some((r.dst, r.gateway?)))
+        .collect();
+    for (dst, gw) in &want.direct {
+        if !have.contains(&(*dst, *gw)) {
+            nl.replace_route6(underlay, *dst, *gw, false).await?;
+            c.written += 1;
+        }
+    }
+    Ok(c)
+}
+
+/// flannel-v6's part of [`sync`].
+async fn sync_vtep(
+    nl: &Netlink,
+    index: u32,
+    ours: &dyn Fn(&KernelRoute6) -> bool,
+    want: &Desired6,
+    c: &mut Changed,
+) -> anyhow::Result<()> {
     let routes = nl.routes6_via(index).await?;
-    for r in &routes {
-        // Ours: gateway routes into the IPv6Network; anything else an operator's.
-        let ours = r.gateway.is_some() && network.contains_subnet(&r.dst);
-        if ours && want.routes.get(&r.dst) != r.gateway.as_ref() {
+    for r in routes.iter().filter(|r| ours(r)) {
+        if want.routes.get(&r.dst) != r.gateway.as_ref() {
             nl.delete_route6(r).await?;
             c.removed += 1;
         }
@@ -250,17 +353,21 @@ pub async fn sync(
         .collect();
     for (dst, gw) in &want.routes {
         if !have_routes.contains(&(*dst, *gw)) {
-            nl.replace_route6(index, *dst, *gw).await?;
+            nl.replace_route6(index, *dst, *gw, true).await?;
             c.written += 1;
         }
     }
-    Ok(c)
+    Ok(())
 }
 
 /// The IPv6 overlay as it runs: flannel-v6's index, our IPv6 lease, and the
 /// peers already reported as unusable (each said once per reason).
 pub struct Overlay6 {
+    /// flannel-v6's index; 0 with host-gw (no VTEP).
     pub index: u32,
+    /// The underlay: where DirectRouting and host-gw routes go.
+    pub underlay: (u32, String),
+    pub routing: Routing6,
     pub own: LeaseV6,
     pub conf: NetConf6,
     /// An IPv6-only cluster (EnableIPv4 false).
@@ -274,9 +381,17 @@ pub struct Overlay6 {
 }
 
 impl Overlay6 {
-    pub fn new(index: u32, own: LeaseV6, conf: NetConf6, v6_only: bool) -> Overlay6 {
+    pub fn new(
+        own: LeaseV6,
+        conf: NetConf6,
+        v6_only: bool,
+        routing: Routing6,
+        underlay: (u32, String),
+    ) -> Overlay6 {
         Overlay6 {
-            index,
+            index: 0,
+            underlay,
+            routing,
             own,
             conf,
             v6_only,
@@ -320,10 +435,23 @@ impl Overlay6 {
         tables: Option<&Tables>,
     ) -> anyhow::Result<Changed> {
         let mut skipped = Vec::new();
+        // The on-link test against this pass's routes: a peer that moves
+        // behind a router (or back) changes sides at the next pass.
+        let main = match self.routing {
+            Routing6::Vxlan => Vec::new(),
+            _ => nl.routes6().await?,
+        };
+        let onlink = |ip| crate::netlink::v6::onlink6(&main, self.underlay.0, ip);
+        let reach = Reach6 {
+            routing: self.routing,
+            onlink: &onlink,
+            underlay: &self.underlay.1,
+        };
         let want = desired(
             &self.own,
             &self.conf,
             self.v6_only,
+            reach,
             &self.applied,
             leases.clone(),
             &mut skipped,
@@ -366,13 +494,23 @@ impl Overlay6 {
         }
         self.reported
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
-        (self.peers, self.skipped) = (want.routes.len(), skipped.len());
-        let c = sync(nl, self.index, &self.conf.network, &want).await?;
+        let peers = want.routes.len() + want.direct.len();
+        (self.peers, self.skipped) = (peers, skipped.len());
+        let c = sync(
+            nl,
+            self.index,
+            self.underlay.0,
+            &self.conf.network,
+            &want,
+        )
+        .await?;
         self.applied = want.clone();
         if c != Changed::default() {
             log::info!(
-                "flannel-v6: {} IPv6 peers; {} kernel entries written, {} removed",
+                "IPv6: {peers} peers ({} over flannel-v6, {} routed on {}); {} kernel entries written, {} removed",
                 want.routes.len(),
+                want.direct.len(),
+                self.underlay.1,
                 c.written,
                 c.removed
             );
@@ -426,6 +564,7 @@ mod tests {
             &own,
             &conf(),
             false,
+            Reach6::VXLAN,
             &Desired6::default(),
             &peers,
             &mut skipped,
@@ -455,6 +594,7 @@ mod tests {
             &own,
             &conf(),
             false,
+            Reach6::VXLAN,
             &Desired6::default(),
             &peers,
             &mut skipped,
@@ -497,6 +637,7 @@ mod tests {
             &own,
             &conf(),
             true,
+            Reach6::VXLAN,
             &Desired6::default(),
             [&a, &b, &c],
             &mut skipped,
@@ -520,6 +661,7 @@ mod tests {
             &own,
             &conf(),
             false,
+            Reach6::VXLAN,
             &Desired6::default(),
             [&a],
             &mut skipped,
@@ -539,6 +681,7 @@ mod tests {
             &own,
             &conf(),
             false,
+            Reach6::VXLAN,
             &Desired6::default(),
             [&live_peer],
             &mut skipped,
@@ -547,6 +690,7 @@ mod tests {
             &own,
             &conf(),
             false,
+            Reach6::VXLAN,
             &live,
             [&claim, &live_peer],
             &mut skipped,
@@ -575,6 +719,7 @@ mod tests {
             &own,
             &conf(),
             false,
+            Reach6::VXLAN,
             &Desired6::default(),
             &peers,
             &mut skipped,
@@ -587,5 +732,107 @@ mod tests {
         assert!(of(5, "fd00:10:244:5::/64").contains("another node's"));
         assert!(of(6, "fd00:10:244:1::/64").contains("overlaps ours"));
         assert!(of(7, "fd00:10:244:7::/64").contains("no flannel-v6 VtepMAC"));
+    }
+
+    #[test]
+    fn direct_routing_routes_on_link_peers_on_the_underlay() {
+        let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
+        let peers = [
+            lease(2, "fd00:10:244:2::/64", Some(b"2")),
+            lease(3, "fd00:10:244:3::/64", Some(b"3")),
+        ];
+        // fc00::2 is on-link, fc00::3 behind a router.
+        let onlink = |ip: Ipv6Addr| ip == "fc00::2".parse::<Ipv6Addr>().unwrap();
+        let reach = Reach6 {
+            routing: Routing6::DirectRouting,
+            onlink: &onlink,
+            underlay: "eth0",
+        };
+        let mut skipped = Vec::new();
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            reach,
+            &Desired6::default(),
+            &peers,
+            &mut skipped,
+        );
+        let (s2, s3): (Subnet6, Subnet6) = (
+            "fd00:10:244:2::/64".parse().unwrap(),
+            "fd00:10:244:3::/64".parse().unwrap(),
+        );
+        assert_eq!(
+            d.direct,
+            BTreeMap::from([(s2, "fc00::2".parse().unwrap())])
+        );
+        assert_eq!(d.routes, BTreeMap::from([(s3, s3.addr())]));
+        assert_eq!(d.fdb.len(), 1, "no VXLAN entries for the on-link peer");
+        // The programs expect VXLAN only from the peer behind the router.
+        let m = fdb6_entries(&d, &peers, |_| 0);
+        assert_eq!(m.keys().collect::<Vec<_>>(), [&Mac::stable_from(b"3")]);
+        // A direct peer's subnet is taken: an overlapping newcomer is skipped.
+        let claim = lease(4, "fd00:10:244:2::/64", Some(b"4"));
+        let mut skipped = Vec::new();
+        let again = desired(
+            &own,
+            &conf(),
+            false,
+            reach,
+            &d,
+            [&peers[0], &peers[1], &claim],
+            &mut skipped,
+        );
+        assert_eq!(again, d);
+        assert!(skipped[0].1.contains("leased first"), "{skipped:?}");
+    }
+
+    #[test]
+    fn host_gw_routes_every_on_link_host_gw_peer_and_names_the_others() {
+        let own = LeaseV6 {
+            vtep_mac: None,
+            ..lease(1, "fd00:10:244:1::/64", None).v6.unwrap()
+        };
+        let host_gw = |n: u8| Lease {
+            backend: LeaseBackend::HostGw,
+            ..lease(n, &format!("fd00:10:244:{n}::/64"), None)
+        };
+        let peers = [
+            host_gw(2),
+            host_gw(3),
+            lease(4, "fd00:10:244:4::/64", Some(b"4")),
+        ];
+        let onlink = |ip: Ipv6Addr| ip != "fc00::3".parse::<Ipv6Addr>().unwrap();
+        let reach = Reach6 {
+            routing: Routing6::HostGw,
+            onlink: &onlink,
+            underlay: "eth0",
+        };
+        let mut skipped = Vec::new();
+        let d = desired(
+            &own,
+            &conf(),
+            false,
+            reach,
+            &Desired6::default(),
+            &peers,
+            &mut skipped,
+        );
+        let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
+        assert_eq!(
+            d.direct,
+            BTreeMap::from([(s2, "fc00::2".parse().unwrap())])
+        );
+        assert!(d.routes.is_empty() && d.fdb.is_empty() && d.neigh.is_empty());
+        let why: BTreeMap<String, String> = skipped.into_iter().collect();
+        assert!(
+            why[&peers[1].key()].contains("host-gw cannot reach node fc00::3")
+                && why[&peers[1].key()].contains("not on-link on eth0"),
+            "{why:?}"
+        );
+        assert!(
+            why[&peers[2].key()].contains("BackendType vxlan"),
+            "{why:?}"
+        );
     }
 }
