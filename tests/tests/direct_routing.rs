@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use flannel_tests::{
-    lab::{Kind, Lab, NETWORK, Topology},
+    lab::{Kind, Lab, NETWORK, NETWORK6, Topology},
     prereq,
     traffic::{ping, wait_reachable},
     wait_for,
@@ -90,5 +90,133 @@ fn on_link_peers_are_routed_directly_and_re_evaluated() {
     assert!(
         lab.counter(0, "tx_encap") >= tx + 5,
         "node 3 now goes through VXLAN"
+    );
+}
+
+/// The device counter `name` (rx_packets, tx_packets) of flannel-v6.1 on `ns`.
+fn v6_dev_counter(ns: &flannel_tests::netns::Netns, name: &str) -> u64 {
+    ns.sh(&format!(
+        "cat /sys/class/net/flannel-v6.1/statistics/{name}"
+    ))
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// Dual-stack with DirectRouting: on-link peers' IPv6 subnets are routed
+/// `via <PublicIPv6>` on the underlay (no VXLAN over IPv6 either way), and a
+/// peer that moves behind a router goes back to flannel-v6.
+#[test]
+fn on_link_ipv6_peers_are_routed_directly_and_re_evaluated() {
+    if !prereq::ready("direct_routing_ipv6") {
+        return;
+    }
+    let mut lab = Lab::new_dual(
+        "drt6",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    std::fs::write(
+        lab.lease_dir().join("config"),
+        format!(
+            r#"{{"Network":"{NETWORK}","EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"vxlan","DirectRouting":true}}}}"#
+        ),
+    )
+    .unwrap();
+    lab.start_stock(1, 2).unwrap();
+    lab.start_stock(2, 3).unwrap();
+    lab.nodes[0].agent_args = ["--resync-interval", "1"].map(String::from).to_vec();
+    lab.start_agent(0).unwrap();
+    lab.program_stock_peers().unwrap();
+    // The stock peers route back to us directly (flanneld with DirectRouting).
+    let (subnet, subnet6) = (
+        lab.nodes[0].subnet.clone().unwrap(),
+        lab.nodes[0].subnet6.clone().unwrap(),
+    );
+    let ip6 = lab.nodes[0].public_ipv6.unwrap();
+    for i in [1, 2] {
+        let ns = &lab.nodes[i].ns;
+        ns.sh(&format!("ip route replace {subnet} via 10.1.5.11 dev eth0"))
+            .unwrap();
+        ns.sh(&format!("ip -6 route replace {subnet6} via {ip6} dev eth0"))
+            .unwrap();
+    }
+    let n = &lab.nodes[0];
+    let direct = |i: usize| {
+        let p = &lab.nodes[i];
+        format!(
+            "{} via {} dev eth0",
+            p.subnet6.clone().unwrap(),
+            p.public_ipv6.unwrap()
+        )
+    };
+    wait_for("IPv6 direct routes", Duration::from_secs(5), || {
+        let r = n.ns.sh("ip -6 route show").ok()?;
+        (r.contains(&direct(1)) && r.contains(&direct(2))).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    // Nothing for them on flannel-v6: no route, neighbour or FDB entry.
+    let on_vtep = n.ns.sh("ip -6 route show dev flannel-v6.1").unwrap();
+    assert!(!on_vtep.contains(" via "), "{on_vtep}");
+    let fdb = n.ns.sh("bridge fdb show dev flannel-v6.1").unwrap();
+    assert!(!fdb.contains(" dst "), "{fdb}");
+    let perm = n.ns.sh("ip -6 neigh show dev flannel-v6.1").unwrap();
+    assert!(!perm.contains("PERMANENT"), "{perm}");
+    for i in [1, 2] {
+        let (rx, tx) = (
+            v6_dev_counter(&lab.nodes[i].ns, "rx_packets"),
+            v6_dev_counter(&lab.nodes[i].ns, "tx_packets"),
+        );
+        wait_reachable(&n.pod, lab.nodes[i].pod_ip6(), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+        assert_eq!(
+            ping(&n.pod, lab.nodes[i].pod_ip6(), 5, 0.05).unwrap(),
+            (5, 5)
+        );
+        assert_eq!(
+            ping(&lab.nodes[i].pod, n.pod_ip6(), 5, 0.05).unwrap(),
+            (5, 5)
+        );
+        // Plain IPv6 on the underlay both ways: the peer's VXLAN device is idle.
+        assert_eq!(
+            (
+                v6_dev_counter(&lab.nodes[i].ns, "rx_packets"),
+                v6_dev_counter(&lab.nodes[i].ns, "tx_packets")
+            ),
+            (rx, tx),
+            "node {} saw VXLAN over IPv6",
+            i + 1
+        );
+    }
+
+    // Node 3 is now reached through node 2: not on-link, so its IPv6 half
+    // moves to flannel-v6 at the next pass (node 2 forwards the VXLAN).
+    n.ns.sh("ip -6 route add fc00::13/128 via fc00::12 dev eth0")
+        .unwrap();
+    let s3 = lab.nodes[2].subnet6.clone().unwrap();
+    let vtep3 = lab.nodes[2].subnet6_base();
+    wait_for(
+        "node 3 to move to flannel-v6",
+        Duration::from_secs(5),
+        || {
+            let r = n.ns.sh("ip -6 route show").ok()?;
+            (r.contains(&format!("{s3} via {vtep3} dev flannel-v6.1")) && !r.contains(&direct(2)))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert!(n.ns.sh("ip -6 route show").unwrap().contains(&direct(1)));
+    let rx3 = v6_dev_counter(&lab.nodes[2].ns, "rx_packets");
+    wait_reachable(&n.pod, lab.nodes[2].pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert_eq!(
+        ping(&n.pod, lab.nodes[2].pod_ip6(), 5, 0.05).unwrap(),
+        (5, 5)
+    );
+    assert!(
+        v6_dev_counter(&lab.nodes[2].ns, "rx_packets") >= rx3 + 5,
+        "node 3 is now reached over VXLAN"
     );
 }

@@ -5,9 +5,9 @@
 use std::{fs, time::Duration};
 
 use flannel_tests::{
-    lab::{Kind, Lab, NETWORK, Topology},
+    lab::{Kind, Lab, NETWORK, NETWORK6, Topology},
     prereq,
-    traffic::{ping, wait_reachable},
+    traffic::{ping, tcp_exchange, wait_reachable},
     wait_for,
 };
 
@@ -142,4 +142,148 @@ fn host_gw_routes_on_link_peers_and_names_the_others() {
             .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}: {}", n.ns.sh("ip -4 route").unwrap()));
+}
+
+/// Dual-stack host-gw: the IPv6 halves get `<subnet6> via <PublicIPv6>` on
+/// the underlay too (no flannel-v6), our lease is flanneld's host-gw shape
+/// with PublicIPv6, and an IPv6 peer behind a router is named and unrouted.
+#[test]
+fn host_gw_routes_ipv6_halves_in_a_dual_stack_cluster() {
+    if !prereq::ready("host_gw_ipv6") {
+        return;
+    }
+    let mut lab = Lab::new_dual(
+        "hgw6",
+        Topology::Switched,
+        &[Kind::Ebpf, Kind::Stock, Kind::Stock],
+    )
+    .unwrap();
+    fs::write(
+        lab.lease_dir().join("config"),
+        format!(
+            r#"{{"Network":"{NETWORK}","EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"host-gw"}}}}"#
+        ),
+    )
+    .unwrap();
+    // Nodes 2 and 3 are stock flanneld with host-gw: leases as it writes them.
+    for (i, o) in [(1usize, 9u8), (2, 10)] {
+        lab.start_plain(i, o).unwrap();
+        let n = &lab.nodes[i];
+        fs::write(
+            lab.lease_dir().join(format!(
+                "subnets/10.244.{o}.0-24&fd00:10:244:{o:x}::-64"
+            )),
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"host-gw","BackendData":null}}"#,
+                n.public_ip,
+                n.public_ipv6.unwrap()
+            ),
+        )
+        .unwrap();
+    }
+    lab.nodes[0].agent_args = ["--resync-interval", "1"].map(String::from).to_vec();
+    lab.start_agent(0).unwrap();
+    let n = &lab.nodes[0];
+    // The stock nodes route to us (ours are the agent's to write).
+    for i in [1, 2] {
+        let ns = &lab.nodes[i].ns;
+        ns.sh(&format!(
+            "ip route replace {} via 10.1.5.11 dev eth0",
+            n.subnet.clone().unwrap()
+        ))
+        .unwrap();
+        ns.sh(&format!(
+            "ip -6 route replace {} via {} dev eth0",
+            n.subnet6.clone().unwrap(),
+            n.public_ipv6.unwrap()
+        ))
+        .unwrap();
+    }
+    let subnet6 = n.subnet6.clone().unwrap();
+    let key = format!(
+        "{}&{}",
+        n.subnet.clone().unwrap().replace('/', "-"),
+        subnet6.replace('/', "-")
+    );
+    let ours = fs::read_to_string(lab.lease_dir().join("subnets").join(key)).unwrap();
+    assert_eq!(
+        ours,
+        format!(
+            r#"{{"PublicIP":"10.1.5.11","PublicIPv6":"{}","BackendType":"host-gw","BackendData":null}}"#,
+            n.public_ipv6.unwrap()
+        )
+    );
+    let env = fs::read_to_string(&n.subnet_file).unwrap();
+    assert!(
+        env.contains("FLANNEL_MTU=1500\n")
+            && env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"),
+        "{env}"
+    );
+    let routes = || n.ns.sh("ip -6 route show").unwrap_or_default();
+    wait_for("IPv6 host-gw routes", Duration::from_secs(5), || {
+        let r = routes();
+        (r.contains("fd00:10:244:9::/64 via fc00::12 dev eth0")
+            && r.contains("fd00:10:244:a::/64 via fc00::13 dev eth0"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert!(
+        n.ns.sh("ip link show flannel-v6.1").is_err(),
+        "host-gw must not create flannel-v6"
+    );
+    for i in [1, 2] {
+        let p = &lab.nodes[i];
+        wait_reachable(&n.pod, p.pod_ip6(), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+        assert_eq!(ping(&n.pod, p.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+        assert_eq!(ping(&p.pod, n.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+        assert_eq!(ping(&n.pod, p.pod_ip(), 3, 0.05).unwrap(), (3, 3));
+    }
+    tcp_exchange(
+        &n.pod,
+        &lab.nodes[1].pod,
+        lab.nodes[1].pod_ip6(),
+        5206,
+        1 << 20,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+
+    // Node 3 behind node 2 over IPv6: named, its IPv6 route goes (its IPv4 one stays).
+    n.ns.sh("ip -6 route add fc00::13/128 via fc00::12 dev eth0")
+        .unwrap();
+    wait_for(
+        "the IPv6 not-on-link warning",
+        Duration::from_secs(5),
+        || {
+            let log = n.log_text();
+            (log.contains("host-gw cannot reach node fc00::13")
+                && log.contains("not on-link on eth0"))
+            .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}", lab.logs()));
+    wait_for("node 3's IPv6 route to go", Duration::from_secs(5), || {
+        (!routes().contains("fd00:10:244:a::/64")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", routes()));
+    assert!(
+        n.ns.sh("ip -4 route show")
+            .unwrap()
+            .contains("10.244.10.0/24 via 10.1.5.13 dev eth0")
+    );
+    n.ns.sh("ip -6 route del fc00::13/128").unwrap();
+    wait_for(
+        "node 3's IPv6 route to return",
+        Duration::from_secs(5),
+        || {
+            routes()
+                .contains("fd00:10:244:a::/64 via fc00::13 dev eth0")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", routes()));
+    assert_eq!(
+        ping(&n.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
+        (3, 3)
+    );
 }

@@ -141,7 +141,7 @@ impl NetConf {
             }
             if backend.kind != BackendType::Vxlan {
                 bail!(
-                    "EnableIPv4 false (IPv6-only) needs Backend.Type vxlan: flannel-ebpf has no IPv6 host-gw yet"
+                    "EnableIPv4 false (IPv6-only) needs Backend.Type vxlan: flannel-ebpf has no IPv6-only host-gw yet (dual-stack host-gw works)"
                 );
             }
             return Ok(NetConf {

@@ -152,7 +152,10 @@ pub fn desired<'a>(
             if l.backend != LeaseBackend::HostGw {
                 skipped.push((
                     l.key(),
-                    format!("BackendType {} (this node's is host-gw)", l.backend.type_name()),
+                    format!(
+                        "BackendType {} (this node's is host-gw)",
+                        l.backend.type_name()
+                    ),
                 ));
             } else if !(reach.onlink)(v6.public_ip) {
                 skipped.push((
@@ -496,14 +499,7 @@ impl Overlay6 {
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
         let peers = want.routes.len() + want.direct.len();
         (self.peers, self.skipped) = (peers, skipped.len());
-        let c = sync(
-            nl,
-            self.index,
-            self.underlay.0,
-            &self.conf.network,
-            &want,
-        )
-        .await?;
+        let c = sync(nl, self.index, self.underlay.0, &self.conf.network, &want).await?;
         self.applied = want.clone();
         if c != Changed::default() {
             log::info!(
@@ -762,10 +758,7 @@ mod tests {
             "fd00:10:244:2::/64".parse().unwrap(),
             "fd00:10:244:3::/64".parse().unwrap(),
         );
-        assert_eq!(
-            d.direct,
-            BTreeMap::from([(s2, "fc00::2".parse().unwrap())])
-        );
+        assert_eq!(d.direct, BTreeMap::from([(s2, "fc00::2".parse().unwrap())]));
         assert_eq!(d.routes, BTreeMap::from([(s3, s3.addr())]));
         assert_eq!(d.fdb.len(), 1, "no VXLAN entries for the on-link peer");
         // The programs expect VXLAN only from the peer behind the router.
@@ -819,10 +812,7 @@ mod tests {
             &mut skipped,
         );
         let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
-        assert_eq!(
-            d.direct,
-            BTreeMap::from([(s2, "fc00::2".parse().unwrap())])
-        );
+        assert_eq!(d.direct, BTreeMap::from([(s2, "fc00::2".parse().unwrap())]));
         assert!(d.routes.is_empty() && d.fdb.is_empty() && d.neigh.is_empty());
         let why: BTreeMap<String, String> = skipped.into_iter().collect();
         assert!(
