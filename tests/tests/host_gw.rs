@@ -287,3 +287,70 @@ fn host_gw_routes_ipv6_halves_in_a_dual_stack_cluster() {
         (3, 3)
     );
 }
+
+/// IPv6-only host-gw (EnableIPv4 false): flanneld's lease shape
+/// (`0.0.0.0-0&<subnet6>`, PublicIP 0.0.0.0, no backend data), routes on
+/// the underlay, no flannel-v6 and no programs; pods reach each other.
+#[test]
+fn host_gw_in_an_ipv6_only_cluster() {
+    if !prereq::ready("host_gw_ipv6_only") {
+        return;
+    }
+    let mut lab = Lab::new_v6_only("hgo6", Topology::Switched, &[Kind::Ebpf, Kind::Stock]).unwrap();
+    fs::write(
+        lab.lease_dir().join("config"),
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{{"Type":"host-gw"}}}}"#
+        ),
+    )
+    .unwrap();
+    lab.start_plain(1, 9).unwrap();
+    let stock6 = lab.nodes[1].public_ipv6.unwrap();
+    fs::write(
+        lab.lease_dir().join("subnets/0.0.0.0-0&fd00:10:244:9::-64"),
+        format!(r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{stock6}","BackendType":"host-gw"}}"#),
+    )
+    .unwrap();
+    lab.start_agent(0).unwrap();
+    let n = &lab.nodes[0];
+    let subnet6 = n.subnet6.clone().unwrap();
+    let ours = fs::read_to_string(
+        lab.lease_dir()
+            .join("subnets")
+            .join(format!("0.0.0.0-0&{}", subnet6.replace('/', "-"))),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert_eq!(
+        ours,
+        format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{}","BackendType":"host-gw"}}"#,
+            n.public_ipv6.unwrap()
+        )
+    );
+    lab.nodes[1]
+        .ns
+        .sh(&format!(
+            "ip -6 route replace {subnet6} via {} dev eth0",
+            n.public_ipv6.unwrap()
+        ))
+        .unwrap();
+    wait_for("the IPv6 host-gw route", Duration::from_secs(5), || {
+        n.ns.sh("ip -6 route show")
+            .ok()?
+            .contains(&format!("fd00:10:244:9::/64 via {stock6} dev eth0"))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert!(n.ns.sh("ip link show flannel-v6.1").is_err());
+    assert!(!n.pin_root.exists(), "host-gw must not pin eBPF objects");
+    let env = fs::read_to_string(&n.subnet_file).unwrap();
+    assert!(
+        env.contains("FLANNEL_MTU=1500\n") && !env.contains("FLANNEL_SUBNET="),
+        "{env}"
+    );
+    let p = &lab.nodes[1];
+    wait_reachable(&n.pod, p.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert_eq!(ping(&n.pod, p.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+    assert_eq!(ping(&p.pod, n.pod_ip6(), 5, 0.05).unwrap(), (5, 5));
+}

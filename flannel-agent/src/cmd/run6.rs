@@ -1,7 +1,8 @@
 //! `run` on an IPv6-only cluster (EnableIPv4 false), as flanneld runs it:
 //! flannel-v6.<VNI> on the IPv6 underlay and no flannel.1. On the eBPF data
 //! path the decap program runs on the underlay and the encap6 program on
-//! flannel-v6's egress; there are no IPv4 tables to keep.
+//! flannel-v6's egress; there are no IPv4 tables to keep. With host-gw:
+//! routes on the underlay only, no flannel-v6 and no programs.
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
@@ -16,7 +17,12 @@ use super::run::{Joined, decap_hook, ebpf_logs, no_ebpf, set_up_v6};
 use crate::{
     cmd::cli::{DatapathKind, RunArgs},
     ebpf::{datapath, tables::Tables},
-    lease::{LeaseBackend, mac::Mac, netconf::NetConf, subnet_env},
+    lease::{
+        LeaseBackend,
+        mac::Mac,
+        netconf::{BackendType, NetConf},
+        subnet_env,
+    },
     netlink::Netlink,
     node::{overlay6, sysctl, underlay},
     ops::{
@@ -55,6 +61,7 @@ pub async fn run(
     .await?;
     crate::lease::parse_public_ipv6(&ip6.to_string()).context("the public IPv6 address")?;
     let name = overlay6::vtep_name(conf.backend.vni);
+    let host_gw = conf.backend.kind == BackendType::HostGw;
     // flannel-v6's MAC survives restarts, as flannel.1's does.
     let mac = nl
         .link_by_name(&name)
@@ -64,8 +71,12 @@ pub async fn run(
         .unwrap_or_else(|| Mac::stable_from(format!("flannel-ebpf-v6/{ip6}").as_bytes()));
     let want = Want {
         public_ip: Ipv4Addr::UNSPECIFIED,
-        backend: LeaseBackend::Vxlan { vtep_mac: mac },
-        v6: Some((ip6, Some(mac))),
+        backend: if host_gw {
+            LeaseBackend::HostGw
+        } else {
+            LeaseBackend::Vxlan { vtep_mac: mac }
+        },
+        v6: Some((ip6, (!host_gw).then_some(mac))),
         previous: None,
         previous6: subnet_env::previous_subnet6(&args.subnet_file),
     };
@@ -92,8 +103,17 @@ pub async fn run(
     let root = &args.pins.pin_root;
     let underlay_link = joined.underlay.link.clone();
     // Either data path: a VTEP or pins of another VNI would split the node.
-    super::run::refuse_vni_change(&nl, root, conf.backend.vni, &name).await?;
+    if !host_gw {
+        super::run::refuse_vni_change(&nl, root, conf.backend.vni, &name).await?;
+    }
     let ebpf = match args.datapath {
+        _ if host_gw => {
+            log::info!(
+                "backend host-gw: routes to peers' public IPv6 addresses on {}, no VXLAN device and no eBPF programs",
+                underlay_link.name
+            );
+            None
+        }
         DatapathKind::Kernel => {
             log::info!(
                 "data path: the kernel's VXLAN device {name}, programmed as flanneld does (--datapath kernel)"
@@ -180,13 +200,20 @@ pub async fn run(
     )?;
     source.ready().await?;
     health.set_ready();
-    log::info!(
-        "node {ip6} (IPv6-only): lease {}, VTEP {name} {}/128 {mac} MTU {mtu}, VNI {} port {}",
-        own6.subnet,
-        own6.subnet.vtep_addr(),
-        conf.backend.vni,
-        conf.backend.port
-    );
+    if host_gw {
+        log::info!(
+            "node {ip6} (IPv6-only): lease {}, host-gw, MTU {mtu}",
+            own6.subnet
+        );
+    } else {
+        log::info!(
+            "node {ip6} (IPv6-only): lease {}, VTEP {name} {}/128 {mac} MTU {mtu}, VNI {} port {}",
+            own6.subnet,
+            own6.subnet.vtep_addr(),
+            conf.backend.vni,
+            conf.backend.port
+        );
+    }
     if tables.is_some() {
         log::info!(
             "pin root {}; inspect with: flannel-agent show fdb6|stats --pin-root {}",
@@ -200,7 +227,7 @@ pub async fn run(
     }
     // What start-up set, watched: flannel-v6, the underlay, our address, the pins.
     let node = crate::node::watchdog::NodeState {
-        vtep: Some((name.clone(), o6.index)),
+        vtep: (!host_gw).then(|| (name.clone(), o6.index)),
         underlay_index: underlay_link.index,
         underlay_name: underlay_link.name.clone(),
         underlay_mtu: underlay_link.mtu,
@@ -229,7 +256,7 @@ pub async fn run(
         let pass = async {
             o6.sync(&nl, last.leases.values(), tables.as_ref())
                 .await
-                .context("flannel-v6's tables")?;
+                .context("the IPv6 tables (flannel-v6, direct routes)")?;
             if let Some(g) = guard6.as_mut() {
                 g.set_members(
                     o6.members(last.leases.values())

@@ -169,14 +169,22 @@ impl Lease {
         if !Lease::speaks(backend_type) {
             return Ok(None);
         }
-        if backend_type != "vxlan" {
-            bail!(
-                "IPv6-only lease {subnet}: BackendType {backend_type} (flannel-ebpf speaks vxlan for IPv6)"
-            );
-        }
         let text =
             public_ipv6.with_context(|| format!("IPv6 subnet {subnet} has no PublicIPv6"))?;
         let public_ip = parse_public_ipv6(text)?;
+        if backend_type == "host-gw" {
+            // No BackendV6Data: flanneld's host-gw has none.
+            return Ok(Some(Lease {
+                subnet: Subnet::NONE,
+                public_ip: Ipv4Addr::UNSPECIFIED,
+                backend: LeaseBackend::HostGw,
+                v6: Some(LeaseV6 {
+                    subnet,
+                    public_ip,
+                    vtep_mac: None,
+                }),
+            }));
+        }
         let data = backend_v6_data
             .filter(|d| !d.is_null())
             .with_context(|| format!("IPv6 subnet {subnet} has no BackendV6Data"))?;
@@ -408,11 +416,18 @@ mod tests {
         for (bad, why) in [
             (&br#"{"PublicIP":"0.0.0.0","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"9a:1b:2c:3d:4e:5f"}}"#[..], "PublicIPv6"),
             (br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::13","BackendType":"vxlan"}"#, "BackendV6Data"),
-            (br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::13","BackendType":"host-gw"}"#, "host-gw"),
         ] {
             let err = format!("{:#}", Lease::parse(key, bad).unwrap_err());
             assert!(err.contains(why), "{err}");
         }
+        // flanneld's IPv6-only host-gw lease: no BackendV6Data, and none written.
+        let hgw = br#"{"PublicIP":"0.0.0.0","PublicIPv6":"fc00::13","BackendType":"host-gw"}"#;
+        let l = Lease::parse(key, hgw).unwrap().unwrap();
+        assert_eq!(
+            (l.backend, l.v6.unwrap().vtep_mac, l.has_v4()),
+            (LeaseBackend::HostGw, None, false)
+        );
+        assert_eq!(l.to_json(1).as_bytes(), &hgw[..]);
         // The empty IPv4 subnet alone names nothing.
         assert!(Lease::parse("0.0.0.0-0", v).is_err());
         // A v4 lease is still a v4 lease.

@@ -139,11 +139,6 @@ impl NetConf {
             if ipv6.is_none() {
                 bail!("EnableIPv4 is false and EnableIPv6 is not true: no address family to run");
             }
-            if backend.kind != BackendType::Vxlan {
-                bail!(
-                    "EnableIPv4 false (IPv6-only) needs Backend.Type vxlan: flannel-ebpf has no IPv6-only host-gw yet (dual-stack host-gw works)"
-                );
-            }
             return Ok(NetConf {
                 ipv4: false,
                 network: Subnet::NONE,
@@ -503,10 +498,6 @@ mod tests {
                 "too small",
             ),
             (r#"{"EnableIPv4":false}"#, "EnableIPv6"),
-            (
-                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"host-gw"}}"#,
-                "host-gw",
-            ),
             (r#"{"EnableIPv4":false,"EnableIPv6":true}"#, "IPv6Network"),
             ("not json", "JSON"),
         ];
