@@ -93,29 +93,7 @@ fn ip_masq_rules_nftables_and_iptables() {
     assert_eq!(ping(&n.pod, outside, 3, 0.1).unwrap(), (3, 3));
 
     // Uninstall removes the rules: the outside is unreachable again.
-    lab.nodes[0].stop_agent().unwrap();
-    let root = lab.nodes[0].pin_root.clone();
-    lab.nodes[0]
-        .ns
-        .nsenter(&format!(
-            "{} uninstall --pin-root {}",
-            agent_path().display(),
-            root.display()
-        ))
-        .unwrap();
-    let n = &lab.nodes[0];
-    assert!(
-        !n.ns
-            .sh("iptables -w -t nat -S")
-            .unwrap()
-            .contains("FLANNEL")
-    );
-    assert!(!n.ns.sh("iptables -w -S").unwrap().contains("FLANNEL"));
-    assert_eq!(
-        ping(&n.pod, outside, 2, 0.2).unwrap().1,
-        0,
-        "still masqueraded after uninstall"
-    );
+    uninstall_removes_the_rules(&mut lab, "iptables", outside.into());
 }
 
 /// `--ip-masq` on IPv6, as flanneld does it: table `ip6 flannel-ipv6` (or
@@ -173,26 +151,27 @@ fn ip_masq_for_ipv6_nftables_and_ip6tables() {
         "{nat}"
     );
     wait_reachable(&n.pod, OUTSIDE_IP6, Duration::from_secs(10)).unwrap();
+    uninstall_removes_the_rules(&mut lab, "ip6tables", OUTSIDE_IP6.into());
+}
+
+/// Stop node 1's agent and run `flannel-agent uninstall`: no FLANNEL chain
+/// or rule is left in `tool`'s (iptables, ip6tables) tables, and the pod no
+/// longer reaches `outside`.
+fn uninstall_removes_the_rules(lab: &mut Lab, tool: &str, outside: std::net::IpAddr) {
     lab.nodes[0].stop_agent().unwrap();
-    let root = lab.nodes[0].pin_root.clone();
-    lab.nodes[0]
-        .ns
-        .nsenter(&format!(
-            "{} uninstall --pin-root {}",
-            agent_path().display(),
-            root.display()
-        ))
-        .unwrap();
     let n = &lab.nodes[0];
-    assert!(
-        !n.ns
-            .sh("ip6tables -w -t nat -S")
-            .unwrap()
-            .contains("FLANNEL")
-    );
-    assert!(!n.ns.sh("ip6tables -w -S").unwrap().contains("FLANNEL"));
+    n.ns.nsenter(&format!(
+        "{} uninstall --pin-root {}",
+        agent_path().display(),
+        n.pin_root.display()
+    ))
+    .unwrap();
+    for table in ["-t nat -S", "-S"] {
+        let rules = n.ns.sh(&format!("{tool} -w {table}")).unwrap();
+        assert!(!rules.contains("FLANNEL"), "{tool} {table}: {rules}");
+    }
     assert_eq!(
-        ping(&n.pod, OUTSIDE_IP6, 2, 0.2).unwrap().1,
+        ping(&n.pod, outside, 2, 0.2).unwrap().1,
         0,
         "still masqueraded after uninstall"
     );

@@ -529,6 +529,19 @@ mod tests {
         .unwrap()
     }
 
+    /// [`desired`] in the test IPv6Network, with the skipped halves.
+    fn desired_of<'a>(
+        own: &LeaseV6,
+        v6_only: bool,
+        reach: Reach6,
+        live: &Desired6,
+        leases: impl IntoIterator<Item = &'a Lease>,
+    ) -> (Desired6, Vec<(String, String)>) {
+        let mut skipped = Vec::new();
+        let d = desired(own, &conf(), v6_only, reach, live, leases, &mut skipped);
+        (d, skipped)
+    }
+
     fn lease(n: u8, s6: &str, mac6: Option<&[u8]>) -> Lease {
         Lease {
             subnet: format!("10.244.{n}.0/24").parse().unwrap(),
@@ -555,16 +568,7 @@ mod tests {
                 ..lease(3, "fd00:10:244:3::/64", Some(b"3"))
             },
         ];
-        let mut skipped = Vec::new();
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            Reach6::VXLAN,
-            &Desired6::default(),
-            &peers,
-            &mut skipped,
-        );
+        let (d, skipped) = desired_of(&own, false, Reach6::VXLAN, &Desired6::default(), &peers);
         let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
         assert_eq!(d.routes, BTreeMap::from([(s2, s2.addr())]));
         assert_eq!(
@@ -585,16 +589,7 @@ mod tests {
             lease(2, "fd00:10:244:2::/64", Some(b"2")),
             lease(3, "fd00:99::/64", Some(b"3")),
         ];
-        let mut skipped = Vec::new();
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            Reach6::VXLAN,
-            &Desired6::default(),
-            &peers,
-            &mut skipped,
-        );
+        let (d, _) = desired_of(&own, false, Reach6::VXLAN, &Desired6::default(), &peers);
         let m = fdb6_entries(&d, &peers, |l| u32::from(l.public_ip.octets()[3]));
         assert_eq!(m.len(), 1);
         let v = m[&Mac::stable_from(b"2")];
@@ -628,15 +623,12 @@ mod tests {
         let v4 = BTreeMap::from([(Mac::stable_from(b"v4"), 0)]);
         let held = BTreeMap::from([(mac(&b), 5)]);
         let own = lease(1, "fd00:10:244:1::/64", Some(b"1")).v6.unwrap();
-        let mut skipped = Vec::new();
-        let want = desired(
+        let (want, _) = desired_of(
             &own,
-            &conf(),
             true,
             Reach6::VXLAN,
             &Desired6::default(),
             [&a, &b, &c],
-            &mut skipped,
         );
         let (slots, fresh) = v6_only_slots(&want, [&a, &b, &c], &v4, &held);
         assert_eq!(slots[&mac(&b)], 5);
@@ -652,16 +644,7 @@ mod tests {
         let (slots, _) = v6_only_slots(&want, [&b], &taken, &held);
         assert_ne!(slots[&mac(&b)], 5);
         // In a dual-stack cluster an IPv6-only lease is skipped, said why.
-        let mut skipped = Vec::new();
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            Reach6::VXLAN,
-            &Desired6::default(),
-            [&a],
-            &mut skipped,
-        );
+        let (d, skipped) = desired_of(&own, false, Reach6::VXLAN, &Desired6::default(), [&a]);
         assert!(d.fdb.is_empty());
         assert!(skipped[0].1.contains("IPv6-only"), "{skipped:?}");
     }
@@ -672,25 +655,14 @@ mod tests {
         let live_peer = lease(9, "fd00:10:244:2::/64", Some(b"9"));
         // Sorts first (a lower key) and claims the live peer's IPv6 subnet.
         let claim = lease(3, "fd00:10:244:2::/64", Some(b"3"));
-        let mut skipped = Vec::new();
-        let live = desired(
+        let (live, _) = desired_of(
             &own,
-            &conf(),
             false,
             Reach6::VXLAN,
             &Desired6::default(),
             [&live_peer],
-            &mut skipped,
         );
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            Reach6::VXLAN,
-            &live,
-            [&claim, &live_peer],
-            &mut skipped,
-        );
+        let (d, skipped) = desired_of(&own, false, Reach6::VXLAN, &live, [&claim, &live_peer]);
         assert_eq!(d, live);
         assert!(
             skipped.iter().any(|(k, _)| *k == claim.key()),
@@ -710,16 +682,7 @@ mod tests {
             lease(7, "fd00:10:244:7::/64", None),
             lease(8, "fd00:10:244:8::/64", Some(b"8")),
         ];
-        let mut skipped = Vec::new();
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            Reach6::VXLAN,
-            &Desired6::default(),
-            &peers,
-            &mut skipped,
-        );
+        let (d, skipped) = desired_of(&own, false, Reach6::VXLAN, &Desired6::default(), &peers);
         assert_eq!(d.routes.len(), 2, "{d:?}");
         let why: BTreeMap<String, String> = skipped.into_iter().collect();
         let of = |n: u8, s6: &str| why[&lease(n, s6, None).key()].clone();
@@ -744,16 +707,8 @@ mod tests {
             onlink: &onlink,
             underlay: "eth0",
         };
-        let mut skipped = Vec::new();
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            reach,
-            &Desired6::default(),
-            &peers,
-            &mut skipped,
-        );
+        let (d, skipped) = desired_of(&own, false, reach, &Desired6::default(), &peers);
+        assert!(skipped.is_empty(), "{skipped:?}");
         let (s2, s3): (Subnet6, Subnet6) = (
             "fd00:10:244:2::/64".parse().unwrap(),
             "fd00:10:244:3::/64".parse().unwrap(),
@@ -766,16 +721,7 @@ mod tests {
         assert_eq!(m.keys().collect::<Vec<_>>(), [&Mac::stable_from(b"3")]);
         // A direct peer's subnet is taken: an overlapping newcomer is skipped.
         let claim = lease(4, "fd00:10:244:2::/64", Some(b"4"));
-        let mut skipped = Vec::new();
-        let again = desired(
-            &own,
-            &conf(),
-            false,
-            reach,
-            &d,
-            [&peers[0], &peers[1], &claim],
-            &mut skipped,
-        );
+        let (again, skipped) = desired_of(&own, false, reach, &d, [&peers[0], &peers[1], &claim]);
         assert_eq!(again, d);
         assert!(skipped[0].1.contains("leased first"), "{skipped:?}");
     }
@@ -801,16 +747,7 @@ mod tests {
             onlink: &onlink,
             underlay: "eth0",
         };
-        let mut skipped = Vec::new();
-        let d = desired(
-            &own,
-            &conf(),
-            false,
-            reach,
-            &Desired6::default(),
-            &peers,
-            &mut skipped,
-        );
+        let (d, skipped) = desired_of(&own, false, reach, &Desired6::default(), &peers);
         let s2: Subnet6 = "fd00:10:244:2::/64".parse().unwrap();
         assert_eq!(d.direct, BTreeMap::from([(s2, "fc00::2".parse().unwrap())]));
         assert!(d.routes.is_empty() && d.fdb.is_empty() && d.neigh.is_empty());
