@@ -112,6 +112,15 @@ pub async fn run(
                 "backend host-gw: routes to peers' public IPv6 addresses on {}, no VXLAN device and no eBPF programs",
                 underlay_link.name
             );
+            // Left by a vxlan run: its programs would still judge (and drop)
+            // the peers' plain pod traffic. Say so rather than remove unasked.
+            if datapath::decap_pinned(root) {
+                log::warn!(
+                    "pins under {} remain from a vxlan run; to remove them: flannel-agent uninstall --pin-root {}",
+                    root.display(),
+                    root.display()
+                );
+            }
             None
         }
         DatapathKind::Kernel => {

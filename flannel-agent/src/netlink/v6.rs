@@ -21,6 +21,8 @@ use crate::lease::{mac::Mac, subnet6::Subnet6};
 pub struct KernelRoute6 {
     pub dst: Subnet6,
     pub gateway: Option<Ipv6Addr>,
+    /// The route's metric: of two with one prefix the lower one is used.
+    pub metric: u32,
     message: RouteMessage,
 }
 
@@ -136,9 +138,11 @@ impl Netlink {
             let mut oif = None;
             let mut dst = Ipv6Addr::UNSPECIFIED;
             let mut gateway = None;
+            let mut metric = 0;
             for a in &r.attributes {
                 match a {
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(m) => metric = *m,
                     RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = *d,
                     RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(*g),
                     _ => {}
@@ -152,6 +156,7 @@ impl Netlink {
                 KernelRoute6 {
                     dst,
                     gateway,
+                    metric,
                     message: r,
                 },
             ));
@@ -347,11 +352,53 @@ impl Netlink {
 }
 
 /// Whether `ip` is on-link through `underlay`: the longest matching route
-/// leaves by that device with no gateway (Flannel's DirectRouting test).
+/// leaves by that device with no gateway (Flannel's DirectRouting test);
+/// of equally long ones, the lowest metric, as the kernel picks.
 pub fn onlink6(routes: &[(Option<u32>, KernelRoute6)], underlay: u32, ip: Ipv6Addr) -> bool {
     routes
         .iter()
         .filter(|(_, r)| r.dst.contains(ip))
-        .max_by_key(|(_, r)| r.dst.prefix_len())
+        .max_by_key(|(_, r)| (r.dst.prefix_len(), std::cmp::Reverse(r.metric)))
         .is_some_and(|(oif, r)| *oif == Some(underlay) && r.gateway.is_none())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str, gateway: Option<&str>, metric: u32) -> KernelRoute6 {
+        KernelRoute6 {
+            dst: dst.parse().unwrap(),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            metric,
+            message: RouteMessage::default(),
+        }
+    }
+
+    #[test]
+    fn on_link_is_judged_by_the_route_the_kernel_would_use() {
+        let peer: Ipv6Addr = "fc00::12".parse().unwrap();
+        // The connected /64 on the underlay (2), a default route with a gateway.
+        let mut routes = vec![
+            (Some(2), route("::/0", Some("fe80::1"), 1024)),
+            (Some(2), route("fc00::/64", None, 256)),
+        ];
+        assert!(onlink6(&routes, 2, peer));
+        assert!(!onlink6(&routes, 3, peer), "another device's");
+        assert!(
+            !onlink6(&routes, 2, "fc01::1".parse().unwrap()),
+            "via the gateway"
+        );
+        // The same /64 on another device with a lower metric wins, whatever the order.
+        routes.push((Some(3), route("fc00::/64", None, 100)));
+        assert!(!onlink6(&routes, 2, peer));
+        routes.reverse();
+        assert!(!onlink6(&routes, 2, peer));
+        // A more specific route with a gateway: behind a router.
+        let routes = vec![
+            (Some(2), route("fc00::/64", None, 256)),
+            (Some(2), route("fc00::12/128", Some("fc00::13"), 1024)),
+        ];
+        assert!(!onlink6(&routes, 2, peer));
+    }
 }

@@ -274,12 +274,17 @@ pub async fn sync(
     nl: &Netlink,
     vtep: u32,
     underlay: u32,
-    network: &Subnet6,
+    conf: &NetConf6,
     want: &Desired6,
 ) -> anyhow::Result<Changed> {
     let mut c = Changed::default();
-    // Ours: gateway routes into the IPv6Network; anything else an operator's.
-    let ours = |r: &KernelRoute6| r.gateway.is_some() && network.contains_subnet(&r.dst);
+    // Ours: gateway routes to one subnet of the IPv6Network; anything else
+    // (a route to the whole Network, say) an operator's.
+    let ours = |r: &KernelRoute6| {
+        r.gateway.is_some()
+            && conf.network.contains_subnet(&r.dst)
+            && r.dst.prefix_len() == conf.subnet_len
+    };
     let direct = nl.routes6_via(underlay).await?;
     for r in direct.iter().filter(|r| ours(r)) {
         if want.direct.get(&r.dst) != r.gateway.as_ref() {
@@ -294,11 +299,23 @@ pub async fn sync(
         .iter()
         .filter_map(|r| Some((r.dst, r.gateway?)))
         .collect();
+    // One route the kernel refuses (a lease naming one of our own addresses
+    // as a peer's, say) does not keep the others out.
+    let mut refused = Vec::new();
     for (dst, gw) in &want.direct {
         if !have.contains(&(*dst, *gw)) {
-            nl.replace_route6(underlay, *dst, *gw, false).await?;
-            c.written += 1;
+            match nl.replace_route6(underlay, *dst, *gw, false).await {
+                Ok(()) => c.written += 1,
+                Err(e) => refused.push(format!("{e:#}")),
+            }
         }
+    }
+    if !refused.is_empty() {
+        anyhow::bail!(
+            "{} IPv6 direct routes refused: {}",
+            refused.len(),
+            refused.join("; ")
+        );
     }
     Ok(c)
 }
@@ -499,7 +516,7 @@ impl Overlay6 {
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
         let peers = want.routes.len() + want.direct.len();
         (self.peers, self.skipped) = (peers, skipped.len());
-        let c = sync(nl, self.index, self.underlay.0, &self.conf.network, &want).await?;
+        let c = sync(nl, self.index, self.underlay.0, &self.conf, &want).await?;
         self.applied = want.clone();
         if c != Changed::default() {
             log::info!(
