@@ -48,6 +48,8 @@ pub struct VtepSpec {
 pub struct KernelRoute {
     pub dst: Subnet,
     pub gateway: Option<Ipv4Addr>,
+    /// The route's metric: of two with one prefix the lower one is used.
+    pub metric: u32,
     message: RouteMessage,
 }
 
@@ -58,6 +60,7 @@ impl KernelRoute {
         KernelRoute {
             dst,
             gateway,
+            metric: 0,
             message: RouteMessage::default(),
         }
     }
@@ -409,9 +412,11 @@ impl Netlink {
             let mut oif = None;
             let mut dst = Ipv4Addr::UNSPECIFIED;
             let mut gateway = None;
+            let mut metric = 0;
             for a in &r.attributes {
                 match a {
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(m) => metric = *m,
                     RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
                     RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
                     _ => {}
@@ -425,6 +430,7 @@ impl Netlink {
                 KernelRoute {
                     dst,
                     gateway,
+                    metric,
                     message: r,
                 },
             ));
@@ -607,12 +613,13 @@ fn neigh_fields(
 }
 
 /// Whether `ip` is on-link through `underlay`: the longest matching route
-/// leaves by that device with no gateway (Flannel's DirectRouting test).
+/// leaves by that device with no gateway (Flannel's DirectRouting test);
+/// of equally long ones, the lowest metric, as the kernel picks.
 pub fn onlink(routes: &[(Option<u32>, KernelRoute)], underlay: u32, ip: Ipv4Addr) -> bool {
     routes
         .iter()
         .filter(|(_, r)| r.dst.contains(ip))
-        .max_by_key(|(_, r)| r.dst.prefix_len())
+        .max_by_key(|(_, r)| (r.dst.prefix_len(), std::cmp::Reverse(r.metric)))
         .is_some_and(|(oif, r)| *oif == Some(underlay) && r.gateway.is_none())
 }
 
@@ -626,4 +633,24 @@ pub fn check_ifname(name: &str) -> anyhow::Result<()> {
         bail!("{name:?} is not a valid interface name");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_link_takes_the_lowest_metric_of_equally_long_routes() {
+        let net: Subnet = "10.1.5.0/24".parse().unwrap();
+        let with_metric = |metric| KernelRoute {
+            metric,
+            ..KernelRoute::synthetic(net, None)
+        };
+        let peer = Ipv4Addr::new(10, 1, 5, 12);
+        let mut routes = vec![(Some(2), with_metric(100)), (Some(3), with_metric(50))];
+        assert!(!onlink(&routes, 2, peer), "eth1's route is used");
+        routes.reverse();
+        assert!(!onlink(&routes, 2, peer), "whatever the dump order");
+        assert!(onlink(&routes, 3, peer));
+    }
 }
