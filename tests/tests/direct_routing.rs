@@ -219,4 +219,35 @@ fn on_link_ipv6_peers_are_routed_directly_and_re_evaluated() {
         v6_dev_counter(&lab.nodes[2].ns, "rx_packets") >= rx3 + 5,
         "node 3 is now reached over VXLAN"
     );
+
+    // EnableIPv6 switched off (subnet.env kept, as on a node): the IPv6
+    // direct routes go with flannel-v6; the IPv4 ones stay.
+    let direct2 = direct(1);
+    lab.nodes[0].stop_agent().unwrap();
+    std::fs::write(
+        lab.lease_dir().join("config"),
+        format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan","DirectRouting":true}}}}"#),
+    )
+    .unwrap();
+    lab.spawn_agent(0).unwrap();
+    let n = &lab.nodes[0];
+    wait_for(
+        "the IPv6 direct routes to go",
+        Duration::from_secs(10),
+        || {
+            let r = n.ns.sh("ip -6 route show").ok()?;
+            (!r.contains(&direct2) && n.ns.sh("ip link show flannel-v6.1").is_err()).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
+    assert!(
+        n.log_text()
+            .contains("IPv6 off: removed 1 routes to fd00:10:244::/56 from eth0"),
+        "{}",
+        lab.logs()
+    );
+    assert!(n.ns.sh("ip -4 route show").unwrap().contains(&format!(
+        "{} via 10.1.5.12 dev eth0",
+        lab.nodes[1].subnet.clone().unwrap()
+    )));
 }

@@ -144,7 +144,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
     let mut setup = setup;
     let tables = setup.ebpf.as_ref().map(|(t, _)| t);
-    setup.v6 = set_up_v6(&conf, &nl, &joined, &snap, guarded, tables).await?;
+    setup.v6 = set_up_v6(
+        &conf,
+        &nl,
+        &joined,
+        &snap,
+        guarded,
+        tables,
+        &args.subnet_file,
+    )
+    .await?;
     sysctl::warn_if_not_forwarding();
     let mut running = first_passes(&args, &conf, &nl, &joined, setup, guard, &snap).await?;
     drop(snap);
@@ -322,6 +331,7 @@ pub(super) async fn set_up_v6(
     snap: &Snapshot,
     guarded: bool,
     tables: Option<&Tables>,
+    subnet_file: &std::path::Path,
 ) -> anyhow::Result<
     Option<(
         crate::node::overlay6::Overlay6,
@@ -339,6 +349,25 @@ pub(super) async fn set_up_v6(
             log::info!("IPv6 off: deleted {name}");
         }
         crate::node::guard::remove6();
+        // And DirectRouting/host-gw routes of the last run (subnet.env says
+        // which IPv6Network and subnet length it had).
+        let previous = subnet_env::previous_network6(subnet_file)
+            .zip(subnet_env::previous_subnet6(subnet_file));
+        if let Some((network6, subnet6)) = previous {
+            let n = overlay6::remove_direct_routes(
+                nl,
+                joined.underlay.link.index,
+                &network6,
+                subnet6.prefix_len(),
+            )
+            .await?;
+            if n > 0 {
+                log::info!(
+                    "IPv6 off: removed {n} routes to {network6} from {}",
+                    joined.underlay.link.name
+                );
+            }
+        }
         if let Some(t) = tables {
             // IPv6 switched off: the programs stop judging it.
             t.set_config6(None)?;

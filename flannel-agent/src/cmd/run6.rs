@@ -174,9 +174,17 @@ pub async fn run(
         Some((t, l, h)) => (Some(t), Some((l, h))),
         None => (None, None),
     };
-    let (mut o6, mut guard6, mtu) = set_up_v6(conf, &nl, &joined, &snap, guarded, tables.as_ref())
-        .await?
-        .context("IPv6-only: flannel-v6 was not set up")?;
+    let (mut o6, mut guard6, mtu) = set_up_v6(
+        conf,
+        &nl,
+        &joined,
+        &snap,
+        guarded,
+        tables.as_ref(),
+        &args.subnet_file,
+    )
+    .await?
+    .context("IPv6-only: flannel-v6 was not set up")?;
     if let (Some(t), Some((loaded, hook))) = (&tables, loaded) {
         // The maps hold every IPv6 peer now: attach.
         let (attached, mut pod) = loaded

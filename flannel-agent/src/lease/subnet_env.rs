@@ -32,6 +32,16 @@ pub fn render(
 }
 
 /// The IPv6 subnet a previous run wrote, for reuse after a restart.
+/// The IPv6Network of an earlier run's subnet.env (FLANNEL_IPV6_NETWORK).
+pub fn previous_network6(path: &Path) -> Option<Subnet6> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_NETWORK="))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 pub fn previous_subnet6(path: &Path) -> Option<Subnet6> {
     let text = fs::read_to_string(path).ok()?;
     let value = text

@@ -278,13 +278,7 @@ pub async fn sync(
     want: &Desired6,
 ) -> anyhow::Result<Changed> {
     let mut c = Changed::default();
-    // Ours: gateway routes to one subnet of the IPv6Network; anything else
-    // (a route to the whole Network, say) an operator's.
-    let ours = |r: &KernelRoute6| {
-        r.gateway.is_some()
-            && conf.network.contains_subnet(&r.dst)
-            && r.dst.prefix_len() == conf.subnet_len
-    };
+    let ours = |r: &KernelRoute6| is_ours(r, &conf.network, conf.subnet_len);
     let direct = nl.routes6_via(underlay).await?;
     for r in direct.iter().filter(|r| ours(r)) {
         if want.direct.get(&r.dst) != r.gateway.as_ref() {
@@ -318,6 +312,30 @@ pub async fn sync(
         );
     }
     Ok(c)
+}
+
+/// Ours: gateway routes to one subnet of the IPv6Network; anything else (a
+/// route to the whole Network, say) an operator's.
+fn is_ours(r: &KernelRoute6, network: &Subnet6, subnet_len: u8) -> bool {
+    r.gateway.is_some() && network.contains_subnet(&r.dst) && r.dst.prefix_len() == subnet_len
+}
+
+/// IPv6 switched off: the DirectRouting and host-gw routes an earlier run
+/// put on the underlay for `network`'s /`subnet_len` subnets go too.
+pub async fn remove_direct_routes(
+    nl: &Netlink,
+    underlay: u32,
+    network: &Subnet6,
+    subnet_len: u8,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for r in nl.routes6_via(underlay).await? {
+        if is_ours(&r, network, subnet_len) {
+            nl.delete_route6(&r).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// flannel-v6's part of [`sync`].
