@@ -126,6 +126,15 @@ impl Node {
         Ipv4Addr::from(u32::from(self.pod_ip()) - 10)
     }
 
+    /// A device's counter on this node (`rx_packets` of `flannel-v6.1`, say).
+    pub fn dev_stat(&self, dev: &str, stat: &str) -> u64 {
+        self.ns
+            .sh(&format!("cat /sys/class/net/{dev}/statistics/{stat}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {stat} for {dev} on {}", self.name))
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -93,17 +93,6 @@ fn on_link_peers_are_routed_directly_and_re_evaluated() {
     );
 }
 
-/// The device counter `name` (rx_packets, tx_packets) of flannel-v6.1 on `ns`.
-fn v6_dev_counter(ns: &flannel_tests::netns::Netns, name: &str) -> u64 {
-    ns.sh(&format!(
-        "cat /sys/class/net/flannel-v6.1/statistics/{name}"
-    ))
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap()
-}
-
 /// Dual-stack with DirectRouting: on-link peers' IPv6 subnets are routed
 /// `via <PublicIPv6>` on the underlay (no VXLAN over IPv6 either way), and a
 /// peer that moves behind a router goes back to flannel-v6.
@@ -166,8 +155,8 @@ fn on_link_ipv6_peers_are_routed_directly_and_re_evaluated() {
     assert!(!perm.contains("PERMANENT"), "{perm}");
     for i in [1, 2] {
         let (rx, tx) = (
-            v6_dev_counter(&lab.nodes[i].ns, "rx_packets"),
-            v6_dev_counter(&lab.nodes[i].ns, "tx_packets"),
+            lab.nodes[i].dev_stat("flannel-v6.1", "rx_packets"),
+            lab.nodes[i].dev_stat("flannel-v6.1", "tx_packets"),
         );
         wait_reachable(&n.pod, lab.nodes[i].pod_ip6(), Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
@@ -182,8 +171,8 @@ fn on_link_ipv6_peers_are_routed_directly_and_re_evaluated() {
         // Plain IPv6 on the underlay both ways: the peer's VXLAN device is idle.
         assert_eq!(
             (
-                v6_dev_counter(&lab.nodes[i].ns, "rx_packets"),
-                v6_dev_counter(&lab.nodes[i].ns, "tx_packets")
+                lab.nodes[i].dev_stat("flannel-v6.1", "rx_packets"),
+                lab.nodes[i].dev_stat("flannel-v6.1", "tx_packets")
             ),
             (rx, tx),
             "node {} saw VXLAN over IPv6",
@@ -208,7 +197,7 @@ fn on_link_ipv6_peers_are_routed_directly_and_re_evaluated() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
     assert!(n.ns.sh("ip -6 route show").unwrap().contains(&direct(1)));
-    let rx3 = v6_dev_counter(&lab.nodes[2].ns, "rx_packets");
+    let rx3 = lab.nodes[2].dev_stat("flannel-v6.1", "rx_packets");
     wait_reachable(&n.pod, lab.nodes[2].pod_ip6(), Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", lab.ipv6_tables(), lab.logs()));
     assert_eq!(
@@ -216,7 +205,7 @@ fn on_link_ipv6_peers_are_routed_directly_and_re_evaluated() {
         (5, 5)
     );
     assert!(
-        v6_dev_counter(&lab.nodes[2].ns, "rx_packets") >= rx3 + 5,
+        lab.nodes[2].dev_stat("flannel-v6.1", "rx_packets") >= rx3 + 5,
         "node 3 is now reached over VXLAN"
     );
 

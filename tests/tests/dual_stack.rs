@@ -105,15 +105,7 @@ fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
     );
     all_pairs_reach(&lab);
     // IPv6 from the stock node is decapsulated by our programs, not by flannel-v6.
-    let v6_rx = || -> u64 {
-        lab.nodes[0]
-            .ns
-            .sh("cat /sys/class/net/flannel-v6.1/statistics/rx_packets")
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let v6_rx = || lab.nodes[0].dev_stat("flannel-v6.1", "rx_packets");
     let (decap, kernel) = (lab.counter(0, "rx_decap"), v6_rx());
     assert_eq!(
         ping(&lab.nodes[1].pod, lab.nodes[0].pod_ip6(), 10, 0.02).unwrap(),
@@ -126,15 +118,7 @@ fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
         "flannel-v6 decapsulated what the programs should have"
     );
     // And our programs encapsulate IPv6 towards it; its kernel decapsulates.
-    let stock_rx = || -> u64 {
-        lab.nodes[1]
-            .ns
-            .sh("cat /sys/class/net/flannel-v6.1/statistics/rx_packets")
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let stock_rx = || lab.nodes[1].dev_stat("flannel-v6.1", "rx_packets");
     let (encap, theirs) = (lab.counter(0, "tx_encap"), stock_rx());
     assert_eq!(
         ping(&lab.nodes[0].pod, lab.nodes[1].pod_ip6(), 10, 0.02).unwrap(),

@@ -11,14 +11,6 @@ use flannel_tests::{
     traffic::{ping, tcp_exchange, wait_reachable},
 };
 
-fn rx_packets(n: &flannel_tests::lab::Node, dev: &str) -> u64 {
-    n.ns.sh(&format!("cat /sys/class/net/{dev}/statistics/rx_packets"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
     if !prereq::ready("ipv6_only_with_stock") {
@@ -100,24 +92,27 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
 
     all_pairs_reach(&lab);
     // IPv6 from the stock node is decapsulated by our programs.
-    let (decap, kernel) = (lab.counter(0, "rx_decap"), rx_packets(ours, "flannel-v6.1"));
+    let (decap, kernel) = (
+        lab.counter(0, "rx_decap"),
+        ours.dev_stat("flannel-v6.1", "rx_packets"),
+    );
     assert_eq!(
         ping(&stock.pod, ours.pod_ip6(), 10, 0.02).unwrap(),
         (10, 10)
     );
     assert!(lab.counter(0, "rx_decap") - decap >= 10, "{}", lab.logs());
-    assert_eq!(rx_packets(ours, "flannel-v6.1") - kernel, 0);
+    assert_eq!(ours.dev_stat("flannel-v6.1", "rx_packets") - kernel, 0);
     // And encapsulated by them towards it; its kernel decapsulates.
     let (encap, theirs) = (
         lab.counter(0, "tx_encap"),
-        rx_packets(stock, "flannel-v6.1"),
+        stock.dev_stat("flannel-v6.1", "rx_packets"),
     );
     assert_eq!(
         ping(&ours.pod, stock.pod_ip6(), 10, 0.02).unwrap(),
         (10, 10)
     );
     assert!(lab.counter(0, "tx_encap") - encap >= 10, "{}", lab.logs());
-    assert!(rx_packets(stock, "flannel-v6.1") - theirs >= 10);
+    assert!(stock.dev_stat("flannel-v6.1", "rx_packets") - theirs >= 10);
     // Bulk TCP both ways, content checked.
     tcp_exchange(&ours.pod, &stock.pod, stock.pod_ip6(), 5301, 4 << 20)
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
@@ -246,12 +241,12 @@ fn three_ipv6_only_nodes_over_a_routed_underlay() {
         .unwrap_or_else(|e| panic!("uninstall: {e}"));
     assert!(!n0.pin_root.exists(), "pin root left behind");
     // The replies are decapsulated by n1's own flannel-v6.1 now.
-    let rx = rx_packets(n0, "flannel-v6.1");
+    let rx = n0.dev_stat("flannel-v6.1", "rx_packets");
     assert_eq!(
         ping(&n0.pod, lab.nodes[2].pod_ip6(), 3, 0.05).unwrap(),
         (3, 3)
     );
-    assert!(rx_packets(n0, "flannel-v6.1") >= rx + 3);
+    assert!(n0.dev_stat("flannel-v6.1", "rx_packets") >= rx + 3);
 }
 
 /// The membership promise on an IPv6-only node: VXLAN from a host that is

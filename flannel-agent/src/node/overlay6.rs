@@ -269,9 +269,11 @@ pub struct Changed {
 /// them), stale ones in the reverse order, every stale one before any new
 /// one (a peer moving between the underlay and flannel-v6 keeps its subnet
 /// in one place). Kernel-made entries (link-local routes, learnt
-/// neighbours) and routes outside the IPv6Network are left alone.
+/// neighbours) and routes outside the IPv6Network are left alone. `main`:
+/// this pass's dump of the main table.
 pub async fn sync(
     nl: &Netlink,
+    main: &[(Option<u32>, KernelRoute6)],
     vtep: u32,
     underlay: u32,
     conf: &NetConf6,
@@ -279,7 +281,12 @@ pub async fn sync(
 ) -> anyhow::Result<Changed> {
     let mut c = Changed::default();
     let ours = |r: &KernelRoute6| is_ours(r, &conf.network, conf.subnet_len);
-    let direct = nl.routes6_via(underlay).await?;
+    let via = |index: u32| {
+        main.iter()
+            .filter(move |(oif, _)| *oif == Some(index))
+            .map(|(_, r)| r)
+    };
+    let direct: Vec<&KernelRoute6> = via(underlay).collect();
     for r in direct.iter().filter(|r| ours(r)) {
         if want.direct.get(&r.dst) != r.gateway.as_ref() {
             nl.delete_route6(r).await?;
@@ -287,7 +294,7 @@ pub async fn sync(
         }
     }
     if vtep != 0 {
-        sync_vtep(nl, vtep, &ours, want, &mut c).await?;
+        sync_vtep(nl, vtep, via(vtep).filter(|r| ours(r)), want, &mut c).await?;
     }
     let have: BTreeSet<(Subnet6, Ipv6Addr)> = direct
         .iter()
@@ -338,16 +345,15 @@ pub async fn remove_direct_routes(
     Ok(n)
 }
 
-/// flannel-v6's part of [`sync`].
-async fn sync_vtep(
+/// flannel-v6's part of [`sync`]; `routes`: ours on flannel-v6.
+async fn sync_vtep<'r>(
     nl: &Netlink,
     index: u32,
-    ours: &dyn Fn(&KernelRoute6) -> bool,
+    routes: impl Iterator<Item = &'r KernelRoute6> + Clone,
     want: &Desired6,
     c: &mut Changed,
 ) -> anyhow::Result<()> {
-    let routes = nl.routes6_via(index).await?;
-    for r in routes.iter().filter(|r| ours(r)) {
+    for r in routes.clone() {
         if want.routes.get(&r.dst) != r.gateway.as_ref() {
             nl.delete_route6(r).await?;
             c.removed += 1;
@@ -385,10 +391,8 @@ async fn sync_vtep(
             c.written += 1;
         }
     }
-    let have_routes: BTreeSet<(Subnet6, Ipv6Addr)> = routes
-        .iter()
-        .filter_map(|r| Some((r.dst, r.gateway?)))
-        .collect();
+    let have_routes: BTreeSet<(Subnet6, Ipv6Addr)> =
+        routes.filter_map(|r| Some((r.dst, r.gateway?))).collect();
     for (dst, gw) in &want.routes {
         if !have_routes.contains(&(*dst, *gw)) {
             nl.replace_route6(index, *dst, *gw, true).await?;
@@ -475,10 +479,7 @@ impl Overlay6 {
         let mut skipped = Vec::new();
         // The on-link test against this pass's routes: a peer that moves
         // behind a router (or back) changes sides at the next pass.
-        let main = match self.routing {
-            Routing6::Vxlan => Vec::new(),
-            _ => nl.routes6().await?,
-        };
+        let main = nl.routes6().await?;
         let onlink = |ip| crate::netlink::v6::onlink6(&main, self.underlay.0, ip);
         let reach = Reach6 {
             routing: self.routing,
@@ -534,7 +535,7 @@ impl Overlay6 {
             .retain(|k| skipped.iter().any(|(key, _)| key == k));
         let peers = want.routes.len() + want.direct.len();
         (self.peers, self.skipped) = (peers, skipped.len());
-        let c = sync(nl, self.index, self.underlay.0, &self.conf, &want).await?;
+        let c = sync(nl, &main, self.index, self.underlay.0, &self.conf, &want).await?;
         self.applied = want.clone();
         if c != Changed::default() {
             log::info!(
