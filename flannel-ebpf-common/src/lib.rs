@@ -29,6 +29,8 @@ pub const MAP_CONFIG6: &str = "CONFIG6";
 pub const MAP_FDB6: &str = "FDB6";
 pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
 pub const MAP_POD_HOPS: &str = "POD_HOPS";
+pub const MAP_ROUTE6: &str = "ROUTE6";
+pub const MAP_STACK_FLOWS6: &str = "STACK_FLOWS6";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
@@ -269,7 +271,48 @@ pub struct NodeConfig6 {
     /// flannel-v6's MAC: the inner destination of a member's frame.
     pub vtep_mac6: [u8; 6],
     pub network6_len: u8,
-    pub _pad: u8,
+    /// Our IPv6 subnet's length (0: not known; the direct path stays off
+    /// for IPv6). Every IPv6 subnet of a cluster has this length
+    /// (IPv6SubnetLen), so ROUTE6 is an exact-match table keyed by it.
+    pub subnet6_len: u8,
+    /// Our IPv6 subnet: the direct path's pod sources and destinations.
+    pub subnet6: [u8; 16],
+    /// flannel-v6's MTU: what the direct path sends over IPv6 unfragmented.
+    pub vtep6_mtu: u32,
+}
+
+/// Key of ROUTE6: a remote IPv6 subnet's network address (its length is
+/// [`NodeConfig6::subnet6_len`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Route6Key {
+    pub subnet6: [u8; 16],
+}
+
+/// ROUTE6 value: what the direct path needs to encapsulate toward the node
+/// holding a remote IPv6 subnet — one lookup (the mirror of flanneld's
+/// `<subnet6> via <subnet6>:: dev flannel-v6.1 onlink` route with its
+/// neighbour and FDB entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Route6Value {
+    pub node_ip6: [u8; 16],
+    pub vtep_mac6: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The node's stats slot, u32::MAX for none.
+    pub peer_slot: u32,
+}
+
+/// Key of STACK_FLOWS6: [`FlowKey`] for IPv6 flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// FDB6 value: a member's flannel-v6 VtepMAC → its public IPv6 address and
@@ -431,6 +474,12 @@ counters! {
     /// in front of the transport: no VTEP sends that, and it would hide
     /// VXLAN from the checks.
     RxDropIpv6ExtChain = 34, "rx_drop_ipv6_ext_chain";
+    /// Direct path, egress: a pod's IPv6 packet encapsulated at cni0 and
+    /// sent over the IPv6 underlay without the host stack.
+    TxDirect6 = 35, "tx_direct6";
+    /// Direct path, ingress: a decapsulated IPv6 packet handed to cni0 for
+    /// its pod without the host stack.
+    RxDirect6 = 36, "rx_direct6";
 }
 
 pub const COUNTER_SLOTS: u32 = 48;
@@ -452,4 +501,7 @@ mod pod {
     unsafe impl aya::Pod for PodHop {}
     unsafe impl aya::Pod for NodeConfig6 {}
     unsafe impl aya::Pod for Fdb6Value {}
+    unsafe impl aya::Pod for Route6Key {}
+    unsafe impl aya::Pod for Route6Value {}
+    unsafe impl aya::Pod for FlowKey6 {}
 }

@@ -144,6 +144,14 @@ impl Hook for Xdp {
     fn deliver(&self, _cfg: &NodeConfig, _inner_len: u32) -> u32 {
         XDP_PASS
     }
+
+    #[inline(always)]
+    fn gso_to_stack6(&self, _cfg: &NodeConfig) {}
+
+    #[inline(always)]
+    fn deliver6(&self, _cfg: &NodeConfig, _inner_len: u32) -> u32 {
+        XDP_PASS
+    }
 }
 
 #[inline(always)]

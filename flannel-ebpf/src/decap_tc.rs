@@ -14,7 +14,7 @@ use aya_ebpf::{
 use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
-    deliver,
+    deliver, direct6,
     maps::{config, count},
     packet::{ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, Ipv4Hdr, UdpHdr, be16},
     rx::{self, Hook, Link, Overlay},
@@ -138,5 +138,16 @@ impl Hook for Tc {
                 TC_ACT_OK
             }
         }
+    }
+
+    #[inline(always)]
+    fn gso_to_stack6(&self, cfg: &NodeConfig) {
+        // Outer Ethernet, IPv6, UDP, VXLAN, inner Ethernet.
+        direct6::stack_carries6(&self.0, cfg, ETH_LEN + 40 + 8 + 8 + ETH_LEN);
+    }
+
+    #[inline(always)]
+    fn deliver6(&self, cfg: &NodeConfig, inner_len: u32) -> i32 {
+        direct6::deliver6(&self.0, cfg, inner_len)
     }
 }

@@ -20,7 +20,12 @@ use crate::{
 #[classifier]
 pub fn flannel_encap6(ctx: TcContext) -> i32 {
     match (config(), config6()) {
-        (Some(cfg), Some(cfg6)) => encap6(&ctx, cfg, cfg6),
+        (Some(cfg), Some(cfg6)) => {
+            // Noted before anything else: even a packet the kernel device
+            // ends up sending went through the stack.
+            crate::direct6::stack_sends6(&ctx, cfg);
+            encap6(&ctx, cfg, cfg6)
+        }
         _ => TC_ACT_OK,
     }
 }

@@ -5,9 +5,9 @@
 //! INVALID). Every overlay packet the stack handles passes one of our
 //! programs, which note its flow in STACK_FLOWS; the direct path looks there.
 use aya_ebpf::programs::TcContext;
-use flannel_ebpf_common::FlowKey;
+use flannel_ebpf_common::{FlowKey, FlowKey6};
 
-use crate::packet::{ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, Ports};
+use crate::packet::{ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, Ipv4Hdr, Ipv6Hdr, Ports};
 
 /// Which end of `ip` is on this node.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -84,6 +84,54 @@ pub fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
         .is_none_or(|[t, _]| t != ICMP_ECHO_REPLY && t != ICMP_ECHO)
 }
 
+/// The flow of the IPv6 packet whose header is at `ip6_off`, from this
+/// node's side. None: unreadable.
+#[inline(always)]
+pub fn key6_at(ctx: &TcContext, ip6_off: usize, side: Side) -> Option<FlowKey6> {
+    let ip6 = crate::packet::skb_read::<Ipv6Hdr>(ctx, ip6_off)?;
+    Some(key6(ctx, &ip6, ip6_off, side))
+}
+
+/// [`key6_at`] of an IPv6 header (copied to `ip6`). Ports come from a
+/// TCP/UDP header right behind it (0 behind extension headers or for
+/// another protocol).
+#[inline(always)]
+pub fn key6(ctx: &TcContext, ip6: &Ipv6Hdr, ip6_off: usize, side: Side) -> FlowKey6 {
+    let ports = if ip6.next_header == IPPROTO_TCP || ip6.next_header == IPPROTO_UDP {
+        crate::packet::skb_read::<Ports>(ctx, ip6_off + 40)
+    } else {
+        None
+    };
+    let (sp, dp) = ports.map_or(([0; 2], [0; 2]), |p| (p.src, p.dst));
+    match side {
+        Side::Out => FlowKey6 {
+            local: ip6.saddr,
+            remote: ip6.daddr,
+            local_port: sp,
+            remote_port: dp,
+            proto: ip6.next_header,
+            _pad: [0; 3],
+        },
+        Side::In => FlowKey6 {
+            local: ip6.daddr,
+            remote: ip6.saddr,
+            local_port: dp,
+            remote_port: sp,
+            proto: ip6.next_header,
+            _pad: [0; 3],
+        },
+    }
+}
+
+/// An ICMPv6 error (types below 128) right behind the IPv6 header at
+/// `ip6_off`: like ICMP's, the stack's to carry. Unreadable: the stack's too.
+#[inline(always)]
+pub fn icmp6_error(ctx: &TcContext, ip6_off: usize, next_header: u8) -> bool {
+    next_header == IPPROTO_ICMPV6
+        && crate::packet::skb_read::<[u8; 2]>(ctx, ip6_off + 40).is_none_or(|[t, _]| t < 128)
+}
+
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;

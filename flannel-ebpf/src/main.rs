@@ -8,6 +8,7 @@ mod csum;
 mod decap;
 mod decap_tc;
 mod deliver;
+mod direct6;
 mod encap;
 mod encap6;
 mod flows;

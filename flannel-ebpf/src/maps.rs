@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey,
-    MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NextHop6, NodeConfig, NodeConfig6,
-    POD_HOP_SLOTS, PeerStats, PodHop, RouteValue,
+    FlowKey6, MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NextHop6, NodeConfig,
+    NodeConfig6, POD_HOP_SLOTS, PeerStats, PodHop, Route6Key, Route6Value, RouteValue,
 };
 
 #[btf_map]
@@ -51,6 +51,16 @@ pub static FDB6: HashMap<FdbKey, Fdb6Value, { MAX_NODES as usize }> = HashMap::n
 /// Per peer slot and CPU: the IPv6 underlay next hop last resolved.
 #[btf_map]
 pub static NEXT_HOPS6: PerCpuArray<NextHop6, { MAX_NODES as usize }> = PerCpuArray::new();
+
+/// Dual-stack direct path: remote IPv6 subnet (exact, by IPv6SubnetLen) →
+/// the member behind it.
+#[btf_map]
+pub static ROUTE6: HashMap<Route6Key, Route6Value, { MAX_NODES as usize }> = HashMap::new();
+
+/// [`STACK_FLOWS`] for IPv6 flows.
+#[btf_map]
+pub static STACK_FLOWS6: LruHashMap<FlowKey6, u64, { MAX_STACK_FLOWS as usize }> =
+    LruHashMap::new();
 
 /// Per CPU: the direct path's last delivery answers for local pods.
 #[btf_map]
@@ -120,6 +130,36 @@ pub fn remember_stack_flow(key: &FlowKey) {
 pub fn note_stack_flow(key: &FlowKey) {
     // A full map evicts its least recently used flow; nothing to do on error.
     let _ = STACK_FLOWS.insert(key, now_ns(), 0);
+}
+
+/// Whether the host stack carries this IPv6 flow.
+#[inline(always)]
+pub fn on_stack6(key: &FlowKey6) -> bool {
+    unsafe { STACK_FLOWS6.get(key) }.is_some()
+}
+
+/// [`remember_stack_flow`] for IPv6.
+#[inline(always)]
+pub fn remember_stack_flow6(key: &FlowKey6) {
+    if !on_stack6(key) {
+        note_stack_flow6(key);
+    }
+}
+
+/// [`note_stack_flow`] for IPv6.
+#[inline(always)]
+pub fn note_stack_flow6(key: &FlowKey6) {
+    let _ = STACK_FLOWS6.insert(key, now_ns(), 0);
+}
+
+/// The remote IPv6 subnet holding `addr` (subnets `len` bits long), and the
+/// member behind it.
+#[inline(always)]
+pub fn route6_lookup(addr: &[u8; 16], len: u8) -> Option<Route6Value> {
+    let key = Route6Key {
+        subnet6: crate::rx6::prefix6(addr, len),
+    };
+    ROUTE6.get_ptr(&key).map(|v| unsafe { *v })
 }
 
 /// This CPU's cached next hop of a peer slot.

@@ -12,8 +12,6 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NextHop, NextHop6};
 
-use crate::maps::now_ns;
-
 /// Where the outer packet goes.
 pub(crate) struct Hop {
     pub ifindex: u32,
@@ -37,27 +35,37 @@ pub(crate) trait HopEntry {
     fn next_id(&mut self, segs: u16) -> u16;
 }
 
-/// The next hop toward `addr`: the entry's while it is fresh and for the
-/// same address, else `lookup`'s, cached when resolved. `segs`: how many
-/// packets this one becomes on the wire (GSO), for the ID counter.
+/// The next hop toward `addr` from the cache entry while it is fresh and
+/// for the same address (taking its next outer IDs). None: look it up, then
+/// [`remember`] it. `segs`: how many packets this one becomes on the wire
+/// (GSO), for the ID counter. Two calls around the caller's lookup rather
+/// than one taking a closure: LLVM may outline a closure, and BTF cannot
+/// describe the Result it would return.
 #[inline(always)]
-pub(crate) fn cached<E: HopEntry>(
+pub(crate) fn fresh<E: HopEntry>(
+    entry: &mut Option<&mut E>,
+    addr: &E::Addr,
+    segs: u16,
+    now: u64,
+) -> Option<Hop> {
+    let c = entry.as_deref_mut()?;
+    if c.resolved_for() == Some(addr) && now.wrapping_sub(c.resolved_ns()) < NEXT_HOP_TTL_NS {
+        let mut hop = c.hop();
+        hop.ip_id = c.next_id(segs);
+        return Some(hop);
+    }
+    None
+}
+
+/// Cache a hop just looked up (when resolved) and give it its outer ID.
+#[inline(always)]
+pub(crate) fn remember<E: HopEntry>(
     entry: Option<&mut E>,
     addr: &E::Addr,
     segs: u16,
-    lookup: impl FnOnce() -> Result<Hop, Counter>,
-) -> Result<Hop, Counter> {
-    let now = now_ns();
-    let mut entry = entry;
-    if let Some(c) = entry.as_deref_mut()
-        && c.resolved_for() == Some(addr)
-        && now.wrapping_sub(c.resolved_ns()) < NEXT_HOP_TTL_NS
-    {
-        let mut hop = c.hop();
-        hop.ip_id = c.next_id(segs);
-        return Ok(hop);
-    }
-    let mut hop = lookup()?;
+    now: u64,
+    mut hop: Hop,
+) -> Hop {
     match entry {
         Some(c) if !hop.resolve => {
             c.store(addr, &hop, now);
@@ -66,7 +74,7 @@ pub(crate) fn cached<E: HopEntry>(
         // No counter runs (an unresolved neighbour): a random ID.
         _ => hop.ip_id = unsafe { bpf_get_prandom_u32() } as u16,
     }
-    Ok(hop)
+    hop
 }
 
 impl HopEntry for NextHop {

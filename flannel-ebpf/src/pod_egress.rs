@@ -11,7 +11,7 @@ use flannel_ebpf_common::{Counter, NAT_MARK, NodeConfig, RouteValue, in_prefix};
 use crate::{
     flows::{self, Side, icmp_error},
     maps::{config, count, direct_path, on_stack, route_lookup},
-    packet::{ETH_LEN, ETH_P_IPV4, EthHdr, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
+    packet::{ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
     tunnel::{self, Peer},
 };
 
@@ -39,19 +39,30 @@ pub fn flannel_pod_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn pod_egress(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
-    let (Some(eth), Some(ip)) = (
-        skb_read::<EthHdr>(ctx, 0),
-        skb_read::<Ipv4Hdr>(ctx, ETH_LEN),
-    ) else {
+    let Some(eth) = skb_read::<EthHdr>(ctx, 0) else {
         return TC_ACT_OK;
     };
-    // Only unicast IPv4 addressed to the host (the pods' gateway MAC) is
+    // Only unicast IP addressed to the host (the pods' gateway MAC) is
     // routed by the host; a frame cni0 sees only because it is promiscuous
     // (tcpdump) is not the host's to forward.
     let skb = unsafe { &*ctx.skb.skb };
-    if be16(&eth.proto) != ETH_P_IPV4 || eth.dst[0] & 1 != 0 || skb.pkt_type != PACKET_HOST {
+    if eth.dst[0] & 1 != 0 || skb.pkt_type != PACKET_HOST {
         return TC_ACT_OK;
     }
+    // Each family a subprogram: their stack frames could not be one.
+    match be16(&eth.proto) {
+        ETH_P_IPV4 => pod_egress4(ctx, cfg),
+        ETH_P_IPV6 => crate::direct6::egress6(ctx, cfg),
+        _ => TC_ACT_OK,
+    }
+}
+
+#[inline(never)]
+fn pod_egress4(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
+    let Some(ip) = skb_read::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return TC_ACT_OK;
+    };
+    let skb = unsafe { &*ctx.skb.skb };
     let Some(RouteValue {
         vtep_mac,
         node_ip,

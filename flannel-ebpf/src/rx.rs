@@ -291,6 +291,11 @@ pub trait Hook {
     fn strip(&self, inner_off: usize, plain: bool) -> bool;
     /// The stripped frame's way on (TC: the direct path, else the stack).
     fn deliver(&self, cfg: &NodeConfig, inner_len: u32) -> Self::Action;
+    /// [`Hook::gso_to_stack`] for a member's VXLAN over IPv6 (no outer
+    /// extension headers: the inner IPv6 header right behind the outer).
+    fn gso_to_stack6(&self, cfg: &NodeConfig);
+    /// [`Hook::deliver`] for a stripped IPv6 frame.
+    fn deliver6(&self, cfg: &NodeConfig, inner_len: u32) -> Self::Action;
 }
 
 /// A frame from the underlay, whichever hook sees it: checked, then
@@ -306,7 +311,11 @@ pub fn receive<H: Hook>(h: &H, cfg: &NodeConfig) -> H::Action {
             h.pass()
         }
         Link::Ipv4 { l2, ip } => receive4(h, cfg, l2, &ip, frame_len),
-        Link::Ipv6 { l2 } => crate::rx6::receive6(h, cfg, l2, frame_len),
+        Link::Ipv6 { l2 } => match crate::rx6::receive6(h, cfg, l2, frame_len) {
+            crate::rx6::PASS => h.pass(),
+            crate::rx6::DROP => h.drop(),
+            n => h.deliver6(cfg, n - crate::rx6::DELIVER),
+        },
     }
 }
 

@@ -15,7 +15,7 @@ use flannel_ebpf_common::{Counter, NodeConfig, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
-    maps::{count, next_hop_slot, peer as peer_stats},
+    maps::{count, next_hop_slot, now_ns, peer as peer_stats},
     next_hop::{self, Hop},
     packet::{
         ETH_LEN, ETH_P_IPV4, EthHdr, IPPROTO_UDP, IPV4_LEN, IPV4_VER_IHL, Ipv4Hdr, UdpHdr,
@@ -141,9 +141,13 @@ pub(crate) fn flow_hash(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn next_hop(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> Result<Hop, Counter> {
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u16;
-    next_hop::cached(next_hop_slot(peer.slot), &peer.node_ip, segs, || {
-        fib_next_hop(ctx, cfg, peer.node_ip)
-    })
+    let now = now_ns();
+    let mut slot = next_hop_slot(peer.slot);
+    if let Some(hop) = next_hop::fresh(&mut slot, &peer.node_ip, segs, now) {
+        return Ok(hop);
+    }
+    let hop = fib_next_hop(ctx, cfg, peer.node_ip)?;
+    Ok(next_hop::remember(slot, &peer.node_ip, segs, now, hop))
 }
 
 #[inline(always)]

@@ -18,7 +18,7 @@ use flannel_ebpf_common::{Counter, NodeConfig, NodeConfig6, VXLAN6_OVERHEAD};
 
 use crate::{
     csum::{fold, pseudo6, sum16},
-    maps::{count, next_hop6_slot, peer as peer_stats},
+    maps::{count, next_hop6_slot, now_ns, peer as peer_stats},
     next_hop::{self, Hop},
     packet::{
         ETH_LEN, ETH_P_IPV6, EthHdr, IPPROTO_UDP, Ipv6Hdr, VXLAN_FLAG_I, Vxlan6Frame, ptr_at,
@@ -189,9 +189,13 @@ fn next_hop6(
     node_ip6: &[u8; 16],
     slot: u32,
 ) -> Result<Hop, Counter> {
-    next_hop::cached(next_hop6_slot(slot), node_ip6, 1, || {
-        fib_next_hop6(ctx, cfg, cfg6, node_ip6)
-    })
+    let now = now_ns();
+    let mut entry = next_hop6_slot(slot);
+    if let Some(hop) = next_hop::fresh(&mut entry, node_ip6, 1, now) {
+        return Ok(hop);
+    }
+    let hop = fib_next_hop6(ctx, cfg, cfg6, node_ip6)?;
+    Ok(next_hop::remember(entry, node_ip6, 1, now, hop))
 }
 
 #[inline(always)]
@@ -206,16 +210,19 @@ fn fib_next_hop6(
     p.l4_protocol = IPPROTO_UDP;
     p.dport = cfg.port.to_be();
     p.ifindex = cfg.underlay_ifindex;
-    let words = |a: &[u8; 16]| {
-        let mut v = [0u32; 4];
-        let mut i = 0;
-        while i < 4 {
-            v[i] = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
-            i += 1;
-        }
-        v
-    };
     p.__bindgen_anon_3.ipv6_src = words(&cfg6.public_ip6);
     p.__bindgen_anon_4.ipv6_dst = words(node_ip6);
     next_hop::fib_lookup_outer(ctx, &mut p)
+}
+
+/// An IPv6 address as bpf_fib_lookup's four words (network order kept).
+#[inline(always)]
+pub fn words(a: &[u8; 16]) -> [u32; 4] {
+    let mut v = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        v[i] = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+        i += 1;
+    }
+    v
 }

@@ -301,18 +301,22 @@ pub const REMOTE_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfc00, 0, 0,
 pub const LOCAL_VTEP6: [u8; 6] = [0x02, 0x42, 0x8f, 0x66, 0x22, 0x10];
 pub const REMOTE_VTEP6: [u8; 6] = [0x02, 0x42, 0x8f, 0x66, 0x22, 0x20];
 
-/// CONFIG6 (IPv6Network fd00:10:244::/56) and the member's FDB6 entry
-/// (pods fd00:10:244:2::/64, slot 3).
+/// CONFIG6 (IPv6Network fd00:10:244::/56, ours fd00:10:244:1::/64,
+/// flannel-v6 MTU 1430) and the member's FDB6 and ROUTE6 entries (pods
+/// fd00:10:244:2::/64, slot 3).
 pub fn set_v6(ebpf: &Ebpf) {
-    use flannel_ebpf_common::{Fdb6Value, NodeConfig6};
+    use flannel_ebpf_common::{Fdb6Value, NodeConfig6, Route6Key, Route6Value};
     let net: std::net::Ipv6Addr = "fd00:10:244::".parse().unwrap();
+    let ours: std::net::Ipv6Addr = "fd00:10:244:1::".parse().unwrap();
     let cfg = NodeConfig6 {
         ready: 1,
         public_ip6: PUBLIC_IP6.octets(),
         network6: net.octets(),
         vtep_mac6: LOCAL_VTEP6,
         network6_len: 56,
-        _pad: 0,
+        subnet6_len: 64,
+        subnet6: ours.octets(),
+        vtep6_mtu: 1430,
     };
     update(map_fd(ebpf, "CONFIG6"), &0u32, &cfg).unwrap();
     let sub: std::net::Ipv6Addr = "fd00:10:244:2::".parse().unwrap();
@@ -324,6 +328,49 @@ pub fn set_v6(ebpf: &Ebpf) {
         peer_slot: REMOTE_SLOT,
     };
     update(map_fd(ebpf, "FDB6"), &FdbKey::new(REMOTE_VTEP6), &v).unwrap();
+    let r = Route6Value {
+        node_ip6: REMOTE_IP6.octets(),
+        vtep_mac6: REMOTE_VTEP6,
+        _pad: [0; 2],
+        peer_slot: REMOTE_SLOT,
+    };
+    let key = Route6Key {
+        subnet6: sub.octets(),
+    };
+    update(map_fd(ebpf, "ROUTE6"), &key, &r).unwrap();
+}
+
+/// Run the TC program `name` on `frame` with the skb's mark and GSO size set.
+/// The frame arrives on interface `ifindex` (cni0 for the direct path's
+/// program: a frame to its MAC is then the host's, `PACKET_HOST`).
+pub fn run_skb(
+    ebpf: &mut Ebpf,
+    name: &str,
+    frame: &[u8],
+    ifindex: u32,
+    mark: u32,
+    gso_size: u32,
+) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct __sk_buff (192 bytes): mark at 8, ifindex at 40, gso_segs at
+    // 164, gso_size at 176.
+    let mut skb = [0u8; 192];
+    skb[8..12].copy_from_slice(&mark.to_ne_bytes());
+    skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    skb[164..168].copy_from_slice(&(gso_size.min(1) * 2).to_ne_bytes());
+    skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&skb[..]),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| panic!("test_run {name}: {e}"));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }
 
 /// VXLAN over IPv6 as a dual-stack member sends it to us: an ICMPv6 echo

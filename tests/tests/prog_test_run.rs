@@ -17,7 +17,7 @@ use flannel_tests::{
     progs::{
         LOCAL_VTEP, OUR_UNDERLAY_MAC, POD_MAC, PUBLIC_IP, REMOTE_IP, REMOTE_VTEP,
         UNDERLAY_PEER_MAC, Vx, bench, counter, inner_ip, inner_ip_from, load, load_direct, map_fd,
-        set_fdb, set_route,
+        run_skb, set_fdb, set_route,
     },
 };
 
@@ -689,38 +689,6 @@ fn run_named(ebpf: &mut Ebpf, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
             ..TestRunOptions::new()
         })
         .unwrap_or_else(|e| panic!("test_run {name} on {} bytes: {e}", frame.len()));
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
-/// Run the TC program `name` on `frame` with the skb's mark and GSO size set.
-/// The frame arrives on interface `ifindex` (cni0 for the direct path's
-/// program: a frame to its MAC is then the host's, `PACKET_HOST`).
-fn run_skb(
-    ebpf: &mut Ebpf,
-    name: &str,
-    frame: &[u8],
-    ifindex: u32,
-    mark: u32,
-    gso_size: u32,
-) -> (u32, Vec<u8>) {
-    let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    // struct __sk_buff (192 bytes): mark at 8, ifindex at 40, gso_segs at
-    // 164, gso_size at 176.
-    let mut skb = [0u8; 192];
-    skb[8..12].copy_from_slice(&mark.to_ne_bytes());
-    skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    skb[164..168].copy_from_slice(&(gso_size.min(1) * 2).to_ne_bytes());
-    skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&skb[..]),
-            ..TestRunOptions::new()
-        })
-        .unwrap_or_else(|e| panic!("test_run {name}: {e}"));
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
 }

@@ -372,6 +372,7 @@ pub(super) async fn set_up_v6(
             // IPv6 switched off: the programs stop judging it.
             t.set_config6(None)?;
             t.sync_fdb6(&Default::default())?;
+            t.sync_route6(&Default::default())?;
         }
         return Ok(None);
     };
@@ -447,6 +448,7 @@ pub(super) async fn set_up_v6(
         .await?;
     sysctl::warn_if_not_forwarding6();
     o6.index = vtep.index;
+    o6.vtep6_mtu = mtu;
     o6.sync(nl, snap.leases.values(), tables).await?;
     log::info!(
         "IPv6: lease {}, VTEP {name} {}/128 {mac} MTU {mtu} on {} (the kernel's VXLAN data path)",

@@ -21,9 +21,10 @@ use aya::{
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey, MAP_ARP,
     MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
-    MAP_PEER_STATS, MAP_POD_HOPS, MAP_ROUTE, MAP_STACK_FLOWS, MAX_NODES, MAX_STACK_FLOWS, NextHop,
-    NextHop6, NodeConfig, NodeConfig6, POD_HOP_SLOTS, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP,
-    PROG_ENCAP6, PROG_POD_EGRESS, PeerStats, PodHop, RouteValue,
+    MAP_PEER_STATS, MAP_POD_HOPS, MAP_ROUTE, MAP_ROUTE6, MAP_STACK_FLOWS, MAP_STACK_FLOWS6,
+    MAX_NODES, MAX_STACK_FLOWS, NextHop, NextHop6, NodeConfig, NodeConfig6, POD_HOP_SLOTS,
+    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS, PeerStats, PodHop,
+    Route6Key, Route6Value, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -124,6 +125,22 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<PodHop>() as u32,
         max_entries: POD_HOP_SLOTS,
+    },
+    MapSpec {
+        name: MAP_ROUTE6,
+        file: "route6",
+        kind: MapType::Hash,
+        key_size: size_of::<Route6Key>() as u32,
+        value_size: size_of::<Route6Value>() as u32,
+        max_entries: MAX_NODES,
+    },
+    MapSpec {
+        name: MAP_STACK_FLOWS6,
+        file: "stack_flows6",
+        kind: MapType::LruHash,
+        key_size: size_of::<flannel_ebpf_common::FlowKey6>() as u32,
+        value_size: 8,
+        max_entries: MAX_STACK_FLOWS,
     },
     MapSpec {
         name: MAP_COUNTERS,

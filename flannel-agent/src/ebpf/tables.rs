@@ -1,13 +1,17 @@
 //! Typed access to the pinned mirror tables (route, ARP, FDB), the node
 //! config and the counters.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use anyhow::Context;
 use aya::maps::MapData;
 use flannel_ebpf_common::{
     ArpKey, ArpValue, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
-    MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_PEER_STATS, MAP_ROUTE, MAX_NODES, NodeConfig,
-    NodeConfig6, PeerStats, RouteValue,
+    MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_PEER_STATS, MAP_ROUTE, MAP_ROUTE6, MAX_NODES,
+    NodeConfig, NodeConfig6, PeerStats, Route6Key, Route6Value, RouteValue,
 };
 
 use crate::{
@@ -65,6 +69,7 @@ fn batched<T>(
 
 type Config6Map = TypedMap<u32, NodeConfig6>;
 type Fdb6Map = TypedMap<FdbKey, Fdb6Value>;
+type Route6Map = TypedMap<Route6Key, Route6Value>;
 
 pub struct Tables {
     pub config: TypedMap<u32, NodeConfig>,
@@ -77,6 +82,9 @@ pub struct Tables {
     /// (None under a pin root from before IPv6, until the agent loads.)
     pub config6: Option<Config6Map>,
     pub fdb6: Option<Fdb6Map>,
+    /// Dual-stack direct path: remote IPv6 subnet → member (None under a
+    /// pin root from before it).
+    pub route6: Option<Route6Map>,
 }
 
 impl Tables {
@@ -100,6 +108,7 @@ impl Tables {
             peer_stats: TypedMap::new(take(MAP_PEER_STATS)?),
             config6: maps.remove(MAP_CONFIG6).map(TypedMap::new),
             fdb6: maps.remove(MAP_FDB6).map(TypedMap::new),
+            route6: maps.remove(MAP_ROUTE6).map(TypedMap::new),
         })
     }
 
@@ -192,6 +201,46 @@ impl Tables {
             fdb6.set(&FdbKey::new(mac.0), v)
                 .map_err(|e| full(e, MAP_FDB6))
                 .with_context(|| format!("FDB6 map: {mac}"))?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// The ROUTE6 map as it is.
+    pub fn route6_entries(&self) -> anyhow::Result<BTreeMap<Route6Key, Route6Value>> {
+        let Some(route6) = &self.route6 else {
+            return Ok(BTreeMap::new());
+        };
+        Ok(route6
+            .entries()
+            .context("reading the ROUTE6 map")?
+            .into_iter()
+            .collect())
+    }
+
+    /// Make the ROUTE6 map exactly `want`.
+    pub fn sync_route6(&self, want: &BTreeMap<Route6Key, Route6Value>) -> anyhow::Result<usize> {
+        let Some(route6) = &self.route6 else {
+            if want.is_empty() {
+                return Ok(0);
+            }
+            anyhow::bail!(
+                "the pinned data path predates the IPv6 direct path (no route6 map): restart the agent to load this version's"
+            );
+        };
+        let have = self.route6_entries()?;
+        let mut changed = 0;
+        for k in have.keys().filter(|k| !want.contains_key(k)) {
+            route6
+                .remove(k)
+                .with_context(|| format!("ROUTE6 map: deleting {}", Ipv6Addr::from(k.subnet6)))?;
+            changed += 1;
+        }
+        for (k, v) in want.iter().filter(|(k, v)| have.get(k) != Some(v)) {
+            route6
+                .set(k, v)
+                .map_err(|e| full(e, MAP_ROUTE6))
+                .with_context(|| format!("ROUTE6 map: {}", Ipv6Addr::from(k.subnet6)))?;
             changed += 1;
         }
         Ok(changed)

@@ -13,13 +13,17 @@ use crate::node::masq::pipe;
 pub const TABLE: &str = "flannel-ebpf-direct";
 
 /// The table: NAT'd connections' packets get [`flannel_ebpf_common::NAT_MARK`]
-/// at prerouting, after the NAT (dstnat is priority -100).
+/// at prerouting, after the NAT (dstnat is priority -100). One `inet` table
+/// for both families (ip6tables' Services on dual-stack nodes); the `ip`
+/// table of earlier versions goes in the same transaction.
 pub fn script() -> String {
     let mark = flannel_ebpf_common::NAT_MARK;
     format!(
         "table ip {TABLE} {{}}\n\
          delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
+         table inet {TABLE} {{}}\n\
+         delete table inet {TABLE}\n\
+         table inet {TABLE} {{\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority -99; policy accept;\n\
          \t\tct status dnat meta mark set meta mark or {mark:#x}\n\
@@ -35,8 +39,10 @@ pub fn install() -> anyhow::Result<()> {
         .with_context(|| format!("writing the nftables table {TABLE} (the direct path's NAT mark)"))
 }
 
-/// Remove the table (the direct path off, or uninstall).
+/// Remove the table (the direct path off, or uninstall), and an earlier
+/// version's `ip` one.
 pub fn remove() {
+    crate::node::masq::nft_delete_table_in("inet", TABLE);
     crate::node::masq::nft_delete_table(TABLE);
 }
 
@@ -54,9 +60,14 @@ mod tests {
             s.contains("ct status snat meta mark set meta mark or 0x"),
             "{s}"
         );
-        // Replacing is one transaction: the old table goes in the same script.
+        // Replacing is one transaction: the old tables (an earlier
+        // version's ip one too) go in the same script.
         assert!(
-            s.starts_with("table ip flannel-ebpf-direct {}\ndelete table"),
+            s.starts_with(
+                "table ip flannel-ebpf-direct {}\ndelete table ip flannel-ebpf-direct\n\
+                 table inet flannel-ebpf-direct {}\ndelete table inet flannel-ebpf-direct\n\
+                 table inet flannel-ebpf-direct {\n"
+            ),
             "{s}"
         );
     }

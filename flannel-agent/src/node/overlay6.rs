@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::Context;
-use flannel_ebpf_common::{Fdb6Value, MAX_NODES, NodeConfig6};
+use flannel_ebpf_common::{Fdb6Value, MAX_NODES, NodeConfig6, Route6Key, Route6Value};
 
 use crate::{
     ebpf::tables::Tables,
@@ -210,6 +210,31 @@ pub fn fdb6_entries<'a>(
                         },
                     )
                 })
+        })
+        .collect()
+}
+
+/// The direct path's ROUTE6 table from the FDB6 entries: each member's
+/// IPv6 subnet → its public IPv6 address, VtepMAC and stats slot. Only
+/// subnets of our own length: the programs look them up by it (every lease
+/// of one cluster has IPv6SubnetLen; one that does not stays with
+/// flannel-v6's route).
+pub fn route6_entries(
+    fdb6: &BTreeMap<Mac, Fdb6Value>,
+    subnet6_len: u8,
+) -> BTreeMap<Route6Key, Route6Value> {
+    fdb6.iter()
+        .filter(|(_, v)| v.subnet6_len == subnet6_len)
+        .map(|(mac, v)| {
+            (
+                Route6Key { subnet6: v.subnet6 },
+                Route6Value {
+                    node_ip6: v.node_ip6,
+                    vtep_mac6: mac.0,
+                    _pad: [0; 2],
+                    peer_slot: v.peer_slot,
+                },
+            )
         })
         .collect()
 }
@@ -410,6 +435,8 @@ pub struct Overlay6 {
     /// The underlay: where DirectRouting and host-gw routes go.
     pub underlay: (u32, String),
     pub routing: Routing6,
+    /// flannel-v6's MTU (0 until it exists): what the direct path may send.
+    pub vtep6_mtu: u32,
     pub own: LeaseV6,
     pub conf: NetConf6,
     /// An IPv6-only cluster (EnableIPv4 false).
@@ -434,6 +461,7 @@ impl Overlay6 {
             index: 0,
             underlay,
             routing,
+            vtep6_mtu: 0,
             own,
             conf,
             v6_only,
@@ -463,7 +491,9 @@ impl Overlay6 {
             network6: self.conf.network.addr().octets(),
             vtep_mac6: self.own.vtep_mac.map_or([0; 6], |m| m.0),
             network6_len: self.conf.network.prefix_len(),
-            _pad: 0,
+            subnet6_len: self.own.subnet.prefix_len(),
+            subnet6: self.own.subnet.addr().octets(),
+            vtep6_mtu: self.vtep6_mtu,
         }
     }
 
@@ -524,6 +554,7 @@ impl Overlay6 {
                 slot.copied().unwrap_or(u32::MAX)
             });
             t.sync_fdb6(&entries)?;
+            t.sync_route6(&route6_entries(&entries, self.own.subnet.prefix_len()))?;
             t.set_config6(Some(self.node_config()))?;
         }
         for (key, why) in &skipped {
@@ -555,6 +586,31 @@ impl Overlay6 {
 mod tests {
     use super::*;
     use crate::lease::{LeaseBackend, netconf::NetConf};
+
+    #[test]
+    fn route6_holds_members_of_our_subnet_length_by_network_address() {
+        let entry = |ip: &str, subnet: &str, len: u8, slot: u32| Fdb6Value {
+            node_ip6: ip.parse::<Ipv6Addr>().unwrap().octets(),
+            subnet6: subnet.parse::<Ipv6Addr>().unwrap().octets(),
+            subnet6_len: len,
+            _pad: [0; 3],
+            peer_slot: slot,
+        };
+        let (m1, m2) = (Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 2]));
+        let fdb6 = BTreeMap::from([
+            (m1, entry("fc00::11", "fd00:10:244:2::", 64, 3)),
+            // Another length: the programs' exact lookup could not find it.
+            (m2, entry("fc00::12", "fd00:10:244:3::", 80, 4)),
+        ]);
+        let routes = route6_entries(&fdb6, 64);
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        let key = Route6Key {
+            subnet6: "fd00:10:244:2::".parse::<Ipv6Addr>().unwrap().octets(),
+        };
+        let v = routes[&key];
+        assert_eq!(v.node_ip6, "fc00::11".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!((v.vtep_mac6, v.peer_slot), (m1.0, 3));
+    }
 
     fn conf() -> NetConf6 {
         NetConf::parse(
