@@ -3,7 +3,10 @@
 //! host's conntrack must see — kube-proxy's Services (ClusterIP DNAT, NodePort
 //! DNAT + masquerade), CNI hostPorts, host↔pod traffic, `--ip-masq` egress —
 //! still works, with kube-proxy's "drop INVALID" rule in FORWARD throughout.
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use flannel_tests::{
     lab::{Kind, Lab, Topology},
@@ -12,11 +15,11 @@ use flannel_tests::{
     traffic::{ping, tcp_exchange, wait_reachable},
 };
 
-/// Packets an iptables rule matched: the first rule of `chain` (in `table`)
-/// whose text contains every one of `words`.
-fn rule_packets(ns: &Netns, table: &str, chain: &str, words: &[&str]) -> u64 {
+/// Packets an iptables (or ip6tables: `tool`) rule matched: the first rule
+/// of `chain` (in `table`) whose text contains every one of `words`.
+fn rule_packets(ns: &Netns, tool: &str, table: &str, chain: &str, words: &[&str]) -> u64 {
     let rules = ns
-        .sh(&format!("iptables -w -t {table} -n -v -x -L {chain}"))
+        .sh(&format!("{tool} -w -t {table} -n -v -x -L {chain}"))
         .unwrap();
     let line = rules
         .lines()
@@ -27,9 +30,9 @@ fn rule_packets(ns: &Netns, table: &str, chain: &str, words: &[&str]) -> u64 {
 
 /// Packets the FORWARD rule `-p proto -s from -d to -j ACCEPT` matched
 /// (iptables prints the protocol by name or by number).
-fn accepted(ns: &Netns, proto: &str, from: &str, to: &str) -> u64 {
+fn accepted(ns: &Netns, tool: &str, proto: &str, from: &str, to: &str) -> u64 {
     let number = if proto == "udp" { "17" } else { "6" };
-    let rules = ns.sh("iptables -w -n -v -x -L FORWARD").unwrap();
+    let rules = ns.sh(&format!("{tool} -w -n -v -x -L FORWARD")).unwrap();
     rules
         .lines()
         .find_map(|l| {
@@ -47,6 +50,10 @@ fn accepted(ns: &Netns, proto: &str, from: &str, to: &str) -> u64 {
 
 fn ipt(ns: &Netns, rule: &str) {
     ns.sh(&format!("iptables -w {rule}")).unwrap();
+}
+
+fn ip6t(ns: &Netns, rule: &str) {
+    ns.sh(&format!("ip6tables -w {rule}")).unwrap();
 }
 
 #[test]
@@ -93,7 +100,7 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
         }
     }
     let forwarded = |n: &flannel_tests::lab::Node, proto: &str, from: &str, to: &str| {
-        accepted(&n.ns, proto, from, to)
+        accepted(&n.ns, "iptables", proto, from, to)
     };
 
     // Pod to pod: both ways, content-checked, around the host stack.
@@ -204,7 +211,7 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     // Every flow stayed whole on one path: conntrack found nothing INVALID.
     for n in [a, b] {
         assert_eq!(
-            rule_packets(&n.ns, "filter", "FORWARD", &["INVALID", "DROP"]),
+            rule_packets(&n.ns, "iptables", "filter", "FORWARD", &["INVALID", "DROP"]),
             0,
             "{}: packets dropped as INVALID",
             n.name
@@ -231,21 +238,150 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     );
 }
 
+#[test]
+fn ipv6_pod_traffic_bypasses_the_host_stack_and_services_still_work() {
+    if !prereq::ready("direct_path_ipv6") {
+        return;
+    }
+    let mut lab = Lab::new_dual("dp6", Topology::Switched, &[Kind::Ebpf, Kind::Ebpf]).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait_fdb_entries(0, 1).unwrap();
+    lab.wait_fdb_entries(1, 1).unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let (sa, sb) = (a.subnet6.clone().unwrap(), b.subnet6.clone().unwrap());
+    // The nodes' ROUTE6 tables, as an operator dumps them: the peer's subnet.
+    let route6 = a.dump_map("route6").unwrap();
+    let octets = |ip: Ipv6Addr| serde_json::json!(ip.octets());
+    let holds_b = route6.as_array().is_some_and(|entries| {
+        entries.iter().any(|e| {
+            let f = e.get("formatted").unwrap_or(e);
+            f["key"]["subnet6"] == octets(b.subnet6_base())
+                && f["value"]["node_ip6"] == octets(b.public_ipv6.unwrap())
+        })
+    });
+    assert!(holds_b, "a's route6 holds b's subnet {sb}: {route6}");
+    for (n, from, to) in [(a, &sa, &sb), (b, &sb, &sa)] {
+        ip6t(&n.ns, "-I FORWARD -m conntrack --ctstate INVALID -j DROP");
+        for proto in ["udp", "tcp"] {
+            ip6t(
+                &n.ns,
+                &format!("-A FORWARD -p {proto} -s {from} -d {to} -j ACCEPT"),
+            );
+            ip6t(
+                &n.ns,
+                &format!("-A FORWARD -p {proto} -s {to} -d {from} -j ACCEPT"),
+            );
+        }
+    }
+    let forwarded = |n: &flannel_tests::lab::Node, proto: &str, from: &str, to: &str| {
+        accepted(&n.ns, "ip6tables", proto, from, to)
+    };
+
+    // Pod to pod over IPv6: both ways, content-checked, around the host stack.
+    wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let before = [0, 1].map(|i| (lab.counter(i, "tx_direct6"), lab.counter(i, "rx_direct6")));
+    udp_echo(&a.pod, &b.pod, b.pod_ip6(), 6011, 200).unwrap();
+    udp_echo(&b.pod, &a.pod, a.pod_ip6(), 6012, 200).unwrap();
+    for (i, (tx, rx)) in before.into_iter().enumerate() {
+        let (dtx, drx) = (
+            lab.counter(i, "tx_direct6") - tx,
+            lab.counter(i, "rx_direct6") - rx,
+        );
+        assert!(
+            dtx >= 400 && drx >= 400,
+            "node {i}: direct out {dtx}, in {drx}\n{}",
+            lab.logs()
+        );
+    }
+    let bypassed = [
+        forwarded(a, "udp", &sa, &sb),
+        forwarded(a, "udp", &sb, &sa),
+        forwarded(b, "udp", &sb, &sa),
+        forwarded(b, "udp", &sa, &sb),
+    ];
+    assert!(
+        bypassed.iter().all(|&p| p == 0),
+        "FORWARD saw pod-to-pod IPv6 packets: {bypassed:?}"
+    );
+    assert_eq!(ping(&a.pod, b.pod_ip6(), 5, 0.02).unwrap(), (5, 5));
+    // Bulk TCP both ways: delivered whole (its GSO aggregates take the
+    // stack and flannel-v6, and with them the whole flow).
+    tcp_exchange(&a.pod, &b.pod, b.pod_ip6(), 5011, 4 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.pod, a.pod_ip6(), 5012, 4 << 20).unwrap();
+    let tcp_seen = forwarded(a, "tcp", &sa, &sb);
+
+    // An IPv6 ClusterIP on node a (kube-proxy's DNAT, ip6tables) backed by
+    // b's pod: its replies take a's stack for conntrack to reverse the NAT.
+    let vip: Ipv6Addr = "fd00:96::10".parse().unwrap();
+    ip6t(
+        &a.ns,
+        &format!(
+            "-t nat -I PREROUTING -d {vip} -p tcp --dport 5221 -j DNAT --to-destination [{}]:5221",
+            b.pod_ip6()
+        ),
+    );
+    let stack_in = lab.counter(0, "rx_direct_pass_stack_flow");
+    tcp_exchange(&a.pod, &b.pod, vip, 5221, 2 << 20)
+        .unwrap_or_else(|e| panic!("IPv6 ClusterIP: {e}\n{}", lab.logs()));
+    assert!(
+        lab.counter(0, "rx_direct_pass_stack_flow") > stack_in,
+        "the Service's replies took a's stack"
+    );
+    assert!(
+        forwarded(a, "tcp", &sa, &sb) > tcp_seen,
+        "the DNAT'd flow was forwarded by a's stack"
+    );
+
+    // Host to pod and pod to host over IPv6, across the overlay.
+    tcp_exchange(&a.ns, &b.pod, b.pod_ip6(), 5231, 1 << 20).unwrap();
+    tcp_exchange(&b.pod, &a.ns, a.subnet6_base(), 5232, 1 << 20).unwrap();
+    assert_eq!(ping(&b.pod, a.subnet6_base(), 5, 0.02).unwrap(), (5, 5));
+
+    // Every flow stayed whole on one path: conntrack found nothing INVALID.
+    for n in [a, b] {
+        assert_eq!(
+            rule_packets(&n.ns, "ip6tables", "filter", "FORWARD", &["INVALID", "DROP"]),
+            0,
+            "{}: IPv6 packets dropped as INVALID",
+            n.name
+        );
+    }
+
+    // Switched off: IPv6 pod traffic crosses the host stack again.
+    lab.nodes[0].stop_agent().unwrap();
+    lab.nodes[0].agent_args = vec!["--direct-path=false".into()];
+    lab.start_agent(0).unwrap();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let seen = forwarded(a, "udp", &sa, &sb);
+    udp_echo(&a.pod, &b.pod, b.pod_ip6(), 6013, 50).unwrap();
+    assert!(
+        forwarded(a, "udp", &sa, &sb) >= seen + 50,
+        "the stack path carries IPv6 pod traffic again"
+    );
+}
+
 /// `count` datagrams of 1000 bytes from `client` to `server_ip:port`, each
 /// echoed back by `server` and checked.
 fn udp_echo(
     client: &Netns,
     server: &Netns,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
     count: usize,
 ) -> anyhow::Result<()> {
     use std::net::UdpSocket;
+    let server_ip: IpAddr = server_ip.into();
+    let any: IpAddr = match server_ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let srv = s.spawn(|| {
             server.run(|| -> anyhow::Result<()> {
-                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                let sock = UdpSocket::bind((any, port))?;
                 sock.set_read_timeout(Some(Duration::from_secs(5)))?;
                 let _ = ready_tx.send(());
                 let mut buf = [0u8; 2048];
@@ -258,7 +394,7 @@ fn udp_echo(
         });
         ready_rx.recv_timeout(Duration::from_secs(5))?;
         let cli = client.run(|| -> anyhow::Result<()> {
-            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let sock = UdpSocket::bind((any, 0))?;
             sock.set_read_timeout(Some(Duration::from_secs(2)))?;
             let mut buf = [0u8; 2048];
             for i in 0..count {
