@@ -261,6 +261,16 @@ fn ipv6_pod_traffic_bypasses_the_host_stack_and_services_still_work() {
         })
     });
     assert!(holds_b, "a's route6 holds b's subnet {sb}: {route6}");
+    let shown = a.show("routes6").unwrap();
+    assert!(
+        shown.contains(&format!(
+            "{sb} via {} dev flannel-v6.1 onlink  # {} dst {}",
+            b.subnet6_base(),
+            b.vtep_mac6.clone().unwrap(),
+            b.public_ipv6.unwrap()
+        )),
+        "{shown}"
+    );
     for (n, from, to) in [(a, &sa, &sb), (b, &sb, &sa)] {
         ip6t(&n.ns, "-I FORWARD -m conntrack --ctstate INVALID -j DROP");
         for proto in ["udp", "tcp"] {
@@ -342,7 +352,13 @@ fn ipv6_pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     // Every flow stayed whole on one path: conntrack found nothing INVALID.
     for n in [a, b] {
         assert_eq!(
-            rule_packets(&n.ns, "ip6tables", "filter", "FORWARD", &["INVALID", "DROP"]),
+            rule_packets(
+                &n.ns,
+                "ip6tables",
+                "filter",
+                "FORWARD",
+                &["INVALID", "DROP"]
+            ),
             0,
             "{}: IPv6 packets dropped as INVALID",
             n.name

@@ -120,12 +120,21 @@ fn dual_stack_node_talks_to_a_stock_dual_stack_node() {
     // And our programs encapsulate IPv6 towards it; its kernel decapsulates.
     let stock_rx = || lab.nodes[1].dev_stat("flannel-v6.1", "rx_packets");
     let (encap, theirs) = (lab.counter(0, "tx_encap"), stock_rx());
+    let direct = (lab.counter(0, "tx_direct6"), lab.counter(0, "rx_direct6"));
     assert_eq!(
         ping(&lab.nodes[0].pod, lab.nodes[1].pod_ip6(), 10, 0.02).unwrap(),
         (10, 10)
     );
     assert!(lab.counter(0, "tx_encap") - encap >= 10, "{}", lab.logs());
     assert!(stock_rx() - theirs >= 10);
+    // Both ways on the direct path: the stock node's kernel VXLAN and our
+    // programs speak one wire.
+    assert!(
+        lab.counter(0, "tx_direct6") - direct.0 >= 10
+            && lab.counter(0, "rx_direct6") - direct.1 >= 10,
+        "IPv6 direct path with a stock peer\n{}",
+        lab.logs()
+    );
     // The outer UDP checksum as a receiver verifies it: no offloads on the
     // way (our underlay computes every checksum, the stock node's checks
     // every one), bulk TCP content-checked, and not one checksum error.

@@ -20,6 +20,10 @@ pub enum View {
     /// Dual-stack: like `bridge fdb show dev flannel-v6.1`, with each
     /// member's IPv6 subnet (what ingress checks VXLAN over IPv6 against).
     Fdb6,
+    /// Dual-stack direct path: the ROUTE6 table, like flanneld's
+    /// `ip -6 route show dev flannel-v6.1`, with each member's public IPv6
+    /// address and VtepMAC (what the direct path encapsulates with).
+    Routes6,
     /// One line per remote node: subnet, VTEP, VtepMAC, public IP, traffic.
     Peers,
     /// Datapath counters, every drop and fallback reason by name.
@@ -156,6 +160,29 @@ pub fn render(root: &Path, view: View, as_json: bool) -> anyhow::Result<String> 
                 writeln!(s, "{mac} dev {dev6} dst {ip} self permanent  # {subnet}")?;
             }
             json!(f.iter().map(|(m, (i, sub))| json!({"mac": m.to_string(), "dst": i.to_string(), "subnet": sub.to_string(), "dev": dev6})).collect::<Vec<_>>())
+        }
+        View::Routes6 => {
+            let len = match &t.config6 {
+                Some(c) => c.get(&0).context("reading the CONFIG6 map")?,
+                None => None,
+            }
+            .map_or(0, |c| c.subnet6_len);
+            let dev6 = format!("flannel-v6.{}", cfg.vni);
+            let r = t.route6_entries()?;
+            let mut rows = Vec::new();
+            for (k, v) in &r {
+                let (net, node) = (
+                    std::net::Ipv6Addr::from(k.subnet6),
+                    std::net::Ipv6Addr::from(v.node_ip6),
+                );
+                let mac = Mac(v.vtep_mac6);
+                writeln!(
+                    s,
+                    "{net}/{len} via {net} dev {dev6} onlink  # {mac} dst {node}"
+                )?;
+                rows.push(json!({"dst": format!("{net}/{len}"), "gateway": net.to_string(), "dev": dev6, "lladdr": mac.to_string(), "node": node.to_string()}));
+            }
+            json!(rows)
         }
         View::Peers => {
             let ps = peers(&t)?;
