@@ -117,8 +117,6 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .filter(|(i, _)| args.only.is_none_or(|o| o == *i))
-        // No direct path for IPv6: "direct path off" would measure the same.
-        .filter(|(_, dp)| !(args.ipv6 && **dp == Datapath::EbpfStack))
         .map(|(_, dp)| {
             traffic::lab(
                 *dp,
@@ -382,7 +380,7 @@ fn report_traffic_only(
     let (title, setup, how) = if args.ipv6 {
         (
             "IPv6 (dual-stack)",
-            "Two dual-stack nodes on one bridge, pods measured over IPv6 (flannel-ebpf: our IPv6 encap and decap, GSO aggregates left to flannel-v6; kernel VXLAN: flannel-v6.1 as flanneld configures it; no encap: IPv6 pod-subnet routes); no request/response figures (Debian's sockperf 3.7 has no IPv6)",
+            "Two dual-stack nodes on one bridge, pods measured over IPv6 (flannel-ebpf: the IPv6 direct path between cni0 and the underlay, GSO aggregates left to flannel-v6 both ways; direct path off: our encap on flannel-v6's egress and decap into the stack; kernel VXLAN: flannel-v6.1 as flanneld configures it; no encap: IPv6 pod-subnet routes); no request/response figures (Debian's sockperf 3.7 has no IPv6)",
             "--ipv6",
         )
     } else {
