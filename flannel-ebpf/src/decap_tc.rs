@@ -15,7 +15,7 @@ use flannel_ebpf_common::{Counter, NodeConfig};
 
 use crate::{
     deliver, direct6,
-    maps::{config, count},
+    maps::config,
     packet::{ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, Ipv4Hdr, UdpHdr, be16},
     rx::{self, Hook, Link, Overlay},
 };
@@ -126,18 +126,7 @@ impl Hook for Tc {
 
     #[inline(always)]
     fn deliver(&self, cfg: &NodeConfig, inner_len: u32) -> i32 {
-        match deliver::to_pod(&self.0, cfg) {
-            Ok(action) => {
-                count(Counter::RxDirect, inner_len);
-                action
-            }
-            Err(why) => {
-                if let Some(c) = why {
-                    count(c, inner_len);
-                }
-                TC_ACT_OK
-            }
-        }
+        deliver::counted(deliver::to_pod(&self.0, cfg), Counter::RxDirect, inner_len)
     }
 
     #[inline(always)]

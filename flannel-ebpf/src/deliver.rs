@@ -72,6 +72,24 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
     Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
 }
 
+/// The verdict of a direct delivery (`to_pod` or IPv6's), counted: `ok`
+/// when it went to the pod, else the reason it enters the stack.
+#[inline(always)]
+pub fn counted(r: Result<i32, Option<Counter>>, ok: Counter, inner_len: u32) -> i32 {
+    match r {
+        Ok(action) => {
+            count(ok, inner_len);
+            action
+        }
+        Err(why) => {
+            if let Some(c) = why {
+                count(c, inner_len);
+            }
+            aya_ebpf::bindings::TC_ACT_OK
+        }
+    }
+}
+
 /// A member's packet for one of our pods that the kernel's VXLAN device
 /// will decapsulate (a GSO aggregate): the stack carries its flow from now
 /// on, both ways. `ip` is a copy of its inner IPv4 header, at `ip_off`.

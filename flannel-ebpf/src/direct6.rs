@@ -171,18 +171,7 @@ fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, cfg6: &NodeConfig6, prep: &Pre
 /// for its pod, or left to the stack (counted, its flow noted).
 #[inline(never)]
 pub fn deliver6(ctx: &TcContext, cfg: &NodeConfig, inner_len: u32) -> i32 {
-    match to_pod6(ctx, cfg) {
-        Ok(action) => {
-            count(Counter::RxDirect6, inner_len);
-            action
-        }
-        Err(why) => {
-            if let Some(c) = why {
-                count(c, inner_len);
-            }
-            TC_ACT_OK
-        }
-    }
+    crate::deliver::counted(to_pod6(ctx, cfg), Counter::RxDirect6, inner_len)
 }
 
 #[inline(always)]

@@ -56,6 +56,72 @@ fn ip6t(ns: &Netns, rule: &str) {
     ns.sh(&format!("ip6tables -w {rule}")).unwrap();
 }
 
+/// kube-proxy's FORWARD rule (drop INVALID) on both nodes of `lab`, and
+/// counters (`tool`: iptables or ip6tables) for pod-to-pod forwarding
+/// between their subnets `sa` and `sb`: UDP (single packets; bulk TCP
+/// arrives as GSO aggregates, which the kernel's VXLAN device
+/// decapsulates, so those flows are the stack's) and TCP.
+fn forward_rules(lab: &Lab, tool: &str, sa: &str, sb: &str) {
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    for (n, from, to) in [(a, sa, sb), (b, sb, sa)] {
+        let rule = |r: &str| n.ns.sh(&format!("{tool} -w {r}")).unwrap();
+        rule("-I FORWARD -m conntrack --ctstate INVALID -j DROP");
+        for proto in ["udp", "tcp"] {
+            rule(&format!(
+                "-A FORWARD -p {proto} -s {from} -d {to} -j ACCEPT"
+            ));
+            rule(&format!(
+                "-A FORWARD -p {proto} -s {to} -d {from} -j ACCEPT"
+            ));
+        }
+    }
+}
+
+/// 200 UDP echoes each way between the pods of `lab`'s two nodes (to
+/// `pod_ips` .0 on b, .1 on a, on `ports`): content-checked, counted by the
+/// direct path's `counters` (out, in) on both nodes, none in FORWARD.
+fn udp_bypasses_the_stack(
+    lab: &Lab,
+    tool: &str,
+    pod_ips: (IpAddr, IpAddr),
+    counters: (&str, &str),
+    ports: (u16, u16),
+) {
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let before = [0, 1].map(|i| (lab.counter(i, counters.0), lab.counter(i, counters.1)));
+    udp_echo(&a.pod, &b.pod, pod_ips.0, ports.0, 200).unwrap();
+    udp_echo(&b.pod, &a.pod, pod_ips.1, ports.1, 200).unwrap();
+    for (i, (tx, rx)) in before.into_iter().enumerate() {
+        let (dtx, drx) = (
+            lab.counter(i, counters.0) - tx,
+            lab.counter(i, counters.1) - rx,
+        );
+        assert!(
+            dtx >= 400 && drx >= 400,
+            "node {i}: direct out {dtx}, in {drx}\n{}",
+            lab.logs()
+        );
+    }
+    let subnet = |n: &flannel_tests::lab::Node| {
+        if tool == "iptables" {
+            n.subnet.clone().unwrap()
+        } else {
+            n.subnet6.clone().unwrap()
+        }
+    };
+    let (sa, sb) = (subnet(a), subnet(b));
+    let bypassed = [
+        accepted(&a.ns, tool, "udp", &sa, &sb),
+        accepted(&a.ns, tool, "udp", &sb, &sa),
+        accepted(&b.ns, tool, "udp", &sb, &sa),
+        accepted(&b.ns, tool, "udp", &sa, &sb),
+    ];
+    assert!(
+        bypassed.iter().all(|&p| p == 0),
+        "FORWARD ({tool}) saw pod-to-pod packets: {bypassed:?}"
+    );
+}
+
 #[test]
 fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     if !prereq::ready("direct_path") {
@@ -82,23 +148,7 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     }
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
     let (sa, sb) = (a.subnet.clone().unwrap(), b.subnet.clone().unwrap());
-    // kube-proxy's FORWARD rule, and counters for pod-to-pod forwarding:
-    // UDP (single packets; bulk TCP arrives as GSO aggregates, which the
-    // kernel's VXLAN device decapsulates, so those flows are the stack's)
-    // and TCP.
-    for (n, from, to) in [(a, &sa, &sb), (b, &sb, &sa)] {
-        ipt(&n.ns, "-I FORWARD -m conntrack --ctstate INVALID -j DROP");
-        for proto in ["udp", "tcp"] {
-            ipt(
-                &n.ns,
-                &format!("-A FORWARD -p {proto} -s {from} -d {to} -j ACCEPT"),
-            );
-            ipt(
-                &n.ns,
-                &format!("-A FORWARD -p {proto} -s {to} -d {from} -j ACCEPT"),
-            );
-        }
-    }
+    forward_rules(&lab, "iptables", &sa, &sb);
     let forwarded = |n: &flannel_tests::lab::Node, proto: &str, from: &str, to: &str| {
         accepted(&n.ns, "iptables", proto, from, to)
     };
@@ -106,29 +156,12 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     // Pod to pod: both ways, content-checked, around the host stack.
     wait_reachable(&a.pod, b.pod_ip(), Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let before = [0, 1].map(|i| (lab.counter(i, "tx_direct"), lab.counter(i, "rx_direct")));
-    udp_echo(&a.pod, &b.pod, b.pod_ip(), 6001, 200).unwrap();
-    udp_echo(&b.pod, &a.pod, a.pod_ip(), 6002, 200).unwrap();
-    for (i, (tx, rx)) in before.into_iter().enumerate() {
-        let (dtx, drx) = (
-            lab.counter(i, "tx_direct") - tx,
-            lab.counter(i, "rx_direct") - rx,
-        );
-        assert!(
-            dtx >= 400 && drx >= 400,
-            "node {i}: direct out {dtx}, in {drx}\n{}",
-            lab.logs()
-        );
-    }
-    let bypassed = [
-        forwarded(a, "udp", &sa, &sb),
-        forwarded(a, "udp", &sb, &sa),
-        forwarded(b, "udp", &sb, &sa),
-        forwarded(b, "udp", &sa, &sb),
-    ];
-    assert!(
-        bypassed.iter().all(|&p| p == 0),
-        "FORWARD saw pod-to-pod packets: {bypassed:?}"
+    udp_bypasses_the_stack(
+        &lab,
+        "iptables",
+        (b.pod_ip().into(), a.pod_ip().into()),
+        ("tx_direct", "rx_direct"),
+        (6001, 6002),
     );
     // Bulk TCP both ways: delivered whole (its aggregates cross the stack).
     tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5001, 4 << 20).unwrap();
@@ -271,19 +304,7 @@ fn ipv6_pod_traffic_bypasses_the_host_stack_and_services_still_work() {
         )),
         "{shown}"
     );
-    for (n, from, to) in [(a, &sa, &sb), (b, &sb, &sa)] {
-        ip6t(&n.ns, "-I FORWARD -m conntrack --ctstate INVALID -j DROP");
-        for proto in ["udp", "tcp"] {
-            ip6t(
-                &n.ns,
-                &format!("-A FORWARD -p {proto} -s {from} -d {to} -j ACCEPT"),
-            );
-            ip6t(
-                &n.ns,
-                &format!("-A FORWARD -p {proto} -s {to} -d {from} -j ACCEPT"),
-            );
-        }
-    }
+    forward_rules(&lab, "ip6tables", &sa, &sb);
     let forwarded = |n: &flannel_tests::lab::Node, proto: &str, from: &str, to: &str| {
         accepted(&n.ns, "ip6tables", proto, from, to)
     };
@@ -291,29 +312,12 @@ fn ipv6_pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     // Pod to pod over IPv6: both ways, content-checked, around the host stack.
     wait_reachable(&a.pod, b.pod_ip6(), Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let before = [0, 1].map(|i| (lab.counter(i, "tx_direct6"), lab.counter(i, "rx_direct6")));
-    udp_echo(&a.pod, &b.pod, b.pod_ip6(), 6011, 200).unwrap();
-    udp_echo(&b.pod, &a.pod, a.pod_ip6(), 6012, 200).unwrap();
-    for (i, (tx, rx)) in before.into_iter().enumerate() {
-        let (dtx, drx) = (
-            lab.counter(i, "tx_direct6") - tx,
-            lab.counter(i, "rx_direct6") - rx,
-        );
-        assert!(
-            dtx >= 400 && drx >= 400,
-            "node {i}: direct out {dtx}, in {drx}\n{}",
-            lab.logs()
-        );
-    }
-    let bypassed = [
-        forwarded(a, "udp", &sa, &sb),
-        forwarded(a, "udp", &sb, &sa),
-        forwarded(b, "udp", &sb, &sa),
-        forwarded(b, "udp", &sa, &sb),
-    ];
-    assert!(
-        bypassed.iter().all(|&p| p == 0),
-        "FORWARD saw pod-to-pod IPv6 packets: {bypassed:?}"
+    udp_bypasses_the_stack(
+        &lab,
+        "ip6tables",
+        (b.pod_ip6().into(), a.pod_ip6().into()),
+        ("tx_direct6", "rx_direct6"),
+        (6011, 6012),
     );
     assert_eq!(ping(&a.pod, b.pod_ip6(), 5, 0.02).unwrap(), (5, 5));
     // Bulk TCP both ways: delivered whole (its GSO aggregates take the

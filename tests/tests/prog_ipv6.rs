@@ -18,7 +18,7 @@ use flannel_tests::{
     prereq,
     progs::{
         LOCAL_VTEP6, PUBLIC_IP6, REMOTE_IP6, REMOTE_SLOT, REMOTE_VTEP6, UNDERLAY_PEER_MAC, Vx6,
-        bench, counter, load, map_fd, set_v6,
+        bench, counter, load, map_fd, run_skb, set_v6,
     },
 };
 
@@ -368,22 +368,7 @@ fn inner6(next: u8) -> Vec<u8> {
 }
 
 fn run_encap6(ebpf: &mut Ebpf, frame: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
-    let p: &mut SchedClassifier = ebpf.program_mut(PROG_ENCAP6).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    // struct __sk_buff (192 bytes): gso_segs at 164, gso_size at 176.
-    let mut skb = [0u8; 192];
-    skb[164..168].copy_from_slice(&(gso_size.min(1) * 2).to_ne_bytes());
-    skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: (gso_size != 0).then_some(&skb[..]),
-            ..TestRunOptions::new()
-        })
-        .unwrap_or_else(|e| panic!("test_run encap6 on {} bytes: {e}", frame.len()));
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    run_skb(ebpf, PROG_ENCAP6, frame, 0, 0, gso_size)
 }
 
 #[test]
