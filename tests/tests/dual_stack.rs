@@ -277,29 +277,59 @@ fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
     lab.start_agent(0).unwrap();
     lab.wait_fdb_entries(0, 1).unwrap();
     lab.nodes[0].stop_agent().unwrap();
-    // What an earlier version pinned: no IPv6 maps, no pod delivery cache.
+    // What an earlier version pinned: no IPv6 maps, no pod delivery cache,
+    // no IPv6 direct path.
     let root = lab.nodes[0].pin_root.clone();
-    for m in ["config6", "fdb6", "next_hops6", "pod_hops"] {
+    let added = [
+        "config6",
+        "fdb6",
+        "next_hops6",
+        "pod_hops",
+        "route6",
+        "stack_flows6",
+    ];
+    for m in added {
         fs::remove_file(root.join(m)).unwrap();
     }
     let routes = lab.nodes[0].show("routes").unwrap();
     assert!(routes.contains("10.244.2.0/24"), "{routes}");
     assert_eq!(lab.nodes[0].show("fdb6").unwrap().trim(), "");
-    // The agent of this version adds them and carries on.
+    // The version in between: CONFIG6 before the IPv6 direct path (44 bytes).
+    let old_config6 = |lab: &Lab| {
+        let _ = fs::remove_file(root.join("config6"));
+        lab.nodes[0]
+            .ns
+            .nsenter(&format!(
+                "bpftool map create {} type array key 4 value 44 entries 1 name config6",
+                root.join("config6").display()
+            ))
+            .unwrap_or_else(|e| panic!("bpftool map create: {e}"));
+    };
+    old_config6(&lab);
+    let routes = lab.nodes[0].show("routes").unwrap();
+    assert!(routes.contains("10.244.2.0/24"), "{routes}");
+    // The agent of this version adds them, replaces the old layout and carries on.
     lab.spawn_agent(0).unwrap();
     flannel_tests::wait_for(
         "the maps added since to be pinned",
         Duration::from_secs(10),
-        || {
-            ["config6", "fdb6", "next_hops6", "pod_hops"]
-                .iter()
-                .all(|m| root.join(m).exists())
-                .then_some(())
-        },
+        || added.iter().all(|m| root.join(m).exists()).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let config6 = lab.nodes[0]
+        .ns
+        .nsenter(&format!(
+            "bpftool map show pinned {}",
+            root.join("config6").display()
+        ))
+        .unwrap();
+    assert!(
+        config6.contains("value 64B"),
+        "CONFIG6 not replaced: {config6}"
+    );
     lab.nodes[0].stop_agent().unwrap();
     fs::remove_file(root.join("fdb6")).unwrap();
+    old_config6(&lab);
     // Uninstall hands the peers back to the kernel all the same.
     let out = lab.nodes[0]
         .ns

@@ -201,15 +201,22 @@ fn check_map(spec: &MapSpec, info: &MapInfo, path: &Path) -> anyhow::Result<()> 
 }
 
 /// Maps a pin root from an earlier version may not have.
-const ADDED_LATER: &[&str] = &[MAP_CONFIG6, MAP_FDB6, MAP_NEXT_HOPS6, MAP_POD_HOPS];
+const ADDED_LATER: &[&str] = &[
+    MAP_CONFIG6,
+    MAP_FDB6,
+    MAP_NEXT_HOPS6,
+    MAP_POD_HOPS,
+    MAP_ROUTE6,
+    MAP_STACK_FLOWS6,
+];
 
 /// Every pinned map, opened and checked. Errors when nothing is pinned.
 pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, MapData)>> {
     let mut out = Vec::new();
     for spec in MAPS {
         let path = root.join(spec.file);
-        // Pin roots of versions before IPv6 lack its maps: what reads them
-        // (show, uninstall) goes on without; the agent's load adds them.
+        // Pin roots of earlier versions lack the maps added since: what reads
+        // them (show, uninstall) goes on without; the agent's load adds them.
         if ADDED_LATER.contains(&spec.name) && !path.exists() {
             continue;
         }
@@ -219,7 +226,17 @@ pub fn open_pinned_maps(root: &Path) -> anyhow::Result<Vec<(&'static MapSpec, Ma
                 path.display()
             )
         })?;
-        check_map(spec, &data.info().context("reading map info")?, &path)?;
+        let checked = check_map(spec, &data.info().context("reading map info")?, &path);
+        match checked {
+            // An earlier version's layout of a map added later (CONFIG6
+            // grew with the IPv6 direct path): read without it, as if it
+            // were absent; the agent's load replaces it.
+            Err(e) if ADDED_LATER.contains(&spec.name) => {
+                log::warn!("{e:#}: reading the pin root without it");
+                continue;
+            }
+            checked => checked?,
+        }
         out.push((spec, data));
     }
     Ok(out)
