@@ -93,14 +93,28 @@ pub fn key6_at(ctx: &TcContext, ip6_off: usize, side: Side) -> Option<FlowKey6> 
 }
 
 /// [`key6_at`] of an IPv6 header (copied to `ip6`). Ports come from a
-/// TCP/UDP header right behind it (0 behind extension headers or for
-/// another protocol).
+/// TCP/UDP header right behind it, or behind a fragment header for a first
+/// fragment, which is keyed by the protocol it carries like IPv4's (0 for a
+/// later fragment, behind other extension headers or for another protocol).
 #[inline(always)]
 pub fn key6(ctx: &TcContext, ip6: &Ipv6Hdr, ip6_off: usize, side: Side) -> FlowKey6 {
-    let ports = if ip6.next_header == IPPROTO_TCP || ip6.next_header == IPPROTO_UDP {
-        crate::packet::skb_read::<Ports>(ctx, ip6_off + 40)
+    let (proto, l4_off) = if ip6.next_header == IPPROTO_FRAGMENT {
+        match crate::packet::skb_read::<[u8; 4]>(ctx, ip6_off + 40) {
+            // Fragment offset in the upper 13 bits of bytes 2-3.
+            Some([nh, _, hi, lo]) if (u16::from_be_bytes([hi, lo]) & 0xfff8) == 0 => {
+                (nh, Some(ip6_off + 48))
+            }
+            Some([nh, ..]) => (nh, None),
+            None => (IPPROTO_FRAGMENT, None),
+        }
     } else {
-        None
+        (ip6.next_header, Some(ip6_off + 40))
+    };
+    let ports = match l4_off {
+        Some(at) if proto == IPPROTO_TCP || proto == IPPROTO_UDP => {
+            crate::packet::skb_read::<Ports>(ctx, at)
+        }
+        _ => None,
     };
     let (sp, dp) = ports.map_or(([0; 2], [0; 2]), |p| (p.src, p.dst));
     match side {
@@ -109,7 +123,7 @@ pub fn key6(ctx: &TcContext, ip6: &Ipv6Hdr, ip6_off: usize, side: Side) -> FlowK
             remote: ip6.daddr,
             local_port: sp,
             remote_port: dp,
-            proto: ip6.next_header,
+            proto,
             _pad: [0; 3],
         },
         Side::In => FlowKey6 {
@@ -117,7 +131,7 @@ pub fn key6(ctx: &TcContext, ip6: &Ipv6Hdr, ip6_off: usize, side: Side) -> FlowK
             remote: ip6.saddr,
             local_port: dp,
             remote_port: sp,
-            proto: ip6.next_header,
+            proto,
             _pad: [0; 3],
         },
     }
@@ -132,6 +146,7 @@ pub fn icmp6_error(ctx: &TcContext, ip6_off: usize, next_header: u8) -> bool {
 }
 
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;

@@ -11,7 +11,8 @@ use std::net::Ipv6Addr;
 use aya::Ebpf;
 use flannel_agent::ebpf::bpf_sys::{lookup, update};
 use flannel_ebpf_common::{
-    Counter, FlowKey6, NAT_MARK, PROG_DECAP_TC, PROG_ENCAP6, PROG_POD_EGRESS,
+    Counter, FlowKey6, NAT_MARK, PROG_DECAP_TC, PROG_ENCAP6, PROG_POD_EGRESS, Route6Key,
+    Route6Value,
 };
 use flannel_tests::{
     frames::{csum, eth, ipv6_udp},
@@ -230,6 +231,29 @@ fn ipv6_pod_traffic_takes_the_direct_path_and_the_rest_the_stack() {
             "nothing else went direct"
         );
 
+        // A member the underlay has no route to: the encapsulation fails
+        // after the inner frame was addressed for flannel-v6, and the pod's
+        // own addressing is put back for the stack.
+        let unrouted = Route6Value {
+            node_ip6: ip6("2001:db8:dead::5").octets(),
+            vtep_mac6: REMOTE_VTEP6,
+            _pad: [0; 2],
+            peer_slot: 5,
+        };
+        let sub5 = Route6Key {
+            subnet6: ip6("fd00:10:244:5::").octets(),
+        };
+        update(map_fd(&ebpf, "ROUTE6"), &sub5, &unrouted).unwrap();
+        let to5 = pod_frame6(&b, "fd00:10:244:1::10", "fd00:10:244:5::10", b"x");
+        let before = counter(&ebpf, Counter::TxDirectUnfit);
+        assert_eq!(
+            run_skb(&mut ebpf, PROG_POD_EGRESS, &to5, b.bridge_ifindex, 0, 0),
+            (TC_ACT_OK, to5.clone()),
+            "an unroutable member: the frame as the pod sent it"
+        );
+        assert_eq!(counter(&ebpf, Counter::TxDirectUnfit), before + 1);
+        assert_eq!(counter(&ebpf, Counter::TxDirect6), 1);
+
         // flannel-v6's egress notes every flow it sees as the stack's; the
         // direct path then leaves that flow to the stack.
         let (rc, _) = run_skb(
@@ -248,6 +272,43 @@ fn ipv6_pod_traffic_takes_the_direct_path_and_the_rest_the_stack() {
         assert_eq!(rc, TC_ACT_REDIRECT);
         let key = udp_key("fd00:10:244:1::10", "fd00:10:244:2::10", 4000, 53);
         assert!(stack_flow6(&ebpf, &key), "flannel-v6's flow noted");
+        // A fragmented request (a big UDP Service query): its first
+        // fragment is keyed by the UDP ports behind the fragment header,
+        // so the replies find the flow; a later fragment by its protocol.
+        let fragment = |offset_flags: u16, sport: u16| {
+            let mut ip = ipv6_udp(
+                ip6("fd00:10:244:1::10"),
+                ip6("fd00:10:244:2::10"),
+                sport,
+                53,
+                b"first fragment",
+            );
+            ip[6] = 44;
+            let len = u16::from_be_bytes([ip[4], ip[5]]) + 8;
+            ip[4..6].copy_from_slice(&len.to_be_bytes());
+            let mut fh = vec![17, 0];
+            fh.extend_from_slice(&offset_flags.to_be_bytes());
+            fh.extend_from_slice(&[0, 0, 0, 9]);
+            ip.splice(40..40, fh);
+            eth(REMOTE_VTEP6, LOCAL_VTEP6, 0x86dd, &ip)
+        };
+        for (name, frame, key) in [
+            (
+                "first fragment",
+                fragment(0x0001, 4100),
+                udp_key("fd00:10:244:1::10", "fd00:10:244:2::10", 4100, 53),
+            ),
+            (
+                "later fragment",
+                fragment(0x05a9, 4200),
+                udp_key("fd00:10:244:1::10", "fd00:10:244:2::10", 0, 0),
+            ),
+        ] {
+            let (rc, _) = run_skb(&mut ebpf, PROG_ENCAP6, &frame, 0, 0, 0);
+            // Behind an extension header: the kernel's vxlan6 device sends it.
+            assert_eq!(rc, TC_ACT_OK, "{name}");
+            assert!(stack_flow6(&ebpf, &key), "{name}: flow noted by UDP");
+        }
         let before = counter(&ebpf, Counter::TxDirectStackFlow);
         assert_eq!(
             run_skb(&mut ebpf, PROG_POD_EGRESS, &good, b.bridge_ifindex, 0, 0),
