@@ -767,12 +767,17 @@ impl Lab {
 
     /// Wait until node `i`'s agent has `n` entries in its FDB map.
     pub fn wait_fdb_entries(&self, i: usize, n: usize) -> anyhow::Result<()> {
+        self.wait_map_entries(i, "fdb", n)
+    }
+
+    /// Wait until node `i`'s pinned map `map` holds `n` entries.
+    pub fn wait_map_entries(&self, i: usize, map: &str, n: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         wait_for(
-            &format!("{} FDB entries on {}", n, node.name),
+            &format!("{n} {map} entries on {}", node.name),
             Duration::from_secs(10),
             || {
-                node.dump_map("fdb")
+                node.dump_map(map)
                     .ok()
                     .and_then(|v| v.as_array().map(|a| a.len()))
                     .filter(|l| *l == n)

@@ -91,9 +91,11 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
     }
 
     all_pairs_reach(&lab);
-    // IPv6 from the stock node is decapsulated by our programs.
-    let (decap, kernel) = (
+    // IPv6 from the stock node is decapsulated by our programs and handed
+    // straight to the pod's bridge (the direct path, on by default).
+    let (decap, direct_in, kernel) = (
         lab.counter(0, "rx_decap"),
+        lab.counter(0, "rx_direct6"),
         ours.dev_stat("flannel-v6.1", "rx_packets"),
     );
     assert_eq!(
@@ -101,10 +103,18 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
         (10, 10)
     );
     assert!(lab.counter(0, "rx_decap") - decap >= 10, "{}", lab.logs());
+    assert!(
+        lab.counter(0, "rx_direct6") - direct_in >= 10,
+        "{}",
+        lab.logs()
+    );
     assert_eq!(ours.dev_stat("flannel-v6.1", "rx_packets") - kernel, 0);
-    // And encapsulated by them towards it; its kernel decapsulates.
-    let (encap, theirs) = (
+    // And encapsulated by them towards it at the pod bridge, flannel-v6
+    // never seeing it; its kernel decapsulates.
+    let (encap, direct_out, sent, theirs) = (
         lab.counter(0, "tx_encap"),
+        lab.counter(0, "tx_direct6"),
+        ours.dev_stat("flannel-v6.1", "tx_packets"),
         stock.dev_stat("flannel-v6.1", "rx_packets"),
     );
     assert_eq!(
@@ -112,6 +122,12 @@ fn ipv6_only_node_talks_to_a_stock_ipv6_only_node() {
         (10, 10)
     );
     assert!(lab.counter(0, "tx_encap") - encap >= 10, "{}", lab.logs());
+    assert!(
+        lab.counter(0, "tx_direct6") - direct_out >= 10,
+        "{}",
+        lab.logs()
+    );
+    assert_eq!(ours.dev_stat("flannel-v6.1", "tx_packets") - sent, 0);
     assert!(stock.dev_stat("flannel-v6.1", "rx_packets") - theirs >= 10);
     // Bulk TCP both ways, content checked.
     tcp_exchange(&ours.pod, &stock.pod, stock.pod_ip6(), 5301, 4 << 20)

@@ -658,7 +658,7 @@ async fn first_passes(
 
 /// Attach the direct path's program when the pod bridge is there, then
 /// switch the direct path on in the programs (both directions at once).
-fn ensure_pod_hook(
+pub(super) fn ensure_pod_hook(
     hook: &mut datapath::PodHook,
     bridge: &str,
     tables: &Tables,
@@ -1069,7 +1069,7 @@ pub(super) fn decap_hook(args: &RunArgs, underlay: &crate::netlink::Link) -> Dec
 /// Whether the direct path runs: asked for, and the decap at TC. From XDP
 /// the decapsulated packet can only enter the stack; sending a flow's one
 /// direction around conntrack and the other through it would make it INVALID.
-fn direct_path(args: &RunArgs, underlay: &crate::netlink::Link) -> bool {
+pub(super) fn direct_path(args: &RunArgs, underlay: &crate::netlink::Link) -> bool {
     args.direct_path && decap_hook(args, underlay) == DecapHook::Tc
 }
 

@@ -1,8 +1,9 @@
 //! `run` on an IPv6-only cluster (EnableIPv4 false), as flanneld runs it:
 //! flannel-v6.<VNI> on the IPv6 underlay and no flannel.1. On the eBPF data
-//! path the decap program runs on the underlay and the encap6 program on
-//! flannel-v6's egress; there are no IPv4 tables to keep. With host-gw:
-//! routes on the underlay only, no flannel-v6 and no programs.
+//! path the decap program runs on the underlay, the encap6 program on
+//! flannel-v6's egress and the direct path's on the pod bridge; there are no
+//! IPv4 tables to keep. With host-gw: routes on the underlay only, no
+//! flannel-v6 and no programs.
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
@@ -13,7 +14,7 @@ use anyhow::{Context, bail};
 use flannel_ebpf_common::NodeConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::run::{Joined, decap_hook, ebpf_logs, no_ebpf, set_up_v6};
+use super::run::{Joined, decap_hook, direct_path, ebpf_logs, ensure_pod_hook, no_ebpf, set_up_v6};
 use crate::{
     cmd::cli::{DatapathKind, RunArgs},
     ebpf::{datapath, tables::Tables},
@@ -132,6 +133,7 @@ pub async fn run(
         DatapathKind::Ebpf => {
             crate::node::xfrm::refuse_if_covered(conf.backend.port)?;
             let (src_port_min, src_port_max) = sysctl::local_port_range();
+            let direct = direct_path(args, &underlay_link);
             // No IPv4 half: the programs pass every IPv4 frame (no address
             // of ours matches) and judge VXLAN over IPv6 from CONFIG6.
             let node = NodeConfig {
@@ -151,10 +153,20 @@ pub async fn run(
                     flannel_ebpf_common::NODE_NATIVE_POD_SOURCES
                 } else {
                     0
+                } | if direct {
+                    flannel_ebpf_common::NODE_DIRECT_PATH
+                } else {
+                    0
                 },
                 subnet: [0; 4],
                 subnet_mask: [0; 4],
-                bridge_ifindex: 0,
+                // Set once the program on the bridge is attached; a restart
+                // carries over the one still running.
+                bridge_ifindex: if direct {
+                    datapath::running_bridge(root, &args.pod_bridge).unwrap_or(0)
+                } else {
+                    0
+                },
                 vtep_mtu: 0,
             };
             let hook = decap_hook(args, &underlay_link);
@@ -185,6 +197,7 @@ pub async fn run(
     )
     .await?
     .context("IPv6-only: flannel-v6 was not set up")?;
+    let mut pod_hook = None;
     if let (Some(t), Some((loaded, hook))) = (&tables, loaded) {
         // The maps hold every IPv6 peer now: attach.
         let (attached, mut pod) = loaded
@@ -199,10 +212,26 @@ pub async fn run(
             "attached {} on {name} egress",
             flannel_ebpf_common::PROG_ENCAP6
         );
-        // The direct path carries IPv4 only: off, and its program detached.
-        t.set_bridge(0)?;
-        if datapath::remove_pod_link(root)? {
-            log::info!("IPv6-only: detached the direct path's program (IPv4 only)");
+        if direct_path(args, &underlay_link) {
+            // The NAT mark first (its table is inet): from the moment the
+            // program runs, Service packets DNAT'd on the bridge carry it.
+            crate::node::nat_mark::install()?;
+            ensure_pod_hook(&mut pod, &args.pod_bridge, t)?;
+            pod_hook = Some(pod);
+        } else {
+            if args.direct_path {
+                log::warn!(
+                    "direct path off: it needs the decap at TC, and --decap xdp puts it at XDP"
+                );
+            }
+            // Off in both directions before the program goes.
+            t.set_bridge(0)?;
+            if datapath::remove_pod_link(root)? {
+                log::info!(
+                    "direct path off: detached its program from {}",
+                    args.pod_bridge
+                );
+            }
         }
     }
     // Rules before subnet.env: once the CNI plugin can start pods, their
@@ -316,6 +345,12 @@ pub async fn run(
                 _ = crate::source::woken() => {}
             }
             health.beat();
+            // The pod bridge may come later (the CNI plugin makes it).
+            if let (Some(hook), Some(t)) = (pod_hook.as_mut(), tables.as_ref())
+                && let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t)
+            {
+                log::warn!("{e:#}");
+            }
             match node.drift(&nl).await {
                 Ok(Some(why)) => return Err(crate::node::watchdog::restart_self(&why)),
                 Ok(None) => {}
@@ -333,6 +368,13 @@ pub async fn run(
                 last_lease_error = Some(Instant::now());
             }
             let due = Instant::now() >= next_resync;
+            if due
+                && pod_hook.is_some()
+                && let Err(e) = crate::node::nat_mark::install()
+            {
+                // Someone flushed the ruleset: Services' replies depend on it.
+                log::warn!("{e:#}");
+            }
             match source.changed().await {
                 Ok(false) if !due => continue,
                 Ok(_) => {}
