@@ -28,6 +28,10 @@ pub struct Link {
     pub vxlan: Option<(u32, u16)>,
     /// One end of a veth pair (a kind or container node's eth0).
     pub veth: bool,
+    /// The bridge (or other master) it is a port of.
+    pub master: Option<u32>,
+    /// Its peer is in another network namespace (a pod's veth).
+    pub peer_elsewhere: bool,
 }
 
 /// Settings of the VTEP device, as flanneld creates flannel.1.
@@ -101,12 +105,16 @@ fn link_from_message(m: &LinkMessage) -> Link {
         mtu: 0,
         vxlan: None,
         veth: false,
+        master: None,
+        peer_elsewhere: false,
     };
     for attr in &m.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Address(a) => link.mac = Mac::from_slice(a),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Controller(i) => link.master = Some(*i),
+            LinkAttribute::NetnsId(_) => link.peer_elsewhere = true,
             LinkAttribute::LinkInfo(infos) => {
                 let mut is_vxlan = false;
                 let (mut vni, mut port) = (0, 0);
@@ -559,6 +567,33 @@ impl Netlink {
                     dst,
                     message: n,
                 });
+            }
+        }
+        Ok(out)
+    }
+
+    /// MACs the bridges have learned, with the port each was learned on
+    /// (`bridge fdb show` without the ports' own, permanent addresses).
+    pub async fn learned_macs(&self) -> anyhow::Result<Vec<(Mac, u32)>> {
+        let mut req = self.handle.neighbours().get();
+        req.message_mut().header.family = AddressFamily::Bridge;
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(n) = stream
+            .try_next()
+            .await
+            .context("listing bridge FDB entries")?
+        {
+            if matches!(
+                n.header.state,
+                NeighbourState::Permanent | NeighbourState::Noarp
+            ) {
+                continue;
+            }
+            if let (_, Some(mac)) = neigh_fields(&n)
+                && mac.is_unicast()
+            {
+                out.push((mac, n.header.ifindex));
             }
         }
         Ok(out)

@@ -31,6 +31,7 @@ pub const MAP_NEXT_HOPS6: &str = "NEXT_HOPS6";
 pub const MAP_POD_HOPS: &str = "POD_HOPS";
 pub const MAP_ROUTE6: &str = "ROUTE6";
 pub const MAP_STACK_FLOWS6: &str = "STACK_FLOWS6";
+pub const MAP_POD_PORTS: &str = "POD_PORTS";
 
 pub const PROG_ENCAP: &str = "flannel_encap";
 pub const PROG_DECAP: &str = "flannel_decap";
@@ -175,6 +176,21 @@ pub struct PodHop {
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the lookup.
     pub resolved_ns: u64,
 }
+
+/// A local pod's port on the pod bridge (the host side of its veth), by
+/// the pod's IPv4 address: the direct path hands the pod's packets straight
+/// to that veth's peer. Written by the agent from the bridge's FDB and
+/// cni0's neighbours; used only while the neighbour MAC is `mac`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodPort {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Entries of POD_PORTS: more than a node's pods.
+pub const MAX_POD_PORTS: u32 = 4096;
 
 /// Slots of POD_HOPS: a power of two, more than a node's pods.
 pub const POD_HOP_SLOTS: u32 = 4096;
@@ -480,6 +496,9 @@ counters! {
     /// Direct path, ingress: a decapsulated IPv6 packet handed to cni0 for
     /// its pod without the host stack.
     RxDirect6 = 36, "rx_direct6";
+    /// Direct path, ingress: of the direct deliveries, those handed to the
+    /// pod's veth peer (bpf_redirect_peer), past cni0's bridging too.
+    RxDirectPeer = 37, "rx_direct_peer";
 }
 
 pub const COUNTER_SLOTS: u32 = 48;
@@ -504,4 +523,5 @@ mod pod {
     unsafe impl aya::Pod for Route6Key {}
     unsafe impl aya::Pod for Route6Value {}
     unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for PodPort {}
 }

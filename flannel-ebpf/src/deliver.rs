@@ -1,11 +1,12 @@
 //! The direct path in: a decapsulated packet for a local pod is handed to
-//! cni0's transmit (the bridge's forwarding to the pod's port), addressed as
+//! its veth's peer in the pod when the agent has seen its bridge port, else
+//! to cni0's transmit (the bridge's forwarding to the pod's port), addressed as
 //! the host would address it, with its TTL decremented — no IP receive,
 //! routing, netfilter or neighbour pass. What it declines enters the host
 //! stack as before, and its flow is noted as the stack's (both ways).
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, PodHop, in_prefix};
@@ -13,7 +14,8 @@ use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, PodHop, in_prefi
 use crate::{
     flows::{self, Side, icmp_error},
     maps::{
-        count, direct_path, note_stack_flow, now_ns, on_stack, pod_hop_slot, remember_stack_flow,
+        count, direct_path, note_stack_flow, now_ns, on_stack, pod_hop_slot, pod_port,
+        remember_stack_flow,
     },
     packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
     tunnel::decrement_ttl,
@@ -68,6 +70,12 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
         // Addressed to the pod already: the stack would not take it.
         count(Counter::RxDropAdjust, ctx.len());
         return Ok(TC_ACT_SHOT);
+    }
+    // The pod's veth, when the agent knows it: its peer's ingress in the
+    // pod (no bridge, no backlog queue); else cni0's transmit.
+    if let Some(port) = pod_port(ip.daddr, &hop.dst) {
+        count(Counter::RxDirectPeer, ctx.len());
+        return Ok(unsafe { bpf_redirect_peer(port, 0) } as i32);
     }
     Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
 }

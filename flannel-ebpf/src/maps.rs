@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey,
-    FlowKey6, MAX_NODES, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NextHop6, NodeConfig,
-    NodeConfig6, POD_HOP_SLOTS, PeerStats, PodHop, Route6Key, Route6Value, RouteValue,
+    FlowKey6, MAX_NODES, MAX_POD_PORTS, MAX_STACK_FLOWS, NODE_DIRECT_PATH, NextHop, NextHop6,
+    NodeConfig, NodeConfig6, POD_HOP_SLOTS, PeerStats, PodHop, PodPort, Route6Key, Route6Value,
+    RouteValue,
 };
 
 #[btf_map]
@@ -65,6 +66,10 @@ pub static STACK_FLOWS6: LruHashMap<FlowKey6, u64, { MAX_STACK_FLOWS as usize }>
 /// Per CPU: the direct path's last delivery answers for local pods.
 #[btf_map]
 pub static POD_HOPS: PerCpuArray<PodHop, { POD_HOP_SLOTS as usize }> = PerCpuArray::new();
+
+/// Local pods' bridge ports, by pod IPv4 address (the agent's).
+#[btf_map]
+pub static POD_PORTS: HashMap<[u8; 4], PodPort, { MAX_POD_PORTS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -174,6 +179,17 @@ pub fn next_hop_slot(slot: u32) -> Option<&'static mut NextHop> {
 pub fn next_hop6_slot(slot: u32) -> Option<&'static mut NextHop6> {
     // Per-CPU slot: no other writer while this program runs on this CPU.
     NEXT_HOPS6.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
+}
+
+/// The bridge port of the pod at `pod_ip`, while the host's neighbour for
+/// it is still `mac` (the pod the agent saw there).
+#[inline(always)]
+pub fn pod_port(pod_ip: [u8; 4], mac: &[u8; 6]) -> Option<u32> {
+    POD_PORTS
+        .get_ptr(&pod_ip)
+        .map(|p| unsafe { *p })
+        .filter(|p| p.mac == *mac && p.ifindex != 0)
+        .map(|p| p.ifindex)
 }
 
 /// This CPU's POD_HOPS slot for a pod address (whoever holds it now).

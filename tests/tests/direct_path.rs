@@ -122,6 +122,77 @@ fn udp_bypasses_the_stack(
     );
 }
 
+/// The ifindex node `n`'s pod_ports map holds for its pod, as bpftool dumps it.
+fn pod_port(n: &flannel_tests::lab::Node) -> Option<u64> {
+    let dump = n.dump_map("pod_ports").ok()?;
+    dump.as_array()?.iter().find_map(|e| {
+        let f = e.get("formatted").unwrap_or(e);
+        (f["key"] == serde_json::json!(n.pod_ip().octets()))
+            .then(|| f["value"]["ifindex"].as_u64())
+            .flatten()
+    })
+}
+
+/// Node a's deliveries go to its pod's veth peer, past cni0 (which
+/// transmits none of them), and follow the pod onto a new veth with the
+/// same address and MAC (a restarted pod, as the CNI bridge plugin gives it).
+fn past_the_bridge(lab: &Lab) {
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let ifindex = |dev: &str| -> u64 {
+        a.ns.sh(&format!("cat /sys/class/net/{dev}/ifindex"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let veth0 = ifindex("veth0");
+    flannel_tests::wait_for("a's pod in pod_ports", Duration::from_secs(5), || {
+        (pod_port(a) == Some(veth0)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", a.dump_map("pod_ports"), lab.logs()));
+    let (peer, bridged) = (
+        lab.counter(0, "rx_direct_peer"),
+        a.dev_stat("cni0", "tx_packets"),
+    );
+    udp_echo(&b.pod, &a.pod, a.pod_ip(), 6003, 100).unwrap();
+    assert!(
+        lab.counter(0, "rx_direct_peer") - peer >= 100,
+        "deliveries to the veth peer\n{}",
+        lab.logs()
+    );
+    assert!(
+        a.dev_stat("cni0", "tx_packets") - bridged < 10,
+        "cni0 transmitted the pod's packets"
+    );
+    // The pod restarted: a new veth, the same IP and MAC.
+    let mac = a.pod.sh("cat /sys/class/net/eth0/address").unwrap();
+    a.ns.sh("ip link del veth0").unwrap();
+    flannel_tests::sh(&format!(
+        "ip link add veth9 netns {} type veth peer name eth0 netns {}",
+        a.ns.name, a.pod.name
+    ))
+    .unwrap();
+    a.ns.sh("ip link set veth9 master cni0 up").unwrap();
+    let gw = std::net::Ipv4Addr::from(u32::from(a.subnet_base()) + 1);
+    for c in [
+        format!("ip link set eth0 address {} mtu 1450 up", mac.trim()),
+        format!("ip addr add {}/24 dev eth0", a.pod_ip()),
+        format!("ip route add default via {gw}"),
+    ] {
+        a.pod.sh(&c).unwrap();
+    }
+    wait_reachable(&b.pod, a.pod_ip(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the restarted pod: {e}\n{}", lab.logs()));
+    let veth9 = ifindex("veth9");
+    flannel_tests::wait_for("the new veth in pod_ports", Duration::from_secs(5), || {
+        (pod_port(a) == Some(veth9)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", a.dump_map("pod_ports"), lab.logs()));
+    let peer = lab.counter(0, "rx_direct_peer");
+    udp_echo(&b.pod, &a.pod, a.pod_ip(), 6004, 100).unwrap();
+    assert!(lab.counter(0, "rx_direct_peer") - peer >= 100);
+}
+
 #[test]
 fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     if !prereq::ready("direct_path") {
@@ -163,6 +234,8 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
         ("tx_direct", "rx_direct"),
         (6001, 6002),
     );
+    past_the_bridge(&lab);
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
     // Bulk TCP both ways: delivered whole (its aggregates cross the stack).
     tcp_exchange(&a.pod, &b.pod, b.pod_ip(), 5001, 4 << 20).unwrap();
     tcp_exchange(&b.pod, &a.pod, a.pod_ip(), 5002, 4 << 20).unwrap();

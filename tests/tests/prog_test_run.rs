@@ -1061,6 +1061,40 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
         host[74..76].copy_from_slice(&c.to_be_bytes());
         assert_eq!(run_named(&mut ebpf, PROG_DECAP_TC, &host).0, TC_ACT_OK);
         assert_eq!(counter(&ebpf, Counter::RxDirect), 3);
+        // The pod's bridge port known (POD_PORTS, the agent's): handed to
+        // that veth's peer, addressed the same; only while the host's
+        // neighbour for the pod is the MAC recorded there. (A flow not
+        // yet the stack's: from 10.244.2.12.)
+        let fresh = Vx {
+            inner_src_ip: Ipv4Addr::new(10, 244, 2, 12),
+            ..Vx::default()
+        }
+        .frame();
+        let port = |mac: [u8; 6]| flannel_ebpf_common::PodPort {
+            ifindex: b.underlay_ifindex,
+            mac,
+            _pad: [0; 2],
+        };
+        let set_port = |ebpf: &aya::Ebpf, mac: [u8; 6]| {
+            let ports = map_fd(ebpf, "POD_PORTS");
+            flannel_agent::ebpf::bpf_sys::update(ports, &[10u8, 244, 1, 10], &port(mac)).unwrap();
+        };
+        set_port(&ebpf, [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x77]);
+        let (rc, bridged) = run_named(&mut ebpf, PROG_DECAP_TC, &fresh);
+        assert_eq!(rc, TC_ACT_REDIRECT, "to cni0");
+        assert_eq!(
+            counter(&ebpf, Counter::RxDirectPeer),
+            0,
+            "another pod's MAC: not its port"
+        );
+        // The MAC the delivery addressed (this CPU's cached neighbour).
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&bridged[..6]);
+        set_port(&ebpf, mac);
+        let (rc, out) = run_named(&mut ebpf, PROG_DECAP_TC, &fresh);
+        assert_eq!((rc, out), (TC_ACT_REDIRECT, bridged), "to the peer");
+        assert_eq!(counter(&ebpf, Counter::RxDirectPeer), 1);
+        assert_eq!(counter(&ebpf, Counter::RxDirect), 5);
     })
     .unwrap();
 }

@@ -675,6 +675,20 @@ pub(super) fn ensure_pod_hook(
     }
 }
 
+/// Follow the pods' veths on the pod bridge into POD_PORTS (each poll: a
+/// pod's new veth is used as soon as the bridge has learned its MAC).
+async fn sync_pod_ports(nl: &Netlink, bridge: u32, tables: &Tables) -> anyhow::Result<()> {
+    let want = crate::node::pod_ports::read(nl, bridge).await?;
+    let n = tables.sync_pod_ports(&want)?;
+    if n > 0 {
+        log::debug!(
+            "pod ports: {n} changes, {} pods behind the bridge's veths",
+            want.len()
+        );
+    }
+    Ok(())
+}
+
 /// Tell the node and the cluster we are up: ip-masq rules, subnet.env for
 /// the CNI plugin, the source's readiness (kube: NetworkUnavailable=False),
 /// /readyz, /metrics, and how to inspect what runs.
@@ -809,10 +823,15 @@ async fn control_loop(
             _ = crate::source::woken() => {}
         }
         health.beat();
-        if let (Some(hook), Some(t)) = (pod_hook.as_mut(), tables.as_ref())
-            && let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t)
-        {
-            log::warn!("{e:#}");
+        if let (Some(hook), Some(t)) = (pod_hook.as_mut(), tables.as_ref()) {
+            if let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t) {
+                log::warn!("{e:#}");
+            }
+            if let Some(bridge) = hook.attached_on()
+                && let Err(e) = sync_pod_ports(nl, bridge, t).await
+            {
+                log::warn!("the direct path's pod ports: {e:#}");
+            }
         }
         let source_down = source.degraded();
         if let Ok(m) = metrics.lock() {

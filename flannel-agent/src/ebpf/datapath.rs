@@ -21,10 +21,10 @@ use aya::{
 use flannel_ebpf_common::{
     ArpKey, ArpValue, COUNTER_SLOTS, CounterValue, Fdb6Value, FdbKey, FdbValue, FlowKey, MAP_ARP,
     MAP_CONFIG, MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_NEXT_HOPS, MAP_NEXT_HOPS6,
-    MAP_PEER_STATS, MAP_POD_HOPS, MAP_ROUTE, MAP_ROUTE6, MAP_STACK_FLOWS, MAP_STACK_FLOWS6,
-    MAX_NODES, MAX_STACK_FLOWS, NextHop, NextHop6, NodeConfig, NodeConfig6, POD_HOP_SLOTS,
-    PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS, PeerStats, PodHop,
-    Route6Key, Route6Value, RouteValue,
+    MAP_PEER_STATS, MAP_POD_HOPS, MAP_POD_PORTS, MAP_ROUTE, MAP_ROUTE6, MAP_STACK_FLOWS,
+    MAP_STACK_FLOWS6, MAX_NODES, MAX_STACK_FLOWS, NextHop, NextHop6, NodeConfig, NodeConfig6,
+    POD_HOP_SLOTS, PROG_DECAP, PROG_DECAP_TC, PROG_ENCAP, PROG_ENCAP6, PROG_POD_EGRESS, PeerStats,
+    PodHop, Route6Key, Route6Value, RouteValue,
 };
 
 /// Where each map is pinned under the pin root, and what it must look like.
@@ -143,6 +143,14 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: MAX_STACK_FLOWS,
     },
     MapSpec {
+        name: MAP_POD_PORTS,
+        file: "pod_ports",
+        kind: MapType::Hash,
+        key_size: 4,
+        value_size: size_of::<flannel_ebpf_common::PodPort>() as u32,
+        max_entries: flannel_ebpf_common::MAX_POD_PORTS,
+    },
+    MapSpec {
         name: MAP_COUNTERS,
         file: "counters",
         kind: MapType::PerCpuArray,
@@ -208,6 +216,7 @@ const ADDED_LATER: &[&str] = &[
     MAP_POD_HOPS,
     MAP_ROUTE6,
     MAP_STACK_FLOWS6,
+    MAP_POD_PORTS,
 ];
 
 /// Every pinned map, opened and checked. Errors when nothing is pinned.

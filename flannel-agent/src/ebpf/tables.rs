@@ -10,8 +10,9 @@ use anyhow::Context;
 use aya::maps::MapData;
 use flannel_ebpf_common::{
     ArpKey, ArpValue, Counter, CounterValue, Fdb6Value, FdbKey, FdbValue, MAP_ARP, MAP_CONFIG,
-    MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_PEER_STATS, MAP_ROUTE, MAP_ROUTE6, MAX_NODES,
-    NodeConfig, NodeConfig6, PeerStats, Route6Key, Route6Value, RouteValue,
+    MAP_CONFIG6, MAP_COUNTERS, MAP_FDB, MAP_FDB6, MAP_PEER_STATS, MAP_POD_PORTS, MAP_ROUTE,
+    MAP_ROUTE6, MAX_NODES, NodeConfig, NodeConfig6, PeerStats, PodPort, Route6Key, Route6Value,
+    RouteValue,
 };
 
 use crate::{
@@ -70,6 +71,7 @@ fn batched<T>(
 type Config6Map = TypedMap<u32, NodeConfig6>;
 type Fdb6Map = TypedMap<FdbKey, Fdb6Value>;
 type Route6Map = TypedMap<Route6Key, Route6Value>;
+type PodPortMap = TypedMap<[u8; 4], PodPort>;
 
 pub struct Tables {
     pub config: TypedMap<u32, NodeConfig>,
@@ -85,6 +87,8 @@ pub struct Tables {
     /// Dual-stack direct path: remote IPv6 subnet → member (None under a
     /// pin root from before it).
     pub route6: Option<Route6Map>,
+    /// The direct path's pod ports (None under a pin root from before them).
+    pub pod_ports: Option<PodPortMap>,
 }
 
 impl Tables {
@@ -109,6 +113,7 @@ impl Tables {
             config6: maps.remove(MAP_CONFIG6).map(TypedMap::new),
             fdb6: maps.remove(MAP_FDB6).map(TypedMap::new),
             route6: maps.remove(MAP_ROUTE6).map(TypedMap::new),
+            pod_ports: maps.remove(MAP_POD_PORTS).map(TypedMap::new),
         })
     }
 
@@ -241,6 +246,39 @@ impl Tables {
                 .set(k, v)
                 .map_err(|e| full(e, MAP_ROUTE6))
                 .with_context(|| format!("ROUTE6 map: {}", Ipv6Addr::from(k.subnet6)))?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// The POD_PORTS map as it is.
+    pub fn pod_port_entries(&self) -> anyhow::Result<BTreeMap<[u8; 4], PodPort>> {
+        let Some(m) = &self.pod_ports else {
+            return Ok(BTreeMap::new());
+        };
+        Ok(m.entries()
+            .context("reading the POD_PORTS map")?
+            .into_iter()
+            .collect())
+    }
+
+    /// Make the POD_PORTS map exactly `want` (nothing under a pin root
+    /// without it: the programs there deliver through cni0).
+    pub fn sync_pod_ports(&self, want: &BTreeMap<[u8; 4], PodPort>) -> anyhow::Result<usize> {
+        let Some(m) = &self.pod_ports else {
+            return Ok(0);
+        };
+        let have = self.pod_port_entries()?;
+        let mut changed = 0;
+        for k in have.keys().filter(|k| !want.contains_key(*k)) {
+            m.remove(k)
+                .with_context(|| format!("POD_PORTS map: deleting {}", Ipv4Addr::from(*k)))?;
+            changed += 1;
+        }
+        for (k, v) in want.iter().filter(|(k, v)| have.get(*k) != Some(*v)) {
+            m.set(k, v)
+                .map_err(|e| full(e, MAP_POD_PORTS))
+                .with_context(|| format!("POD_PORTS map: {}", Ipv4Addr::from(*k)))?;
             changed += 1;
         }
         Ok(changed)

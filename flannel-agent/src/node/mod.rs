@@ -5,6 +5,7 @@ pub mod guard;
 pub mod masq;
 pub mod nat_mark;
 pub mod overlay6;
+pub mod pod_ports;
 pub mod sysctl;
 pub mod underlay;
 pub mod watchdog;
