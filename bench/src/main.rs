@@ -364,8 +364,8 @@ fn traffic_verdicts(m: &[Metric]) -> Vec<String> {
     ]
 }
 
-/// `--routed-underlay`: the traffic table, the programs' cost and the
-/// verdicts only.
+/// `--routed-underlay`, `--ipv6` and `--traffic-only`: the traffic table,
+/// the programs' cost and the verdicts only.
 #[allow(clippy::too_many_arguments)]
 fn report_traffic_only(
     args: &Args,
@@ -382,6 +382,12 @@ fn report_traffic_only(
             "IPv6 (dual-stack)",
             "Two dual-stack nodes on one bridge, pods measured over IPv6 (flannel-ebpf: the IPv6 direct path between cni0 and the underlay, GSO aggregates left to flannel-v6 both ways; direct path off: our encap on flannel-v6's egress and decap into the stack; kernel VXLAN: flannel-v6.1 as flanneld configures it; no encap: IPv6 pod-subnet routes); no request/response figures (Debian's sockperf 3.7 has no IPv6)",
             "--ipv6",
+        )
+    } else if !args.routed_underlay {
+        (
+            "traffic only (--traffic-only)",
+            "Two nodes on one underlay bridge, a pod behind cni0 on each (MTU 1450); the traffic runs of `cargo xtask bench` without the in-kernel per-call and control-plane parts",
+            "",
         )
     } else {
         (
