@@ -572,6 +572,22 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Interfaces with a queueing discipline of their own (anything but
+    /// `noqueue`: e.g. the CNI bandwidth plugin's TBF, a clsact for filters).
+    pub async fn queued_links(&self) -> anyhow::Result<std::collections::HashSet<u32>> {
+        let mut stream = self.handle.qdisc().get().execute();
+        let mut out = std::collections::HashSet::new();
+        while let Some(q) = stream.try_next().await.context("listing qdiscs")? {
+            let noqueue = q.attributes.iter().any(
+                |a| matches!(a, netlink_packet_route::tc::TcAttribute::Kind(k) if k == "noqueue"),
+            );
+            if !noqueue && let Ok(index) = u32::try_from(q.header.index) {
+                out.insert(index);
+            }
+        }
+        Ok(out)
+    }
+
     /// MACs the bridges have learned, with the port each was learned on
     /// (`bridge fdb show` without the ports' own, permanent addresses).
     pub async fn learned_macs(&self) -> anyhow::Result<Vec<(Mac, u32)>> {

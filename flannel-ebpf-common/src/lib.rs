@@ -178,7 +178,8 @@ pub struct PodHop {
 }
 
 /// A local pod's port on the pod bridge (the host side of its veth), by
-/// the pod's IPv4 address: the direct path hands the pod's packets straight
+/// the pod's address (IPv6, or IPv4 as `::ffff:a.b.c.d`, see
+/// [`pod_port_key`]): the direct path hands the pod's packets straight
 /// to that veth's peer. Written by the agent from the bridge's FDB and
 /// cni0's neighbours; used only while the neighbour MAC is `mac`.
 #[repr(C)]
@@ -189,8 +190,18 @@ pub struct PodPort {
     pub _pad: [u8; 2],
 }
 
-/// Entries of POD_PORTS: more than a node's pods.
+/// Entries of POD_PORTS: more than a node's pods, each with an IPv4 and an
+/// IPv6 address.
 pub const MAX_POD_PORTS: u32 = 4096;
+
+/// POD_PORTS's key of an IPv4 pod address: IPv4-mapped, so both families
+/// share one table.
+#[inline(always)]
+pub const fn pod_port_key(ip: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+    ]
+}
 
 /// Slots of POD_HOPS: a power of two, more than a node's pods.
 pub const POD_HOP_SLOTS: u32 = 4096;
@@ -496,8 +507,9 @@ counters! {
     /// Direct path, ingress: a decapsulated IPv6 packet handed to cni0 for
     /// its pod without the host stack.
     RxDirect6 = 36, "rx_direct6";
-    /// Direct path, ingress: of the direct deliveries, those handed to the
-    /// pod's veth peer (bpf_redirect_peer), past cni0's bridging too.
+    /// Direct path, ingress: of the direct deliveries (IPv4 and IPv6),
+    /// those handed to the pod's veth peer (bpf_redirect_peer), past cni0's
+    /// bridging too.
     RxDirectPeer = 37, "rx_direct_peer";
 }
 

@@ -6,7 +6,9 @@
 //! stack as before, and its flow is noted as the stack's (both ways).
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_skb_change_type,
+    },
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NEXT_HOP_TTL_NS, NodeConfig, PodHop, in_prefix};
@@ -73,12 +75,23 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
     }
     // The pod's veth, when the agent knows it: its peer's ingress in the
     // pod (no bridge, no backlog queue); else cni0's transmit.
-    if let Some(port) = pod_port(ip.daddr, &hop.dst) {
-        count(Counter::RxDirectPeer, ctx.len());
-        return Ok(unsafe { bpf_redirect_peer(port, 0) } as i32);
+    if let Some(port) = pod_port(&flannel_ebpf_common::pod_port_key(ip.daddr), &hop.dst) {
+        return Ok(to_peer(ctx, port));
     }
     Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
 }
+
+/// Hand the pod's packet to the peer of its veth `port`: the pod's own
+/// ingress. Addressed to it (the veth transmit it skips would have said so).
+#[inline(always)]
+pub fn to_peer(ctx: &TcContext, port: u32) -> i32 {
+    unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    count(Counter::RxDirectPeer, ctx.len());
+    unsafe { bpf_redirect_peer(port, 0) as i32 }
+}
+
+/// `skb->pkt_type` of a frame for this host.
+const PACKET_HOST: u32 = 0;
 
 /// The verdict of a direct delivery (`to_pod` or IPv6's), counted: `ok`
 /// when it went to the pod, else the reason it enters the stack.

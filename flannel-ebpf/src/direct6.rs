@@ -209,6 +209,12 @@ fn to_pod6(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>> {
         count(Counter::RxDropAdjust, ctx.len());
         return Ok(TC_ACT_SHOT);
     }
+    // Straight to the pod's veth peer when the agent knows it, as IPv4's.
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(&macs[..6]);
+    if let Some(port) = crate::maps::pod_port(&ip6.daddr, &dst) {
+        return Ok(crate::deliver::to_peer(ctx, port));
+    }
     Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
 }
 

@@ -67,9 +67,9 @@ pub static STACK_FLOWS6: LruHashMap<FlowKey6, u64, { MAX_STACK_FLOWS as usize }>
 #[btf_map]
 pub static POD_HOPS: PerCpuArray<PodHop, { POD_HOP_SLOTS as usize }> = PerCpuArray::new();
 
-/// Local pods' bridge ports, by pod IPv4 address (the agent's).
+/// Local pods' bridge ports, by pod address (the agent's).
 #[btf_map]
-pub static POD_PORTS: HashMap<[u8; 4], PodPort, { MAX_POD_PORTS as usize }> = HashMap::new();
+pub static POD_PORTS: HashMap<[u8; 16], PodPort, { MAX_POD_PORTS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<CounterValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -181,12 +181,13 @@ pub fn next_hop6_slot(slot: u32) -> Option<&'static mut NextHop6> {
     NEXT_HOPS6.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
 }
 
-/// The bridge port of the pod at `pod_ip`, while the host's neighbour for
+/// The bridge port of the pod at `key` (its IPv6 address or
+/// [`flannel_ebpf_common::pod_port_key`]), while the host's neighbour for
 /// it is still `mac` (the pod the agent saw there).
 #[inline(always)]
-pub fn pod_port(pod_ip: [u8; 4], mac: &[u8; 6]) -> Option<u32> {
+pub fn pod_port(key: &[u8; 16], mac: &[u8; 6]) -> Option<u32> {
     POD_PORTS
-        .get_ptr(&pod_ip)
+        .get_ptr(key)
         .map(|p| unsafe { *p })
         .filter(|p| p.mac == *mac && p.ifindex != 0)
         .map(|p| p.ifindex)

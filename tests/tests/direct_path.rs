@@ -124,10 +124,15 @@ fn udp_bypasses_the_stack(
 
 /// The ifindex node `n`'s pod_ports map holds for its pod, as bpftool dumps it.
 fn pod_port(n: &flannel_tests::lab::Node) -> Option<u64> {
+    pod_port_of(n, n.pod_ip().to_ipv6_mapped())
+}
+
+/// The ifindex node `n`'s pod_ports map holds for pod address `ip`.
+fn pod_port_of(n: &flannel_tests::lab::Node, ip: Ipv6Addr) -> Option<u64> {
     let dump = n.dump_map("pod_ports").ok()?;
     dump.as_array()?.iter().find_map(|e| {
         let f = e.get("formatted").unwrap_or(e);
-        (f["key"] == serde_json::json!(n.pod_ip().octets()))
+        (f["key"] == serde_json::json!(ip.octets()))
             .then(|| f["value"]["ifindex"].as_u64())
             .flatten()
     })
@@ -191,6 +196,31 @@ fn past_the_bridge(lab: &Lab) {
     let peer = lab.counter(0, "rx_direct_peer");
     udp_echo(&b.pod, &a.pod, a.pod_ip(), 6004, 100).unwrap();
     assert!(lab.counter(0, "rx_direct_peer") - peer >= 100);
+    // A pod whose ingress is shaped on its host veth (the CNI bandwidth
+    // plugin's TBF): the redirect would skip the shaping, so cni0 again.
+    a.ns.sh("tc qdisc add dev veth9 root tbf rate 1gbit burst 1mb latency 50ms")
+        .unwrap();
+    flannel_tests::wait_for(
+        "the shaped pod out of pod_ports",
+        Duration::from_secs(5),
+        || pod_port(a).is_none().then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", a.dump_map("pod_ports")));
+    let (peer, shaped) = (
+        lab.counter(0, "rx_direct_peer"),
+        a.dev_stat("veth9", "tx_packets"),
+    );
+    udp_echo(&b.pod, &a.pod, a.pod_ip(), 6005, 100).unwrap();
+    assert_eq!(lab.counter(0, "rx_direct_peer"), peer);
+    assert!(
+        a.dev_stat("veth9", "tx_packets") - shaped >= 100,
+        "through the shaped veth"
+    );
+    a.ns.sh("tc qdisc del dev veth9 root").unwrap();
+    flannel_tests::wait_for("the pod back in pod_ports", Duration::from_secs(5), || {
+        (pod_port(a) == Some(veth9)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", a.dump_map("pod_ports")));
 }
 
 #[test]
@@ -328,6 +358,8 @@ fn pod_traffic_bypasses_the_host_stack_and_services_still_work() {
     // Switched off: the program leaves cni0 and pod traffic crosses the
     // host stack again (FORWARD sees it), still delivered.
     lab.nodes[0].stop_agent().unwrap();
+    // A stopped agent watches no veth: it leaves no pod port behind.
+    assert_eq!(pod_port(&lab.nodes[0]), None, "pod_ports emptied on stop");
     lab.nodes[0].agent_args = vec!["--ip-masq".into(), "--direct-path=false".into()];
     lab.start_agent(0).unwrap();
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
@@ -409,6 +441,23 @@ fn ipv6_direct_path(mut lab: Lab) {
         ("tx_direct6", "rx_direct6"),
         (6011, 6012),
     );
+    // In, to the pod's veth peer over IPv6 too.
+    for (i, n) in [(0, a), (1, b)] {
+        flannel_tests::wait_for(
+            "the pod's IPv6 in pod_ports",
+            Duration::from_secs(5),
+            || pod_port_of(n, n.pod_ip6()).map(|_| ()),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", n.dump_map("pod_ports"), lab.logs()));
+        let peer = lab.counter(i, "rx_direct_peer");
+        let other = &lab.nodes[1 - i];
+        udp_echo(&other.pod, &n.pod, n.pod_ip6(), 6015 + i as u16, 100).unwrap();
+        assert!(
+            lab.counter(i, "rx_direct_peer") - peer >= 100,
+            "{}: IPv6 deliveries to the veth peer",
+            n.name
+        );
+    }
     assert_eq!(ping(&a.pod, b.pod_ip6(), 5, 0.02).unwrap(), (5, 5));
     // Bulk TCP both ways: delivered whole (its GSO aggregates take the
     // stack and flannel-v6, and with them the whole flow).

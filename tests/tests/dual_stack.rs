@@ -287,6 +287,7 @@ fn a_pin_root_from_before_ipv6_is_shown_uninstalled_and_upgraded() {
         "pod_hops",
         "route6",
         "stack_flows6",
+        "pod_ports",
     ];
     for m in added {
         fs::remove_file(root.join(m)).unwrap();

@@ -1077,7 +1077,8 @@ fn direct_ingress_hands_a_pods_packet_to_the_bridge() {
         };
         let set_port = |ebpf: &aya::Ebpf, mac: [u8; 6]| {
             let ports = map_fd(ebpf, "POD_PORTS");
-            flannel_agent::ebpf::bpf_sys::update(ports, &[10u8, 244, 1, 10], &port(mac)).unwrap();
+            let key = flannel_ebpf_common::pod_port_key([10, 244, 1, 10]);
+            flannel_agent::ebpf::bpf_sys::update(ports, &key, &port(mac)).unwrap();
         };
         set_port(&ebpf, [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x77]);
         let (rc, bridged) = run_named(&mut ebpf, PROG_DECAP_TC, &fresh);

@@ -175,6 +175,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &mut running,
     )
     .await?;
+    if let Some(t) = running.tables.as_ref() {
+        PodPorts::clear(t)?;
+    }
     log::info!(
         "stopping: programs, maps and routes stay in place (pinned under {}), traffic keeps flowing",
         args.pins.pin_root.display()
@@ -599,6 +602,7 @@ async fn first_passes(
                 // The NAT mark first: from the moment the program runs,
                 // Service packets DNAT'd on the bridge must carry it.
                 crate::node::nat_mark::install()?;
+                PodPorts::clear(t)?;
                 ensure_pod_hook(&mut hook, &args.pod_bridge, t)?;
                 pod_hook = Some(hook);
             } else {
@@ -609,6 +613,7 @@ async fn first_passes(
                 }
                 // Off in both directions before the program goes.
                 t.set_bridge(0)?;
+                PodPorts::clear(t)?;
                 if datapath::remove_pod_link(&args.pins.pin_root)? {
                     log::info!(
                         "direct path off: detached its program from {}",
@@ -675,18 +680,51 @@ pub(super) fn ensure_pod_hook(
     }
 }
 
-/// Follow the pods' veths on the pod bridge into POD_PORTS (each poll: a
-/// pod's new veth is used as soon as the bridge has learned its MAC).
-async fn sync_pod_ports(nl: &Netlink, bridge: u32, tables: &Tables) -> anyhow::Result<()> {
-    let want = crate::node::pod_ports::read(nl, bridge).await?;
-    let n = tables.sync_pod_ports(&want)?;
-    if n > 0 {
-        log::debug!(
-            "pod ports: {n} changes, {} pods behind the bridge's veths",
-            want.len()
-        );
+/// The direct path's POD_PORTS, followed from the agent's loop. Only a
+/// watching agent may leave entries in it: a pod re-created on a new veth
+/// with its old address and MAC would otherwise be redirected to the
+/// deleted one. So it starts empty and is emptied when the agent stops or
+/// the direct path goes off (deliveries then take cni0, as before).
+#[derive(Default)]
+pub(super) struct PodPorts {
+    warned: Option<Instant>,
+}
+
+impl PodPorts {
+    pub(super) fn clear(tables: &Tables) -> anyhow::Result<()> {
+        tables
+            .sync_pod_ports(&std::collections::BTreeMap::new())
+            .map(|_| ())
+            .context("emptying the direct path's pod ports")
     }
-    Ok(())
+
+    /// Each poll: a pod's new veth is used once the bridge has learned its MAC.
+    pub(super) async fn follow(&mut self, nl: &Netlink, hook: &datapath::PodHook, tables: &Tables) {
+        let Some(bridge) = hook.attached_on() else {
+            return;
+        };
+        let synced = async {
+            let want = crate::node::pod_ports::read(nl, bridge).await?;
+            let n = tables.sync_pod_ports(&want)?;
+            if n > 0 {
+                log::debug!(
+                    "pod ports: {n} changes, {} pod addresses behind veths",
+                    want.len()
+                );
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = synced
+            && self
+                .warned
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+        {
+            // Once per 10 s while it lasts; deliveries keep to what is in the map.
+            log::warn!("the direct path's pod ports: {e:#}");
+            self.warned = Some(Instant::now());
+        }
+    }
 }
 
 /// Tell the node and the cluster we are up: ip-masq rules, subnet.env for
@@ -815,6 +853,7 @@ async fn control_loop(
     let resync = Duration::from_secs(args.resync_interval.max(1));
     let mut next_resync = Instant::now() + resync;
     let mut last_lease_error = None;
+    let mut pod_ports = PodPorts::default();
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -827,11 +866,7 @@ async fn control_loop(
             if let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t) {
                 log::warn!("{e:#}");
             }
-            if let Some(bridge) = hook.attached_on()
-                && let Err(e) = sync_pod_ports(nl, bridge, t).await
-            {
-                log::warn!("the direct path's pod ports: {e:#}");
-            }
+            pod_ports.follow(nl, hook, t).await;
         }
         let source_down = source.degraded();
         if let Ok(m) = metrics.lock() {

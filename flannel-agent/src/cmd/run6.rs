@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use flannel_ebpf_common::NodeConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::run::{Joined, decap_hook, direct_path, ebpf_logs, ensure_pod_hook, no_ebpf, set_up_v6};
+use super::run::{
+    Joined, PodPorts, decap_hook, direct_path, ebpf_logs, ensure_pod_hook, no_ebpf, set_up_v6,
+};
 use crate::{
     cmd::cli::{DatapathKind, RunArgs},
     ebpf::{datapath, tables::Tables},
@@ -216,6 +218,7 @@ pub async fn run(
             // The NAT mark first (its table is inet): from the moment the
             // program runs, Service packets DNAT'd on the bridge carry it.
             crate::node::nat_mark::install()?;
+            PodPorts::clear(t)?;
             ensure_pod_hook(&mut pod, &args.pod_bridge, t)?;
             pod_hook = Some(pod);
         } else {
@@ -226,6 +229,7 @@ pub async fn run(
             }
             // Off in both directions before the program goes.
             t.set_bridge(0)?;
+            PodPorts::clear(t)?;
             if datapath::remove_pod_link(root)? {
                 log::info!(
                     "direct path off: detached its program from {}",
@@ -295,6 +299,7 @@ pub async fn run(
     let mut next_resync = Instant::now();
     let mut last = snap;
     let mut last_lease_error = None;
+    let mut pod_ports = PodPorts::default();
     loop {
         // One pass per change (and per resync): flannel-v6's tables, FDB6,
         // the guard's members.
@@ -339,17 +344,18 @@ pub async fn run(
         // Wait for the next change or resync.
         let snap = loop {
             tokio::select! {
-                _ = term.recv() => return stopped(root),
-                _ = int.recv() => return stopped(root),
+                _ = term.recv() => return stopped(root, tables.as_ref()),
+                _ = int.recv() => return stopped(root, tables.as_ref()),
                 _ = tokio::time::sleep(poll) => {}
                 _ = crate::source::woken() => {}
             }
             health.beat();
             // The pod bridge may come later (the CNI plugin makes it).
-            if let (Some(hook), Some(t)) = (pod_hook.as_mut(), tables.as_ref())
-                && let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t)
-            {
-                log::warn!("{e:#}");
+            if let (Some(hook), Some(t)) = (pod_hook.as_mut(), tables.as_ref()) {
+                if let Err(e) = ensure_pod_hook(hook, &args.pod_bridge, t) {
+                    log::warn!("{e:#}");
+                }
+                pod_ports.follow(&nl, hook, t).await;
             }
             match node.drift(&nl).await {
                 Ok(Some(why)) => return Err(crate::node::watchdog::restart_self(&why)),
@@ -405,7 +411,10 @@ pub async fn run(
     }
 }
 
-fn stopped(root: &std::path::Path) -> anyhow::Result<()> {
+fn stopped(root: &std::path::Path, tables: Option<&Tables>) -> anyhow::Result<()> {
+    if let Some(t) = tables {
+        PodPorts::clear(t)?;
+    }
     log::info!(
         "stopping: programs, maps and flannel-v6's routes stay in place (pinned under {}), traffic keeps flowing",
         root.display()

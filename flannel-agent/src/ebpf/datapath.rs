@@ -146,7 +146,7 @@ pub const MAPS: &[MapSpec] = &[
         name: MAP_POD_PORTS,
         file: "pod_ports",
         kind: MapType::Hash,
-        key_size: 4,
+        key_size: 16,
         value_size: size_of::<flannel_ebpf_common::PodPort>() as u32,
         max_entries: flannel_ebpf_common::MAX_POD_PORTS,
     },

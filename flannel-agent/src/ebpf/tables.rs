@@ -68,10 +68,15 @@ fn batched<T>(
     out
 }
 
+/// A POD_PORTS key as the pod's address.
+fn pod_ip(key: &[u8; 16]) -> std::net::IpAddr {
+    Ipv6Addr::from(*key).to_canonical()
+}
+
 type Config6Map = TypedMap<u32, NodeConfig6>;
 type Fdb6Map = TypedMap<FdbKey, Fdb6Value>;
 type Route6Map = TypedMap<Route6Key, Route6Value>;
-type PodPortMap = TypedMap<[u8; 4], PodPort>;
+type PodPortMap = TypedMap<[u8; 16], PodPort>;
 
 pub struct Tables {
     pub config: TypedMap<u32, NodeConfig>,
@@ -251,8 +256,8 @@ impl Tables {
         Ok(changed)
     }
 
-    /// The POD_PORTS map as it is.
-    pub fn pod_port_entries(&self) -> anyhow::Result<BTreeMap<[u8; 4], PodPort>> {
+    /// The POD_PORTS map as it is (keys: IPv6, or IPv4-mapped).
+    pub fn pod_port_entries(&self) -> anyhow::Result<BTreeMap<[u8; 16], PodPort>> {
         let Some(m) = &self.pod_ports else {
             return Ok(BTreeMap::new());
         };
@@ -264,7 +269,7 @@ impl Tables {
 
     /// Make the POD_PORTS map exactly `want` (nothing under a pin root
     /// without it: the programs there deliver through cni0).
-    pub fn sync_pod_ports(&self, want: &BTreeMap<[u8; 4], PodPort>) -> anyhow::Result<usize> {
+    pub fn sync_pod_ports(&self, want: &BTreeMap<[u8; 16], PodPort>) -> anyhow::Result<usize> {
         let Some(m) = &self.pod_ports else {
             return Ok(0);
         };
@@ -272,13 +277,13 @@ impl Tables {
         let mut changed = 0;
         for k in have.keys().filter(|k| !want.contains_key(*k)) {
             m.remove(k)
-                .with_context(|| format!("POD_PORTS map: deleting {}", Ipv4Addr::from(*k)))?;
+                .with_context(|| format!("POD_PORTS map: deleting {}", pod_ip(k)))?;
             changed += 1;
         }
         for (k, v) in want.iter().filter(|(k, v)| have.get(*k) != Some(*v)) {
             m.set(k, v)
                 .map_err(|e| full(e, MAP_POD_PORTS))
-                .with_context(|| format!("POD_PORTS map: {}", Ipv4Addr::from(*k)))?;
+                .with_context(|| format!("POD_PORTS map: {}", pod_ip(k)))?;
             changed += 1;
         }
         Ok(changed)

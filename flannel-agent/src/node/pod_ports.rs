@@ -1,38 +1,61 @@
 //! The direct path's delivery table: which veth on the pod bridge each
 //! local pod sits behind, so a decapsulated packet can go to that veth's
 //! peer in the pod (bpf_redirect_peer) instead of through cni0's bridging.
-//! Read from what the kernel already knows: cni0's neighbours (pod IP →
-//! MAC) joined with the bridge's learned MACs (MAC → port). A pod missing
+//! Read from what the kernel already knows: cni0's neighbours (pod IPv4 and
+//! IPv6 → MAC) joined with the bridge's learned MACs (MAC → port). A pod missing
 //! from either (silent since the FDB aged out, just started) has no entry,
 //! and its packets take cni0 as before; the program also checks that the
 //! host's neighbour for the pod is still the MAC recorded here.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use flannel_ebpf_common::PodPort;
+use flannel_ebpf_common::{PodPort, pod_port_key};
 
 use crate::{lease::mac::Mac, netlink::Netlink};
 
-/// The pod ports behind the bridge with index `bridge`: pod IPv4 → port.
-pub async fn read(nl: &Netlink, bridge: u32) -> anyhow::Result<BTreeMap<[u8; 4], PodPort>> {
-    // Only veths whose peer is in another namespace: bpf_redirect_peer
-    // drops a packet whose peer is in this one.
+/// The pod ports behind the bridge with index `bridge`: pod address (IPv6,
+/// or IPv4-mapped) → port.
+pub async fn read(nl: &Netlink, bridge: u32) -> anyhow::Result<BTreeMap<[u8; 16], PodPort>> {
+    // Only veths whose peer is in another namespace (bpf_redirect_peer
+    // drops a packet whose peer is in this one), and with no qdisc of their
+    // own: the redirect skips the host veth's transmit, so a pod whose
+    // ingress is shaped there (the CNI bandwidth plugin's TBF) or filtered
+    // (clsact) keeps the way through cni0.
+    let queued = nl.queued_links().await?;
     let ports: HashSet<u32> = nl
         .links()
         .await?
         .into_iter()
-        .filter(|l| l.master == Some(bridge) && l.veth && l.peer_elsewhere)
+        .filter(|l| {
+            l.master == Some(bridge) && l.veth && l.peer_elsewhere && !queued.contains(&l.index)
+        })
         .map(|l| l.index)
         .collect();
     let learned = nl.learned_macs().await?;
-    let neighbours = nl.neighbours(bridge).await?;
-    Ok(join(&ports, &learned, &neighbours_of(&neighbours)))
+    let mut neighbours: Vec<(IpAddr, Mac)> = nl
+        .neighbours(bridge)
+        .await?
+        .iter()
+        .filter_map(|n| Some((IpAddr::V4(n.ip), n.mac?)))
+        .collect();
+    // Link-local neighbours are never an overlay packet's destination.
+    neighbours.extend(
+        nl.neighbours6(bridge)
+            .await?
+            .iter()
+            .filter(|n| !n.ip.is_unicast_link_local())
+            .filter_map(|n| Some((IpAddr::V6(n.ip), n.mac?))),
+    );
+    Ok(join(&ports, &learned, &neighbours))
 }
 
-fn neighbours_of(n: &[crate::netlink::KernelNeigh]) -> Vec<(Ipv4Addr, Mac)> {
-    n.iter().filter_map(|n| Some((n.ip, n.mac?))).collect()
+fn key(ip: &IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => pod_port_key(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 /// Pod IP → port for every neighbour whose MAC was learned on exactly one
@@ -40,8 +63,8 @@ fn neighbours_of(n: &[crate::netlink::KernelNeigh]) -> Vec<(Ipv4Addr, Mac)> {
 fn join(
     ports: &HashSet<u32>,
     learned: &[(Mac, u32)],
-    neighbours: &[(Ipv4Addr, Mac)],
-) -> BTreeMap<[u8; 4], PodPort> {
+    neighbours: &[(IpAddr, Mac)],
+) -> BTreeMap<[u8; 16], PodPort> {
     let mut port_of: HashMap<Mac, Option<u32>> = HashMap::new();
     for (mac, port) in learned.iter().filter(|(_, p)| ports.contains(p)) {
         port_of
@@ -58,7 +81,7 @@ fn join(
         .filter_map(|(ip, mac)| {
             let ifindex = (*port_of.get(mac)?)?;
             Some((
-                ip.octets(),
+                key(ip),
                 PodPort {
                     ifindex,
                     mac: mac.0,
@@ -71,6 +94,8 @@ fn join(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn mac(last: u8) -> Mac {
@@ -89,20 +114,25 @@ mod tests {
             (mac(13), 7),
             (mac(13), 8),
         ];
+        let v4 = |last| IpAddr::V4(Ipv4Addr::new(10, 244, 1, last));
+        let pod6: IpAddr = "fd00:10:244:1::10".parse().unwrap();
         let neighbours = [
-            (Ipv4Addr::new(10, 244, 1, 10), mac(10)),
-            (Ipv4Addr::new(10, 244, 1, 11), mac(11)),
-            (Ipv4Addr::new(10, 244, 1, 12), mac(12)),
-            (Ipv4Addr::new(10, 244, 1, 13), mac(13)),
+            (v4(10), mac(10)),
+            (pod6, mac(10)),
+            (v4(11), mac(11)),
+            (v4(12), mac(12)),
+            (v4(13), mac(13)),
             // No learned MAC: no entry.
-            (Ipv4Addr::new(10, 244, 1, 14), mac(14)),
+            (v4(14), mac(14)),
         ];
         let got = join(&ports, &learned, &neighbours);
-        let want: Vec<([u8; 4], u32)> = vec![([10, 244, 1, 10], 7), ([10, 244, 1, 11], 8)];
+        let mut want = vec![(key(&v4(10)), 7), (key(&pod6), 7), (key(&v4(11)), 8)];
+        want.sort();
         assert_eq!(
             got.iter().map(|(k, v)| (*k, v.ifindex)).collect::<Vec<_>>(),
             want
         );
-        assert_eq!(got[&[10, 244, 1, 10]].mac, mac(10).0);
+        assert_eq!(got[&key(&v4(10))].mac, mac(10).0);
+        assert_eq!(key(&v4(10))[10..], [0xff, 0xff, 10, 244, 1, 10]);
     }
 }
