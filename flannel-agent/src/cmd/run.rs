@@ -598,29 +598,7 @@ async fn first_passes(
             .map(|_| crate::node::overlay6::vtep_name(conf.backend.vni));
         hook.ensure_encap6(vtep6.as_deref()).map_err(no_ebpf)?;
         if let Some(t) = tables.as_ref() {
-            if direct_path(args, &underlay.link) {
-                // The NAT mark first: from the moment the program runs,
-                // Service packets DNAT'd on the bridge must carry it.
-                crate::node::nat_mark::install()?;
-                PodPorts::clear(t)?;
-                ensure_pod_hook(&mut hook, &args.pod_bridge, t)?;
-                pod_hook = Some(hook);
-            } else {
-                if args.direct_path {
-                    log::warn!(
-                        "direct path off: it needs the decap at TC, and --decap xdp puts it at XDP"
-                    );
-                }
-                // Off in both directions before the program goes.
-                t.set_bridge(0)?;
-                PodPorts::clear(t)?;
-                if datapath::remove_pod_link(&args.pins.pin_root)? {
-                    log::info!(
-                        "direct path off: detached its program from {}",
-                        args.pod_bridge
-                    );
-                }
-            }
+            pod_hook = switch_direct_path(args, &underlay.link, hook, t)?;
         }
         took.push(("attach", t.elapsed()));
         state.mode = Mode {
@@ -659,6 +637,37 @@ async fn first_passes(
         metrics,
         pod_hook,
     })
+}
+
+/// Switch the direct path on (the NAT mark, an empty POD_PORTS, the
+/// program on the pod bridge: the hook to keep) or off (both directions
+/// before the program goes), as `args` and the decap hook allow.
+pub(super) fn switch_direct_path(
+    args: &RunArgs,
+    underlay: &crate::netlink::Link,
+    mut hook: datapath::PodHook,
+    t: &Tables,
+) -> anyhow::Result<Option<datapath::PodHook>> {
+    if direct_path(args, underlay) {
+        // The NAT mark first (its table is inet): from the moment the
+        // program runs, Service packets DNAT'd on the bridge must carry it.
+        crate::node::nat_mark::install()?;
+        PodPorts::clear(t)?;
+        ensure_pod_hook(&mut hook, &args.pod_bridge, t)?;
+        return Ok(Some(hook));
+    }
+    if args.direct_path {
+        log::warn!("direct path off: it needs the decap at TC, and --decap xdp puts it at XDP");
+    }
+    t.set_bridge(0)?;
+    PodPorts::clear(t)?;
+    if datapath::remove_pod_link(&args.pins.pin_root)? {
+        log::info!(
+            "direct path off: detached its program from {}",
+            args.pod_bridge
+        );
+    }
+    Ok(None)
 }
 
 /// Attach the direct path's program when the pod bridge is there, then

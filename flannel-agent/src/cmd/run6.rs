@@ -16,6 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::run::{
     Joined, PodPorts, decap_hook, direct_path, ebpf_logs, ensure_pod_hook, no_ebpf, set_up_v6,
+    switch_direct_path,
 };
 use crate::{
     cmd::cli::{DatapathKind, RunArgs},
@@ -214,29 +215,7 @@ pub async fn run(
             "attached {} on {name} egress",
             flannel_ebpf_common::PROG_ENCAP6
         );
-        if direct_path(args, &underlay_link) {
-            // The NAT mark first (its table is inet): from the moment the
-            // program runs, Service packets DNAT'd on the bridge carry it.
-            crate::node::nat_mark::install()?;
-            PodPorts::clear(t)?;
-            ensure_pod_hook(&mut pod, &args.pod_bridge, t)?;
-            pod_hook = Some(pod);
-        } else {
-            if args.direct_path {
-                log::warn!(
-                    "direct path off: it needs the decap at TC, and --decap xdp puts it at XDP"
-                );
-            }
-            // Off in both directions before the program goes.
-            t.set_bridge(0)?;
-            PodPorts::clear(t)?;
-            if datapath::remove_pod_link(root)? {
-                log::info!(
-                    "direct path off: detached its program from {}",
-                    args.pod_bridge
-                );
-            }
-        }
+        pod_hook = switch_direct_path(args, &underlay_link, pod, t)?;
     }
     // Rules before subnet.env: once the CNI plugin can start pods, their
     // traffic is masqueraded.
