@@ -19,7 +19,7 @@ use crate::{
         count, direct_path, note_stack_flow, now_ns, on_stack, pod_hop_slot, pod_port,
         remember_stack_flow,
     },
-    packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
+    packet::{ETH_LEN, IPV4_VER_IHL, Ipv4Hdr, PACKET_HOST, be16, skb_read},
     tunnel::decrement_ttl,
 };
 
@@ -73,25 +73,28 @@ pub fn to_pod(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>>
         count(Counter::RxDropAdjust, ctx.len());
         return Ok(TC_ACT_SHOT);
     }
-    // The pod's veth, when the agent knows it: its peer's ingress in the
-    // pod (no bridge, no backlog queue); else cni0's transmit.
-    if let Some(port) = pod_port(&flannel_ebpf_common::pod_port_key(ip.daddr), &hop.dst) {
-        return Ok(to_peer(ctx, port));
-    }
-    Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
+    Ok(hand_over(
+        ctx,
+        cfg,
+        &flannel_ebpf_common::pod_port_key(ip.daddr),
+        &hop.dst,
+    ))
 }
 
-/// Hand the pod's packet to the peer of its veth `port`: the pod's own
-/// ingress. Addressed to it (the veth transmit it skips would have said so).
+/// Hand a pod's addressed packet over (both families): to the peer of its
+/// veth when the agent knows it (POD_PORTS by `key`, while the pod's MAC is
+/// still `mac`), the pod's own ingress with no bridge or backlog queue;
+/// else to cni0's transmit.
 #[inline(always)]
-pub fn to_peer(ctx: &TcContext, port: u32) -> i32 {
+pub fn hand_over(ctx: &TcContext, cfg: &NodeConfig, key: &[u8; 16], mac: &[u8; 6]) -> i32 {
+    let Some(port) = pod_port(key, mac) else {
+        return unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32;
+    };
+    // Addressed to it: the veth transmit skipped would have said so.
     unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
     count(Counter::RxDirectPeer, ctx.len());
     unsafe { bpf_redirect_peer(port, 0) as i32 }
 }
-
-/// `skb->pkt_type` of a frame for this host.
-const PACKET_HOST: u32 = 0;
 
 /// The verdict of a direct delivery (`to_pod` or IPv6's), counted: `ok`
 /// when it went to the pod, else the reason it enters the stack.

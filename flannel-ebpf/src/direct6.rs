@@ -10,7 +10,7 @@
 //! than flannel-v6's MTU, sources that are not our pods.
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_skb_pull_data},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_skb_pull_data},
     programs::TcContext,
 };
 use flannel_ebpf_common::{Counter, NAT_MARK, NodeConfig, NodeConfig6};
@@ -209,13 +209,9 @@ fn to_pod6(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, Option<Counter>> {
         count(Counter::RxDropAdjust, ctx.len());
         return Ok(TC_ACT_SHOT);
     }
-    // Straight to the pod's veth peer when the agent knows it, as IPv4's.
     let mut dst = [0u8; 6];
     dst.copy_from_slice(&macs[..6]);
-    if let Some(port) = crate::maps::pod_port(&ip6.daddr, &dst) {
-        return Ok(crate::deliver::to_peer(ctx, port));
-    }
-    Ok(unsafe { bpf_redirect(cfg.bridge_ifindex, 0) } as i32)
+    Ok(crate::deliver::hand_over(ctx, cfg, &ip6.daddr, &dst))
 }
 
 /// The host's route and neighbour for an IPv6 pod behind cni0 (a FIB

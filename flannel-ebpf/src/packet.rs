@@ -1,6 +1,9 @@
 //! Bounds-checked access to packet bytes, shared by the TC and XDP programs.
 
 pub const ETH_LEN: usize = 14;
+
+/// `skb->pkt_type` of a frame addressed to this host.
+pub const PACKET_HOST: u32 = 0;
 pub const IPV4_LEN: usize = 20;
 pub const UDP_LEN: usize = 8;
 pub const VXLAN_LEN: usize = 8;

@@ -11,12 +11,11 @@ use flannel_ebpf_common::{Counter, NAT_MARK, NodeConfig, RouteValue, in_prefix};
 use crate::{
     flows::{self, Side, icmp_error},
     maps::{config, count, direct_path, on_stack, route_lookup},
-    packet::{ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPV4_VER_IHL, Ipv4Hdr, be16, skb_read},
+    packet::{
+        ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPV4_VER_IHL, Ipv4Hdr, PACKET_HOST, be16, skb_read,
+    },
     tunnel::{self, Peer},
 };
-
-/// `skb->pkt_type` of a frame addressed to this host.
-const PACKET_HOST: u32 = 0;
 
 /// A source one of our pods may use: in our subnet, but neither its network
 /// address (flannel.1's, `<subnet>.0`) nor the first host address (cni0's,
